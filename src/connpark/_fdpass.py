@@ -1,0 +1,207 @@
+"""SCM_RIGHTS fd-passing: the only module that calls sendmsg/recvmsg with ancillary data.
+
+Rules it keeps, whatever the caller does:
+
+- fds go with the first byte of their frame, never twice; a partial send
+  carries on with plain bytes;
+- received fds are close-on-exec (MSG_CMSG_CLOEXEC, or FD_CLOEXEC set right
+  after receipt where the OS lacks the flag);
+- MSG_CTRUNC (the kernel dropped fds: small buffer or RLIMIT_NOFILE) is a
+  protocol error, and the fds that did arrive are closed;
+- sending never takes ownership: the caller keeps its copies of sent fds.
+
+``TrioChannel`` drives a non-blocking stdlib socket with
+``trio.lowlevel.wait_readable/wait_writable`` (much faster than trio's socket
+methods for small messages); ``BlockingChannel`` is the same for threads.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import select
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+
+import trio
+
+from ._errors import RemoteProtocolError
+from ._wire import MAX_FDS_PER_FRAME, Decoder, Frame, Message, close_fds, encode_all
+
+MSG_CMSG_CLOEXEC: int = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_INT_SIZE = array.array("i").itemsize
+RECV_SIZE = 1 << 16
+
+
+def ancillary_space(max_fds: int = MAX_FDS_PER_FRAME) -> int:
+    """Control-buffer size that holds ``max_fds`` fds."""
+    return socket.CMSG_SPACE(max_fds * _INT_SIZE)
+
+
+def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % _INT_SIZE])
+            fds.extend(arr)
+    return fds
+
+
+def recv_fds(
+    sock: socket.socket, bufsize: int = RECV_SIZE, max_fds: int = MAX_FDS_PER_FRAME
+) -> tuple[bytes, list[int]]:
+    """One recvmsg: (bytes, fds). b"" means EOF. Blocking behaviour is the socket's.
+
+    Raises ``RemoteProtocolError`` on MSG_CTRUNC after closing what arrived.
+    """
+    data, ancdata, msg_flags, _ = sock.recvmsg(bufsize, ancillary_space(max_fds), MSG_CMSG_CLOEXEC)
+    fds = _fds_from_ancillary(ancdata)
+    if not MSG_CMSG_CLOEXEC:  # macOS: close the race window as soon as we can
+        for fd in fds:
+            os.set_inheritable(fd, False)
+    if msg_flags & socket.MSG_CTRUNC:
+        close_fds(fds)
+        raise RemoteProtocolError(
+            f"ancillary data truncated (MSG_CTRUNC): fds were dropped ({len(fds)} arrived)"
+        )
+    return data, fds
+
+
+class Outbox:
+    """Frames waiting to be sent, coalesced: fd-less frames ride with the one before.
+
+    Each chunk is [bytes, fds]; a chunk's fds go with its first byte only, so
+    appending fd-less bytes to the last chunk is always safe, even after part
+    of it went out.
+    """
+
+    def __init__(self) -> None:
+        self._chunks: deque[tuple[bytearray, list[int]]] = deque()
+
+    def __bool__(self) -> bool:
+        return bool(self._chunks)
+
+    def add(self, frames: Iterable[Frame]) -> None:
+        for frame in frames:
+            if self._chunks and not frame.fds:
+                self._chunks[-1][0].extend(frame.data)
+            else:
+                self._chunks.append((bytearray(frame.data), list(frame.fds)))
+
+    def send_some(self, sock: socket.socket) -> None:
+        """Send until empty. Raises BlockingIOError (socket full) or OSError."""
+        while self._chunks:
+            data, fds = self._chunks[0]
+            if fds:
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+                sent = sock.sendmsg([data], anc)
+                fds.clear()
+            else:
+                sent = sock.send(data)
+            del data[:sent]
+            if not data:
+                self._chunks.popleft()
+
+
+class TrioChannel:
+    """A connected AF_UNIX stream socket carrying frames and fds, for trio code.
+
+    One task may receive while others send; sends are serialised by a lock.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._send_lock = trio.Lock()
+        self._outbox = Outbox()
+        self.closed = False
+
+    async def send_frames(self, frames: Iterable[Frame]) -> None:
+        async with self._send_lock:
+            self._outbox.add(frames)
+            while True:
+                try:
+                    return self._outbox.send_some(self.sock)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self.sock)
+
+    async def send(self, *msgs: Message) -> None:
+        await self.send_frames(encode_all(msgs))
+
+    async def receive(self, max_fds: int = MAX_FDS_PER_FRAME) -> tuple[bytes, list[int]]:
+        """Next (bytes, fds); b"" at EOF."""
+        while True:
+            try:
+                return recv_fds(self.sock, RECV_SIZE, max_fds)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.sock)
+
+    async def receive_message(self, decoder: Decoder) -> Message | None:
+        """Next message from the peer, or None at a clean EOF."""
+        while True:
+            msg = decoder.next_message()
+            if msg is not None:
+                return msg
+            data, fds = await self.receive()
+            if not data:
+                close_fds(fds)
+                decoder.eof()
+                return None
+            decoder.receive_data(data, fds)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+
+
+class BlockingChannel:
+    """The same as ``TrioChannel`` for threads: blocking, thread-safe sends."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(True)
+        self.sock = sock
+        self._send_lock = threading.Lock()
+
+    def send_frames(self, frames: Iterable[Frame]) -> None:
+        with self._send_lock:
+            outbox = Outbox()
+            outbox.add(frames)
+            outbox.send_some(self.sock)
+
+    def send(self, *msgs: Message) -> None:
+        self.send_frames(encode_all(msgs))
+
+    def receive_message(self, decoder: Decoder, timeout: float | None = None) -> Message | None:
+        """Next message, or None at a clean EOF. Raises TimeoutError after ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            msg = decoder.next_message()
+            if msg is not None:
+                return msg
+            if deadline is not None:
+                left = max(0.0, deadline - time.monotonic())
+                if not wait_readable_blocking(self.sock, left):
+                    raise TimeoutError("no message from the peer in time")
+            data, fds = recv_fds(self.sock)
+            if not data:
+                close_fds(fds)
+                decoder.eof()
+                return None
+            decoder.receive_data(data, fds)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def wait_readable_blocking(sock: socket.socket, timeout: float | None) -> bool:
+    """poll(2) for readability (select(2) cannot see fds above 1023)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    ms = None if timeout is None else max(0, int(timeout * 1000))
+    return bool(poller.poll(ms))

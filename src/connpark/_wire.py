@@ -1,0 +1,742 @@
+"""Wire protocol v1, sans-IO: bytes + fds in, typed messages out, and back.
+
+Theory of operation
+-------------------
+Every message travels as one or more *frames*::
+
+    0       4    5     6       8
+    +-------+----+-----+-------+----------------+
+    | len   |type|flags| nfds  | body (len B)   |   header: struct "!IBBH"
+    +-------+----+-----+-------+----------------+
+
+``nfds`` file descriptors travel, as SCM_RIGHTS, in the same ``sendmsg`` as
+the frame's first byte. The receiver keeps a FIFO of received fds and each
+complete frame takes its ``nfds`` from the front; a complete frame whose fds
+are not there is a protocol error (they can only have been lost).
+
+A message with more entries than one frame can carry (more than 253 fds, or a
+body over the frame limit) is split: every frame but the last has
+``FLAG_MORE`` set, all have the same type, and the decoder joins them back
+into one message. ``docs/protocol.md`` draws every body.
+
+Nothing here does I/O. ``encode`` turns a message into ``Frame`` objects;
+``Decoder`` is fed ``(bytes, fds)`` and hands out messages. The decoder owns
+every fd it was given until it returns it inside a message; on any error, or
+on ``close()``, it closes every fd it still owns.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import struct
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Final, TypeAlias
+
+import attrs
+
+from ._errors import LocalProtocolError, RemoteProtocolError
+
+PROTOCOL_VERSION: Final = 1
+HEADER: Final = struct.Struct("!IBBH")
+#: SCM_MAX_FD on Linux: the most fds one sendmsg may carry.
+MAX_FDS_PER_FRAME: Final = 253
+DEFAULT_MAX_BODY: Final = 1 << 20
+#: The most entries one (reassembled) message may hold.
+DEFAULT_MAX_ENTRIES: Final = 1 << 16
+MAX_TOKEN: Final = 0xFFFF
+FLAG_MORE: Final = 0x01
+
+_U8 = struct.Struct("!B")
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+_U64 = struct.Struct("!Q")
+_HELLO = struct.Struct("!H")
+_WELCOME = struct.Struct("!QIIHI")
+_PARK_HEAD = struct.Struct("!IH")
+_PARK_ENTRY = struct.Struct("!IBHI")
+_PARKED_HEAD = struct.Struct("!II")
+_PARKED_ENTRY = struct.Struct("!BQ")
+_WAKE_ENTRY = struct.Struct("!QBBHI")
+_CLOSE_ENTRY = struct.Struct("!QI")
+_ERROR = struct.Struct("!H")
+
+_PARK_HANGUP_RETURNS = 0x01
+_PARK_TIMEOUT_RETURNS = 0x02
+_WAKE_HAS_FD = 0x01
+
+
+class MessageType(enum.IntEnum):
+    HELLO = 1
+    WELCOME = 2
+    PARK = 3
+    PARKED = 4
+    WAKE = 5
+    ACK = 6
+    UNPARK = 7
+    CLOSE = 8
+    STATS = 9
+    STATS_REPLY = 10
+    ERROR = 11
+
+
+class Reason(enum.IntEnum):
+    """Why a parked connection came back."""
+
+    READABLE = 1  #: the client sent bytes (they are still unread in the socket)
+    HANGUP = 2  #: the peer closed (or reset) with nothing left to read
+    TIMEOUT = 3  #: the idle deadline passed
+    REQUESTED = 4  #: a worker asked for it with UNPARK
+    SHUTDOWN = 5  #: the container is stopping
+
+
+class Refusal(enum.IntEnum):
+    """Per-entry answer to PARK; ``OK`` means a ticket was issued."""
+
+    OK = 0
+    FULL = 1
+    NOT_A_TCP_STREAM = 2
+    NOT_CONNECTED = 3
+    TOKEN_TOO_LARGE = 4
+    PENDING_TOO_LARGE = 5
+    OUT_OF_FDS = 6
+    SHUTTING_DOWN = 7
+    BAD_TIMEOUT = 8
+
+    @property
+    def label(self) -> str:
+        """The name used in errors, stats and docs, e.g. ``"not-a-tcp-stream"``."""
+        return self.name.lower().replace("_", "-")
+
+
+class ErrorCode(enum.IntEnum):
+    """Code carried by ERROR; the session ends after it."""
+
+    PROTOCOL = 1
+    VERSION = 2
+    NOT_ALLOWED = 3
+    TOO_MANY_SESSIONS = 4
+    SHUTTING_DOWN = 5
+    INTERNAL = 6
+
+
+@attrs.frozen
+class Frame:
+    """One encoded frame: its bytes and the fds that go with its first byte."""
+
+    data: bytes
+    fds: tuple[int, ...] = ()
+
+
+@attrs.frozen
+class Hello:
+    """Worker introduces itself: protocol version, pool and a name for logs."""
+
+    version: int = PROTOCOL_VERSION
+    pool: str = "default"
+    name: str = ""
+
+
+@attrs.frozen
+class Welcome:
+    """Container accepts a session and states the limits in force."""
+
+    session_id: int
+    max_token: int
+    max_pending: int
+    max_fds_per_frame: int = MAX_FDS_PER_FRAME
+    #: Unacknowledged wakes the container sends this session before queueing.
+    window: int = 1024
+
+
+@attrs.frozen
+class ParkEntry:
+    """One socket to park, with what should come back with it."""
+
+    fd: int
+    token: bytes = b""
+    pending: bytes = b""
+    #: 0 means the container's default.
+    idle_timeout_ms: int = 0
+    hangup_returns: bool = False
+    timeout_returns: bool = False
+
+
+@attrs.frozen
+class Park:
+    request_id: int
+    entries: tuple[ParkEntry, ...]
+
+
+@attrs.frozen
+class ParkResult:
+    refusal: Refusal
+    ticket: int = 0
+
+
+@attrs.frozen
+class Parked:
+    """Answer to PARK, one result per entry, in order."""
+
+    request_id: int
+    results: tuple[ParkResult, ...]
+
+
+@attrs.frozen
+class WakeEntry:
+    """One connection coming back; ``fd`` is None for a notice."""
+
+    ticket: int
+    reason: Reason
+    token: bytes = b""
+    pending: bytes = b""
+    fd: int | None = None
+
+
+@attrs.frozen
+class Wake:
+    entries: tuple[WakeEntry, ...]
+
+
+@attrs.frozen
+class Ack:
+    """Worker has the fds of these tickets; the container may drop its copies."""
+
+    tickets: tuple[int, ...]
+
+
+@attrs.frozen
+class Unpark:
+    """Wake these tickets now (reason REQUESTED)."""
+
+    tickets: tuple[int, ...]
+
+
+@attrs.frozen
+class CloseEntry:
+    ticket: int
+    goodbye: bytes = b""
+
+
+@attrs.frozen
+class Close:
+    """Close these parked connections, writing each goodbye first."""
+
+    entries: tuple[CloseEntry, ...]
+
+
+@attrs.frozen
+class Stats:
+    """Ask for a statistics snapshot."""
+
+
+@attrs.frozen
+class StatsReply:
+    """Statistics as a UTF-8 JSON document (not on the hot path)."""
+
+    body: bytes
+
+
+@attrs.frozen
+class Error:
+    """The container's last word before it closes the session."""
+
+    code: int
+    text: str
+
+
+Message: TypeAlias = (
+    Hello | Welcome | Park | Parked | Wake | Ack | Unpark | Close | Stats | StatsReply | Error
+)
+
+
+def message_fds(msg: Message) -> list[int]:
+    """Every fd a message carries, in wire order."""
+    if isinstance(msg, Park):
+        return [e.fd for e in msg.entries]
+    if isinstance(msg, Wake):
+        return [e.fd for e in msg.entries if e.fd is not None]
+    return []
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    """Close fds, ignoring the ones already gone: used on every error path."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+# ----------------------------------------------------------------- encoding
+
+
+def _str_field(value: str, what: str) -> bytes:
+    raw = value.encode("utf-8")
+    if len(raw) > 0xFF:
+        raise LocalProtocolError(f"{what} is {len(raw)} bytes, the limit is 255")
+    return _U8.pack(len(raw)) + raw
+
+
+def _park_entry(e: ParkEntry) -> bytes:
+    flags = (_PARK_HANGUP_RETURNS if e.hangup_returns else 0) | (
+        _PARK_TIMEOUT_RETURNS if e.timeout_returns else 0
+    )
+    return _PARK_ENTRY.pack(e.idle_timeout_ms, flags, len(e.token), len(e.pending)) + (
+        e.token + e.pending
+    )
+
+
+def _wake_entry(e: WakeEntry) -> bytes:
+    flags = _WAKE_HAS_FD if e.fd is not None else 0
+    return _WAKE_ENTRY.pack(e.ticket, e.reason, flags, len(e.token), len(e.pending)) + (
+        e.token + e.pending
+    )
+
+
+def _close_entry(e: CloseEntry) -> bytes:
+    return _CLOSE_ENTRY.pack(e.ticket, len(e.goodbye)) + e.goodbye
+
+
+def _chunks(
+    head: bytes,
+    items: Sequence[bytes],
+    item_fds: Sequence[int],
+    *,
+    count: struct.Struct,
+    max_body: int,
+    max_fds: int,
+) -> list[tuple[bytes, int, int]]:
+    """Split encoded entries into frame bodies: (body, first item, item count)."""
+    out: list[tuple[bytes, int, int]] = []
+    fixed = len(head) + count.size
+    start = 0
+    n = len(items)
+    while True:
+        size = fixed
+        fds = 0
+        end = start
+        while end < n:
+            grow = len(items[end])
+            if size + grow > max_body or fds + item_fds[end] > max_fds:
+                break
+            size += grow
+            fds += item_fds[end]
+            end += 1
+        if end == start and end < n:
+            raise LocalProtocolError(
+                f"one entry of {len(items[end])} bytes does not fit a frame of {max_body}"
+            )
+        if end - start > (1 << (8 * count.size)) - 1:
+            end = start + (1 << (8 * count.size)) - 1
+        out.append((head + count.pack(end - start) + b"".join(items[start:end]), start, end))
+        start = end
+        if start >= n:
+            return out
+
+
+def _frames(
+    mtype: MessageType,
+    head: bytes,
+    items: Sequence[bytes],
+    fds: Sequence[int | None],
+    *,
+    count: struct.Struct,
+    max_body: int,
+    max_fds: int,
+) -> list[Frame]:
+    item_fds = [0 if fd is None else 1 for fd in fds]
+    parts = _chunks(head, items, item_fds, count=count, max_body=max_body, max_fds=max_fds)
+    frames = []
+    for i, (body, start, end) in enumerate(parts):
+        flags = FLAG_MORE if i < len(parts) - 1 else 0
+        chunk_fds = tuple(fd for fd in fds[start:end] if fd is not None)
+        frames.append(Frame(HEADER.pack(len(body), mtype, flags, len(chunk_fds)) + body, chunk_fds))
+    return frames
+
+
+def _single(mtype: MessageType, body: bytes, max_body: int) -> list[Frame]:
+    if len(body) > max_body:
+        raise LocalProtocolError(f"{mtype.name} body of {len(body)} bytes is over {max_body}")
+    return [Frame(HEADER.pack(len(body), mtype, 0, 0) + body)]
+
+
+def encode(
+    msg: Message, *, max_body: int = DEFAULT_MAX_BODY, max_fds: int = MAX_FDS_PER_FRAME
+) -> list[Frame]:
+    """Encode one message as one or more frames (split above ``max_fds``/``max_body``)."""
+    try:
+        return _encode(msg, max_body, max_fds)
+    except struct.error as exc:
+        raise LocalProtocolError(f"cannot encode {type(msg).__name__}: {exc}") from exc
+
+
+def _encode(msg: Message, max_body: int, max_fds: int) -> list[Frame]:
+    kw = {"max_body": max_body, "max_fds": max_fds}
+    if isinstance(msg, Park):
+        for e in msg.entries:
+            if len(e.token) > MAX_TOKEN:
+                raise LocalProtocolError(f"token of {len(e.token)} bytes is over {MAX_TOKEN}")
+        return _frames(
+            MessageType.PARK,
+            _U32.pack(msg.request_id),
+            [_park_entry(e) for e in msg.entries],
+            [e.fd for e in msg.entries],
+            count=_U16,
+            **kw,
+        )
+    if isinstance(msg, Wake):
+        for w in msg.entries:
+            if len(w.token) > MAX_TOKEN:
+                raise LocalProtocolError(f"token of {len(w.token)} bytes is over {MAX_TOKEN}")
+        return _frames(
+            MessageType.WAKE,
+            b"",
+            [_wake_entry(e) for e in msg.entries],
+            [e.fd for e in msg.entries],
+            count=_U16,
+            **kw,
+        )
+    if isinstance(msg, Parked):
+        items = [_PARKED_ENTRY.pack(r.refusal, r.ticket) for r in msg.results]
+        return _frames(
+            MessageType.PARKED,
+            _U32.pack(msg.request_id),
+            items,
+            [None] * len(items),
+            count=_U32,
+            **kw,
+        )
+    if isinstance(msg, (Ack, Unpark)):
+        mtype = MessageType.ACK if isinstance(msg, Ack) else MessageType.UNPARK
+        items = [_U64.pack(t) for t in msg.tickets]
+        return _frames(mtype, b"", items, [None] * len(items), count=_U32, **kw)
+    if isinstance(msg, Close):
+        items = [_close_entry(e) for e in msg.entries]
+        return _frames(MessageType.CLOSE, b"", items, [None] * len(items), count=_U32, **kw)
+    if isinstance(msg, Hello):
+        body = (
+            _HELLO.pack(msg.version) + _str_field(msg.pool, "pool") + _str_field(msg.name, "name")
+        )
+        return _single(MessageType.HELLO, body, max_body)
+    if isinstance(msg, Welcome):
+        body = _WELCOME.pack(
+            msg.session_id, msg.max_token, msg.max_pending, msg.max_fds_per_frame, msg.window
+        )
+        return _single(MessageType.WELCOME, body, max_body)
+    if isinstance(msg, Stats):
+        return _single(MessageType.STATS, b"", max_body)
+    if isinstance(msg, StatsReply):
+        return _single(MessageType.STATS_REPLY, msg.body, max_body)
+    if isinstance(msg, Error):
+        return _single(MessageType.ERROR, _ERROR.pack(msg.code) + msg.text.encode(), max_body)
+    raise LocalProtocolError(f"not a connpark message: {msg!r}")
+
+
+def encode_all(
+    msgs: Iterable[Message], *, max_body: int = DEFAULT_MAX_BODY, max_fds: int = MAX_FDS_PER_FRAME
+) -> list[Frame]:
+    """Encode several messages, in order, into one list of frames."""
+    out: list[Frame] = []
+    for m in msgs:
+        out.extend(encode(m, max_body=max_body, max_fds=max_fds))
+    return out
+
+
+# ----------------------------------------------------------------- decoding
+
+
+class _Body:
+    """A cursor over one untrusted frame body: every read is bounds-checked."""
+
+    __slots__ = ("data", "pos", "what")
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self.data = data
+        self.pos = 0
+        self.what = what
+
+    def unpack(self, s: struct.Struct) -> tuple[int, ...]:
+        if self.pos + s.size > len(self.data):
+            raise RemoteProtocolError(f"truncated {self.what} body")
+        out = s.unpack_from(self.data, self.pos)
+        self.pos += s.size
+        return out
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise RemoteProtocolError(f"truncated {self.what} body")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def text(self, n: int, field: str) -> str:
+        try:
+            return self.take(n).decode("utf-8")
+        except UnicodeDecodeError:
+            raise RemoteProtocolError(f"bad {self.what} field {field}: not UTF-8") from None
+
+    def done(self) -> None:
+        if self.pos != len(self.data):
+            extra = len(self.data) - self.pos
+            raise RemoteProtocolError(f"{extra} trailing bytes in {self.what} body")
+
+
+def _decode_entries_untrusted(
+    mtype: MessageType, body: _Body, fds: deque[int], entries: list[object]
+) -> int:
+    """Decode one list-carrying frame body into ``entries``; return its head value.
+
+    Moves fds from ``fds`` into the entries; on error the caller closes what
+    is left in both.
+    """
+    head = 0
+    if mtype is MessageType.PARK:
+        head, count = body.unpack(_PARK_HEAD)
+        if count != len(fds):
+            raise RemoteProtocolError(f"PARK has {count} entries but {len(fds)} fds")
+        for _ in range(count):
+            idle, flags, tlen, plen = body.unpack(_PARK_ENTRY)
+            if flags & ~(_PARK_HANGUP_RETURNS | _PARK_TIMEOUT_RETURNS):
+                raise RemoteProtocolError(f"bad PARK field flags: {flags:#x}")
+            token = body.take(tlen)
+            pending = body.take(plen)
+            entries.append(
+                ParkEntry(
+                    fds.popleft(),
+                    token,
+                    pending,
+                    idle,
+                    bool(flags & _PARK_HANGUP_RETURNS),
+                    bool(flags & _PARK_TIMEOUT_RETURNS),
+                )
+            )
+    elif mtype is MessageType.WAKE:
+        (count,) = body.unpack(_U16)
+        with_fd = 0
+        for _ in range(count):
+            ticket, reason, flags, tlen, plen = body.unpack(_WAKE_ENTRY)
+            if flags & ~_WAKE_HAS_FD:
+                raise RemoteProtocolError(f"bad WAKE field flags: {flags:#x}")
+            try:
+                why = Reason(reason)
+            except ValueError:
+                raise RemoteProtocolError(f"bad WAKE field reason: {reason}") from None
+            token = body.take(tlen)
+            pending = body.take(plen)
+            fd: int | None = None
+            if flags & _WAKE_HAS_FD:
+                with_fd += 1
+                if not fds:
+                    raise RemoteProtocolError("WAKE has more fd entries than fds")
+                fd = fds.popleft()
+            entries.append(WakeEntry(ticket, why, token, pending, fd))
+        if fds:
+            raise RemoteProtocolError(f"WAKE has {with_fd} fd entries but {with_fd + len(fds)} fds")
+    elif mtype is MessageType.PARKED:
+        head, count = body.unpack(_PARKED_HEAD)
+        for _ in range(count):
+            code, ticket = body.unpack(_PARKED_ENTRY)
+            try:
+                entries.append(ParkResult(Refusal(code), ticket))
+            except ValueError:
+                raise RemoteProtocolError(f"bad PARKED field code: {code}") from None
+    elif mtype in (MessageType.ACK, MessageType.UNPARK):
+        (count,) = body.unpack(_U32)
+        if count * 8 != len(body.data) - body.pos:
+            raise RemoteProtocolError(f"truncated {body.what} body")
+        entries.extend(body.unpack(_U64)[0] for _ in range(count))
+    else:  # CLOSE
+        (count,) = body.unpack(_U32)
+        for _ in range(count):
+            ticket, glen = body.unpack(_CLOSE_ENTRY)
+            entries.append(CloseEntry(ticket, body.take(glen)))
+    body.done()
+    return head
+
+
+_LIST_TYPES = frozenset(
+    {
+        MessageType.PARK,
+        MessageType.PARKED,
+        MessageType.WAKE,
+        MessageType.ACK,
+        MessageType.UNPARK,
+        MessageType.CLOSE,
+    }
+)
+
+
+def _build(mtype: MessageType, head: int, entries: list[object]) -> Message:
+    if mtype is MessageType.PARK:
+        return Park(head, tuple(entries))  # type: ignore[arg-type]
+    if mtype is MessageType.PARKED:
+        return Parked(head, tuple(entries))  # type: ignore[arg-type]
+    if mtype is MessageType.WAKE:
+        return Wake(tuple(entries))  # type: ignore[arg-type]
+    if mtype is MessageType.ACK:
+        return Ack(tuple(entries))  # type: ignore[arg-type]
+    if mtype is MessageType.UNPARK:
+        return Unpark(tuple(entries))  # type: ignore[arg-type]
+    return Close(tuple(entries))  # type: ignore[arg-type]
+
+
+def _decode_single_untrusted(mtype: MessageType, body: _Body) -> Message:
+    msg: Message
+    if mtype is MessageType.HELLO:
+        (version,) = body.unpack(_HELLO)
+        pool = body.text(body.unpack(_U8)[0], "pool")
+        name = body.text(body.unpack(_U8)[0], "name")
+        msg = Hello(version, pool, name)
+    elif mtype is MessageType.WELCOME:
+        msg = Welcome(*body.unpack(_WELCOME))
+    elif mtype is MessageType.STATS:
+        msg = Stats()
+    elif mtype is MessageType.STATS_REPLY:
+        msg = StatsReply(body.take(len(body.data)))
+    else:  # ERROR
+        (code,) = body.unpack(_ERROR)
+        msg = Error(code, body.text(len(body.data) - body.pos, "text"))
+    body.done()
+    return msg
+
+
+class Decoder:
+    """Incremental decoder: ``receive_data(bytes, fds)`` then ``next_message()``.
+
+    ``next_message`` returns None when it needs more data. Every malformed
+    input raises ``RemoteProtocolError``; the decoder then closes every fd it
+    still holds and stays broken (later calls raise again).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_body: int = DEFAULT_MAX_BODY,
+        max_fds_per_frame: int = MAX_FDS_PER_FRAME,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+    ) -> None:
+        self.max_body = max_body
+        self.max_fds_per_frame = max_fds_per_frame
+        self.max_entries = max_entries
+        self._buf = bytearray()
+        self._fds: deque[int] = deque()
+        # A message being joined from FLAG_MORE frames: type, head, entries.
+        self._partial: tuple[MessageType, int, list[object]] | None = None
+        self._broken: RemoteProtocolError | None = None
+
+    @property
+    def held_fds(self) -> int:
+        """How many fds the decoder owns right now (queued or in a partial message)."""
+        n = len(self._fds)
+        if self._partial is not None:
+            n += len(message_fds(_build(*self._partial)))
+        return n
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def receive_data(self, data: bytes, fds: Iterable[int] = ()) -> None:
+        """Feed bytes and the fds that came with them. The decoder now owns the fds."""
+        self._fds.extend(fds)
+        if self._broken is not None:
+            self.close()
+            raise self._broken
+        self._buf += data
+
+    def __iter__(self) -> Iterator[Message]:
+        while (msg := self.next_message()) is not None:
+            yield msg
+
+    def next_message(self) -> Message | None:
+        """The next complete message, or None when more data is needed."""
+        if self._broken is not None:
+            raise self._broken
+        try:
+            return self._next()
+        except RemoteProtocolError as exc:
+            self._broken = exc
+            self.close()
+            raise
+
+    def _next(self) -> Message | None:
+        while True:
+            buf = self._buf
+            if len(buf) < HEADER.size:
+                if not buf and self._fds:
+                    raise RemoteProtocolError(f"{len(self._fds)} fds arrived without a frame")
+                return None
+            length, raw_type, flags, nfds = HEADER.unpack_from(buf)
+            try:
+                mtype = MessageType(raw_type)
+            except ValueError:
+                raise RemoteProtocolError(f"unknown message type {raw_type}") from None
+            if length > self.max_body:
+                raise RemoteProtocolError(
+                    f"{mtype.name} frame length {length} is over the limit {self.max_body}"
+                )
+            if nfds > self.max_fds_per_frame:
+                raise RemoteProtocolError(
+                    f"{mtype.name} frame has {nfds} fds, over the limit {self.max_fds_per_frame}"
+                )
+            if flags & ~FLAG_MORE or (flags and mtype not in _LIST_TYPES):
+                raise RemoteProtocolError(f"bad {mtype.name} frame flags {flags:#x}")
+            if nfds and mtype not in (MessageType.PARK, MessageType.WAKE):
+                raise RemoteProtocolError(f"{mtype.name} frame cannot carry fds")
+            if self._partial is not None and self._partial[0] is not mtype:
+                raise RemoteProtocolError(
+                    f"{mtype.name} frame inside a split {self._partial[0].name} message"
+                )
+            if len(buf) < HEADER.size + length:
+                return None
+            if len(self._fds) < nfds:
+                raise RemoteProtocolError(
+                    f"{mtype.name} frame needs {nfds} fds, only {len(self._fds)} arrived"
+                )
+            body = _Body(bytes(buf[HEADER.size : HEADER.size + length]), mtype.name)
+            del buf[: HEADER.size + length]
+            if mtype not in _LIST_TYPES:
+                return _decode_single_untrusted(mtype, body)
+            frame_fds: deque[int] = deque(self._fds.popleft() for _ in range(nfds))
+            entries: list[object] = []
+            try:
+                head = _decode_entries_untrusted(mtype, body, frame_fds, entries)
+            except RemoteProtocolError:
+                close_fds(frame_fds)
+                close_fds(message_fds(_build(mtype, 0, entries)))
+                raise
+            if self._partial is None:
+                self._partial = (mtype, head, entries)
+            else:
+                if head != self._partial[1]:
+                    self._partial[2].extend(entries)  # so close() sees their fds
+                    raise RemoteProtocolError(f"split {mtype.name} changed its request id")
+                self._partial[2].extend(entries)
+            if len(self._partial[2]) > self.max_entries:
+                raise RemoteProtocolError(
+                    f"{mtype.name} message has over {self.max_entries} entries"
+                )
+            if flags & FLAG_MORE:
+                continue
+            mtype, head, entries = self._partial
+            self._partial = None
+            return _build(mtype, head, entries)
+
+    def eof(self) -> None:
+        """The peer closed: raise if it stopped mid-frame or left fds behind."""
+        if self._buf or self._fds or self._partial is not None:
+            what = "mid-frame" if self._buf else "mid-message"
+            self.close()
+            raise RemoteProtocolError(f"connection closed {what}")
+
+    def close(self) -> None:
+        """Close every fd the decoder still owns; drop buffered data."""
+        fds = list(self._fds)
+        self._fds.clear()
+        if self._partial is not None:
+            fds.extend(message_fds(_build(*self._partial)))
+            self._partial = None
+        self._buf.clear()
+        close_fds(fds)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -46,10 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from ._demo import run_client, serve_demo
 
     if args.role == "server":
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             serve_demo(args.socket)
         except KeyboardInterrupt:

@@ -1,0 +1,34 @@
+"""Shared test helpers: fd counting, short socket dirs, subprocess launch."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+LINUX = sys.platform.startswith("linux")
+
+
+def open_fd_count(pid: int | str = "self") -> int:
+    """Open fds of a process (Linux /proc)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    """A short directory for AF_UNIX paths (pytest's tmp_path can be too long)."""
+    with tempfile.TemporaryDirectory(prefix="cp-") as d:
+        yield Path(d)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if LINUX:
+        return
+    skip = pytest.mark.skip(reason="needs Linux")
+    for item in items:
+        if "linux" in item.keywords:
+            item.add_marker(skip)

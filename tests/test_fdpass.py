@@ -1,0 +1,176 @@
+"""fd passing over real socketpairs: order, identity, CTRUNC, missing fds, no leaks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+import pytest
+import trio
+
+from connpark import RemoteProtocolError
+from connpark._fdpass import BlockingChannel, Outbox, TrioChannel, recv_fds
+from connpark._wire import (
+    HEADER,
+    Decoder,
+    Frame,
+    MessageType,
+    Park,
+    ParkEntry,
+    Reason,
+    Wake,
+    WakeEntry,
+    encode,
+)
+
+from .conftest import open_fd_count
+
+pytestmark = pytest.mark.linux
+
+
+def _inode(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _distinct_files(n: int) -> list[int]:
+    """n fds that each refer to a different open file (so order is checkable)."""
+    fds = []
+    for _ in range(n // 2 + 1):
+        r, w = os.pipe()
+        fds += [r, w]
+    for fd in fds[n:]:
+        os.close(fd)
+    return fds[:n]
+
+
+@pytest.mark.parametrize("n", [1, 253, 1000])
+def test_blocking_fds_arrive_in_order_and_same_files(n: int) -> None:
+    before = open_fd_count()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sender, receiver = BlockingChannel(a), BlockingChannel(b)
+    fds = _distinct_files(n)
+    msg = Park(1, tuple(ParkEntry(fd, token=i.to_bytes(4, "big")) for i, fd in enumerate(fds)))
+    frames = encode(msg)
+    assert len(frames) == -(-n // 253)
+    t = threading.Thread(target=sender.send_frames, args=(frames,))
+    t.start()
+    decoder = Decoder()
+    got = receiver.receive_message(decoder, timeout=10)
+    t.join()
+    assert isinstance(got, Park)
+    assert [e.token for e in got.entries] == [e.token for e in msg.entries]
+    assert [_inode(e.fd) for e in got.entries] == [_inode(fd) for fd in fds]
+    assert not ({e.fd for e in got.entries} & set(fds))  # new fds, not the same numbers
+    for e in got.entries:
+        assert not os.get_inheritable(e.fd)  # close-on-exec on receipt
+        os.close(e.fd)
+    for fd in fds:
+        os.close(fd)
+    sender.close()
+    receiver.close()
+    assert open_fd_count() == before
+
+
+async def test_trio_channel_round_trip_1000_fds() -> None:
+    before = open_fd_count()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Small buffers force partial sends: fds must still go once, with the first byte.
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sender, receiver = TrioChannel(a), TrioChannel(b)
+    fds = _distinct_files(1000)
+    big = b"x" * 3000
+    msg = Wake(tuple(WakeEntry(i, Reason.READABLE, b"t", big, fd) for i, fd in enumerate(fds)))
+    got: list[object] = []
+
+    async def receive() -> None:
+        got.append(await receiver.receive_message(Decoder(max_body=1 << 22)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(receive)
+        await sender.send(msg)
+    (wake,) = got
+    assert isinstance(wake, Wake)
+    assert [e.ticket for e in wake.entries] == list(range(1000))
+    assert all(e.pending == big for e in wake.entries)
+    assert [_inode(e.fd) for e in wake.entries if e.fd is not None] == [_inode(f) for f in fds]
+    for e in wake.entries:
+        assert e.fd is not None
+        os.close(e.fd)
+    for fd in fds:
+        os.close(fd)
+    sender.close()
+    receiver.close()
+    assert open_fd_count() == before
+
+
+def test_small_ancillary_buffer_is_protocol_error_and_closes_fds() -> None:
+    before = open_fd_count()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fds = _distinct_files(253)
+    outbox = Outbox()
+    outbox.add(encode(Park(1, tuple(ParkEntry(fd) for fd in fds))))
+    outbox.send_some(a)
+    with pytest.raises(RemoteProtocolError, match="MSG_CTRUNC"):
+        recv_fds(b, max_fds=4)
+    for fd in fds:
+        os.close(fd)
+    a.close()
+    b.close()
+    assert open_fd_count() == before
+
+
+def test_frame_whose_fds_never_come_is_an_error_not_a_hang() -> None:
+    before = open_fd_count()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    (real,) = encode(Park(9, (ParkEntry(0, b"tok"),)))
+    # The same frame bytes, sent without SCM_RIGHTS.
+    a.sendall(real.data)
+    with pytest.raises(RemoteProtocolError, match="needs 1 fds"):
+        BlockingChannel(b).receive_message(Decoder(), timeout=5)
+    a.close()
+    b.close()
+    assert open_fd_count() == before
+
+
+def test_fds_with_a_bad_frame_are_closed() -> None:
+    before = open_fd_count()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fds = _distinct_files(3)
+    bogus = HEADER.pack(0, MessageType.ACK, 0, 3)  # ACK cannot carry fds
+    outbox = Outbox()
+    outbox.add([Frame(bogus, tuple(fds))])
+    outbox.send_some(a)
+    for fd in fds:
+        os.close(fd)
+    with pytest.raises(RemoteProtocolError, match="cannot carry fds"):
+        BlockingChannel(b).receive_message(Decoder(), timeout=5)
+    a.close()
+    b.close()
+    assert open_fd_count() == before
+
+
+def test_outbox_coalesces_fdless_frames_and_keeps_fd_boundaries() -> None:
+    r, w = os.pipe()
+    outbox = Outbox()
+    frames = [Frame(b"a"), Frame(b"b", (r,)), Frame(b"c"), Frame(b"d"), Frame(b"e", (w,))]
+    outbox.add(frames)
+    chunks = list(outbox._chunks)
+    assert [(bytes(d), list(f)) for d, f in chunks] == [
+        (b"a", []),
+        (b"bcd", [r]),
+        (b"e", [w]),
+    ]
+    os.close(r)
+    os.close(w)
+
+
+def test_blocking_receive_times_out_and_eof_is_none() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    chan = BlockingChannel(b)
+    with pytest.raises(TimeoutError):
+        chan.receive_message(Decoder(), timeout=0.05)
+    a.close()
+    assert chan.receive_message(Decoder(), timeout=1) is None
+    chan.close()

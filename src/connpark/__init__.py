@@ -3,13 +3,17 @@
 Layers, each importing only those below it:
   _cli / _demo                 command line and the basic line demo
   _container                   the trio daemon (sessions, routing, deadlines)
-  _hook_*                      client hooks for workers (trio, blocking, asyncio)
+  _hook_* / _worker            client hooks for workers, over one sans-IO worker core
+  _lot                         the parking table: states, routing, deadlines (no I/O)
   _watcher                     one epoll/kqueue instance for every parked fd
-  _fdpass                      SCM_RIGHTS send/recv
+  _fdpass / _unixsock          SCM_RIGHTS send/recv; the control socket file
   _wire                        sans-IO protocol codec
   _errors                      the error hierarchy
 """
 
+from ._config import ContainerConfig as ContainerConfig
+from ._container import Container as Container
+from ._container import serve as serve
 from ._errors import ConnparkError as ConnparkError
 from ._errors import ContainerError as ContainerError
 from ._errors import LocalProtocolError as LocalProtocolError
@@ -17,20 +21,33 @@ from ._errors import ParkingClosed as ParkingClosed
 from ._errors import ParkRefused as ParkRefused
 from ._errors import ProtocolError as ProtocolError
 from ._errors import RemoteProtocolError as RemoteProtocolError
+from ._hook_trio import Parking as Parking
+from ._hook_trio import open_parking as open_parking
+from ._stats import ContainerStats as ContainerStats
+from ._stats import LatencySummary as LatencySummary
 from ._wire import Reason as Reason
 from ._wire import Refusal as Refusal
+from ._worker import Woken as Woken
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConnparkError",
+    "Container",
+    "ContainerConfig",
     "ContainerError",
+    "ContainerStats",
+    "LatencySummary",
     "LocalProtocolError",
     "ParkRefused",
+    "Parking",
     "ParkingClosed",
     "ProtocolError",
     "Reason",
     "Refusal",
     "RemoteProtocolError",
+    "Woken",
     "__version__",
+    "open_parking",
+    "serve",
 ]

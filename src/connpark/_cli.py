@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from . import __version__
 from ._errors import ConnparkError
@@ -36,6 +38,45 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         )
 
 
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the container",
+        description="Run the container: hold idle TCP connections parked by workers "
+        "and hand each back when its client sends data, hangs up, or times out.",
+    )
+    p.add_argument(
+        "--socket",
+        help="control socket path (default: $XDG_RUNTIME_DIR "
+        "or the working directory, connpark.sock)",
+    )
+    p.add_argument("--max-parked", type=int, help="most connections held at once")
+    p.add_argument("--idle-timeout", type=float, help="default idle deadline, seconds (300)")
+    p.add_argument(
+        "--allow-uid", type=int, action="append", help="peer uid allowed (repeat); default: ours"
+    )
+    p.add_argument("--socket-mode", help="socket file mode, octal (default 0600)")
+    p.add_argument("--orphan-timeout", type=float, help="seconds a wake waits for a worker (60)")
+    p.add_argument("--shutdown-grace", type=float, help="seconds to wait for ACKs on SIGTERM (10)")
+    p.add_argument("--config", help="TOML file with the same keys ([connpark] table)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"])
+
+
+def _add_stats(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("stats", help="print a running container's statistics")
+    p.add_argument("--socket", help="control socket path (default as for serve)")
+    p.add_argument("--json", action="store_true", help="one JSON object per snapshot")
+    p.add_argument(
+        "--watch",
+        type=float,
+        nargs="?",
+        const=1.0,
+        metavar="SECONDS",
+        help="repeat every SECONDS (default 1) until interrupted",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="connpark",
@@ -43,8 +84,92 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"connpark {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_stats(sub)
     _add_demo(sub)
     return parser
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "ts": round(record.created, 3),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "msg": record.getMessage(),
+            }
+        )
+
+
+def _setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("connpark")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from ._config import ContainerConfig
+    from ._container import Container
+
+    _setup_logging(args.log_level, args.log_format)
+    config = ContainerConfig.from_args(args)
+
+    async def run() -> None:
+        container = Container(config)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_on_signal, signals, container)
+                await container.run()
+                nursery.cancel_scope.cancel()
+
+    trio.run(run)
+    return 0
+
+
+async def _stop_on_signal(signals: Any, container: Any) -> None:
+    async for signum in signals:
+        LOGGER.info("got %s: draining", signal.Signals(signum).name)
+        container.request_shutdown()
+
+
+def _format_stats(stats: Any) -> str:
+    lat = stats.wake_latency
+    lines = [
+        f"parked    {stats.parked}",
+        f"queued    {stats.queued}   unacked {stats.unacked}   orphaned {stats.orphaned}",
+        f"sessions  {stats.sessions}   pools {dict(stats.pools)}",
+        f"parks     {stats.parks_total}   acks {stats.acks_total}   closed {stats.closed_total}",
+        f"woken     {dict(stats.woken_total)}",
+        f"refused   {dict(stats.refused_total)}",
+        f"latency   p50 {lat.p50_ms} ms   p99 {lat.p99_ms} ms   max {lat.max_ms} ms"
+        f"   (last {lat.count} wakes)",
+        f"fds       {stats.fds_held} held of {stats.fd_budget}",
+        f"uptime    {stats.uptime_s} s" + ("   SHUTTING DOWN" if stats.shutting_down else ""),
+    ]
+    return "\n".join(lines)
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    import time
+
+    from ._stats_client import fetch_stats
+    from ._unixsock import default_socket_path
+
+    path = args.socket or str(default_socket_path())
+    while True:
+        stats = fetch_stats(path)
+        print(stats.to_json() if args.json else _format_stats(stats), flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -68,6 +193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "serve":
+            return _run_serve(args)
+        if args.command == "stats":
+            return _run_stats(args)
         if args.command == "demo":
             return _run_demo(args)
     except ConnparkError as exc:

@@ -90,6 +90,9 @@ class Reason(enum.IntEnum):
     REQUESTED = 4  #: a worker asked for it with UNPARK
     SHUTDOWN = 5  #: the container is stopping
 
+    def __str__(self) -> str:
+        return self.name
+
 
 class Refusal(enum.IntEnum):
     """Per-entry answer to PARK; ``OK`` means a ticket was issued."""

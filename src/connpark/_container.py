@@ -1,0 +1,578 @@
+"""The container: a trio daemon holding parked connections for worker sessions.
+
+Tasks: one accept loop, one watcher loop (waits on the single epoll/kqueue
+fd and drains events in batches), one timer (idle deadlines and orphans),
+and per session one reader and one writer. The reader never blocks on a
+send and the watcher never touches a session's socket: wakes are put in the
+session's queue and its writer sends them, batched, so one slow worker
+cannot stall anybody else.
+
+fd ownership: every fd that arrives is parked (and counted in
+``_held``), or closed before the PARKED reply goes out. A parked fd is
+unregistered from the watcher before it is closed or handed back.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import resource
+import socket
+from collections import Counter, deque
+from typing import Any
+
+import trio
+
+from ._config import ContainerConfig
+from ._errors import ProtocolError, RemoteProtocolError
+from ._fdpass import TrioChannel
+from ._lot import HANGUP_RETURNS, TIMEOUT_RETURNS, Lot, SessionState, Slot, State
+from ._stats import ContainerStats, LatencySummary
+from ._unixsock import listen_unix, peer_uid
+from ._watcher import ERR, HUP, make_watcher
+from ._wire import (
+    PROTOCOL_VERSION,
+    Ack,
+    Close,
+    Decoder,
+    Error,
+    ErrorCode,
+    Hello,
+    Message,
+    Park,
+    Parked,
+    ParkEntry,
+    ParkResult,
+    Reason,
+    Refusal,
+    Stats,
+    StatsReply,
+    Unpark,
+    Wake,
+    WakeEntry,
+    Welcome,
+    encode,
+    encode_all,
+)
+
+LOGGER = logging.getLogger(__name__)
+HANDSHAKE_TIMEOUT = 10.0
+MAX_EVENTS = 4096
+
+
+def raise_nofile_limit() -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard limit; return the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= hard:
+        return hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    except (ValueError, OSError):
+        return soft
+
+
+def count_open_fds() -> int:
+    for d in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(d)) - 1  # minus the listdir's own fd
+        except OSError:
+            continue
+    return 32
+
+
+def check_tcp_stream(fd: int) -> Refusal:
+    """OK for a connected AF_INET/AF_INET6 stream socket; never changes the fd's flags."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return Refusal.NOT_A_TCP_STREAM
+    try:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return Refusal.NOT_A_TCP_STREAM
+        if sock.type != socket.SOCK_STREAM:
+            return Refusal.NOT_A_TCP_STREAM
+        try:
+            sock.getpeername()
+        except OSError:
+            return Refusal.NOT_CONNECTED
+        return Refusal.OK
+    finally:
+        sock.detach()
+
+
+def peek_has_data(fd: int) -> bool:
+    """True if bytes wait unread (a half-closed peer with data is READABLE, not HANGUP)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return False
+    except OSError:
+        return False
+    finally:
+        sock.detach()
+
+
+def send_goodbye(fd: int, data: bytes) -> None:
+    """Best effort, never blocking and never touching O_NONBLOCK (shared with the worker)."""
+    if not data:
+        return
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
+    try:
+        sock.send(data, socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0))
+    except OSError as exc:
+        LOGGER.debug("goodbye not written: %s", exc)
+    finally:
+        sock.detach()
+
+
+class _Session(SessionState):
+    __slots__ = ("chan", "replies", "uid", "wakeup", "writer_scope")
+
+    def __init__(self, session_id: int, pool: Any, name: str, chan: TrioChannel) -> None:
+        super().__init__(session_id, pool, name)
+        self.chan = chan
+        self.replies: list[Message] = []
+        self.wakeup = trio.Event()
+        self.writer_scope = trio.CancelScope()
+        self.uid: int | None = None
+
+
+class Container:
+    """One running container. Start it with ``run`` (or ``connpark.serve``)."""
+
+    def __init__(self, config: ContainerConfig) -> None:
+        self.config = config
+        self.lot = Lot(window=config.window, orphan_timeout=config.orphan_timeout)
+        self.watcher = make_watcher()
+        self._sessions: dict[int, _Session] = {}
+        self._next_session = 1
+        self._refused: Counter[str] = Counter()
+        self._latencies: deque[float] = deque(maxlen=4096)
+        self._parks_total = 0
+        self._acks_total = 0
+        self._closed_total = 0
+        self._protocol_errors = 0
+        self._held = 0
+        self._fd_limit = raise_nofile_limit()
+        self._fd_base = count_open_fds()
+        self._started = 0.0
+        self._shutting_down = False
+        self._shutdown_requested = trio.Event()
+        self._progress = trio.Event()
+        self._timer_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def request_shutdown(self) -> None:
+        """Stop taking parks, wake everything with SHUTDOWN, wait for ACKs, return from run."""
+        self._shutdown_requested.set()
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Container] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        listener = listen_unix(self.config.path, mode=self.config.socket_mode)
+        listener.setblocking(False)
+        self._started = trio.current_time()
+        LOGGER.info(
+            "container listening on %s (fd budget %d, idle timeout %gs)",
+            self.config.path,
+            self.fd_budget,
+            self.config.idle_timeout,
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._accept_loop, listener)
+                nursery.start_soon(self._watch_loop)
+                nursery.start_soon(self._timer_loop)
+                task_status.started(self)
+                await self._shutdown_requested.wait()
+                await self._drain()
+                nursery.cancel_scope.cancel()
+        finally:
+            trio.lowlevel.notify_closing(listener)
+            listener.close()
+            try:
+                os.unlink(self.config.path)
+            except OSError:
+                pass
+            for session in list(self._sessions.values()):
+                session.chan.close()
+            self._close_everything()
+            self.watcher.close()
+            LOGGER.info("container stopped")
+
+    async def _drain(self) -> None:
+        self._shutting_down = True
+        now = trio.current_time()
+        parked = self.lot.parked_slots()
+        LOGGER.info("shutting down: waking %d parked connections", len(parked))
+        for slot in parked:
+            self._wake(slot, Reason.SHUTDOWN, now)
+        self._flush()
+        with trio.move_on_after(self.config.shutdown_grace) as scope:
+            while self.lot.queued or self.lot.sent:
+                await self._progress.wait()
+        if scope.cancelled_caught:
+            LOGGER.warning(
+                "shutdown grace over: %d wakes never ACKed, closing them",
+                self.lot.queued + self.lot.sent,
+            )
+
+    def _close_everything(self) -> None:
+        for slot in self.lot.slots():
+            if slot.state is State.PARKED:
+                self.watcher.unregister(slot.fd)
+            self._close_slot(slot)
+
+    # -- fd accounting -------------------------------------------------------------
+
+    @property
+    def fd_budget(self) -> int:
+        """How many connection fds we hold at most: the limit less a reserve for sessions."""
+        return max(0, self._fd_limit - self._fd_base - self.config.fd_reserve - len(self._sessions))
+
+    def _close_slot(self, slot: Slot) -> None:
+        """Close the container's copy (if any) and drop the slot."""
+        if slot.fd >= 0:
+            os.close(slot.fd)
+            self._held -= 1
+        self.lot.remove(slot)
+        self._poke_progress()
+
+    def _poke_progress(self) -> None:
+        self._progress.set()
+        self._progress = trio.Event()
+
+    # -- the watcher and the timer ---------------------------------------------------
+
+    async def _watch_loop(self) -> None:
+        fileno = self.watcher.fileno()
+        while True:
+            await trio.lowlevel.wait_readable(fileno)
+            now = trio.current_time()
+            events = self.watcher.poll(MAX_EVENTS)
+            for fd, bits in events:
+                slot = self.lot.by_fd(fd)
+                if slot is None or slot.state is not State.PARKED:
+                    continue
+                if bits & ERR:
+                    reason = Reason.HANGUP
+                elif bits & HUP:
+                    reason = Reason.READABLE if peek_has_data(fd) else Reason.HANGUP
+                else:
+                    reason = Reason.READABLE
+                self._wake(slot, reason, now)
+            self._flush()
+
+    def _wake(self, slot: Slot, reason: Reason, now: float, to: _Session | None = None) -> None:
+        """Take a PARKED slot out of the watcher and send it on its way."""
+        self.watcher.unregister(slot.fd)
+        if reason is not Reason.SHUTDOWN and not slot.returns_fd(reason):
+            os.close(slot.fd)
+            self._held -= 1
+            self.lot.forget_fd(slot)
+        self.lot.wake(slot, reason, now, to=to)
+
+    async def _timer_loop(self) -> None:
+        while True:
+            with trio.CancelScope(deadline=self._next_timer()) as scope:
+                self._timer_scope = scope
+                await trio.sleep_forever()
+            self._timer_scope = None
+            now = trio.current_time()
+            for slot in self.lot.expired(now):
+                self._wake(slot, Reason.TIMEOUT, now)
+            for slot in self.lot.orphans(now):
+                LOGGER.warning(
+                    "ticket %#x: no session of pool %r came in %gs; closing the connection",
+                    slot.ticket,
+                    slot.pool.name,
+                    self.config.orphan_timeout,
+                )
+                self._close_slot(slot)
+                self.lot.orphans_closed += 1
+            self._flush()
+
+    def _next_timer(self) -> float:
+        times = [t for t in (self.lot.next_deadline(), self.lot.next_orphan_deadline()) if t]
+        return min(times) if times else math.inf
+
+    def _flush(self) -> None:
+        """Wake the writers of sessions that got output; re-aim the timer."""
+        for session in self.lot.dirty:
+            session.wakeup.set()  # type: ignore[attr-defined]
+        self.lot.dirty.clear()
+        if self._timer_scope is not None:
+            nxt = self._next_timer()
+            if nxt < self._timer_scope.deadline:
+                self._timer_scope.deadline = nxt
+
+    # -- sessions ----------------------------------------------------------------------
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(listener)
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    LOGGER.warning("accept: %s; backing off", exc.strerror)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            assert self._nursery is not None
+            self._nursery.start_soon(self._run_session, conn)
+
+    async def _run_session(self, conn: socket.socket) -> None:
+        chan = TrioChannel(conn)
+        decoder = Decoder()
+        session: _Session | None = None
+        try:
+            session = await self._handshake(chan, decoder)
+            if session is None:
+                return
+            assert self._nursery is not None
+            self._nursery.start_soon(self._writer, session)
+            await self._reader(session, decoder)
+        except ProtocolError as exc:
+            self._protocol_errors += 1
+            who = f"session {session.id}" if session else "new session"
+            LOGGER.warning("%s: protocol error: %s", who, exc)
+            if session is not None:
+                session.writer_scope.cancel()
+            with trio.move_on_after(1.0):
+                await chan.send(Error(exc.code, str(exc)))
+        except OSError as exc:
+            LOGGER.info("session %s: %s", session.id if session else "?", exc)
+        finally:
+            decoder.close()
+            if session is not None:
+                session.writer_scope.cancel()
+                del self._sessions[session.id]
+                requeued = self.lot.remove_session(session)
+                LOGGER.info(
+                    "session %d (pool %r) ended; %d unacknowledged wakes re-routed",
+                    session.id,
+                    session.pool.name,
+                    requeued,
+                )
+                self._flush()
+            chan.close()
+
+    async def _handshake(self, chan: TrioChannel, decoder: Decoder) -> _Session | None:
+        uid = peer_uid(chan.sock)
+        if uid is not None and uid not in self.config.allow_uids:
+            LOGGER.warning(
+                "refused a session from uid %d (allowed: %s)", uid, self.config.allow_uids
+            )
+            with trio.move_on_after(1.0):
+                await chan.send(
+                    Error(ErrorCode.NOT_ALLOWED, f"uid {uid} is not allowed to use this container")
+                )
+            return None
+        if len(self._sessions) >= self.config.max_sessions:
+            with trio.move_on_after(1.0):
+                await chan.send(Error(ErrorCode.TOO_MANY_SESSIONS, "too many sessions"))
+            return None
+        with trio.move_on_after(HANDSHAKE_TIMEOUT):
+            hello = await chan.receive_message(decoder)
+            if hello is None:
+                return None
+            if not isinstance(hello, Hello):
+                raise RemoteProtocolError(f"expected HELLO first, got {type(hello).__name__}")
+            if hello.version != PROTOCOL_VERSION:
+                await chan.send(
+                    Error(
+                        ErrorCode.VERSION,
+                        f"protocol version {hello.version} not supported (want {PROTOCOL_VERSION})",
+                    )
+                )
+                return None
+            session = _Session(self._next_session, self.lot.pool(hello.pool), hello.name, chan)
+            session.uid = uid
+            self._next_session += 1
+            await chan.send(
+                Welcome(
+                    session.id,
+                    self.config.max_token,
+                    self.config.max_pending,
+                    window=self.config.window,
+                )
+            )
+            self._sessions[session.id] = session
+            self.lot.add_session(session)
+            self._flush()
+            LOGGER.info(
+                "session %d: pool %r, worker %r, uid %s", session.id, hello.pool, hello.name, uid
+            )
+            return session
+        LOGGER.info("handshake timed out")
+        return None
+
+    async def _reader(self, session: _Session, decoder: Decoder) -> None:
+        while True:
+            msg = await session.chan.receive_message(decoder)
+            if msg is None:
+                return
+            if isinstance(msg, Park):
+                self._on_park(session, msg)
+            elif isinstance(msg, Ack):
+                slots = self.lot.ack(session, msg.tickets)
+                self._acks_total += len(slots)
+                for slot in slots:
+                    self._close_slot(slot)
+            elif isinstance(msg, Unpark):
+                now = trio.current_time()
+                for ticket in msg.tickets:
+                    found = self.lot.find(ticket)
+                    # Not parked any more (a wake is in flight): a no-op, by design.
+                    if found is not None and found.state is State.PARKED:
+                        if found.pool is session.pool:
+                            self._wake(found, Reason.REQUESTED, now, to=session)
+            elif isinstance(msg, Close):
+                for entry in msg.entries:
+                    target = self.lot.find(entry.ticket)
+                    if target is not None and target.state is State.PARKED:
+                        if target.pool is session.pool:
+                            self.watcher.unregister(target.fd)
+                            send_goodbye(target.fd, entry.goodbye)
+                            self._close_slot(target)
+                            self._closed_total += 1
+            elif isinstance(msg, Stats):
+                session.replies.append(StatsReply(self.stats().to_json().encode()))
+                self.lot.dirty.add(session)
+            else:
+                raise RemoteProtocolError(f"{type(msg).__name__} is not a worker message")
+            self._flush()
+
+    def _on_park(self, session: _Session, msg: Park) -> None:
+        now = trio.current_time()
+        results = []
+        for entry in msg.entries:
+            code = self._admit(entry)
+            if code is not Refusal.OK:
+                os.close(entry.fd)
+                self._refused[code.label] += 1
+                results.append(ParkResult(code))
+                continue
+            idle = (
+                entry.idle_timeout_ms / 1000 if entry.idle_timeout_ms else self.config.idle_timeout
+            )
+            flags = (HANGUP_RETURNS if entry.hangup_returns else 0) | (
+                TIMEOUT_RETURNS if entry.timeout_returns else 0
+            )
+            slot = self.lot.park(
+                entry.fd,
+                token=entry.token,
+                pending=entry.pending,
+                flags=flags,
+                session=session,
+                deadline=now + idle,
+            )
+            self._held += 1
+            self._parks_total += 1
+            results.append(ParkResult(Refusal.OK, slot.ticket))
+        session.replies.append(Parked(msg.request_id, tuple(results)))
+        self.lot.dirty.add(session)
+
+    def _admit(self, entry: ParkEntry) -> Refusal:
+        if self._shutting_down:
+            return Refusal.SHUTTING_DOWN
+        if len(entry.token) > self.config.max_token:
+            return Refusal.TOKEN_TOO_LARGE
+        if len(entry.pending) > self.config.max_pending:
+            return Refusal.PENDING_TOO_LARGE
+        if self.lot.parked + self.lot.queued + self.lot.sent >= self.config.max_parked:
+            return Refusal.FULL
+        if self._held >= self.fd_budget:
+            return Refusal.OUT_OF_FDS
+        code = check_tcp_stream(entry.fd)
+        if code is not Refusal.OK:
+            return code
+        try:
+            self.watcher.register(entry.fd)
+        except OSError as exc:
+            LOGGER.warning("watcher refused fd: %s", exc)
+            return Refusal.NOT_A_TCP_STREAM
+        return Refusal.OK
+
+    async def _writer(self, session: _Session) -> None:
+        with session.writer_scope:
+            try:
+                while True:
+                    await session.wakeup.wait()
+                    session.wakeup = trio.Event()
+                    replies, session.replies = session.replies, []
+                    slots = self.lot.take_outq(session)
+                    frames = encode_all(replies)
+                    if slots:
+                        entries = tuple(
+                            WakeEntry(
+                                s.ticket,
+                                s.reason,
+                                s.token,
+                                s.pending,
+                                s.fd if s.fd >= 0 else None,
+                            )
+                            for s in slots
+                        )
+                        frames += encode(Wake(entries))
+                    await session.chan.send_frames(frames)
+                    if slots:
+                        now = trio.current_time()
+                        self._latencies.extend(now - float(s.key) for s in slots)
+            except OSError as exc:
+                LOGGER.info("session %d: send failed: %s", session.id, exc)
+                try:  # the reader sees EOF and ends the session
+                    session.chan.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    # -- statistics ----------------------------------------------------------------------
+
+    def stats(self) -> ContainerStats:
+        lot = self.lot
+        return ContainerStats(
+            parked=lot.parked,
+            queued=lot.queued,
+            unacked=lot.sent,
+            orphaned=lot.orphaned,
+            sessions=len(self._sessions),
+            woken_total=dict(lot.woken_total),
+            refused_total=dict(self._refused),
+            parks_total=self._parks_total,
+            acks_total=self._acks_total,
+            closed_total=self._closed_total,
+            orphans_closed_total=lot.orphans_closed,
+            protocol_errors_total=self._protocol_errors,
+            pools={name: len(p.sessions) for name, p in lot.pools.items()},
+            fds_held=self._held,
+            fd_budget=self.fd_budget,
+            wake_latency=LatencySummary.of(self._latencies),
+            uptime_s=round(trio.current_time() - self._started, 3),
+            shutting_down=self._shutting_down,
+        )
+
+
+async def serve(
+    config: ContainerConfig | None = None,
+    *,
+    task_status: trio.TaskStatus[Container] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a container until cancelled or until ``request_shutdown()`` has drained it.
+
+    ``task_status.started`` hands back the ``Container`` (for ``stats()`` and
+    ``request_shutdown()``) once the socket is listening.
+    """
+    container = Container(config or ContainerConfig())
+    await container.run(task_status=task_status)

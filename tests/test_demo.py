@@ -80,7 +80,8 @@ def test_client_without_server_fails_with_one_clear_line(sockdir: Path) -> None:
     assert client.returncode != 0
     err = client.stderr.decode().strip()
     assert len(err.splitlines()) == 1, err
-    assert str(path) in err and "no such socket file" in err
+    assert str(path) in err
+    assert "no such socket file" in err
 
 
 def test_stale_socket_file_is_replaced_but_live_one_is_not(sockdir: Path) -> None:

@@ -611,7 +611,8 @@ def test_followed_by_trailing_data(first: Message, second: Message, cuts: list[i
         assert dec.next_message() == m1
         assert dec.next_message() is None
         assert dec.buffered == 1
-        dec.close()
+        assert dec.held_fds == n2  # the second message's fds came with its first byte
+        assert decode_all([(blob[size1 + 1 :], [])], dec) == [m2]
 
 
 # ----------------------------------------------------------------- fuzzing
@@ -692,19 +693,22 @@ _field = st.one_of(
 )
 
 
+_raw_type = st.sampled_from([*map(int, MessageType), 0, 12, 255])
+_raw_flags = st.sampled_from([0, 0, 0, FLAG_MORE, 0x02, 0xFF])
+_raw_body = st.lists(_field, max_size=8).map(b"".join)
+_raw_nfds = st.sampled_from([0, 0, 1, 2, 3, MAX_FDS_PER_FRAME, MAX_FDS_PER_FRAME + 1])
+_raw_length_delta = st.sampled_from([0, 0, 0, 1, -1, None])  # None: over the body limit
+_raw_sent = st.integers(-1, 4)  # -1: as many as announced (at most 4)
+
+
 @st.composite
 def raw_frames(draw: st.DrawFn) -> tuple[bytes, int]:
     """A frame with a plausible header and a body of plausible fields; fds to send."""
-    mtype = draw(st.sampled_from(MessageType).map(int) | st.integers(0, 255))
-    flags = draw(st.sampled_from([0, 0, 0, FLAG_MORE, 0x02, 0xFF]))
-    body = b"".join(draw(st.lists(_field, max_size=10)))
-    length = draw(
-        st.sampled_from([len(body), len(body), len(body) + 1, max(len(body) - 1, 0)])
-        | st.just(DEFAULT_MAX_BODY + 1)
-    )
-    nfds = draw(st.integers(0, 3) | st.sampled_from([MAX_FDS_PER_FRAME, MAX_FDS_PER_FRAME + 1]))
-    sent = draw(st.just(min(nfds, 4)) | st.integers(0, 4))
-    return HEADER.pack(length, mtype, flags, nfds) + body, sent
+    mtype, flags, body = draw(_raw_type), draw(_raw_flags), draw(_raw_body)
+    delta = draw(_raw_length_delta)
+    length = DEFAULT_MAX_BODY + 1 if delta is None else max(len(body) + delta, 0)
+    nfds, sent = draw(_raw_nfds), draw(_raw_sent)
+    return HEADER.pack(length, mtype, flags, nfds) + body, min(nfds, 4) if sent < 0 else sent
 
 
 @linux_only
@@ -792,6 +796,8 @@ def test_fuzz_mutated_valid_streams(
     msgs = [with_fds(t, src.take(fd_slots(t))) for t in templates]
     frames = encode_all(msgs, max_body=max_body, max_fds=max_fds)
     for op, i in frame_ops:
+        if not frames:
+            break
         i %= len(frames)
         if op == "drop":
             frames = frames[:i] + frames[i + 1 :]  # its fds are never sent: ours to close
@@ -930,8 +936,12 @@ def test_frame_whose_fds_are_missing() -> None:
         (frame(1, p("H", 1) + b"\xc8abc"), 0, "truncated HELLO body"),
         (frame(1, p("H", 1)), 0, "truncated HELLO body"),
         (frame(2, b"\x00" * 21), 0, "truncated WELCOME body"),
-        (frame(3, p("I", 1) + p("H", 1) + p("I", 0) + p("B", 0) + p("H", 9)), 1, "truncated PARK"),
-        (frame(3, p("I", 1) + p("H", 1) + p("I", 0)), 1, "truncated PARK body"),
+        (
+            frame(3, p("I", 1) + p("H", 1) + p("I", 0) + p("B", 0) + p("H", 9), nfds=1),
+            1,
+            "truncated PARK",
+        ),
+        (frame(3, p("I", 1) + p("H", 1) + p("I", 0), nfds=1), 1, "truncated PARK body"),
         (frame(4, p("I", 1) + p("I", 2) + p("B", 0) + p("Q", 1)), 0, "truncated PARKED body"),
         (frame(5, p("H", 1) + p("Q", 1) + p("B", 1) + p("B", 0) + p("H", 0)), 0, "truncated WAKE"),
         (frame(6, p("I", 3) + p("Q", 1) + p("Q", 2)), 0, "truncated ACK body"),

@@ -1,0 +1,351 @@
+"""End to end: ``connpark serve`` as a real subprocess, real TCP clients, the trio hook."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+import connpark
+from connpark import Reason
+
+from ._procs import ServeProcess, tcp_pairs
+
+pytestmark = pytest.mark.linux
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture
+def serve(sockdir: Path) -> Iterator[ServeProcess]:
+    proc = ServeProcess(sockdir / "c.sock")
+    yield proc
+    proc.stop()
+
+
+async def _next_wake(parking: connpark.Parking, timeout: float = 10) -> connpark.Woken:  # type: ignore[type-arg]
+    with trio.fail_after(timeout):
+        return await parking.wakes().receive()
+
+
+def _recv_exactly(sock: socket.socket, n: int, timeout: float = 10) -> bytes:
+    sock.settimeout(timeout)
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+async def test_1000_parked_grow_container_fds_by_exactly_1000(serve: ServeProcess) -> None:
+    clients, servers = tcp_pairs(1000)
+    async with connpark.open_parking(serve.path, pool="web") as parking:
+        await trio.sleep(0.1)
+        baseline = serve.fd_count()
+        async with trio.open_nursery() as nursery:
+            tickets: list[int] = []
+
+            async def park(s: socket.socket, i: int) -> None:
+                tickets.append(await parking.park(s, token=b"%d" % i))
+
+            for i, s in enumerate(servers):
+                nursery.start_soon(park, s, i)
+        assert len(set(tickets)) == 1000
+        assert all(s.fileno() == -1 for s in servers)  # our copies were closed
+        assert serve.fd_count() == baseline + 1000
+        stats = serve.stats()
+        assert stats.parked == 1000
+        assert stats.fds_held == 1000
+        # Every client hangs up: 1000 HANGUP notices, and the container lets go.
+        for c in clients:
+            c.close()
+        seen = set()
+        while len(seen) < 1000:
+            w = await _next_wake(parking)
+            assert w.reason is Reason.HANGUP
+            assert w.socket is None
+            seen.add(w.ticket)
+        assert seen == set(tickets)
+        for _ in range(100):
+            if serve.fd_count() == baseline:
+                break
+            await trio.sleep(0.05)
+        assert serve.fd_count() == baseline
+        assert serve.stats().parked == 0
+
+
+async def test_bytes_sent_while_parked_arrive_after_readable_wake(serve: ServeProcess) -> None:
+    (client,), (server,) = tcp_pairs(1)
+    payload = os.urandom(200_000)  # more than one segment, less than the socket buffer
+    async with connpark.open_parking(serve.path) as parking:
+        ticket = await parking.park(server, token=b"session-42", pending=b"half a req")
+        client.sendall(payload[:10])
+        w = await _next_wake(parking)
+        client.sendall(payload[10:])
+        assert (w.ticket, w.reason, w.token, w.pending) == (
+            ticket,
+            Reason.READABLE,
+            b"session-42",
+            b"half a req",
+        )
+        assert w.socket is not None
+        got = b""
+        with trio.fail_after(10):
+            while len(got) < len(payload):
+                got += await w.socket.recv(65536)
+        assert got == payload
+        await w.socket.send(b"pong")
+        assert _recv_exactly(client, 4) == b"pong"
+        w.socket.close()
+    client.close()
+
+
+async def test_hangup_gives_notice_by_default_and_fd_with_return(serve: ServeProcess) -> None:
+    clients, servers = tcp_pairs(2)
+    async with connpark.open_parking(serve.path) as parking:
+        t_close = await parking.park(servers[0], token=b"a")
+        t_return = await parking.park(servers[1], token=b"b", on_hangup="return")
+        for c in clients:
+            c.close()
+        got = {}
+        for _ in range(2):
+            w = await _next_wake(parking)
+            got[w.ticket] = w
+        assert got[t_close].reason is Reason.HANGUP
+        assert got[t_close].socket is None
+        assert got[t_close].token == b"a"
+        ret = got[t_return]
+        assert ret.reason is Reason.HANGUP
+        assert ret.socket is not None
+        assert await ret.socket.recv(10) == b""  # the peer really is gone
+        ret.socket.close()
+
+
+async def test_half_closed_peer_with_data_is_readable_not_hangup(serve: ServeProcess) -> None:
+    (client,), (server,) = tcp_pairs(1)
+    async with connpark.open_parking(serve.path) as parking:
+        await parking.park(server)
+        client.sendall(b"last words")
+        client.shutdown(socket.SHUT_WR)
+        w = await _next_wake(parking)
+        assert w.reason is Reason.READABLE
+        assert w.socket is not None
+        assert await w.socket.recv(100) == b"last words"
+        w.socket.close()
+    client.close()
+
+
+async def test_idle_timeout_close_and_return(serve: ServeProcess) -> None:
+    clients, servers = tcp_pairs(2)
+    async with connpark.open_parking(serve.path) as parking:
+        t1 = await parking.park(servers[0], idle_timeout=0.2)
+        t2 = await parking.park(servers[1], idle_timeout=0.3, on_timeout="return")
+        w1 = await _next_wake(parking)
+        w2 = await _next_wake(parking)
+        assert (w1.ticket, w1.reason, w1.socket) == (t1, Reason.TIMEOUT, None)
+        assert (w2.ticket, w2.reason) == (t2, Reason.TIMEOUT)
+        assert w2.socket is not None
+        await w2.socket.send(b"still here")
+        assert _recv_exactly(clients[1], 10) == b"still here"
+        w2.socket.close()
+    # The container closed the first one: its client sees EOF.
+    assert _recv_exactly(clients[0], 1) == b""
+    for c in clients:
+        c.close()
+
+
+async def test_unpark_requested_and_close_with_goodbye(serve: ServeProcess) -> None:
+    clients, servers = tcp_pairs(2)
+    async with connpark.open_parking(serve.path) as parking:
+        t1 = await parking.park(servers[0], token=b"push")
+        t2 = await parking.park(servers[1])
+        await parking.unpark(t1)
+        w = await _next_wake(parking)
+        assert (w.ticket, w.reason, w.token) == (t1, Reason.REQUESTED, b"push")
+        assert w.socket is not None
+        await w.socket.send(b"news")
+        assert _recv_exactly(clients[0], 4) == b"news"
+        w.socket.close()
+        await parking.unpark(t1)  # gone already: a no-op, not an error
+        await parking.close(t2, goodbye=b"bye\n")
+        assert _recv_exactly(clients[1], 100) == b"bye\n"  # then EOF
+        stats = await parking.stats()
+        assert stats.parked == 0
+        assert stats.closed_total == 1
+    for c in clients:
+        c.close()
+
+
+async def test_refused_park_leaves_socket_usable(serve: ServeProcess) -> None:
+    (client,), (server,) = tcp_pairs(1)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    async with connpark.open_parking(serve.path) as parking:
+        with pytest.raises(connpark.ParkRefused) as info:
+            await parking.park(server, token=b"x" * 5000)
+        assert info.value.reason == "token-too-large"
+        with pytest.raises(connpark.ParkRefused) as info:
+            await parking.park(udp)
+        assert info.value.reason == "not-a-tcp-stream"
+        with pytest.raises(connpark.ParkRefused) as info:
+            await parking.park(listener)
+        assert info.value.reason == "not-connected"
+        unix_a, unix_b = socket.socketpair()
+        with pytest.raises(connpark.ParkRefused) as info:
+            await parking.park(unix_a)
+        assert info.value.reason == "not-a-tcp-stream"
+        stats = await parking.stats()
+        assert stats.refused_total == {
+            "token-too-large": 1,
+            "not-a-tcp-stream": 2,
+            "not-connected": 1,
+        }
+        assert stats.fds_held == 0
+    # Everything refused is still ours and works.
+    server.sendall(b"ping")
+    assert _recv_exactly(client, 4) == b"ping"
+    client.sendall(b"pong")
+    assert _recv_exactly(server, 4) == b"pong"
+    unix_a.sendall(b"u")
+    assert unix_b.recv(1) == b"u"
+    for s in (client, server, udp, listener, unix_a, unix_b):
+        s.close()
+
+
+async def test_peer_uid_not_allowed_gets_clear_error(sockdir: Path) -> None:
+    other = os.getuid() + 4242
+    proc = ServeProcess(sockdir / "uid.sock", ["--allow-uid", str(other)])
+    try:
+        with pytest.raises(connpark.ConnparkError, match=f"uid {os.getuid()} is not allowed"):
+            async with connpark.open_parking(proc.path):
+                pass  # pragma: no cover
+    finally:
+        assert proc.stop() == 0
+
+
+async def test_garbage_on_control_socket_leaves_container_serving(serve: ServeProcess) -> None:
+    baseline = serve.fd_count()
+    for garbage in (b"\xff" * 64, b"\x00\x00\x00\x05\x63\x00\x00\x00hello", os.urandom(4096)):
+        raw = socket.socket(socket.AF_UNIX)
+        raw.connect(str(serve.path))
+        raw.sendall(garbage)
+        raw.settimeout(10)
+        reply = b""
+        while chunk := raw.recv(4096):
+            reply += chunk
+        raw.close()
+        # An ERROR frame (type 11) came back before the container hung up.
+        assert reply[4:5] == b"\x0b", reply
+    # A frame that promises an fd it never sends; then a PARK with a wrong count.
+    raw = socket.socket(socket.AF_UNIX)
+    raw.connect(str(serve.path))
+    raw.sendall(b"".join(f.data for f in connpark._wire.encode(connpark._wire.Hello())))
+    raw.sendall(b"\x00\x00\x00\x06\x03\x00\x00\x01" + b"\x00" * 6)
+    raw.settimeout(10)
+    while raw.recv(4096):
+        pass
+    raw.close()
+    (client,), (server,) = tcp_pairs(1)
+    async with connpark.open_parking(serve.path) as parking:
+        await parking.park(server)
+        client.sendall(b"still serving")
+        w = await _next_wake(parking)
+        assert w.reason is Reason.READABLE
+        assert w.socket is not None
+        w.socket.close()
+        assert (await parking.stats()).protocol_errors_total >= 4
+    client.close()
+    for _ in range(100):
+        if serve.fd_count() == baseline:
+            break
+        await trio.sleep(0.05)
+    assert serve.fd_count() == baseline
+
+
+async def test_sigterm_returns_everything_with_shutdown_and_exits_0(sockdir: Path) -> None:
+    proc = ServeProcess(sockdir / "term.sock")
+    clients, servers = tcp_pairs(50)
+    try:
+        async with connpark.open_parking(proc.path) as parking:
+            tickets = {await parking.park(s, token=b"t") for s in servers}
+            proc.proc.send_signal(signal.SIGTERM)
+            got = set()
+            while len(got) < 50:
+                w = await _next_wake(parking)
+                assert w.reason is Reason.SHUTDOWN
+                assert w.socket is not None
+                got.add(w.ticket)
+                await w.socket.send(b"moved")
+                w.socket.close()
+            assert got == tickets
+            # The container exits once it has our ACKs, well before its grace period.
+            with trio.fail_after(10):
+                while proc.proc.poll() is None:
+                    await trio.sleep(0.05)
+    finally:
+        rc = proc.stop()
+    assert rc == 0, proc.log_text()
+    assert "shutting down" in proc.log_text()
+    assert not proc.path.exists()
+    for c in clients:
+        assert _recv_exactly(c, 5) == b"moved"
+        c.close()
+
+
+async def test_sigkill_worker_with_wakes_in_flight_loses_nothing(serve: ServeProcess) -> None:
+    n = 20
+    async with connpark.open_parking(serve.path, pool="p") as survivor:
+        victim = subprocess.Popen(
+            [sys.executable, str(HERE / "_stuck_worker.py"), str(serve.path), "p", str(n)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            assert victim.stdout is not None
+            port = int(victim.stdout.readline())
+            clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+            assert victim.stdout.readline().strip() == b"parked"
+            payloads = [os.urandom(1000) + b"%d" % i for i in range(n)]
+            for c, p in zip(clients, payloads, strict=True):
+                c.sendall(p)
+            # The wakes go to their parker, which never ACKs: they are in flight.
+            for _ in range(200):
+                if serve.stats().unacked == n:
+                    break
+                await trio.sleep(0.05)
+            assert serve.stats().unacked == n
+            victim.kill()
+            victim.wait()
+        finally:
+            if victim.poll() is None:
+                victim.kill()
+            victim.communicate()
+        got = {}
+        while len(got) < n:
+            w = await _next_wake(survivor)
+            assert w.reason is Reason.READABLE
+            assert w.socket is not None
+            got[w.token] = w.socket
+        for i, (c, p) in enumerate(zip(clients, payloads, strict=True)):
+            sock = got[b"conn-%d" % i]
+            data = b""
+            with trio.fail_after(10):
+                while len(data) < len(p):
+                    data += await sock.recv(4096)
+            assert data == p
+            await sock.send(b"ok")
+            assert _recv_exactly(c, 2) == b"ok"
+            sock.close()
+            c.close()
+        assert serve.stats().unacked == 0

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
+import time
 import venv
 from pathlib import Path
 
@@ -44,9 +46,60 @@ def _run(*argv: str) -> int:
 
 
 def cmd_run(args: list[str]) -> int:
-    """Start the container with its defaults (extra args go to ``connpark serve``)."""
+    """Start the container with its defaults, plus an echo worker that parks idle clients.
+
+    Extra args go to ``connpark serve``. Ctrl-C stops both (the container drains).
+    """
     _ensure_env("")
-    return _run(str(BIN / "connpark"), "serve", "--log-level", "info", *args)
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) if runtime and os.path.isdir(runtime) else ROOT
+    path = base / "connpark.sock"
+    listen = os.environ.get("CONNPARK_ECHO_LISTEN", "127.0.0.1:8007")
+    print(f"+ connpark serve --socket {path} {' '.join(args)}", flush=True)
+    container = subprocess.Popen(
+        [str(BIN / "connpark"), "serve", "--socket", str(path), "--log-level", "info", *args],
+        cwd=ROOT,
+    )
+    worker = None
+    try:
+        deadline = time.monotonic() + 15
+        while not path.exists():
+            if container.poll() is not None or time.monotonic() > deadline:
+                print("dev.py: the container did not start", file=sys.stderr)
+                return 1
+            time.sleep(0.05)
+        worker = subprocess.Popen(
+            [
+                str(PY),
+                str(ROOT / "examples" / "echo_worker.py"),
+                "--parking-socket",
+                str(path),
+                "--listen",
+                listen,
+            ],
+            cwd=ROOT,
+        )
+        print(
+            f"""
+  connpark is running. To see it park and wake a connection:
+    nc {listen.replace(":", " ")}  (or: {PY} examples/line_client.py {listen.replace(":", " ")})
+                                 type a line: it echoes; stay quiet 2 s: it is parked;
+                                 type again: it is woken and echoes on the same connection
+    {BIN / "connpark"} stats --socket {path} --watch
+  Ctrl-C stops the echo worker and drains the container.
+""",
+            flush=True,
+        )
+        return container.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.terminate()
+            worker.wait()
+        if container.poll() is None:
+            container.send_signal(signal.SIGTERM)
+            container.wait()
 
 
 def cmd_test(args: list[str]) -> int:

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from connpark._stats import ContainerStats
@@ -20,7 +20,12 @@ CONNPARK = [sys.executable, "-m", "connpark"]
 class ServeProcess:
     """A running ``connpark serve``; ``stop()`` sends SIGTERM and returns the exit code."""
 
-    def __init__(self, path: Path, extra: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        path: Path,
+        extra: Sequence[str] = (),
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.path = path
         self.log = path.with_suffix(".log")
         self._log_file = open(self.log, "wb")
@@ -28,6 +33,7 @@ class ServeProcess:
             [*CONNPARK, "serve", "--socket", str(path), "--log-level", "debug", *extra],
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
+            preexec_fn=preexec_fn,
         )
         self._wait_ready()
 

@@ -349,3 +349,54 @@ async def test_sigkill_worker_with_wakes_in_flight_loses_nothing(serve: ServePro
             sock.close()
             c.close()
         assert serve.stats().unacked == 0
+
+
+async def test_limits_full_and_out_of_fds_are_refusals(sockdir: Path) -> None:
+    import resource
+
+    def low_fd_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (400, 400))
+
+    proc = ServeProcess(sockdir / "lim.sock", ["--max-parked", "1000"], preexec_fn=low_fd_limit)
+    clients, servers = tcp_pairs(150)
+    try:
+        async with connpark.open_parking(proc.path) as parking:
+            budget = (await parking.stats()).fd_budget
+            assert 0 < budget < 100
+            outcomes: list[str] = []
+            for s in servers:
+                try:
+                    await parking.park(s)
+                    outcomes.append("ok")
+                except connpark.ParkRefused as exc:
+                    outcomes.append(exc.reason)
+            assert outcomes.count("ok") == budget
+            assert outcomes.count("out-of-fds") == 150 - budget
+            stats = await parking.stats()
+            assert stats.parked == budget
+            assert stats.refused_total == {"out-of-fds": 150 - budget}
+            # Refused sockets are still ours and usable.
+            refused = [s for s, o in zip(servers, outcomes, strict=True) if o != "ok"]
+            refused[0].sendall(b"mine")
+            idx = servers.index(refused[0])
+            assert _recv_exactly(clients[idx], 4) == b"mine"
+    finally:
+        assert proc.stop() == 0
+    for s in (*clients, *servers):
+        s.close()
+
+
+async def test_max_parked_gives_full(sockdir: Path) -> None:
+    proc = ServeProcess(sockdir / "full.sock", ["--max-parked", "3"])
+    clients, servers = tcp_pairs(4)
+    try:
+        async with connpark.open_parking(proc.path) as parking:
+            for s in servers[:3]:
+                await parking.park(s)
+            with pytest.raises(connpark.ParkRefused, match="full") as info:
+                await parking.park(servers[3])
+            assert info.value.reason == "full"
+    finally:
+        assert proc.stop() == 0
+    for s in (*clients, *servers):
+        s.close()

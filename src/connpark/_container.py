@@ -205,6 +205,10 @@ class Container:
                 pass
             for session in list(self._sessions.values()):
                 session.chan.close()
+            if self.lot.queued or self.lot.sent:
+                LOGGER.warning(
+                    "closing %d woken connections no worker took", self.lot.queued + self.lot.sent
+                )
             self._close_everything()
             self.watcher.close()
             LOGGER.info("container stopped")
@@ -218,13 +222,19 @@ class Container:
             self._wake(slot, Reason.SHUTDOWN, now)
         self._flush()
         with trio.move_on_after(self.config.shutdown_grace) as scope:
-            while self.lot.queued or self.lot.sent:
+            while self._undelivered():
                 await self._progress.wait()
         if scope.cancelled_caught:
             LOGGER.warning(
                 "shutdown grace over: %d wakes never ACKed, closing them",
                 self.lot.queued + self.lot.sent,
             )
+
+    def _undelivered(self) -> bool:
+        """Wakes still on their way to a live session (orphans cannot progress: skip them)."""
+        if self.lot.sent:
+            return True
+        return any(p.waiting and p.sessions for p in self.lot.pools.values())
 
     def _close_everything(self) -> None:
         for slot in self.lot.slots():
@@ -367,6 +377,7 @@ class Container:
                     requeued,
                 )
                 self._flush()
+                self._poke_progress()
             chan.close()
 
     async def _handshake(self, chan: TrioChannel, decoder: Decoder) -> _Session | None:

@@ -1,0 +1,68 @@
+"""The container in-process on trio's autojump clock: deadlines without real waiting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+import connpark
+from connpark import Reason
+
+from ._procs import tcp_pairs
+
+pytestmark = pytest.mark.linux
+
+
+async def test_default_idle_timeout_orphans_and_late_worker(
+    autojump_clock: trio.testing.MockClock, sockdir: Path
+) -> None:
+    config = connpark.ContainerConfig(
+        path=str(sockdir / "c.sock"), idle_timeout=300, orphan_timeout=60
+    )
+    clients, servers = tcp_pairs(3)
+    async with trio.open_nursery() as nursery:
+        container: connpark.Container = await nursery.start(connpark.serve, config)
+
+        # 1. The container's default idle timeout, to the second.
+        async with connpark.open_parking(config.path) as parking:
+            start = trio.current_time()
+            ticket = await parking.park(servers[0], token=b"idle")
+            woken = await parking.wakes().receive()
+            assert (woken.ticket, woken.reason, woken.socket) == (ticket, Reason.TIMEOUT, None)
+            assert 300 <= trio.current_time() - start < 301
+
+        # 2. A wake for a pool with no worker waits, and is closed after the orphan timeout.
+        async with connpark.open_parking(config.path, pool="gone") as parking:
+            await parking.park(servers[1])
+        clients[1].sendall(b"anyone?")
+        await trio.sleep(1)
+        assert container.stats().orphaned == 1
+        await trio.sleep(58)
+        assert container.stats().orphans_closed_total == 0
+        await trio.sleep(2)
+        stats = container.stats()
+        assert (stats.orphaned, stats.orphans_closed_total, stats.fds_held) == (0, 1, 0)
+        clients[1].setblocking(False)
+        with trio.fail_after(1):
+            await trio.lowlevel.wait_readable(clients[1])
+        with pytest.raises(ConnectionResetError):  # closed with its bytes unread: RST
+            clients[1].recv(10)
+
+        # 3. A worker that comes back within the orphan timeout gets the wake, bytes intact.
+        async with connpark.open_parking(config.path, pool="late") as parking:
+            await parking.park(servers[2], token=b"t", pending=b"p")
+        clients[2].sendall(b"hello")
+        await trio.sleep(30)
+        async with connpark.open_parking(config.path, pool="late") as parking:
+            woken = await parking.wakes().receive()
+            assert (woken.reason, woken.token, woken.pending) == (Reason.READABLE, b"t", b"p")
+            assert woken.socket is not None
+            assert await woken.socket.recv(10) == b"hello"
+            woken.socket.close()
+
+        container.request_shutdown()
+    for s in (*clients, *servers):
+        s.close()

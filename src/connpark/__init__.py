@@ -3,7 +3,7 @@
 Layers, each importing only those below it:
   _cli / _demo                 command line and the basic line demo
   _container                   the trio daemon (sessions, routing, deadlines)
-  _hook_* / _worker            client hooks for workers, over one sans-IO worker core
+  _hook_* / aio / _worker      worker hooks (trio, threads, asyncio) over one sans-IO core
   _lot                         the parking table: states, routing, deadlines (no I/O)
   _watcher                     one epoll/kqueue instance for every parked fd
   _fdpass / _unixsock          SCM_RIGHTS send/recv; the control socket file
@@ -21,6 +21,7 @@ from ._errors import ParkingClosed as ParkingClosed
 from ._errors import ParkRefused as ParkRefused
 from ._errors import ProtocolError as ProtocolError
 from ._errors import RemoteProtocolError as RemoteProtocolError
+from ._hook_blocking import BlockingParking as BlockingParking
 from ._hook_trio import Parking as Parking
 from ._hook_trio import open_parking as open_parking
 from ._stats import ContainerStats as ContainerStats
@@ -32,6 +33,7 @@ from ._worker import Woken as Woken
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockingParking",
     "ConnparkError",
     "Container",
     "ContainerConfig",

@@ -24,7 +24,7 @@ from ._fdpass import TrioChannel
 from ._stats import ContainerStats
 from ._unixsock import connect_unix
 from ._wire import Parked, ParkEntry, ParkResult, Refusal, StatsReply, Wake
-from ._worker import Policy, Woken, WorkerProtocol, make_park_entry, refusal_error
+from ._worker import ParkTracker, Policy, Woken, WorkerProtocol, make_park_entry, refusal_error
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -62,7 +62,7 @@ class Parking:
         self.max_pending = proto.welcome.max_pending
         self._batch: list[tuple[ParkEntry, _Waiter]] = []
         self._batch_ready = trio.Event()
-        self._requests: dict[int, list[_Waiter]] = {}
+        self._parks: ParkTracker[_Waiter] = ParkTracker()
         self._stats_waiters: deque[tuple[trio.Event, list[bytes]]] = deque()
         self._wake_send, self._wake_recv = trio.open_memory_channel[Woken[TrioSocket]](math.inf)
         self._closed: BaseException | None = None
@@ -166,7 +166,7 @@ class Parking:
             if not batch:
                 continue
             request_id, frames = self._proto.park(e for e, _ in batch)
-            self._requests[request_id] = [w for _, w in batch]
+            self._parks.add(request_id, [w for _, w in batch])
             try:
                 await self._chan.send_frames(frames)
             except OSError as exc:
@@ -192,10 +192,7 @@ class Parking:
             self._fail(exc if isinstance(exc, ConnparkError) else ContainerError(str(exc)))
 
     def _on_parked(self, msg: Parked) -> None:
-        waiters = self._requests.pop(msg.request_id, None)
-        if waiters is None or len(waiters) != len(msg.results):
-            raise ContainerError(f"PARKED for unknown request {msg.request_id}")
-        for waiter, result in zip(waiters, msg.results, strict=True):
+        for waiter, result in self._parks.resolve(msg):
             waiter.result = result
             waiter.done.set()
 
@@ -214,11 +211,9 @@ class Parking:
         """The session is over: fail every waiter, end ``wakes()``."""
         if self._closed is None:
             self._closed = exc
-        for waiters in self._requests.values():
-            for w in waiters:
-                w.error = self._closed_error()
-                w.done.set()
-        self._requests.clear()
+        for w in self._parks.drain():
+            w.error = self._closed_error()
+            w.done.set()
         for _, w in self._batch:
             w.error = self._closed_error()
             w.done.set()

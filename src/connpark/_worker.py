@@ -40,6 +40,7 @@ from ._wire import (
 )
 
 S = TypeVar("S")
+H = TypeVar("H")
 Policy = Literal["close", "return"]
 _POLICIES = ("close", "return")
 _MAX_MS = 0xFFFFFFFF
@@ -157,3 +158,28 @@ class WorkerProtocol:
     @staticmethod
     def parked_ok(result: ParkResult) -> bool:
         return result.refusal is Refusal.OK
+
+
+class ParkTracker(Generic[H]):
+    """Outstanding PARK requests: request id -> one caller handle per entry, in order.
+
+    The hooks differ only in what a handle is (an Event, a Future...).
+    """
+
+    def __init__(self) -> None:
+        self._requests: dict[int, list[H]] = {}
+
+    def add(self, request_id: int, handles: list[H]) -> None:
+        self._requests[request_id] = handles
+
+    def resolve(self, msg: Parked) -> list[tuple[H, ParkResult]]:
+        handles = self._requests.pop(msg.request_id, None)
+        if handles is None or len(handles) != len(msg.results):
+            raise RemoteProtocolError(f"PARKED for unknown request {msg.request_id}")
+        return list(zip(handles, msg.results, strict=True))
+
+    def drain(self) -> list[H]:
+        """Every handle still waiting (the session is over: fail them)."""
+        out = [h for handles in self._requests.values() for h in handles]
+        self._requests.clear()
+        return out

@@ -1,0 +1,232 @@
+"""The examples as users run them: real processes, real clients, a real container."""
+
+from __future__ import annotations
+
+import http.client
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ._procs import ServeProcess
+
+pytestmark = pytest.mark.linux
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+class ExampleProcess:
+    """Runs an example, parses ``listening on`` and keeps the latest status line."""
+
+    def __init__(self, script: str, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(EXAMPLES / script), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert self.proc.stdout is not None
+        first = self.proc.stdout.readline().decode()
+        match = re.fullmatch(r"listening on (\S+):(\d+)\n", first)
+        assert match, (first, self.proc.stderr.read() if self.proc.stderr else b"")
+        self.addr = (match.group(1), int(match.group(2)))
+        self.status: dict[str, float] = {}
+        self._thread = threading.Thread(target=self._read_status, daemon=True)
+        self._thread.start()
+
+    def _read_status(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.decode()
+            if line.startswith("status "):
+                self.status = {k: float(v) for k, v in (kv.split("=") for kv in line.split()[1:])}
+
+    def wait_status(self, timeout: float = 20, **want: float) -> dict[str, float]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.status
+            if all(status.get(k) == v for k, v in want.items()):
+                return status
+            time.sleep(0.05)
+        raise AssertionError(f"status never reached {want}; last {self.status}")
+
+    def rss(self) -> int:
+        with open(f"/proc/{self.proc.pid}/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+@pytest.fixture
+def serve(sockdir: Path) -> Iterator[ServeProcess]:
+    proc = ServeProcess(sockdir / "c.sock")
+    yield proc
+    proc.stop()
+
+
+def _line_round_trip(sock: socket.socket, line: bytes) -> bytes:
+    sock.sendall(line)
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def test_heavy_server_echo_parks_200_clients_and_frees_their_state(
+    serve: ServeProcess,
+) -> None:
+    n, state = 200, 1 << 20
+    server = ExampleProcess(
+        "heavy_server.py",
+        "--parking-socket",
+        str(serve.path),
+        "--listen",
+        "127.0.0.1:0",
+        "--park-after",
+        "2.0",
+        "--state-size",
+        str(state),
+    )
+    clients: list[socket.socket] = []
+    try:
+        for i in range(n):
+            c = socket.create_connection(server.addr, timeout=20)
+            clients.append(c)
+            assert _line_round_trip(c, b"hello %d\n" % i) == b"hello %d\n" % i
+        rss_live = server.rss()
+        assert server.status.get("live", n) <= n
+        server.wait_status(live=0, parked=n)
+        rss_parked = server.rss()
+        assert serve.stats().parked == n
+        assert rss_live - rss_parked >= n * state // 2, (rss_live, rss_parked)
+        for i, c in enumerate(clients):
+            assert _line_round_trip(c, b"again %d\n" % i) == b"again %d\n" % i
+        assert serve.stats().woken_total.get("READABLE") == n
+    finally:
+        for c in clients:
+            c.close()
+        server.stop()
+
+
+def test_heavy_server_without_parking_keeps_sessions_live(sockdir: Path) -> None:
+    server = ExampleProcess("heavy_server.py", "--listen", "127.0.0.1:0", "--park-after", "0.2")
+    try:
+        c = socket.create_connection(server.addr, timeout=10)
+        assert _line_round_trip(c, b"x\n") == b"x\n"
+        time.sleep(1.5)
+        assert server.wait_status(live=1, parked=0)
+        assert _line_round_trip(c, b"y\n") == b"y\n"
+        c.close()
+    finally:
+        server.stop()
+
+
+def test_heavy_server_http_keepalive_across_parks(serve: ServeProcess) -> None:
+    server = ExampleProcess(
+        "heavy_server.py",
+        "--parking-socket",
+        str(serve.path),
+        "--listen",
+        "127.0.0.1:0",
+        "--protocol",
+        "http",
+        "--park-after",
+        "0.3",
+    )
+    try:
+        conn = http.client.HTTPConnection(*server.addr, timeout=10)
+        ports = []
+        for i in (1, 2, 3):
+            conn.request("GET", "/")
+            resp = conn.getresponse()
+            body = resp.read()
+            assert resp.status == 200
+            assert f"request {i} on this connection".encode() in body
+            assert conn.sock is not None
+            ports.append(conn.sock.getsockname()[1])
+            time.sleep(0.8)  # longer than park-after: parked between requests
+            if i < 3:
+                assert server.wait_status(live=0, parked=1)
+        assert len(set(ports)) == 1
+        assert serve.stats().woken_total.get("READABLE", 0) >= 2
+        conn.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_heavy_server_http_with_curl(serve: ServeProcess) -> None:
+    server = ExampleProcess(
+        "heavy_server.py",
+        "--parking-socket",
+        str(serve.path),
+        "--listen",
+        "127.0.0.1:0",
+        "--protocol",
+        "http",
+        "--park-after",
+        "0.3",
+    )
+    try:
+        url = f"http://{server.addr[0]}:{server.addr[1]}/"
+        # --rate spaces the three transfers 1 s apart, on one kept-alive connection.
+        out = subprocess.run(
+            ["curl", "-sv", "--rate", "1/s", url, url, url],
+            capture_output=True,
+            timeout=30,
+        )
+        assert out.returncode == 0, out.stderr
+        text = out.stdout.decode()
+        for i in (1, 2, 3):
+            assert f"request {i} on this connection" in text
+        assert out.stderr.decode().count("Re-using existing connection") == 2
+        assert serve.stats().woken_total.get("READABLE", 0) >= 2
+    finally:
+        server.stop()
+
+
+def test_threaded_server_parks_100_clients_and_drops_threads(serve: ServeProcess) -> None:
+    n = 100
+    server = ExampleProcess(
+        "threaded_server.py",
+        "--parking-socket",
+        str(serve.path),
+        "--listen",
+        "127.0.0.1:0",
+        "--park-after",
+        "1.5",
+        "--wake-threads",
+        "16",
+    )
+    clients: list[socket.socket] = []
+    try:
+        for i in range(n):
+            c = socket.create_connection(server.addr, timeout=20)
+            clients.append(c)
+            assert _line_round_trip(c, b"t %d\n" % i) == b"t %d\n" % i
+        busy = server.wait_status(live=n)["threads"]
+        assert busy >= n
+        idle = server.wait_status(live=0, parked=n)["threads"]
+        assert idle <= busy - n + 5, (busy, idle)
+        assert serve.stats().parked == n
+        for i, c in enumerate(clients):
+            assert _line_round_trip(c, b"u %d\n" % i) == b"u %d\n" % i
+    finally:
+        for c in clients:
+            c.close()
+        server.stop()

@@ -369,7 +369,7 @@ class Container:
             if session is not None:
                 session.writer_scope.cancel()
                 del self._sessions[session.id]
-                requeued = self.lot.remove_session(session)
+                requeued = self.lot.remove_session(session, now=trio.current_time())
                 LOGGER.info(
                     "session %d (pool %r) ended; %d unacknowledged wakes re-routed",
                     session.id,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
+import math
 from collections import Counter, deque
 from collections.abc import Iterable
 
@@ -203,7 +204,7 @@ class Lot:
             self._by_fd.extend([None] * (fd + 1 - len(self._by_fd) + 64))
         assert self._by_fd[fd] is None, f"fd {fd} parked twice"
         self._by_fd[fd] = slot
-        slot.key = int(deadline * 1000) << 64 | ticket
+        slot.key = math.ceil(deadline * 1000) << 64 | ticket  # never early
         heapq.heappush(self._heap, slot.key)
         return slot
 
@@ -218,7 +219,7 @@ class Lot:
         if slot.state is not State.PARKED:
             return False
         self._move(slot, State.QUEUED)
-        self._stale += 1
+        self._drop_deadline(slot)
         slot.reason = reason
         slot.key = now
         if to is not None:
@@ -233,10 +234,18 @@ class Lot:
             self._by_fd[slot.fd] = None
         slot.fd = -1
 
+    def _drop_deadline(self, slot: Slot) -> None:
+        """The slot's heap entry (if ``expired`` has not popped it) is stale now."""
+        if slot.key:
+            self._stale += 1
+            slot.key = 0
+            if self._stale > 1024 and self._stale > len(self._heap) // 2:
+                self._compact()
+
     def remove(self, slot: Slot) -> None:
         """Drop a slot (closed by request, ACKed, or orphaned); caller closed its fd."""
         if slot.state is State.PARKED:
-            self._stale += 1
+            self._drop_deadline(slot)
         self.forget_fd(slot)
         self._move(slot, State.GONE)
 
@@ -285,7 +294,10 @@ class Lot:
         Unknown tickets (already ACKed, or not this session's) are ignored.
         """
         done = []
+        unwritten = {s.ticket for s in session.outq}
         for ticket in tickets:
+            if ticket in unwritten:
+                continue  # a confused worker ACKing what we have not sent: ignore
             slot = session.inflight.pop(ticket, None)
             if slot is not None:
                 done.append(slot)
@@ -298,10 +310,16 @@ class Lot:
         session.pool.sessions.append(session)
         self._drain_waiting(session.pool)
 
-    def remove_session(self, session: SessionState) -> int:
-        """A session ended: its unACKed wakes go back to the pool. Returns how many."""
+    def remove_session(self, session: SessionState, now: float | None = None) -> int:
+        """A session ended: its unACKed wakes go back to the pool. Returns how many.
+
+        When it was the pool's last session, the orphan clock of every wake
+        waiting in the pool starts ``now``: they get a full orphan timeout to
+        meet the pool's next session.
+        """
         session.alive = False
-        session.pool.sessions.remove(session)
+        pool = session.pool
+        pool.sessions.remove(session)
         self.dirty.discard(session)
         lost = list(session.inflight.values())
         session.inflight.clear()
@@ -310,6 +328,9 @@ class Lot:
             self._move(slot, State.QUEUED)
             slot.session = None
             self._route(slot)
+        if now is not None and not pool.sessions:
+            for slot in pool.waiting:
+                slot.key = now
         return len(lost)
 
     # -- time ------------------------------------------------------------------
@@ -327,11 +348,10 @@ class Lot:
             key = heapq.heappop(heap)
             slot = self.find(key & _TICKET_MASK)
             if slot is not None and slot.state is State.PARKED and slot.key == key:
+                slot.key = 0  # popped: no stale entry left behind when it wakes
                 out.append(slot)
             else:
                 self._stale -= 1
-        if self._stale > 1024 and self._stale > len(heap) // 2:
-            self._compact()
         return out
 
     def _compact(self) -> None:

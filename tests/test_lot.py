@@ -1,0 +1,893 @@
+"""Deterministic unit tests of the parking table (``connpark._lot``).
+
+The lot does no I/O, so fds here are arbitrary small ints and time is an
+explicit ``now``. Tests drive it the way the container does: the caller
+unregisters/closes fds itself, calls ``forget_fd`` before waking a notice, and
+calls ``remove`` on every slot ``ack`` or ``orphans`` hands back.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    initialize,
+    invariant,
+    rule,
+)
+
+from connpark._lot import (
+    FD_BITS,
+    HANGUP_RETURNS,
+    TIMEOUT_RETURNS,
+    TRANSITIONS,
+    Lot,
+    SessionState,
+    Slot,
+    State,
+)
+from connpark._wire import Reason
+
+_ids = itertools.count(1)
+
+
+def session(lot: Lot, pool: str = "p", *, add: bool = True) -> SessionState:
+    s = SessionState(next(_ids), lot.pool(pool), name=f"w{pool}")
+    if add:
+        lot.add_session(s)
+    return s
+
+
+def park(lot: Lot, fd: int, owner: SessionState, deadline: float = 100.0, flags: int = 0) -> Slot:
+    return lot.park(
+        fd,
+        token=b"tok%d" % fd,
+        pending=b"",
+        flags=flags,
+        session=owner,
+        deadline=deadline,
+    )
+
+
+def ack_and_remove(lot: Lot, s: SessionState, tickets: list[int]) -> list[Slot]:
+    """A worker ACKs what it received (the writer took it); the container removes each."""
+    lot.take_outq(s)
+    done = lot.ack(s, tickets)
+    for slot in done:
+        lot.remove(slot)
+    return done
+
+
+def check_lot(lot: Lot, live: list[Slot] | None = None) -> None:
+    """Recompute the lot's counters from its tables and check each slot's one home.
+
+    ``live`` is every slot the test parked and has not removed; it is needed
+    because notice slots (fd closed, ``forget_fd``) are in no by-fd entry.
+    """
+    table = lot.slots()
+    if live is None:
+        live = table
+    live_ids = {id(s) for s in live}
+    assert len(live_ids) == len(live)
+    assert all(s.state is not State.GONE for s in live)
+    # Everything in the by-fd table is live and sits at its own fd.
+    for slot in table:
+        assert id(slot) in live_ids
+        assert slot.fd >= 0
+        assert lot.by_fd(slot.fd) is slot
+    # Every live slot that still has its fd is findable at it.
+    for slot in live:
+        if slot.fd >= 0:
+            assert lot.by_fd(slot.fd) is slot
+            assert lot.find(slot.ticket) is slot
+        else:
+            assert slot.state is not State.PARKED, "a parked slot always holds its fd"
+
+    sessions = [s for pool in lot.pools.values() for s in pool.sessions]
+    inflight: dict[int, list[SessionState]] = {}
+    for s in sessions:
+        assert s.alive
+        assert s.load <= lot.window
+        for ticket, slot in s.inflight.items():
+            assert slot.ticket == ticket
+            assert slot.pool is s.pool
+            inflight.setdefault(id(slot), []).append(s)
+        for slot in s.outq:
+            assert s.inflight.get(slot.ticket) is slot, "outq entries are inflight"
+    waiting: dict[int, int] = {}
+    for pool in lot.pools.values():
+        for slot in pool.waiting:
+            if slot.state is State.QUEUED:
+                assert slot.pool is pool
+                waiting[id(slot)] = waiting.get(id(slot), 0) + 1
+        if any(s.state is State.QUEUED for s in pool.waiting):
+            # Work-conserving: nothing waits while a session of its pool has room.
+            assert all(s.load >= lot.window for s in pool.sessions)
+
+    counts = dict.fromkeys(State, 0)
+    for slot in live:
+        counts[slot.state] += 1
+        if slot.state is State.PARKED:
+            assert id(slot) not in inflight
+            assert id(slot) not in waiting
+        elif slot.state is State.QUEUED:
+            assert waiting.get(id(slot)) == 1, "a queued slot waits exactly once"
+            assert id(slot) not in inflight
+        else:
+            assert slot.state is State.SENT
+            assert id(slot) not in waiting
+            owners = inflight.get(id(slot), [])
+            assert len(owners) == 1, "a sent slot is in exactly one session's inflight"
+            assert slot.session is owners[0]
+    # Nothing is in flight or waiting that the test does not know about.
+    assert set(inflight) <= live_ids
+    assert set(waiting) <= live_ids
+
+    assert lot.parked == counts[State.PARKED]
+    assert lot.queued == counts[State.QUEUED]
+    assert lot.sent == counts[State.SENT]
+    assert lot.queued == sum(waiting.values())
+    assert lot.sent == sum(s.load for s in sessions)
+    assert {id(s) for s in lot.parked_slots()} == {id(s) for s in live if s.state is State.PARKED}
+
+
+# -- tickets -----------------------------------------------------------------------
+
+
+def test_park_tickets_are_unique_and_encode_the_fd() -> None:
+    lot = Lot()
+    a = session(lot)
+    slots = [park(lot, fd, a) for fd in (3, 4, 5, 200, 7)]
+    assert len({s.ticket for s in slots}) == len(slots)
+    for slot in slots:
+        assert slot.state is State.PARKED
+        assert slot.ticket & ((1 << FD_BITS) - 1) == slot.fd
+        assert lot.find(slot.ticket) is slot
+        assert lot.by_fd(slot.fd) is slot
+        assert slot.session is a
+        assert slot.pool is a.pool
+    assert lot.parked == 5
+    assert lot.find(12345 << FD_BITS | 3) is None
+    assert lot.find(slots[0].ticket | 1 << 60) is None
+    assert lot.by_fd(-1) is None
+    assert lot.by_fd(10_000) is None
+    check_lot(lot)
+
+
+def test_stale_ticket_of_reused_fd_is_not_found() -> None:
+    lot = Lot()
+    a = session(lot)
+    old = park(lot, 9, a)
+    lot.remove(old)  # CLOSE: the container closed fd 9
+    assert old.state is State.GONE
+    assert old.fd == -1
+    assert lot.find(old.ticket) is None
+    assert lot.by_fd(9) is None
+    new = park(lot, 9, a)  # the OS hands out fd 9 again
+    assert new.ticket != old.ticket
+    assert new.ticket & ((1 << FD_BITS) - 1) == 9
+    assert lot.find(old.ticket) is None
+    assert lot.find(new.ticket) is new
+    check_lot(lot)
+
+
+def test_stale_ticket_after_notice_fd_reuse() -> None:
+    """A HANGUP notice frees its fd number at once; a new park may take it."""
+    lot = Lot()
+    a = session(lot)
+    old = park(lot, 6, a)  # no HANGUP_RETURNS: the container closes the fd
+    lot.forget_fd(old)
+    assert lot.wake(old, Reason.HANGUP, 1.0)
+    assert old.fd == -1
+    assert old.state is State.SENT
+    new = park(lot, 6, a)
+    assert lot.find(old.ticket) is None
+    assert lot.find(new.ticket) is new
+    check_lot(lot, [old, new])
+    assert ack_and_remove(lot, a, [old.ticket]) == [old]
+    assert lot.by_fd(6) is new, "removing the notice must not evict the new fd 6"
+    check_lot(lot, [new])
+
+
+def test_park_twice_on_same_fd_asserts() -> None:
+    lot = Lot()
+    a = session(lot)
+    park(lot, 4, a)
+    with pytest.raises(AssertionError, match="parked twice"):
+        park(lot, 4, a)
+
+
+def test_returns_fd_policy() -> None:
+    lot = Lot()
+    a = session(lot)
+    none = park(lot, 1, a, flags=0)
+    both = park(lot, 2, a, flags=HANGUP_RETURNS | TIMEOUT_RETURNS)
+    for reason in (Reason.READABLE, Reason.REQUESTED, Reason.SHUTDOWN):
+        assert none.returns_fd(reason)
+        assert both.returns_fd(reason)
+    assert not none.returns_fd(Reason.HANGUP)
+    assert not none.returns_fd(Reason.TIMEOUT)
+    assert both.returns_fd(Reason.HANGUP)
+    assert both.returns_fd(Reason.TIMEOUT)
+    only_hup = park(lot, 3, a, flags=HANGUP_RETURNS)
+    assert only_hup.returns_fd(Reason.HANGUP)
+    assert not only_hup.returns_fd(Reason.TIMEOUT)
+
+
+# -- wake and routing ----------------------------------------------------------------
+
+
+def test_wake_goes_to_the_parking_session() -> None:
+    lot = Lot(window=8)
+    a = session(lot)
+    b = session(lot)
+    slots = [park(lot, fd, b) for fd in (3, 4)]
+    assert not lot.dirty
+    assert lot.wake(slots[0], Reason.READABLE, 5.0)
+    assert slots[0].state is State.SENT
+    assert slots[0].session is b
+    assert slots[0].reason is Reason.READABLE
+    assert slots[0].key == 5.0
+    assert b.inflight == {slots[0].ticket: slots[0]}
+    assert b.outq == [slots[0]]
+    assert a.inflight == {}
+    assert lot.dirty == {b}
+    assert lot.woken_total["READABLE"] == 1
+    check_lot(lot)
+    # take_outq empties the queue but the slot stays inflight until ACK.
+    assert lot.take_outq(b) == [slots[0]]
+    assert b.outq == []
+    assert b.inflight == {slots[0].ticket: slots[0]}
+    check_lot(lot)
+    done = ack_and_remove(lot, b, [slots[0].ticket])
+    assert done == [slots[0]]
+    assert slots[0].state is State.GONE
+    assert lot.find(slots[0].ticket) is None
+    check_lot(lot)
+
+
+def test_wake_of_non_parked_slot_is_a_noop() -> None:
+    """Recall race: an UNPARK that crosses a READABLE wake changes nothing."""
+    lot = Lot(window=8)
+    a = session(lot)
+    b = session(lot)
+    slot = park(lot, 3, a)
+    assert lot.wake(slot, Reason.READABLE, 1.0)
+    lot.dirty.clear()
+    before = (slot.state, slot.session, slot.reason, slot.key, dict(a.inflight), list(a.outq))
+    assert lot.wake(slot, Reason.REQUESTED, 2.0, to=b) is False
+    assert (slot.state, slot.session, slot.reason, slot.key, a.inflight, a.outq) == before
+    assert b.inflight == {}
+    assert not lot.dirty
+    assert lot.woken_total == {"READABLE": 1}
+    # Also a no-op once it is gone.
+    ack_and_remove(lot, a, [slot.ticket])
+    assert lot.wake(slot, Reason.READABLE, 3.0) is False
+    assert slot.state is State.GONE
+    check_lot(lot)
+
+
+def test_wake_of_queued_slot_is_a_noop() -> None:
+    lot = Lot(window=1)
+    a = session(lot)
+    slot = park(lot, 3, a)
+    lot.remove_session(a)
+    assert lot.wake(slot, Reason.READABLE, 1.0)
+    assert slot.state is State.QUEUED
+    assert lot.wake(slot, Reason.TIMEOUT, 2.0) is False
+    assert slot.state is State.QUEUED
+    assert slot.reason is Reason.READABLE
+    assert slot.key == 1.0
+    assert list(a.pool.waiting) == [slot]
+    check_lot(lot)
+
+
+def test_wake_with_to_goes_to_the_asker() -> None:
+    lot = Lot(window=8)
+    a = session(lot)
+    b = session(lot)
+    slot = park(lot, 3, a)
+    assert lot.wake(slot, Reason.REQUESTED, 1.0, to=b)
+    assert slot.session is b
+    assert slot.ticket in b.inflight
+    assert a.inflight == {}
+    assert lot.dirty == {b}
+    check_lot(lot)
+
+
+def test_wake_of_dead_owner_goes_to_least_loaded_of_same_pool() -> None:
+    lot = Lot(window=8)
+    owner = session(lot, "p")
+    busy = session(lot, "p")
+    idle = session(lot, "p")
+    other_pool = session(lot, "q")  # least loaded of all, but the wrong pool
+    filler = [park(lot, fd, busy) for fd in range(10, 13)]
+    for s in filler:
+        lot.wake(s, Reason.READABLE, 0.0)
+    one = park(lot, 20, idle)
+    lot.wake(one, Reason.READABLE, 0.0)
+    assert (busy.load, idle.load, owner.load) == (3, 1, 0)
+    slot = park(lot, 3, owner)
+    lot.remove_session(owner)
+    assert not owner.alive
+    lot.dirty.clear()
+    assert lot.wake(slot, Reason.READABLE, 1.0)
+    assert slot.session is idle
+    assert idle.load == 2
+    assert other_pool.load == 0
+    assert lot.dirty == {idle}
+    check_lot(lot)
+
+
+def test_window_full_goes_to_next_session_with_room_then_waits() -> None:
+    lot = Lot(window=2)
+    a = session(lot)
+    b = session(lot)
+    slots = [park(lot, fd, a) for fd in range(3, 9)]
+    for s in slots[:2]:
+        lot.wake(s, Reason.READABLE, 1.0)
+    assert a.load == 2
+    assert b.load == 0
+    lot.wake(slots[2], Reason.READABLE, 2.0)  # a is full: b, which has room
+    assert slots[2].session is b
+    lot.wake(slots[3], Reason.READABLE, 3.0)
+    assert slots[3].session is b
+    check_lot(lot)
+    lot.wake(slots[4], Reason.READABLE, 4.0)  # everyone full: waits
+    lot.wake(slots[5], Reason.READABLE, 5.0)
+    pool = a.pool
+    assert list(pool.waiting) == [slots[4], slots[5]]
+    assert slots[4].state is State.QUEUED
+    assert (lot.queued, lot.sent) == (2, 4)
+    assert lot.orphaned == 0, "a pool with sessions has no orphans"
+    check_lot(lot)
+    # ACK frees window space and drains waiting, oldest first, to the acker.
+    lot.dirty.clear()
+    assert ack_and_remove(lot, b, [slots[2].ticket]) == [slots[2]]
+    assert slots[4].state is State.SENT
+    assert slots[4].session is b
+    assert b.outq[-1] is slots[4]
+    assert list(pool.waiting) == [slots[5]]
+    assert lot.dirty == {b}
+    check_lot(lot)
+    # Unknown or foreign tickets are ignored; they drain nothing.
+    assert lot.ack(a, [slots[3].ticket, 999 << FD_BITS | 3]) == []
+    assert slots[3].state is State.SENT
+    assert list(pool.waiting) == [slots[5]]
+    check_lot(lot)
+    assert ack_and_remove(lot, a, [slots[0].ticket, slots[1].ticket, slots[0].ticket]) == [
+        slots[0],
+        slots[1],
+    ]
+    assert slots[5].session is a
+    assert not pool.waiting
+    assert (lot.queued, lot.sent) == (0, 3)
+    check_lot(lot)
+
+
+def test_ack_of_unwritten_wake_is_ignored_until_written() -> None:
+    lot = Lot(window=8)
+    a = session(lot)
+    slot = park(lot, 3, a)
+    lot.wake(slot, Reason.READABLE, 1.0)
+    assert a.outq == [slot]
+    # A confused worker ACKs the ticket (it knows it from PARKED) before the writer ran:
+    # ignored, so the writer never sends a WAKE for a connection already closed.
+    assert lot.ack(a, [slot.ticket]) == []
+    assert slot.state is State.SENT
+    assert lot.take_outq(a) == [slot]
+    for done in lot.ack(a, [slot.ticket]):
+        lot.remove(done)
+    assert slot.state is State.GONE
+    assert lot.sent == 0
+    check_lot(lot, [])
+
+
+def test_add_session_drains_waiting() -> None:
+    lot = Lot(window=2)
+    a = session(lot)
+    slots = [park(lot, fd, a) for fd in range(3, 8)]
+    lot.remove_session(a)
+    for s in slots:
+        lot.wake(s, Reason.READABLE, 1.0)
+    assert lot.queued == 5
+    assert lot.orphaned == 5
+    check_lot(lot)
+    b = session(lot)  # takes only what fits in its window
+    assert b.load == 2
+    assert [s.session for s in slots[:2]] == [b, b]
+    assert list(a.pool.waiting) == slots[2:]
+    assert lot.dirty == {b}
+    check_lot(lot)
+    c = session(lot)
+    assert c.load == 2
+    assert list(a.pool.waiting) == slots[4:]
+    assert lot.orphaned == 0
+    check_lot(lot)
+
+
+# -- sessions dying ------------------------------------------------------------------
+
+
+def test_remove_session_reroutes_inflight_to_other_session() -> None:
+    lot = Lot(window=8)
+    a = session(lot)
+    b = session(lot)
+    c = session(lot)
+    slots = [park(lot, fd, a) for fd in range(3, 7)]
+    for s in slots:
+        lot.wake(s, Reason.READABLE, 1.0)
+    lot.take_outq(a)  # written, not ACKed
+    ack_and_remove(lot, a, [slots[0].ticket])
+    one = park(lot, 20, b)
+    lot.wake(one, Reason.READABLE, 1.0)
+    lot.dirty.clear()
+    assert lot.remove_session(a) == 3
+    assert not a.alive
+    assert a not in a.pool.sessions
+    assert a.inflight == {}
+    assert a.outq == []
+    assert a not in lot.dirty
+    # Least loaded each time: c (0), then b/c tie at 1 -> b (first), then c.
+    assert [s.session for s in slots[1:]] == [c, b, c]
+    assert all(s.state is State.SENT for s in slots[1:])
+    assert lot.dirty == {b, c}
+    assert (b.load, c.load) == (2, 2)
+    assert set(c.outq) == {slots[1], slots[3]}
+    check_lot(lot)
+
+
+def test_remove_session_reroutes_to_waiting_when_no_room() -> None:
+    lot = Lot(window=1)
+    a = session(lot)
+    b = session(lot)
+    pa = [park(lot, fd, a) for fd in (3, 4)]
+    pb = park(lot, 5, b)
+    lot.wake(pb, Reason.READABLE, 1.0)
+    lot.wake(pa[0], Reason.READABLE, 1.0)
+    assert pa[0].session is a
+    assert lot.remove_session(a) == 1
+    assert pa[0].state is State.QUEUED  # b is full
+    assert pa[0].session is None
+    assert list(a.pool.waiting) == [pa[0]]
+    assert lot.orphaned == 0
+    check_lot(lot)
+    # A wake whose owner is dead and pool is full waits behind it.
+    lot.wake(pa[1], Reason.READABLE, 2.0)
+    assert list(a.pool.waiting) == [pa[0], pa[1]]
+    check_lot(lot)
+    ack_and_remove(lot, b, [pb.ticket])
+    assert pa[0].session is b
+    check_lot(lot)
+    assert lot.remove_session(b) == 1
+    assert lot.orphaned == 2
+    assert lot.queued == 2
+    assert lot.sent == 0
+    check_lot(lot)
+
+
+def test_remove_session_keeps_its_parked_slots_parked() -> None:
+    """Parked connections belong to the pool, not to the session that parked them."""
+    lot = Lot(window=8)
+    a = session(lot)
+    slots = [park(lot, fd, a) for fd in (3, 4)]
+    assert lot.remove_session(a) == 0
+    assert all(s.state is State.PARKED for s in slots)
+    assert lot.parked == 2
+    check_lot(lot)
+    b = session(lot)
+    assert lot.wake(slots[0], Reason.READABLE, 1.0)
+    assert slots[0].session is b
+    check_lot(lot)
+
+
+def test_sessions_of_other_pools_are_never_used() -> None:
+    lot = Lot(window=8)
+    a = session(lot, "p")
+    session(lot, "q")
+    slot = park(lot, 3, a)
+    lot.remove_session(a)
+    lot.wake(slot, Reason.READABLE, 1.0)
+    assert slot.state is State.QUEUED
+    assert list(lot.pool("p").waiting) == [slot]
+    assert not lot.pool("q").waiting
+    check_lot(lot)
+
+
+# -- deadlines -----------------------------------------------------------------------
+
+
+def test_expired_returns_exactly_the_due_slots_in_deadline_order() -> None:
+    lot = Lot()
+    a = session(lot)
+    deadlines = {3: 30.0, 4: 10.0, 5: 20.5, 6: 10.0, 7: 50.0, 8: 40.0}
+    slots = {fd: park(lot, fd, a, deadline=d) for fd, d in deadlines.items()}
+    assert lot.next_deadline() == 10.0
+    assert lot.expired(9.999) == []
+    got = lot.expired(20.5)
+    assert {s.fd for s in got} == {4, 6, 5}
+    assert [deadlines[s.fd] for s in got] == [10.0, 10.0, 20.5]
+    assert got[:2] == sorted(got[:2], key=lambda s: s.ticket)  # ties by ticket
+    # expired does not wake: the caller does, and they are still PARKED.
+    assert all(s.state is State.PARKED for s in got)
+    for s in got:
+        assert lot.wake(s, Reason.TIMEOUT, 20.5)
+    assert lot.woken_total["TIMEOUT"] == 3
+    assert lot.expired(20.5) == []
+    assert lot.next_deadline() == 30.0
+    # A slot woken (READABLE) or closed before its deadline never comes back.
+    lot.wake(slots[3], Reason.READABLE, 25.0)
+    lot.remove(slots[8])
+    assert lot.next_deadline() == 30.0  # stale entries may linger: harmless
+    assert lot.expired(45.0) == []
+    assert lot.next_deadline() == 50.0
+    assert lot.expired(1000.0) == [slots[7]]
+    lot.wake(slots[7], Reason.TIMEOUT, 1000.0)
+    assert lot.expired(10_000.0) == []
+    assert lot.next_deadline() is None
+    check_lot(lot, [s for s in slots.values() if s.state is not State.GONE])
+
+
+def test_expired_skips_slot_whose_fd_was_reused() -> None:
+    lot = Lot()
+    a = session(lot)
+    old = park(lot, 3, a, deadline=10.0)
+    lot.remove(old)
+    new = park(lot, 3, a, deadline=20.0)
+    assert lot.expired(15.0) == []
+    assert lot.expired(20.0) == [new]
+
+
+def test_next_deadline_empty() -> None:
+    lot = Lot()
+    assert lot.next_deadline() is None
+    assert lot.expired(1e9) == []
+    assert lot.next_orphan_deadline() is None
+
+
+def test_heap_compaction_keeps_heap_small() -> None:
+    lot = Lot(window=1 << 20)
+    a = session(lot)
+    keep = [park(lot, fd, a, deadline=1e6 + fd) for fd in range(100, 150)]
+    now = 0.0
+    for i in range(5000):
+        now += 0.001
+        slot = park(lot, 3 + i % 7, a, deadline=now + 300.0)
+        assert lot.wake(slot, Reason.READABLE, now)
+        ack_and_remove(lot, a, [slot.ticket])
+        if i % 10 == 0:
+            assert lot.expired(now) == []  # the timer firing for unrelated reasons
+        # Right after expired(): stale <= 1024, or compacted; plus <= 10 parks since.
+        assert len(lot._heap) <= lot.parked + 1024 + 11
+    assert lot.parked == len(keep)
+    check_lot(lot)
+    # Compaction lost no live deadline.
+    assert lot.expired(100_000.0) == []
+    assert lot.next_deadline() == 1e6 + 100
+    got = lot.expired(1e6 + 149)
+    assert got == keep
+
+
+def test_heap_stays_small_under_timer_driven_expiry() -> None:
+    lot = Lot(window=1 << 20)
+    a = session(lot)
+    now = 0.0
+    for i in range(5000):
+        now += 0.001
+        # The container's timer: expired() only once the earliest deadline is due.
+        nxt = lot.next_deadline()
+        if nxt is not None and nxt <= now:
+            lot.expired(now)
+        slot = park(lot, 3 + i % 7, a, deadline=now + 300.0)  # default idle_timeout
+        assert lot.wake(slot, Reason.READABLE, now)
+        ack_and_remove(lot, a, [slot.ticket])
+    assert lot.parked == 0
+    assert len(lot._heap) <= lot.parked + 1100
+
+
+# -- orphans -------------------------------------------------------------------------
+
+
+def test_orphan_waits_for_timeout_without_session() -> None:
+    lot = Lot(orphan_timeout=60.0)
+    a = session(lot)
+    slots = [park(lot, fd, a) for fd in (3, 4)]
+    lot.remove_session(a)  # the worker restarts
+    lot.wake(slots[0], Reason.READABLE, 100.0)
+    lot.wake(slots[1], Reason.READABLE, 110.0)
+    assert lot.orphaned == 2
+    assert lot.next_orphan_deadline() == 160.0
+    assert lot.orphans(100.0) == []
+    assert lot.orphans(159.9) == []
+    assert slots[0].state is State.QUEUED
+    assert lot.orphans(160.0) == [slots[0]]
+    assert lot.orphaned == 1
+    lot.remove(slots[0])
+    assert lot.next_orphan_deadline() == 170.0
+    check_lot(lot)
+    assert lot.orphans(169.0) == []
+    assert lot.orphans(500.0) == [slots[1]]
+    lot.remove(slots[1])
+    assert lot.orphans(1000.0) == []
+    assert lot.next_orphan_deadline() is None
+    assert (lot.parked, lot.queued, lot.sent) == (0, 0, 0)
+
+
+def test_orphan_delivered_when_session_arrives_in_time() -> None:
+    lot = Lot(orphan_timeout=60.0)
+    a = session(lot)
+    slot = park(lot, 3, a)
+    lot.remove_session(a)
+    lot.wake(slot, Reason.READABLE, 100.0)
+    assert lot.orphans(159.0) == []
+    b = session(lot)
+    assert slot.state is State.SENT
+    assert slot.session is b
+    assert lot.orphans(1000.0) == []
+    assert lot.next_orphan_deadline() is None
+    check_lot(lot)
+
+
+def test_no_orphans_while_pool_has_a_session() -> None:
+    lot = Lot(window=1, orphan_timeout=1.0)
+    a = session(lot)
+    slots = [park(lot, fd, a) for fd in (3, 4, 5)]
+    for s in slots:
+        lot.wake(s, Reason.READABLE, 0.0)
+    assert len(a.pool.waiting) == 2  # window full: waiting, but not orphaned
+    assert lot.orphaned == 0
+    assert lot.next_orphan_deadline() is None
+    assert lot.orphans(1e6) == []
+    assert all(s.state is not State.GONE for s in slots)
+    check_lot(lot)
+
+
+@pytest.mark.parametrize("where", ["unacked", "window-full"])
+def test_requeued_wake_gets_a_full_orphan_timeout(where: str) -> None:
+    lot = Lot(window=1, orphan_timeout=60.0)
+    a = session(lot)
+    first = park(lot, 3, a)
+    slot = park(lot, 4, a)
+    lot.wake(first, Reason.READABLE, 0.0)  # a's window is now full
+    lot.wake(slot, Reason.READABLE, 0.0)
+    if where == "unacked":
+        ack_and_remove(lot, a, [first.ticket])
+        assert slot.state is State.SENT  # sent to a, which hangs and never ACKs
+    else:
+        assert slot.state is State.QUEUED  # waiting behind a's full window
+    # t=100: the hung worker is killed; its replacement connects within 60 s.
+    lot.remove_session(a, now=100.0)
+    assert slot.state is State.QUEUED
+    assert lot.orphans(100.0) == [], "closed at once: no session had 60 s to come"
+
+
+# -- the transition table ------------------------------------------------------------
+
+
+def test_transition_table_shape() -> None:
+    assert TRANSITIONS[State.GONE] == frozenset()
+    for state in State:
+        assert state not in TRANSITIONS[state]
+        if state is not State.GONE:
+            assert State.GONE in TRANSITIONS[state]
+    assert State.PARKED not in set().union(*TRANSITIONS.values())  # parking is not a move
+
+
+def test_remove_of_gone_slot_trips_the_assertion() -> None:
+    lot = Lot()
+    a = session(lot)
+    slot = park(lot, 3, a)
+    lot.remove(slot)
+    with pytest.raises(AssertionError, match=r"GONE -> GONE"):
+        lot.remove(slot)
+    assert lot.parked == 0
+    assert slot.state is State.GONE
+
+
+def test_illegal_moves_trip_the_assertion() -> None:
+    lot = Lot()
+    a = session(lot)
+    slot = park(lot, 3, a)
+    with pytest.raises(AssertionError, match=r"PARKED -> SENT"):
+        lot._move(slot, State.SENT)
+    assert lot.parked == 1
+    assert slot.state is State.PARKED
+    lot.wake(slot, Reason.READABLE, 1.0)
+    with pytest.raises(AssertionError, match=r"SENT -> SENT"):
+        lot._move(slot, State.SENT)
+    check_lot(lot)
+
+
+# -- random sequences ----------------------------------------------------------------
+
+POOLS = ("a", "b")
+
+
+class LotMachine(RuleBasedStateMachine):
+    """Random park / wake / ack / sessions / expiry / orphans; invariants after each step."""
+
+    sessions = Bundle("sessions")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lot = Lot(window=2, orphan_timeout=5.0)
+        self.live: list[Slot] = []
+        self.deadline: dict[int, float] = {}
+        self.now = 0.0
+
+    def _alive(self) -> list[SessionState]:
+        return [s for p in self.lot.pools.values() for s in p.sessions]
+
+    def _free_fd(self) -> int:
+        used = {s.fd for s in self.live if s.fd >= 0}
+        return next(fd for fd in itertools.count(3) if fd not in used)
+
+    def _drop(self, slot: Slot) -> None:
+        self.lot.remove(slot)
+        assert slot.state is State.GONE
+        assert slot.fd == -1
+        assert self.lot.find(slot.ticket) is None
+        self.live.remove(slot)
+
+    @initialize(target=sessions)
+    def first_session(self) -> SessionState:
+        return session(self.lot, "a")
+
+    @rule(target=sessions, pool=st.sampled_from(POOLS))
+    def add_session(self, pool: str) -> SessionState:
+        return session(self.lot, pool)
+
+    @rule(s=consumes(sessions))
+    def remove_session(self, s: SessionState) -> None:
+        if not s.alive:
+            return
+        unacked = set(s.inflight)
+        before = self.lot.sent
+        assert self.lot.remove_session(s) == len(unacked)
+        assert s not in self.lot.dirty
+        assert self.lot.sent <= before
+        for slot in self.live:
+            if slot.ticket in unacked:
+                assert slot.state in (State.SENT, State.QUEUED)
+                assert slot.session is not s
+
+    @rule(s=sessions, delay=st.integers(1, 20), flags=st.integers(0, 3))
+    def park(self, s: SessionState, delay: int, flags: int) -> None:
+        if not s.alive:
+            return
+        fd = self._free_fd()
+        slot = park(self.lot, fd, s, deadline=self.now + delay, flags=flags)
+        assert all(slot.ticket != other.ticket for other in self.live)
+        self.live.append(slot)
+        self.deadline[slot.ticket] = self.now + delay
+
+    @rule(
+        data=st.data(),
+        reason=st.sampled_from([Reason.READABLE, Reason.HANGUP, Reason.REQUESTED]),
+        to=st.none() | sessions,
+    )
+    def wake(self, data: st.DataObject, reason: Reason, to: SessionState | None) -> None:
+        """A readiness event or an UNPARK, mostly of a parked slot."""
+        parked = [s for s in self.live if s.state is State.PARKED]
+        if parked:
+            self._wake(data.draw(st.sampled_from(parked)), reason, to)
+
+    @rule(
+        data=st.data(),
+        reason=st.sampled_from([Reason.READABLE, Reason.REQUESTED]),
+        to=st.none() | sessions,
+    )
+    def wake_any(self, data: st.DataObject, reason: Reason, to: SessionState | None) -> None:
+        """Recall races: an UNPARK of a slot whose wake may already be under way."""
+        if self.live:
+            self._wake(data.draw(st.sampled_from(self.live)), reason, to)
+
+    def _wake(self, slot: Slot, reason: Reason, to: SessionState | None) -> None:
+        was_parked = slot.state is State.PARKED
+        if to is not None and (not to.alive or to.pool is not slot.pool):
+            to = None
+        self.lot.dirty.clear()
+        if was_parked and not slot.returns_fd(reason):
+            self.lot.forget_fd(slot)  # a notice: the container closed the fd
+        state, owner = slot.state, slot.session
+        room = {id(s): s.load < self.lot.window for s in slot.pool.sessions}
+        assert self.lot.wake(slot, reason, self.now, to=to) is was_parked
+        if not was_parked:
+            assert slot.state is state
+            assert slot.session is owner
+            assert not self.lot.dirty
+            return
+        assert slot.reason is reason
+        first = to if to is not None else owner
+        if slot.state is State.SENT:
+            assert slot.session is not None
+            assert self.lot.dirty == {slot.session}
+            if first is not None and first.alive and room[id(first)]:
+                assert slot.session is first  # its parker (or asker) when it has room
+        else:
+            assert slot.state is State.QUEUED
+            assert all(s.load >= self.lot.window for s in slot.pool.sessions)
+
+    @rule(s=sessions, data=st.data())
+    def ack(self, s: SessionState, data: st.DataObject) -> None:
+        if not s.alive:
+            return
+        tickets = data.draw(
+            st.lists(st.sampled_from([*s.inflight, 12345 << FD_BITS]), min_size=1, max_size=4)
+        )
+        written = self.lot.take_outq(s)  # a worker only ACKs the wakes it received
+        assert s.outq == []
+        assert all(s.inflight.get(x.ticket) is x for x in written)
+        expected = [t for t in dict.fromkeys(tickets) if t in s.inflight]
+        done = self.lot.ack(s, tickets)
+        assert [x.ticket for x in done] == expected
+        for slot in done:
+            assert slot.state is State.SENT
+            self._drop(slot)
+
+    @rule(s=sessions)
+    def ack_foreign(self, s: SessionState) -> None:
+        """Tickets of another session's wakes are ignored."""
+        if not s.alive:
+            return
+        foreign = [x.ticket for x in self.live if x.ticket not in s.inflight]
+        assert self.lot.ack(s, foreign) == []
+
+    @rule(data=st.data())
+    def close(self, data: st.DataObject) -> None:
+        parked = [s for s in self.live if s.state is State.PARKED]
+        if parked:
+            self._drop(data.draw(st.sampled_from(parked)))
+
+    @rule(dt=st.integers(0, 8))
+    def expire(self, dt: int) -> None:
+        self.now += dt
+        got = self.lot.expired(self.now)
+        due = [
+            s for s in self.live if s.state is State.PARKED and self.deadline[s.ticket] <= self.now
+        ]
+        assert {id(s) for s in got} == {id(s) for s in due}
+        assert len(got) == len(due)
+        keys = [(self.deadline[s.ticket], s.ticket) for s in got]
+        assert keys == sorted(keys)
+        for slot in got:
+            if not slot.returns_fd(Reason.TIMEOUT):
+                self.lot.forget_fd(slot)
+            assert self.lot.wake(slot, Reason.TIMEOUT, self.now)
+        assert self.lot.expired(self.now) == []
+        nxt = self.lot.next_deadline()
+        future = [self.deadline[s.ticket] for s in self.live if s.state is State.PARKED]
+        if future:
+            assert nxt is not None
+            assert nxt <= min(future)
+            assert nxt > self.now
+
+    @rule()
+    def orphans(self) -> None:
+        got = self.lot.orphans(self.now)
+        for slot in got:
+            assert slot.state is State.QUEUED
+            assert not slot.pool.sessions
+            assert self.now - float(slot.key) >= self.lot.orphan_timeout
+            self._drop(slot)
+
+    @invariant()
+    def consistent(self) -> None:
+        check_lot(self.lot, self.live)
+        for s in self._alive():
+            assert s.load <= self.lot.window
+
+
+TestLotMachine = LotMachine.TestCase
+TestLotMachine.settings = settings(
+    max_examples=200,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)

@@ -33,6 +33,7 @@ from ._stats import ContainerStats, LatencySummary
 from ._unixsock import listen_unix, peer_uid
 from ._watcher import ERR, HUP, make_watcher
 from ._wire import (
+    MAX_FDS_PER_FRAME,
     PROTOCOL_VERSION,
     Ack,
     Close,
@@ -526,7 +527,9 @@ class Container:
                     replies, session.replies = session.replies, []
                     slots = self.lot.take_outq(session)
                     frames = encode_all(replies)
-                    if slots:
+                    # One WAKE per 253 entries: bounded messages the worker can
+                    # take one at a time (and ACK as each arrives).
+                    for i in range(0, len(slots), MAX_FDS_PER_FRAME):
                         entries = tuple(
                             WakeEntry(
                                 s.ticket,
@@ -535,7 +538,7 @@ class Container:
                                 s.pending,
                                 s.fd if s.fd >= 0 else None,
                             )
-                            for s in slots
+                            for s in slots[i : i + MAX_FDS_PER_FRAME]
                         )
                         frames += encode(Wake(entries))
                     await session.chan.send_frames(frames)

@@ -45,6 +45,8 @@ MAX_FDS_PER_FRAME: Final = 253
 DEFAULT_MAX_BODY: Final = 1 << 20
 #: The most entries one (reassembled) message may hold.
 DEFAULT_MAX_ENTRIES: Final = 1 << 16
+#: The most body bytes one (reassembled) message may hold.
+DEFAULT_MAX_MESSAGE: Final = 64 << 20
 MAX_TOKEN: Final = 0xFFFF
 FLAG_MORE: Final = 0x01
 
@@ -371,7 +373,7 @@ def encode(
     """Encode one message as one or more frames (split above ``max_fds``/``max_body``)."""
     try:
         return _encode(msg, max_body, max_fds)
-    except struct.error as exc:
+    except (struct.error, UnicodeEncodeError) as exc:
         raise LocalProtocolError(f"cannot encode {type(msg).__name__}: {exc}") from exc
 
 
@@ -548,7 +550,10 @@ def _decode_entries_untrusted(
     elif mtype in (MessageType.ACK, MessageType.UNPARK):
         (count,) = body.unpack(_U32)
         if count * 8 != len(body.data) - body.pos:
-            raise RemoteProtocolError(f"truncated {body.what} body")
+            raise RemoteProtocolError(
+                f"bad {body.what} body: {count} tickets need {count * 8} bytes,"
+                f" got {len(body.data) - body.pos}"
+            )
         entries.extend(body.unpack(_U64)[0] for _ in range(count))
     else:  # CLOSE
         (count,) = body.unpack(_U32)
@@ -619,10 +624,13 @@ class Decoder:
         max_body: int = DEFAULT_MAX_BODY,
         max_fds_per_frame: int = MAX_FDS_PER_FRAME,
         max_entries: int = DEFAULT_MAX_ENTRIES,
+        max_message: int = DEFAULT_MAX_MESSAGE,
     ) -> None:
         self.max_body = max_body
         self.max_fds_per_frame = max_fds_per_frame
         self.max_entries = max_entries
+        self.max_message = max_message
+        self._partial_bytes = 0
         self._buf = bytearray()
         self._fds: deque[int] = deque()
         # A message being joined from FLAG_MORE frames: type, head, entries.
@@ -711,6 +719,7 @@ class Decoder:
                 close_fds(message_fds(_build(mtype, 0, entries)))
                 raise
             if self._partial is None:
+                self._partial_bytes = 0
                 self._partial = (mtype, head, entries)
             else:
                 if head != self._partial[1]:
@@ -721,6 +730,11 @@ class Decoder:
                 raise RemoteProtocolError(
                     f"{mtype.name} message has over {self.max_entries} entries"
                 )
+            self._partial_bytes += length
+            if self._partial_bytes > self.max_message:
+                raise RemoteProtocolError(
+                    f"{mtype.name} message is over the limit of {self.max_message} bytes"
+                )
             if flags & FLAG_MORE:
                 continue
             mtype, head, entries = self._partial
@@ -729,10 +743,18 @@ class Decoder:
 
     def eof(self) -> None:
         """The peer closed: raise if it stopped mid-frame or left fds behind."""
+        if self._broken is not None:
+            raise self._broken
         if self._buf or self._fds or self._partial is not None:
-            what = "mid-frame" if self._buf else "mid-message"
+            if self._buf:
+                what = "mid-frame"
+            elif self._partial is not None:
+                what = "mid-message"
+            else:
+                what = f"with {len(self._fds)} fds that belong to no frame"
+            self._broken = RemoteProtocolError(f"connection closed {what}")
             self.close()
-            raise RemoteProtocolError(f"connection closed {what}")
+            raise self._broken
 
     def close(self) -> None:
         """Close every fd the decoder still owns; drop buffered data."""

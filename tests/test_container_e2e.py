@@ -400,3 +400,62 @@ async def test_max_parked_gives_full(sockdir: Path) -> None:
         assert proc.stop() == 0
     for s in (*clients, *servers):
         s.close()
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback")
+async def test_ipv6_connection_comes_back_as_ipv6(serve: ServeProcess) -> None:
+    listener = socket.socket(socket.AF_INET6)
+    listener.bind(("::1", 0))
+    listener.listen()
+    client = socket.create_connection(listener.getsockname()[:2])
+    server, _ = listener.accept()
+    listener.close()
+    async with connpark.open_parking(serve.path) as parking:
+        await parking.park(server)
+        client.sendall(b"six")
+        w = await _next_wake(parking)
+        assert w.socket is not None
+        assert w.socket.family == socket.AF_INET6
+        assert await w.socket.recv(10) == b"six"
+        assert w.socket.getpeername()[:2] == client.getsockname()[:2]
+        w.socket.close()
+    client.close()
+
+
+async def test_park_many_one_request_tickets_and_refusals(serve: ServeProcess) -> None:
+    clients, servers = tcp_pairs(300)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    async with connpark.open_parking(serve.path) as parking:
+        socks: list[socket.socket] = [*servers[:150], udp, *servers[150:]]
+        tokens = [b"%d" % i for i in range(len(socks))]
+        out = await parking.park_many(socks, tokens=tokens)
+        assert len(out) == 301
+        refused = out[150]
+        assert isinstance(refused, connpark.ParkRefused)
+        assert refused.reason == "not-a-tcp-stream"
+        assert udp.fileno() != -1  # refused: still ours
+        tickets = [t for t in out if isinstance(t, int)]
+        assert len(set(tickets)) == 300
+        assert all(s.fileno() == -1 for s in servers)
+        assert (await parking.stats()).parked == 300
+        await parking.unpark(*tickets)
+        got = set()
+        while len(got) < 300:
+            w = await _next_wake(parking)
+            assert w.reason is Reason.REQUESTED
+            assert w.socket is not None
+            got.add(w.token)
+            w.socket.close()
+        assert got == {b"%d" % i for i in range(301) if i != 150}
+    udp.close()
+    for c in clients:
+        c.close()

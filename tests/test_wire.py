@@ -1055,8 +1055,8 @@ def test_bad_parked_code(code: int) -> None:
             1,
             "bad PARK field flags: 0x4",
         ),
-        (frame(5, wake_body(1, 0x02)), 0, "bad WAKE field flags: 0x2"),
-        (frame(5, wake_body(1, 0x03), nfds=1), 1, "bad WAKE field flags: 0x3"),
+        (frame(5, wake_body(1, 0x04)), 0, "bad WAKE field flags: 0x4"),
+        (frame(5, wake_body(1, 0x05), nfds=1), 1, "bad WAKE field flags: 0x5"),
     ],
 )
 def test_bad_flags(data: bytes, nfds: int, match: str) -> None:

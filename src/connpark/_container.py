@@ -28,7 +28,7 @@ import trio
 from ._config import ContainerConfig
 from ._errors import ProtocolError, RemoteProtocolError
 from ._fdpass import TrioChannel
-from ._lot import HANGUP_RETURNS, TIMEOUT_RETURNS, Lot, SessionState, Slot, State
+from ._lot import HANGUP_RETURNS, INET6, TIMEOUT_RETURNS, Lot, SessionState, Slot, State
 from ._stats import ContainerStats, LatencySummary
 from ._unixsock import listen_unix, peer_uid
 from ._watcher import ERR, HUP, make_watcher
@@ -86,22 +86,35 @@ def count_open_fds() -> int:
     return 32
 
 
-def check_tcp_stream(fd: int) -> Refusal:
-    """OK for a connected AF_INET/AF_INET6 stream socket; never changes the fd's flags."""
+_SO_DOMAIN: int | None = getattr(socket, "SO_DOMAIN", None)
+
+
+def check_tcp_stream(fd: int) -> tuple[Refusal, int]:
+    """(OK, family) for a connected AF_INET/AF_INET6 stream socket; never changes its flags.
+
+    Wraps the fd with an explicit family so no syscall is spent guessing it;
+    on Linux SO_TYPE + SO_DOMAIN + getpeername are all it costs.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
     try:
-        sock = socket.socket(fileno=fd)
-    except OSError:
-        return Refusal.NOT_A_TCP_STREAM
-    try:
-        if sock.family not in (socket.AF_INET, socket.AF_INET6):
-            return Refusal.NOT_A_TCP_STREAM
-        if sock.type != socket.SOCK_STREAM:
-            return Refusal.NOT_A_TCP_STREAM
+        try:
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) != socket.SOCK_STREAM:
+                return Refusal.NOT_A_TCP_STREAM, 0
+            if _SO_DOMAIN is not None:
+                family = sock.getsockopt(socket.SOL_SOCKET, _SO_DOMAIN)
+            else:  # macOS/BSD: let the socket module ask the kernel (getsockname)
+                probe = socket.socket(fileno=os.dup(fd))
+                family = probe.family
+                probe.close()
+        except OSError:  # ENOTSOCK: a file, a pipe...
+            return Refusal.NOT_A_TCP_STREAM, 0
+        if family not in (socket.AF_INET, socket.AF_INET6):
+            return Refusal.NOT_A_TCP_STREAM, 0
         try:
             sock.getpeername()
         except OSError:
-            return Refusal.NOT_CONNECTED
-        return Refusal.OK
+            return Refusal.NOT_CONNECTED, 0
+        return Refusal.OK, family
     finally:
         sock.detach()
 
@@ -471,7 +484,7 @@ class Container:
         now = trio.current_time()
         results = []
         for entry in msg.entries:
-            code = self._admit(entry)
+            code, family = self._admit(entry)
             if code is not Refusal.OK:
                 os.close(entry.fd)
                 self._refused[code.label] += 1
@@ -480,8 +493,10 @@ class Container:
             idle = (
                 entry.idle_timeout_ms / 1000 if entry.idle_timeout_ms else self.config.idle_timeout
             )
-            flags = (HANGUP_RETURNS if entry.hangup_returns else 0) | (
-                TIMEOUT_RETURNS if entry.timeout_returns else 0
+            flags = (
+                (HANGUP_RETURNS if entry.hangup_returns else 0)
+                | (TIMEOUT_RETURNS if entry.timeout_returns else 0)
+                | (INET6 if family == socket.AF_INET6 else 0)
             )
             slot = self.lot.park(
                 entry.fd,
@@ -497,26 +512,27 @@ class Container:
         session.replies.append(Parked(msg.request_id, tuple(results)))
         self.lot.dirty.add(session)
 
-    def _admit(self, entry: ParkEntry) -> Refusal:
+    def _admit(self, entry: ParkEntry) -> tuple[Refusal, int]:
+        """(OK, family) or the refusal; on OK the fd is in the watcher."""
         if self._shutting_down:
-            return Refusal.SHUTTING_DOWN
+            return Refusal.SHUTTING_DOWN, 0
         if len(entry.token) > self.config.max_token:
-            return Refusal.TOKEN_TOO_LARGE
+            return Refusal.TOKEN_TOO_LARGE, 0
         if len(entry.pending) > self.config.max_pending:
-            return Refusal.PENDING_TOO_LARGE
+            return Refusal.PENDING_TOO_LARGE, 0
         if self.lot.parked + self.lot.queued + self.lot.sent >= self.config.max_parked:
-            return Refusal.FULL
+            return Refusal.FULL, 0
         if self._held >= self.fd_budget:
-            return Refusal.OUT_OF_FDS
-        code = check_tcp_stream(entry.fd)
+            return Refusal.OUT_OF_FDS, 0
+        code, family = check_tcp_stream(entry.fd)
         if code is not Refusal.OK:
-            return code
+            return code, 0
         try:
             self.watcher.register(entry.fd)
         except OSError as exc:
             LOGGER.warning("watcher refused fd: %s", exc)
-            return Refusal.NOT_A_TCP_STREAM
-        return Refusal.OK
+            return Refusal.NOT_A_TCP_STREAM, 0
+        return Refusal.OK, family
 
     async def _writer(self, session: _Session) -> None:
         with session.writer_scope:
@@ -537,6 +553,7 @@ class Container:
                                 s.token,
                                 s.pending,
                                 s.fd if s.fd >= 0 else None,
+                                bool(s.flags & INET6),
                             )
                             for s in slots[i : i + MAX_FDS_PER_FRAME]
                         )

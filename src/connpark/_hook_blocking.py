@@ -19,7 +19,15 @@ from ._fdpass import BlockingChannel
 from ._stats import ContainerStats
 from ._unixsock import connect_unix
 from ._wire import Frame, Parked, ParkResult, Refusal, StatsReply, Wake
-from ._worker import ParkTracker, Policy, Woken, WorkerProtocol, make_park_entry, refusal_error
+from ._worker import (
+    ParkTracker,
+    Policy,
+    Woken,
+    WorkerProtocol,
+    make_park_entry,
+    refusal_error,
+    wrap_woken_fd,
+)
 
 _END = object()
 
@@ -216,9 +224,8 @@ class BlockingParking:
 
     def _on_wake(self, msg: Wake) -> None:
         for e in msg.entries:
-            sock = None
-            if e.fd is not None:
-                sock = socket.socket(fileno=e.fd)
+            sock = wrap_woken_fd(e)
+            if sock is not None:
                 sock.setblocking(True)
             self._wakes.put(Woken(e.ticket, e.reason, e.token, e.pending, sock))
         self._chan.send_frames(self._proto.ack(e.ticket for e in msg.entries))

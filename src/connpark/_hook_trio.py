@@ -19,12 +19,20 @@ from typing import Any, TypeAlias
 
 import trio
 
-from ._errors import ConnparkError, ContainerError, ParkingClosed
+from ._errors import ConnparkError, ContainerError, ParkingClosed, ParkRefused
 from ._fdpass import TrioChannel
 from ._stats import ContainerStats
 from ._unixsock import connect_unix
 from ._wire import Parked, ParkEntry, ParkResult, Refusal, StatsReply, Wake
-from ._worker import ParkTracker, Policy, Woken, WorkerProtocol, make_park_entry, refusal_error
+from ._worker import (
+    ParkTracker,
+    Policy,
+    Woken,
+    WorkerProtocol,
+    make_park_entry,
+    refusal_error,
+    wrap_woken_fd,
+)
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -42,12 +50,31 @@ def _raw_socket(sock: Any) -> Any:
 
 
 class _Waiter:
-    __slots__ = ("done", "error", "result")
+    """Waits for the results of ``n`` park entries (one ``park()`` or one ``park_many()``)."""
 
-    def __init__(self) -> None:
+    __slots__ = ("done", "error", "n", "results")
+
+    def __init__(self, n: int = 1) -> None:
+        self.n = n
         self.done = trio.Event()
-        self.result: ParkResult | None = None
+        self.results: list[ParkResult] = []
         self.error: BaseException | None = None
+
+    def add(self, result: ParkResult) -> None:
+        self.results.append(result)
+        if len(self.results) == self.n:
+            self.done.set()
+
+    def fail(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+        self.done.set()
+
+    async def wait(self) -> list[ParkResult]:
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.results
 
 
 class Parking:
@@ -93,11 +120,54 @@ class Parking:
             on_hangup=on_hangup,
             on_timeout=on_timeout,
         )
-        result = await self._submit(entry)
+        (result,) = await self._submit([entry])
         if result.refusal is not Refusal.OK:
             raise refusal_error(result)
         raw.close()
         return result.ticket
+
+    async def park_many(
+        self,
+        socks: Sequence[Parkable],
+        *,
+        tokens: Sequence[bytes] | None = None,
+        pendings: Sequence[bytes] | None = None,
+        idle_timeout: float | None = None,
+        on_hangup: Policy = "close",
+        on_timeout: Policy = "close",
+    ) -> list[int | ParkRefused]:
+        """Park many sockets in one request: a ticket or a ``ParkRefused`` per socket.
+
+        The same as ``park()`` for each, without a task or a round trip per
+        socket. ``tokens``/``pendings`` (if given) pair up with ``socks``. Each
+        parked socket's copy is closed; each refused one is still yours.
+        """
+        raws = [_raw_socket(s) for s in socks]
+        if tokens is not None and len(tokens) != len(raws):
+            raise ValueError("tokens must pair up with socks")
+        if pendings is not None and len(pendings) != len(raws):
+            raise ValueError("pendings must pair up with socks")
+        entries = [
+            make_park_entry(
+                raw.fileno(),
+                token=tokens[i] if tokens is not None else b"",
+                pending=pendings[i] if pendings is not None else b"",
+                idle_timeout=idle_timeout,
+                on_hangup=on_hangup,
+                on_timeout=on_timeout,
+            )
+            for i, raw in enumerate(raws)
+        ]
+        if not entries:
+            return []
+        out: list[int | ParkRefused] = []
+        for raw, result in zip(raws, await self._submit(entries), strict=True):
+            if result.refusal is Refusal.OK:
+                raw.close()
+                out.append(result.ticket)
+            else:
+                out.append(refusal_error(result))
+        return out
 
     def wakes(self) -> trio.MemoryReceiveChannel[Woken[TrioSocket]]:
         """Woken connections, as they come (``async for woken in parking.wakes()``).
@@ -144,17 +214,13 @@ class Parking:
         except OSError as exc:
             raise ContainerError(f"lost the container: {exc}") from exc
 
-    async def _submit(self, entry: ParkEntry) -> ParkResult:
+    async def _submit(self, entries: list[ParkEntry]) -> list[ParkResult]:
         if self._closed is not None:
             raise self._closed_error()
-        waiter = _Waiter()
-        self._batch.append((entry, waiter))
+        waiter = _Waiter(len(entries))
+        self._batch.extend((e, waiter) for e in entries)
         self._batch_ready.set()
-        await waiter.done.wait()
-        if waiter.error is not None:
-            raise waiter.error
-        assert waiter.result is not None
-        return waiter.result
+        return await waiter.wait()
 
     async def _flusher(self) -> None:
         """Send queued parks as one PARK request per turn (split at 253 fds by the codec)."""
@@ -193,15 +259,13 @@ class Parking:
 
     def _on_parked(self, msg: Parked) -> None:
         for waiter, result in self._parks.resolve(msg):
-            waiter.result = result
-            waiter.done.set()
+            waiter.add(result)
 
     async def _on_wake(self, msg: Wake) -> None:
         woken = []
         for e in msg.entries:
-            sock = None
-            if e.fd is not None:
-                sock = trio.socket.from_stdlib_socket(_stdsocket.socket(fileno=e.fd))
+            raw = wrap_woken_fd(e)
+            sock = None if raw is None else trio.socket.from_stdlib_socket(raw)
             woken.append(Woken(e.ticket, e.reason, e.token, e.pending, sock))
         for w in woken:  # ours now: from here _shutdown closes what nobody takes
             self._wake_send.send_nowait(w)
@@ -212,11 +276,9 @@ class Parking:
         if self._closed is None:
             self._closed = exc
         for w in self._parks.drain():
-            w.error = self._closed_error()
-            w.done.set()
+            w.fail(self._closed_error())
         for _, w in self._batch:
-            w.error = self._closed_error()
-            w.done.set()
+            w.fail(self._closed_error())
         self._batch.clear()
         while self._stats_waiters:
             self._stats_waiters.popleft()[0].set()

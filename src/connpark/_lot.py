@@ -57,6 +57,7 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 
 HANGUP_RETURNS = 1
 TIMEOUT_RETURNS = 2
+INET6 = 4
 
 
 class Slot:

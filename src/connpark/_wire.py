@@ -67,6 +67,7 @@ _ERROR = struct.Struct("!H")
 _PARK_HANGUP_RETURNS = 0x01
 _PARK_TIMEOUT_RETURNS = 0x02
 _WAKE_HAS_FD = 0x01
+_WAKE_INET6 = 0x02
 
 
 class MessageType(enum.IntEnum):
@@ -197,6 +198,8 @@ class WakeEntry:
     token: bytes = b""
     pending: bytes = b""
     fd: int | None = None
+    #: The socket is AF_INET6 (else AF_INET): lets the worker wrap it without syscalls.
+    inet6: bool = False
 
 
 @attrs.frozen
@@ -294,7 +297,7 @@ def _park_entry(e: ParkEntry) -> bytes:
 
 
 def _wake_entry(e: WakeEntry) -> bytes:
-    flags = _WAKE_HAS_FD if e.fd is not None else 0
+    flags = (_WAKE_HAS_FD if e.fd is not None else 0) | (_WAKE_INET6 if e.inet6 else 0)
     return _WAKE_ENTRY.pack(e.ticket, e.reason, flags, len(e.token), len(e.pending)) + (
         e.token + e.pending
     )
@@ -522,7 +525,7 @@ def _decode_entries_untrusted(
         with_fd = 0
         for _ in range(count):
             ticket, reason, flags, tlen, plen = body.unpack(_WAKE_ENTRY)
-            if flags & ~_WAKE_HAS_FD:
+            if flags & ~(_WAKE_HAS_FD | _WAKE_INET6):
                 raise RemoteProtocolError(f"bad WAKE field flags: {flags:#x}")
             try:
                 why = Reason(reason)
@@ -536,7 +539,7 @@ def _decode_entries_untrusted(
                 if not fds:
                     raise RemoteProtocolError("WAKE has more fd entries than fds")
                 fd = fds.popleft()
-            entries.append(WakeEntry(ticket, why, token, pending, fd))
+            entries.append(WakeEntry(ticket, why, token, pending, fd, bool(flags & _WAKE_INET6)))
         if fds:
             raise RemoteProtocolError(f"WAKE has {with_fd} fd entries but {with_fd + len(fds)} fds")
     elif mtype is MessageType.PARKED:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import socket
 from collections.abc import Iterable
 from typing import Generic, Literal, TypeVar
 
@@ -35,6 +36,7 @@ from ._wire import (
     StatsReply,
     Unpark,
     Wake,
+    WakeEntry,
     Welcome,
     encode,
 )
@@ -92,6 +94,14 @@ def make_park_entry(
         hangup_returns=on_hangup == "return",
         timeout_returns=on_timeout == "return",
     )
+
+
+def wrap_woken_fd(entry: WakeEntry) -> socket.socket | None:
+    """A stdlib socket for a woken fd, family from the WAKE flags: no syscall spent."""
+    if entry.fd is None:
+        return None
+    family = socket.AF_INET6 if entry.inet6 else socket.AF_INET
+    return socket.socket(family, socket.SOCK_STREAM, 0, fileno=entry.fd)
 
 
 def refusal_error(result: ParkResult) -> ParkRefused:

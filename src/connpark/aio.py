@@ -29,7 +29,15 @@ from ._wire import (
     Wake,
     close_fds,
 )
-from ._worker import ParkTracker, Policy, Woken, WorkerProtocol, make_park_entry, refusal_error
+from ._worker import (
+    ParkTracker,
+    Policy,
+    Woken,
+    WorkerProtocol,
+    make_park_entry,
+    refusal_error,
+    wrap_woken_fd,
+)
 
 __all__ = ["AsyncioParking", "open_parking"]
 
@@ -221,9 +229,8 @@ class AsyncioParking:
                             fut.set_result(result)
                 elif isinstance(msg, Wake):
                     for e in msg.entries:
-                        sock = None
-                        if e.fd is not None:
-                            sock = socket.socket(fileno=e.fd)
+                        sock = wrap_woken_fd(e)
+                        if sock is not None:
                             sock.setblocking(False)
                         self._wakes.put_nowait(Woken(e.ticket, e.reason, e.token, e.pending, sock))
                     await self._chan.send_frames(self._proto.ack(e.ticket for e in msg.entries))

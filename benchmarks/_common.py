@@ -264,6 +264,16 @@ class Farm:
                 out[first + int(i)] = int(t)
         return out
 
+    def read(self, index: int, timeout: float = 10.0) -> bytes | None:
+        """What the server sent back on client ``index`` (b"" at EOF, None on timeout)."""
+        for proc, first, count in self.procs:
+            if first <= index < first + count:
+                reply = self._cmd(proc, f"read {index - first} {timeout}")
+                if reply == "none":
+                    return None
+                return b"" if reply == "eof" else bytes.fromhex(reply)
+        raise IndexError(index)
+
     def close(self) -> None:
         for proc, _, _ in self.procs:
             if proc.poll() is None:

@@ -207,16 +207,32 @@ class Farm:
     (``time.monotonic_ns``, comparable across processes on Linux).
     """
 
-    def __init__(self, addr: tuple[str, int], n: int, per_process: int = PER_PROCESS) -> None:
+    def __init__(
+        self,
+        addr: tuple[str, int],
+        n: int,
+        per_process: int = PER_PROCESS,
+        source_base: int = 2,
+    ) -> None:
+        """``source_base``: process k binds its clients to 127.0.0.(source_base + k);
+        two farms alive at once should use disjoint ranges (each holds ports)."""
         self.n = n
         self.procs: list[tuple[subprocess.Popen[str], int, int]] = []  # (proc, first, count)
         first = 0
         k = 0
         while first < n:
             count = min(per_process, n - first)
-            src = f"127.0.0.{2 + k}"
+            src = f"127.0.0.{source_base + k}"
             proc = subprocess.Popen(
-                [sys.executable, str(FARM_SCRIPT), addr[0], str(addr[1]), src, str(count)],
+                [
+                    sys.executable,
+                    str(FARM_SCRIPT),
+                    addr[0],
+                    str(addr[1]),
+                    src,
+                    str(count),
+                    str(first),
+                ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,

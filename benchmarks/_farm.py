@@ -1,8 +1,9 @@
 """A client farm process: opens N loopback TCP connections, then obeys stdin.
 
-argv: HOST PORT SOURCE_ADDR N. Prints ``connected N`` once all are up.
+argv: HOST PORT SOURCE_ADDR N [FIRST]. Prints ``connected N`` once all are up.
+Client I of this process has the global index FIRST + I (FIRST defaults to 0).
 Commands (one per line):
-  send PAYLOAD I,J,K   write PAYLOAD + index + newline on those local clients;
+  send PAYLOAD I,J,K   write PAYLOAD + global index + newline on those local clients;
                        answers ``sent I:t_ns J:t_ns ...`` (time.monotonic_ns of each write)
   read I TIMEOUT       read what the server sent back on client I (hex), or ``none``
   quit                 close everything and exit
@@ -18,6 +19,7 @@ import time
 
 def main() -> None:
     host, port, source, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    first = int(sys.argv[5]) if len(sys.argv) > 5 else 0
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     clients = []
@@ -37,7 +39,7 @@ def main() -> None:
             payload = parts[1]
             stamps = []
             for i in map(int, parts[2].split(",")) if len(parts) > 2 else []:
-                data = f"{payload}{i}\n".encode()
+                data = f"{payload}{first + i}\n".encode()
                 t = time.monotonic_ns()
                 clients[i].sendall(data)
                 stamps.append(f"{i}:{t}")

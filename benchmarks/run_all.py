@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""Run every benchmark, one after another, then write results/summary.md (and PNG plots).
+
+    python benchmarks/run_all.py [--quick] [--only throughput,memory,...]
+
+``--quick`` runs each script in its quick mode (under 3 minutes in all on 2
+cores); without it, each runs its full default. Each script writes its own
+JSON to benchmarks/results/; this one adds summary.md, the table the README
+quotes, built from those JSON files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+ORDER = ["throughput", "memory", "latency", "scale", "heavy"]
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _get(data: Any, *keys: Any, default: Any = None) -> Any:
+    for key in keys:
+        if isinstance(data, dict) and key in data:
+            data = data[key]
+        elif isinstance(data, dict) and str(key) in data:
+            data = data[str(key)]
+        else:
+            return default
+    return data
+
+
+def _f(x: Any, fmt: str = ".3g") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def summary_rows() -> list[tuple[str, str, str, str]]:
+    """(benchmark, measure, connpark vs baseline, target) rows from the JSON files."""
+    rows: list[tuple[str, str, str, str]] = []
+    t = _load("throughput")
+    if t:
+        for batch in t.get("batches", []):
+            s = _get(t, "summary", batch, default={})
+            rows.append(
+                (
+                    "throughput",
+                    f"park+wake cycles/s, batch {batch}",
+                    f"{_f(s.get('connpark_cycles_per_s'), ',.0f')} vs "
+                    f"{_f(s.get('baseline_round_trips_per_s'), ',.0f')} bare fd round trips/s"
+                    f" = **{_f(s.get('ratio'), '.3f')}x**",
+                    ">= 0.5x at 253: " + ("met" if t["target"].get("met") else "missed")
+                    if batch == 253
+                    else "",
+                )
+            )
+    m = _load("memory")
+    if m:
+        for size, per in sorted(_get(m, "summary", default={}).items(), key=lambda kv: int(kv[0])):
+            cp = _get(per, "connpark", "bytes_per_conn")
+            others = ", ".join(
+                f"{who} {_f(_get(per, who, 'bytes_per_conn'), '.0f')} B "
+                f"({_f(_get(per, who, 'ratio_vs_connpark'), '.1f')}x)"
+                for who in ("trio", "asyncio")
+                if who in per
+            )
+            rows.append(
+                (
+                    "memory",
+                    f"RSS per parked connection, N={int(size):,}",
+                    f"**{_f(cp, '.0f')} B** vs {others}",
+                    "<= 300 B: " + ("met" if cp is not None and cp <= 300 else "missed")
+                    if int(size) >= 10_000
+                    else "",
+                )
+            )
+    lat = _load("latency")
+    if lat:
+        rows.extend(_latency_rows(lat))
+    sc = _load("scale")
+    if sc:
+        s = sc.get("summary", {})
+        parked = _get(s, "parked", default=_get(s, "parked_min"))
+        flat = _get(s, "flatness", "wall", "ratio", default=_get(s, "flatness", "ratio"))
+        burst = s.get("burst", {})
+        rows.append(
+            (
+                "scale",
+                "one container filled to its limit",
+                f"{parked} parked (stopped by: {s.get('stopped_by', '?')}); "
+                f"per-park cost last/first = **{_f(flat, '.2f')}**; "
+                f"1% wake {burst.get('correct')}/{burst.get('asked')} correct; "
+                f"RSS {_f(_get(s, 'container_rss_per_connection'), '.0f')} B/conn",
+                "19,000+ and flat",
+            )
+        )
+    h = _load("heavy")
+    if h:
+        s = h.get("summary", {})
+        rows.append(
+            (
+                "heavy",
+                f"heavy_server.py, {h.get('clients'):,} idle clients, "
+                f"{h.get('state_size', 0) // 1024} KiB state",
+                f"heavy RSS {_f(_get(s, 'heavy_rss', 'no_parking'), '.0f')} -> "
+                f"{_f(_get(s, 'heavy_rss', 'parking'), '.0f')} MiB; total with container "
+                f"{_f(_get(s, 'total_rss', 'no_parking'), '.0f')} -> "
+                f"{_f(_get(s, 'total_rss', 'parking'), '.0f')} MiB "
+                f"(no-parking/parking **{_f(_get(s, 'total_rss', 'ratio'), '.1f')}x**); live tasks "
+                f"{_f(_get(s, 'live_sessions', 'no_parking'), '.0f')} -> "
+                f"{_f(_get(s, 'live_sessions', 'parking'), '.0f')}",
+                "",
+            )
+        )
+    return rows
+
+
+def _latency_rows(lat: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    rows = []
+    summary = lat.get("summary", {})
+    for size, per in summary.items():
+        if not isinstance(per, dict):
+            continue
+        single = per.get("single", {})
+        burst = per.get("burst", {})
+        cp, base = single.get("connpark", {}), single.get("baseline", {})
+        if cp:
+            rows.append(
+                (
+                    "latency",
+                    f"single wake p50/p99, N={size}",
+                    f"{_f(cp.get('p50_ms'))}/{_f(cp.get('p99_ms'))} ms vs raw epoll "
+                    f"{_f(base.get('p50_ms'))}/{_f(base.get('p99_ms'))} ms "
+                    f"= **{_f(single.get('ratio_p50'), '.2f')}x**",
+                    "<= 2.5x at 10k" if str(size) == "10000" else "",
+                )
+            )
+        cpb, baseb = burst.get("connpark", {}), burst.get("baseline", {})
+        if cpb:
+            rows.append(
+                (
+                    "latency",
+                    f"burst of 1,000 delivered, N={size}",
+                    f"{_f(cpb.get('total_ms'))} ms vs raw epoll {_f(baseb.get('total_ms'))} ms"
+                    f" = **{_f(burst.get('ratio_total'), '.2f')}x**",
+                    "<= 1.5x" if str(size) == "10000" else "",
+                )
+            )
+    return rows
+
+
+def write_summary(elapsed: dict[str, float]) -> Path:
+    machine = {}
+    for name in ORDER:
+        data = _load(name)
+        if data:
+            machine = data.get("machine", {})
+            break
+    lines = [
+        "| benchmark | measure | connpark vs baseline (same run) | target |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows()]
+    lines += [
+        "",
+        f"Machine: {machine.get('cpus')} CPUs, {machine.get('platform')}, "
+        f"Python {machine.get('python')}, RLIMIT_NOFILE {machine.get('fd_limit')}. "
+        "Run times: " + ", ".join(f"{k} {v:.0f} s" for k, v in elapsed.items()) + ".",
+    ]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "summary.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", help="comma-separated subset of " + ",".join(ORDER))
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    names = args.only.split(",") if args.only else ORDER
+    elapsed: dict[str, float] = {}
+    failed = []
+    for name in names:
+        cmd = [sys.executable, str(HERE / f"bench_{name}.py")]
+        if args.quick:
+            cmd.append("--quick")
+        if args.no_plot:
+            cmd.append("--no-plot")
+        print(f"\n===== {name}: {' '.join(cmd[1:])}", flush=True)
+        start = time.monotonic()
+        rc = subprocess.run(cmd, cwd=HERE.parent).returncode
+        elapsed[name] = time.monotonic() - start
+        if rc != 0:
+            failed.append(name)
+            print(f"!!!!! {name} failed with exit code {rc}", flush=True)
+    path = write_summary(elapsed)
+    print(f"\n{path.read_text()}\nwrote {path}")
+    print(f"total {sum(elapsed.values()):.0f} s")
+    if failed:
+        print(f"FAILED: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,6 +17,7 @@ import connpark
 from connpark import Reason
 
 from ._procs import ServeProcess, tcp_pairs
+from .conftest import open_fd_count
 
 pytestmark = pytest.mark.linux
 
@@ -25,9 +26,12 @@ HERE = Path(__file__).parent
 
 @pytest.fixture
 def serve(sockdir: Path) -> Iterator[ServeProcess]:
+    before = open_fd_count()
     proc = ServeProcess(sockdir / "c.sock")
     yield proc
     proc.stop()
+    # The worker side (this process) leaked nothing either.
+    assert open_fd_count() == before
 
 
 async def _next_wake(parking: connpark.Parking, timeout: float = 10) -> connpark.Woken:  # type: ignore[type-arg]

@@ -18,6 +18,7 @@ import connpark.aio
 from connpark import Reason
 
 from ._procs import ServeProcess, tcp_pairs
+from .conftest import open_fd_count
 
 pytestmark = pytest.mark.linux
 
@@ -106,9 +107,12 @@ def serve() -> Iterator[ServeProcess]:
 
 @pytest.fixture(params=[BlockingDriver, AsyncioDriver], ids=["blocking", "asyncio"])
 def hook(request: pytest.FixtureRequest, serve: ServeProcess) -> Iterator[Any]:
+    before = open_fd_count()
     driver = request.param(serve.path, pool=f"p-{request.param.kind}-{os.getpid()}")
     yield driver
     driver.shutdown()
+    # Every socket the test got was closed by it or handed to the container.
+    assert open_fd_count() == before
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""One entry point for set-up: ``python3 dev.py run`` and ``python3 dev.py test``.
+"""One entry point for set-up: ``python3 dev.py run``, ``test`` and ``bench``.
 
 Why a script and not a Makefile: the only thing a fresh machine is promised
 to have is python3 (>= 3.10). The script makes ``.venv`` next to itself,
@@ -118,7 +118,13 @@ def cmd_test(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "test": cmd_test}
+def cmd_bench(args: list[str]) -> int:
+    """Every benchmark (``--quick`` for the 3-minute version), JSON + PNG in benchmarks/results/."""
+    _ensure_env("bench")
+    return _run(str(PY), str(ROOT / "benchmarks" / "run_all.py"), *args)
+
+
+COMMANDS = {"run": cmd_run, "test": cmd_test, "bench": cmd_bench}
 
 
 def main() -> int:

@@ -40,6 +40,7 @@ from ._wire import (
     Decoder,
     Error,
     ErrorCode,
+    Frame,
     Hello,
     Message,
     Park,
@@ -60,7 +61,6 @@ from ._wire import (
 
 LOGGER = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT = 10.0
-MAX_EVENTS = 4096
 
 
 def raise_nofile_limit() -> int:
@@ -281,20 +281,25 @@ class Container:
         fileno = self.watcher.fileno()
         while True:
             await trio.lowlevel.wait_readable(fileno)
-            now = trio.current_time()
-            events = self.watcher.poll(MAX_EVENTS)
-            for fd, bits in events:
-                slot = self.lot.by_fd(fd)
-                if slot is None or slot.state is not State.PARKED:
-                    continue
-                if bits & ERR:
-                    reason = Reason.HANGUP
-                elif bits & HUP:
-                    reason = Reason.READABLE if peek_has_data(fd) else Reason.HANGUP
-                else:
-                    reason = Reason.READABLE
-                self._wake(slot, reason, now)
-            self._flush()
+            # Drain in rounds of one WAKE message's worth, sending each round
+            # before polling again: the first wakes of a burst go out first.
+            while True:
+                now = trio.current_time()
+                events = self.watcher.poll(MAX_FDS_PER_FRAME)
+                for fd, bits in events:
+                    slot = self.lot.by_fd(fd)
+                    if slot is None or slot.state is not State.PARKED:
+                        continue
+                    if bits & ERR:
+                        reason = Reason.HANGUP
+                    elif bits & HUP:
+                        reason = Reason.READABLE if peek_has_data(fd) else Reason.HANGUP
+                    else:
+                        reason = Reason.READABLE
+                    self._wake(slot, reason, now)
+                self._flush()
+                if len(events) < MAX_FDS_PER_FRAME:
+                    break
 
     def _wake(self, slot: Slot, reason: Reason, now: float, to: _Session | None = None) -> None:
         """Take a PARKED slot out of the watcher and send it on its way."""
@@ -330,10 +335,11 @@ class Container:
         return min(times) if times else math.inf
 
     def _flush(self) -> None:
-        """Wake the writers of sessions that got output; re-aim the timer."""
-        for session in self.lot.dirty:
-            session.wakeup.set()  # type: ignore[attr-defined]
+        """Send sessions their new output (or wake their writers); re-aim the timer."""
+        dirty = list(self.lot.dirty)
         self.lot.dirty.clear()
+        for session in dirty:
+            self._write_now(session)  # type: ignore[arg-type]
         if self._timer_scope is not None:
             nxt = self._next_timer()
             if nxt < self._timer_scope.deadline:
@@ -534,40 +540,74 @@ class Container:
             return Refusal.NOT_A_TCP_STREAM, 0
         return Refusal.OK, family
 
+    def _take_output(self, session: _Session) -> tuple[list[Frame], list[Slot]]:
+        """Everything the session should be sent now, encoded; the wakes' slots."""
+        replies, session.replies = session.replies, []
+        slots = self.lot.take_outq(session)
+        frames = encode_all(replies)
+        # One WAKE per 253 entries: bounded messages the worker can take (and
+        # ACK) one at a time.
+        for i in range(0, len(slots), MAX_FDS_PER_FRAME):
+            entries = tuple(
+                WakeEntry(
+                    s.ticket,
+                    s.reason,
+                    s.token,
+                    s.pending,
+                    s.fd if s.fd >= 0 else None,
+                    bool(s.flags & INET6),
+                )
+                for s in slots[i : i + MAX_FDS_PER_FRAME]
+            )
+            frames += encode(Wake(entries))
+        return frames, slots
+
+    def _sent(self, slots: list[Slot]) -> None:
+        if slots:
+            now = trio.current_time()
+            self._latencies.extend(now - float(s.key) for s in slots)
+
+    def _write_now(self, session: _Session) -> None:
+        """Send the session's output from the calling task if that cannot block.
+
+        The common case (nobody mid-send, room in the socket) costs no task
+        switch; otherwise the session's writer task does it.
+        """
+        chan = session.chan
+        if chan.closed:
+            return
+        if chan.busy:
+            session.wakeup.set()
+            return
+        frames, slots = self._take_output(session)
+        try:
+            chan.try_send_nowait(frames)
+        except OSError as exc:
+            self._send_failed(session, exc)
+            return
+        self._sent(slots)
+        if chan.flush_needed:
+            session.wakeup.set()
+
+    def _send_failed(self, session: _Session, exc: OSError) -> None:
+        LOGGER.info("session %d: send failed: %s", session.id, exc)
+        try:  # the reader sees EOF and ends the session
+            session.chan.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     async def _writer(self, session: _Session) -> None:
+        """Sends what ``_write_now`` could not: when the worker is slow to read."""
         with session.writer_scope:
             try:
                 while True:
                     await session.wakeup.wait()
                     session.wakeup = trio.Event()
-                    replies, session.replies = session.replies, []
-                    slots = self.lot.take_outq(session)
-                    frames = encode_all(replies)
-                    # One WAKE per 253 entries: bounded messages the worker can
-                    # take one at a time (and ACK as each arrives).
-                    for i in range(0, len(slots), MAX_FDS_PER_FRAME):
-                        entries = tuple(
-                            WakeEntry(
-                                s.ticket,
-                                s.reason,
-                                s.token,
-                                s.pending,
-                                s.fd if s.fd >= 0 else None,
-                                bool(s.flags & INET6),
-                            )
-                            for s in slots[i : i + MAX_FDS_PER_FRAME]
-                        )
-                        frames += encode(Wake(entries))
+                    frames, slots = self._take_output(session)
                     await session.chan.send_frames(frames)
-                    if slots:
-                        now = trio.current_time()
-                        self._latencies.extend(now - float(s.key) for s in slots)
+                    self._sent(slots)
             except OSError as exc:
-                LOGGER.info("session %d: send failed: %s", session.id, exc)
-                try:  # the reader sees EOF and ends the session
-                    session.chan.sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                self._send_failed(session, exc)
 
     # -- statistics ----------------------------------------------------------------------
 

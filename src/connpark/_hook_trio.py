@@ -270,6 +270,8 @@ class Parking:
         for w in woken:  # ours now: from here _shutdown closes what nobody takes
             self._wake_send.send_nowait(w)
         await self._chan.send_frames(self._proto.ack(e.ticket for e in msg.entries))
+        # Let the consumers take these before we decode the next WAKE of a burst.
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
     def _fail(self, exc: BaseException) -> None:
         """The session is over: fail every waiter, end ``wakes()``."""

@@ -86,35 +86,29 @@ def count_open_fds() -> int:
     return 32
 
 
-_SO_DOMAIN: int | None = getattr(socket, "SO_DOMAIN", None)
-
-
 def check_tcp_stream(fd: int) -> tuple[Refusal, int]:
     """(OK, family) for a connected AF_INET/AF_INET6 stream socket; never changes its flags.
 
-    Wraps the fd with an explicit family so no syscall is spent guessing it;
-    on Linux SO_TYPE + SO_DOMAIN + getpeername are all it costs.
+    Two syscalls: SO_TYPE, then getpeername, whose address shape tells the
+    family (the socket module decodes it by the kernel's sa_family): a
+    (host, port) pair is IPv4, a 4-tuple IPv6, a path a unix socket.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
     try:
         try:
             if sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) != socket.SOCK_STREAM:
                 return Refusal.NOT_A_TCP_STREAM, 0
-            if _SO_DOMAIN is not None:
-                family = sock.getsockopt(socket.SOL_SOCKET, _SO_DOMAIN)
-            else:  # macOS/BSD: let the socket module ask the kernel (getsockname)
-                probe = socket.socket(fileno=os.dup(fd))
-                family = probe.family
-                probe.close()
         except OSError:  # ENOTSOCK: a file, a pipe...
             return Refusal.NOT_A_TCP_STREAM, 0
-        if family not in (socket.AF_INET, socket.AF_INET6):
-            return Refusal.NOT_A_TCP_STREAM, 0
         try:
-            sock.getpeername()
-        except OSError:
+            addr = sock.getpeername()
+        except OSError:  # ENOTCONN: listening, or never connected
             return Refusal.NOT_CONNECTED, 0
-        return Refusal.OK, family
+        if isinstance(addr, tuple) and len(addr) == 2:
+            return Refusal.OK, socket.AF_INET
+        if isinstance(addr, tuple) and len(addr) == 4:
+            return Refusal.OK, socket.AF_INET6
+        return Refusal.NOT_A_TCP_STREAM, 0
     finally:
         sock.detach()
 
@@ -272,8 +266,10 @@ class Container:
         self._poke_progress()
 
     def _poke_progress(self) -> None:
-        self._progress.set()
-        self._progress = trio.Event()
+        """Tell the shutdown drain that wakes were ACKed (nobody waits otherwise)."""
+        if self._shutting_down:
+            self._progress.set()
+            self._progress = trio.Event()
 
     # -- the watcher and the timer ---------------------------------------------------
 

@@ -144,9 +144,8 @@ class Lot:
         self.pools: dict[str, Pool] = {}
         #: Sessions whose ``outq`` gained slots since the caller last looked.
         self.dirty: set[SessionState] = set()
-        self.parked = 0
-        self.queued = 0
-        self.sent = 0
+        #: Slots per state, indexed by State (index 0 unused).
+        self._counts = [0] * (max(State) + 1)
         self.woken_total: Counter[str] = Counter()
         self.orphans_closed = 0
 
@@ -174,16 +173,24 @@ class Lot:
 
     # -- transitions ---------------------------------------------------------
 
+    @property
+    def parked(self) -> int:
+        return self._counts[State.PARKED]
+
+    @property
+    def queued(self) -> int:
+        return self._counts[State.QUEUED]
+
+    @property
+    def sent(self) -> int:
+        return self._counts[State.SENT]
+
     def _move(self, slot: Slot, new: State) -> None:
         old = slot.state
         assert new in TRANSITIONS[old], f"ticket {slot.ticket}: {old.name} -> {new.name}"
-        for state, delta in ((old, -1), (new, 1)):
-            if state is State.PARKED:
-                self.parked += delta
-            elif state is State.QUEUED:
-                self.queued += delta
-            elif state is State.SENT:
-                self.sent += delta
+        counts = self._counts
+        counts[old] -= 1
+        counts[new] += 1
         slot.state = new
 
     def park(
@@ -200,7 +207,7 @@ class Lot:
         ticket = (next(self._seq) << FD_BITS | fd) & _TICKET_MASK
         slot = Slot(ticket, fd, token, pending, flags, session.pool)
         slot.session = session
-        self.parked += 1
+        self._counts[State.PARKED] += 1
         if fd >= len(self._by_fd):
             self._by_fd.extend([None] * (fd + 1 - len(self._by_fd) + 64))
         assert self._by_fd[fd] is None, f"fd {fd} parked twice"

@@ -152,18 +152,42 @@ def test_fds_with_a_bad_frame_are_closed() -> None:
 
 
 def test_outbox_coalesces_fdless_frames_and_keeps_fd_boundaries() -> None:
+    before = open_fd_count()
     r, w = os.pipe()
     outbox = Outbox()
     frames = [Frame(b"a"), Frame(b"b", (r,)), Frame(b"c"), Frame(b"d"), Frame(b"e", (w,))]
     outbox.add(frames)
-    chunks = list(outbox._chunks)
-    assert [(bytes(d), list(f)) for d, f in chunks] == [
-        (b"a", []),
-        (b"bcd", [r]),
-        (b"e", [w]),
-    ]
+    chunks = [(bytes(d), [_inode(fd) for fd in f]) for d, f in outbox._chunks]
+    assert chunks == [(b"a", []), (b"bcd", [_inode(r)]), (b"e", [_inode(w)])]
+    # The outbox holds its own copies: closing ours cannot change what it sends.
     os.close(r)
     os.close(w)
+    assert open_fd_count() == before + 2
+    outbox.close()
+    assert open_fd_count() == before
+
+
+def test_outbox_discards_unstarted_chunks_and_their_fds() -> None:
+    before = open_fd_count()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.setblocking(False)
+    fds = _distinct_files(4)
+    outbox = Outbox()
+    outbox.add([Frame(b"x" * 300_000, (fds[0],)), Frame(b"y", (fds[1],))])
+    with pytest.raises(BlockingIOError):
+        outbox.send_some(a)  # the first chunk is half sent
+    assert outbox.discard_unstarted() is False  # the half-sent one stays
+    assert len(outbox._chunks) == 1
+    outbox.close()
+    fresh = Outbox()
+    fresh.add([Frame(b"z", (fds[2],)), Frame(b"w", (fds[3],))])
+    assert fresh.discard_unstarted() is True
+    assert not fresh
+    for fd in fds:
+        os.close(fd)
+    a.close()
+    b.close()
+    assert open_fd_count() == before
 
 
 def test_blocking_receive_times_out_and_eof_is_none() -> None:

@@ -12,7 +12,7 @@ import attrs
 
 from ._errors import ConnparkError
 from ._unixsock import default_socket_path
-from ._wire import MAX_TOKEN
+from ._wire import DEFAULT_MAX_BODY, MAX_TOKEN
 
 
 def _positive(inst: object, attr: attrs.Attribute[Any], value: float) -> None:
@@ -38,7 +38,11 @@ class ContainerConfig:
     allow_uids: tuple[int, ...] = attrs.field(factory=_own_uid, converter=tuple)
     socket_mode: int = attrs.field(default=0o600)
     max_token: int = attrs.field(default=4096, validator=attrs.validators.le(MAX_TOKEN))
-    max_pending: int = attrs.field(default=65536, validator=attrs.validators.ge(0))
+    #: At most what fits one frame beside the largest token (WAKE carries both).
+    max_pending: int = attrs.field(
+        default=65536,
+        validator=[attrs.validators.ge(0), attrs.validators.le(DEFAULT_MAX_BODY - MAX_TOKEN - 64)],
+    )
     max_sessions: int = attrs.field(default=1024, validator=_positive)
     #: Unacknowledged wakes per session before further wakes queue in the container.
     window: int = attrs.field(default=1024, validator=_positive)

@@ -55,8 +55,10 @@ from ._wire import (
     Wake,
     WakeEntry,
     Welcome,
+    close_fds,
     encode,
     encode_all,
+    message_fds,
 )
 
 LOGGER = logging.getLogger(__name__)
@@ -86,28 +88,42 @@ def count_open_fds() -> int:
     return 32
 
 
-def check_tcp_stream(fd: int) -> tuple[Refusal, int]:
-    """(OK, family) for a connected AF_INET/AF_INET6 stream socket; never changes its flags.
+#: Wrapping a borrowed fd as a non-blocking socket object skips the
+#: setblocking() a process-wide socket.setdefaulttimeout() would otherwise do
+#: to it: O_NONBLOCK lives on the open file, shared with the worker.
+_BORROWED = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+_SO_DOMAIN: int | None = getattr(socket, "SO_DOMAIN", None)
 
-    Two syscalls: SO_TYPE, then getpeername, whose address shape tells the
-    family (the socket module decodes it by the kernel's sa_family): a
-    (host, port) pair is IPv4, a 4-tuple IPv6, a path a unix socket.
-    """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
+
+def _borrow(fd: int, family: int = socket.AF_INET) -> socket.socket:
+    return socket.socket(family, _BORROWED, 0, fileno=fd)
+
+
+def check_tcp_stream(fd: int) -> tuple[Refusal, int]:
+    """(OK, family) for a connected AF_INET/AF_INET6 stream socket; never changes its flags."""
+    sock = _borrow(fd)
     try:
         try:
             if sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) != socket.SOCK_STREAM:
                 return Refusal.NOT_A_TCP_STREAM, 0
+            if _SO_DOMAIN is not None:
+                family = sock.getsockopt(socket.SOL_SOCKET, _SO_DOMAIN)
+                if family not in (socket.AF_INET, socket.AF_INET6):
+                    return Refusal.NOT_A_TCP_STREAM, 0
         except OSError:  # ENOTSOCK: a file, a pipe...
             return Refusal.NOT_A_TCP_STREAM, 0
         try:
             addr = sock.getpeername()
         except OSError:  # ENOTCONN: listening, or never connected
             return Refusal.NOT_CONNECTED, 0
-        if isinstance(addr, tuple) and len(addr) == 2:
-            return Refusal.OK, socket.AF_INET
-        if isinstance(addr, tuple) and len(addr) == 4:
-            return Refusal.OK, socket.AF_INET6
+        # The socket module decodes the address by the kernel's sa_family: a
+        # (host, port) pair is IPv4, a 4-tuple IPv6 (and where SO_DOMAIN is
+        # missing, this is the family check).
+        if isinstance(addr, tuple) and isinstance(addr[0], str):
+            if len(addr) == 2:
+                return Refusal.OK, socket.AF_INET
+            if len(addr) == 4:
+                return Refusal.OK, socket.AF_INET6
         return Refusal.NOT_A_TCP_STREAM, 0
     finally:
         sock.detach()
@@ -115,7 +131,7 @@ def check_tcp_stream(fd: int) -> tuple[Refusal, int]:
 
 def peek_has_data(fd: int) -> bool:
     """True if bytes wait unread (a half-closed peer with data is READABLE, not HANGUP)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
+    sock = _borrow(fd)
     try:
         return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
     except BlockingIOError:
@@ -130,7 +146,7 @@ def send_goodbye(fd: int, data: bytes) -> None:
     """Best effort, never blocking and never touching O_NONBLOCK (shared with the worker)."""
     if not data:
         return
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
+    sock = _borrow(fd)
     try:
         sock.send(data, socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0))
     except OSError as exc:
@@ -171,6 +187,8 @@ class Container:
         self._fd_base = count_open_fds()
         self._started = 0.0
         self._shutting_down = False
+        #: Sessions are being cancelled: nothing is re-routed or sent any more.
+        self._tearing_down = False
         self._shutdown_requested = trio.Event()
         self._progress = trio.Event()
         self._timer_scope: trio.CancelScope | None = None
@@ -203,8 +221,10 @@ class Container:
                 task_status.started(self)
                 await self._shutdown_requested.wait()
                 await self._drain()
+                self._tearing_down = True
                 nursery.cancel_scope.cancel()
         finally:
+            self._tearing_down = True
             trio.lowlevel.notify_closing(listener)
             listener.close()
             try:
@@ -296,6 +316,7 @@ class Container:
                 self._flush()
                 if len(events) < MAX_FDS_PER_FRAME:
                     break
+                await trio.lowlevel.checkpoint()  # a mass wake must not starve the rest
 
     def _wake(self, slot: Slot, reason: Reason, now: float, to: _Session | None = None) -> None:
         """Take a PARKED slot out of the watcher and send it on its way."""
@@ -332,6 +353,8 @@ class Container:
 
     def _flush(self) -> None:
         """Send sessions their new output (or wake their writers); re-aim the timer."""
+        if self._tearing_down:
+            return  # a dying session's wakes must not bounce to one dying next
         dirty = list(self.lot.dirty)
         self.lot.dirty.clear()
         for session in dirty:
@@ -376,8 +399,14 @@ class Container:
             LOGGER.warning("%s: protocol error: %s", who, exc)
             if session is not None:
                 session.writer_scope.cancel()
-            with trio.move_on_after(1.0):
-                await chan.send(Error(exc.code, str(exc)))
+            # Wakes queued but not begun go to another worker, not to this one
+            # and then again elsewhere. ERROR only if no frame is half sent.
+            if chan.discard_unstarted():
+                with trio.move_on_after(1.0):
+                    try:
+                        await chan.send(Error(exc.code, str(exc)))
+                    except OSError:
+                        pass  # the peer is gone already
         except OSError as exc:
             LOGGER.info("session %s: %s", session.id if session else "?", exc)
         finally:
@@ -416,6 +445,7 @@ class Container:
             if hello is None:
                 return None
             if not isinstance(hello, Hello):
+                close_fds(message_fds(hello))
                 raise RemoteProtocolError(f"expected HELLO first, got {type(hello).__name__}")
             if hello.version != PROTOCOL_VERSION:
                 await chan.send(
@@ -479,6 +509,7 @@ class Container:
                 session.replies.append(StatsReply(self.stats().to_json().encode()))
                 self.lot.dirty.add(session)
             else:
+                close_fds(message_fds(msg))
                 raise RemoteProtocolError(f"{type(msg).__name__} is not a worker message")
             self._flush()
 

@@ -27,6 +27,7 @@ from ._wire import (
     WakeEntry,
     Welcome,
     close_fds,
+    message_fds,
 )
 
 LOGGER = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ def _hand_over(chan: BlockingChannel, out_fd: int) -> None:
     decoder = Decoder()
     try:
         hello = chan.receive_message(decoder, timeout=10.0)
+        if hello is not None and not isinstance(hello, Hello):
+            close_fds(message_fds(hello))
         if not isinstance(hello, Hello) or hello.pool != DEMO_POOL:
             chan.send(Error(ErrorCode.PROTOCOL, "expected HELLO for pool 'demo'"))
             return

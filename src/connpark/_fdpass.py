@@ -77,10 +77,17 @@ class Outbox:
     Each chunk is [bytes, fds]; a chunk's fds go with its first byte only, so
     appending fd-less bytes to the last chunk is always safe, even after part
     of it went out.
+
+    The outbox holds its own ``dup`` of every fd it queues, closed once the
+    fd has gone out (or the outbox is dropped). What the caller does with its
+    copy meanwhile (an early ACK that closes it, a cancelled park) can never
+    make a queued frame carry a reused fd number.
     """
 
     def __init__(self) -> None:
         self._chunks: deque[tuple[bytearray, list[int]]] = deque()
+        #: The head chunk has started going out (its fds, if any, went with it).
+        self._started = False
 
     def __bool__(self) -> bool:
         return bool(self._chunks)
@@ -89,8 +96,15 @@ class Outbox:
         for frame in frames:
             if self._chunks and not frame.fds:
                 self._chunks[-1][0].extend(frame.data)
-            else:
-                self._chunks.append((bytearray(frame.data), list(frame.fds)))
+                continue
+            dups: list[int] = []
+            try:
+                for fd in frame.fds:
+                    dups.append(os.dup(fd))
+            except OSError:
+                close_fds(dups)
+                raise
+            self._chunks.append((bytearray(frame.data), dups))
 
     def send_some(self, sock: socket.socket) -> None:
         """Send until empty. Raises BlockingIOError (socket full) or OSError."""
@@ -99,12 +113,29 @@ class Outbox:
             if fds:
                 anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
                 sent = sock.sendmsg([data], anc)
+                close_fds(fds)  # the peer has its own now
                 fds.clear()
             else:
                 sent = sock.send(data)
+            self._started = True
             del data[:sent]
             if not data:
                 self._chunks.popleft()
+                self._started = False
+
+    def discard_unstarted(self) -> bool:
+        """Drop every chunk not yet begun (closing their fds); False if one is half sent."""
+        head_started = self._started and bool(self._chunks)
+        keep = [self._chunks.popleft()] if head_started else []
+        while self._chunks:
+            close_fds(self._chunks.popleft()[1])
+        self._chunks.extend(keep)
+        return not head_started
+
+    def close(self) -> None:
+        """Forget everything queued; close the fds we held for it."""
+        while self._chunks:
+            close_fds(self._chunks.popleft()[1])
 
 
 class TrioChannel:
@@ -185,11 +216,16 @@ class TrioChannel:
                 return None
             decoder.receive_data(data, fds)
 
+    def discard_unstarted(self) -> bool:
+        """Drop queued frames nobody has begun to send; False if one is half sent."""
+        return self._outbox.discard_unstarted()
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
+            self._outbox.close()
 
 
 class BlockingChannel:
@@ -203,8 +239,11 @@ class BlockingChannel:
     def send_frames(self, frames: Iterable[Frame]) -> None:
         with self._send_lock:
             outbox = Outbox()
-            outbox.add(frames)
-            outbox.send_some(self.sock)
+            try:
+                outbox.add(frames)
+                outbox.send_some(self.sock)
+            finally:
+                outbox.close()
 
     def send(self, *msgs: Message) -> None:
         self.send_frames(encode_all(msgs))

@@ -192,9 +192,11 @@ class Parking:
         """The container's statistics snapshot."""
         event = trio.Event()
         box: list[bytes] = []
-        self._stats_waiters.append((event, box))
-        await self._send(self._proto.stats())
-        await event.wait()
+        # Shielded: a cancelled request would leave its waiter to steal the next reply.
+        with trio.CancelScope(shield=True):
+            self._stats_waiters.append((event, box))
+            await self._send(self._proto.stats())
+            await event.wait()
         if not box:
             raise self._closed_error()
         return ContainerStats.from_json(box[0])
@@ -220,7 +222,13 @@ class Parking:
         waiter = _Waiter(len(entries))
         self._batch.extend((e, waiter) for e in entries)
         self._batch_ready.set()
-        return await waiter.wait()
+        # Shielded: once submitted, the outcome must be known, or a cancelled
+        # park() could leave the connection both parked and still "yours".
+        # PARKED comes in a round trip; a dead session fails the waiter.
+        with trio.CancelScope(shield=True):
+            results = await waiter.wait()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        return results
 
     async def _flusher(self) -> None:
         """Send queued parks as one PARK request per turn (split at 253 fds by the codec)."""
@@ -231,7 +239,12 @@ class Parking:
             batch, self._batch = self._batch, []
             if not batch:
                 continue
-            request_id, frames = self._proto.park(e for e, _ in batch)
+            try:
+                request_id, frames = self._proto.park(e for e, _ in batch)
+            except ConnparkError as exc:  # cannot be encoded: fail these parks only
+                for _, w in batch:
+                    w.fail(exc)
+                continue
             self._parks.add(request_id, [w for _, w in batch])
             try:
                 await self._chan.send_frames(frames)
@@ -267,9 +280,18 @@ class Parking:
             raw = wrap_woken_fd(e)
             sock = None if raw is None else trio.socket.from_stdlib_socket(raw)
             woken.append(Woken(e.ticket, e.reason, e.token, e.pending, sock))
+        delivered = []
         for w in woken:  # ours now: from here _shutdown closes what nobody takes
-            self._wake_send.send_nowait(w)
-        await self._chan.send_frames(self._proto.ack(e.ticket for e in msg.entries))
+            try:
+                self._wake_send.send_nowait(w)
+                delivered.append(w.ticket)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                # Nobody can take it (wakes() closed, or the session is ending):
+                # drop our copy, do not ACK; the container gives it to another worker.
+                if w.socket is not None:
+                    w.socket.close()
+        if delivered:
+            await self._chan.send_frames(self._proto.ack(delivered))
         # Let the consumers take these before we decode the next WAKE of a burst.
         await trio.lowlevel.cancel_shielded_checkpoint()
 

@@ -349,7 +349,7 @@ class Lot:
 
     def expired(self, now: float) -> list[Slot]:
         """PARKED slots whose idle deadline has passed (the caller wakes them)."""
-        limit = int(now * 1000)
+        limit = int(now * 1000 + 0.001)  # float error must not leave a due deadline behind
         out = []
         heap = self._heap
         while heap and heap[0] >> 64 <= limit:

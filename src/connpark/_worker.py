@@ -17,6 +17,8 @@ import attrs
 
 from ._errors import ContainerError, ParkRefused, RemoteProtocolError
 from ._wire import (
+    DEFAULT_MAX_BODY,
+    MAX_TOKEN,
     PROTOCOL_VERSION,
     Ack,
     Close,
@@ -38,7 +40,9 @@ from ._wire import (
     Wake,
     WakeEntry,
     Welcome,
+    close_fds,
     encode,
+    message_fds,
 )
 
 S = TypeVar("S")
@@ -72,6 +76,8 @@ def make_park_entry(
     on_timeout: Policy = "close",
 ) -> ParkEntry:
     """Validate ``park()``'s arguments (ValueError/TypeError, before anything is sent)."""
+    if fd < 0:
+        raise ValueError("cannot park a closed socket")
     if not isinstance(token, (bytes, bytearray, memoryview)):
         raise TypeError(f"token must be bytes, not {type(token).__name__}")
     if not isinstance(pending, (bytes, bytearray, memoryview)):
@@ -79,6 +85,13 @@ def make_park_entry(
     for name, policy in (("on_hangup", on_hangup), ("on_timeout", on_timeout)):
         if policy not in _POLICIES:
             raise ValueError(f"{name} must be 'close' or 'return', not {policy!r}")
+    if len(token) > MAX_TOKEN:
+        raise ValueError(f"token of {len(token)} bytes: the protocol carries at most {MAX_TOKEN}")
+    if len(token) + len(pending) > DEFAULT_MAX_BODY - 64:
+        raise ValueError(
+            f"token + pending of {len(token) + len(pending)} bytes do not fit one frame"
+            f" ({DEFAULT_MAX_BODY - 64})"
+        )
     ms = 0
     if idle_timeout is not None:
         if not idle_timeout > 0 or math.isinf(idle_timeout):
@@ -162,6 +175,7 @@ class WorkerProtocol:
         if isinstance(msg, Error):
             raise ContainerError(f"container error: {msg.text}", code=msg.code)
         if not isinstance(msg, (Welcome, Parked, Wake, StatsReply)):
+            close_fds(message_fds(msg))
             raise RemoteProtocolError(f"{type(msg).__name__} is not a container message")
         return msg
 

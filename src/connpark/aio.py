@@ -101,6 +101,7 @@ class _Channel:
 
     def close(self) -> None:
         self.sock.close()
+        self._outbox.close()
 
 
 class AsyncioParking:
@@ -153,7 +154,11 @@ class AsyncioParking:
         self._batch.append((entry, fut))
         if len(self._batch) == 1:
             self._spawn(self._flush())
-        result = await fut
+        try:
+            result = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            self._settle_cancelled(sock, entry, fut)
+            raise
         if result.refusal is not Refusal.OK:
             raise refusal_error(result)
         sock.close()
@@ -204,12 +209,38 @@ class AsyncioParking:
             self._fail(error)
             raise error from exc
 
+    def _settle_cancelled(
+        self, sock: socket.socket, entry: ParkEntry, fut: asyncio.Future[ParkResult]
+    ) -> None:
+        """A park() was cancelled: keep the one-owner rule all the same.
+
+        Not sent yet: withdraw it, the socket stays the caller's. Already
+        sent: when PARKED comes, close the caller's copy if it was parked.
+        """
+        for i, (queued, queued_fut) in enumerate(self._batch):
+            if queued is entry and queued_fut is fut:
+                del self._batch[i]
+                fut.cancel()
+                return
+
+        def settle(f: asyncio.Future[ParkResult]) -> None:
+            if not f.cancelled() and f.exception() is None and f.result().refusal is Refusal.OK:
+                sock.close()
+
+        fut.add_done_callback(settle)
+
     async def _flush(self) -> None:
         await asyncio.sleep(0)  # let the park() calls of this loop turn join the batch
         batch, self._batch = self._batch, []
         if not batch:
             return
-        request_id, frames = self._proto.park(e for e, _ in batch)
+        try:
+            request_id, frames = self._proto.park(e for e, _ in batch)
+        except ConnparkError as exc:  # cannot be encoded: fail these parks only
+            for _, f in batch:
+                if not f.done():
+                    f.set_exception(exc)
+            return
         self._parks.add(request_id, [f for _, f in batch])
         try:
             await self._send(frames)

@@ -175,3 +175,23 @@ async def test_bad_park_arguments_fail_that_call_not_the_session(serve: ServePro
 def test_config_refuses_pending_that_cannot_fit_a_wake() -> None:
     with pytest.raises(ValueError, match="max_pending"):
         connpark.ContainerConfig(path="/tmp/x.sock", max_pending=1 << 20)
+
+
+def test_second_sigterm_stops_waiting_for_acks(sockdir: Path) -> None:
+    import signal
+
+    proc = ServeProcess(sockdir / "t.sock", ["--shutdown-grace", "60"])
+    stuck = RawSession(proc.path)  # parks, then never reads: SHUTDOWN wakes go unACKed
+    clients, servers = tcp_pairs(3)
+    stuck.send(Park(1, tuple(ParkEntry(s.fileno()) for s in servers)))
+    assert isinstance(stuck.receive(), Parked)
+    proc.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert proc.proc.poll() is None  # draining, waiting for ACKs
+    start = time.monotonic()
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.stop(timeout=10) == 0
+    assert time.monotonic() - start < 5
+    stuck.close()
+    for s in (*clients, *servers):
+        s.close()

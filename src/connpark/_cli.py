@@ -136,7 +136,9 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 async def _stop_on_signal(signals: Any, container: Any) -> None:
     async for signum in signals:
-        LOGGER.info("got %s: draining", signal.Signals(signum).name)
+        LOGGER.info(
+            "got %s: draining (again to stop waiting for ACKs)", signal.Signals(signum).name
+        )
         container.request_shutdown()
 
 

@@ -190,6 +190,7 @@ class Container:
         #: Sessions are being cancelled: nothing is re-routed or sent any more.
         self._tearing_down = False
         self._shutdown_requested = trio.Event()
+        self._drain_scope = trio.CancelScope()
         self._progress = trio.Event()
         self._timer_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
@@ -197,7 +198,12 @@ class Container:
     # -- lifecycle ---------------------------------------------------------------
 
     def request_shutdown(self) -> None:
-        """Stop taking parks, wake everything with SHUTDOWN, wait for ACKs, return from run."""
+        """Stop taking parks, wake everything with SHUTDOWN, wait for ACKs, return from run.
+
+        A second request while draining stops waiting for ACKs at once.
+        """
+        if self._shutdown_requested.is_set():
+            self._drain_scope.cancel()
         self._shutdown_requested.set()
 
     async def run(
@@ -249,7 +255,8 @@ class Container:
         for slot in parked:
             self._wake(slot, Reason.SHUTDOWN, now)
         self._flush()
-        with trio.move_on_after(self.config.shutdown_grace) as scope:
+        with self._drain_scope as scope:
+            scope.deadline = trio.current_time() + self.config.shutdown_grace
             while self._undelivered():
                 await self._progress.wait()
         if scope.cancelled_caught:

@@ -463,3 +463,39 @@ async def test_park_many_one_request_tickets_and_refusals(serve: ServeProcess) -
     udp.close()
     for c in clients:
         c.close()
+
+
+async def test_concurrent_big_parks_near_the_fd_limit_are_refusals_not_errors(
+    sockdir: Path,
+) -> None:
+    import resource
+
+    def low_fd_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (600, 600))
+
+    proc = ServeProcess(sockdir / "emfile.sock", preexec_fn=low_fd_limit)
+    pairs = [tcp_pairs(400) for _ in range(2)]
+    outcomes: list[list[int | connpark.ParkRefused]] = []
+    try:
+
+        async def worker(servers: list[socket.socket]) -> None:
+            async with connpark.open_parking(proc.path) as parking:
+                outcomes.append(await parking.park_many(servers))
+                await trio.sleep(0.5)  # stay connected while the other one parks
+
+        async with trio.open_nursery() as nursery:
+            for _, servers in pairs:
+                nursery.start_soon(worker, servers)
+        stats = proc.stats()
+    finally:
+        assert proc.stop() == 0
+    results = [r for out in outcomes for r in out]
+    parked = [r for r in results if isinstance(r, int)]
+    refused = [r for r in results if not isinstance(r, int)]
+    assert stats.protocol_errors_total == 0  # no session was killed by MSG_CTRUNC
+    assert 0 < len(parked) <= stats.fd_budget + 2
+    assert {r.reason for r in refused} == {"out-of-fds"}
+    assert len(parked) + len(refused) == 800
+    for clients, servers in pairs:
+        for s in (*clients, *servers):
+            s.close()

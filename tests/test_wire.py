@@ -1301,3 +1301,34 @@ def test_decoder_stays_broken_after_an_eof_error() -> None:
 
     with pytest.raises(RemoteProtocolError):
         feed_and_decode()
+
+
+def test_unjoined_decoder_hands_out_each_frame_of_a_split_message() -> None:
+    fds = [os.dup(0) for _ in range(600)]
+    msg = Park(7, tuple(ParkEntry(fd, b"%d" % i) for i, fd in enumerate(fds)))
+    frames = encode(msg)
+    assert len(frames) == 3
+    dec = Decoder(join_split=False)
+    parts = []
+    for f in frames:
+        dec.receive_data(f.data, f.fds)
+        part = dec.next_message()
+        assert isinstance(part, Park)
+        assert part.request_id == 7
+        assert dec.held_fds == 0  # nothing piles up between frames
+        parts.append(part)
+    assert [len(p.entries) for p in parts] == [253, 253, 94]
+    assert tuple(e for p in parts for e in p.entries) == msg.entries
+    for fd in fds:
+        os.close(fd)
+
+
+def test_unjoined_decoder_still_checks_split_continuity() -> None:
+    first, *_rest = encode(Ack(tuple(range(60_000))), max_body=100_000)
+    other = encode(Unpark((1,)))[0]
+    dec = Decoder(join_split=False)
+    dec.receive_data(first.data)
+    assert isinstance(dec.next_message(), Ack)
+    dec.receive_data(other.data)
+    with pytest.raises(RemoteProtocolError, match="inside a split ACK"):
+        dec.next_message()

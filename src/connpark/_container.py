@@ -391,7 +391,10 @@ class Container:
 
     async def _run_session(self, conn: socket.socket) -> None:
         chan = TrioChannel(conn)
-        decoder = Decoder()
+        # Each PARK frame is admitted as it arrives (and answered by its own
+        # PARKED): the decoder never holds more than one frame's 253 fds, so
+        # the fd reserve covers every session's in-flight parks.
+        decoder = Decoder(join_split=False)
         session: _Session | None = None
         try:
             session = await self._handshake(chan, decoder)

@@ -628,12 +628,18 @@ class Decoder:
         max_fds_per_frame: int = MAX_FDS_PER_FRAME,
         max_entries: int = DEFAULT_MAX_ENTRIES,
         max_message: int = DEFAULT_MAX_MESSAGE,
+        join_split: bool = True,
     ) -> None:
+        #: False: hand out each frame of a split message as its own message
+        #: (same type and request id, in order) instead of joining them. The
+        #: container uses it so a big PARK never piles up fds in the decoder.
+        self.join_split = join_split
         self.max_body = max_body
         self.max_fds_per_frame = max_fds_per_frame
         self.max_entries = max_entries
         self.max_message = max_message
         self._partial_bytes = 0
+        self._partial_entries = 0
         self._buf = bytearray()
         self._fds: deque[int] = deque()
         # A message being joined from FLAG_MORE frames: type, head, entries.
@@ -723,26 +729,33 @@ class Decoder:
                 raise
             if self._partial is None:
                 self._partial_bytes = 0
-                self._partial = (mtype, head, entries)
-            else:
-                if head != self._partial[1]:
-                    self._partial[2].extend(entries)  # so close() sees their fds
-                    raise RemoteProtocolError(f"split {mtype.name} changed its request id")
-                self._partial[2].extend(entries)
-            if len(self._partial[2]) > self.max_entries:
-                raise RemoteProtocolError(
-                    f"{mtype.name} message has over {self.max_entries} entries"
-                )
+                self._partial_entries = 0
+                self._partial = (mtype, head, [])
+            joined = self._partial[2]
+            if self.join_split:
+                joined.extend(entries)  # from here close() sees their fds
+            problem = None
+            if head != self._partial[1]:
+                problem = f"split {mtype.name} changed its request id"
+            self._partial_entries += len(entries)
             self._partial_bytes += length
+            if self._partial_entries > self.max_entries:
+                problem = f"{mtype.name} message has over {self.max_entries} entries"
             if self._partial_bytes > self.max_message:
-                raise RemoteProtocolError(
-                    f"{mtype.name} message is over the limit of {self.max_message} bytes"
-                )
-            if flags & FLAG_MORE:
+                problem = f"{mtype.name} message is over the limit of {self.max_message} bytes"
+            if problem is not None:
+                if not self.join_split:
+                    close_fds(message_fds(_build(mtype, head, entries)))
+                raise RemoteProtocolError(problem)
+            more = bool(flags & FLAG_MORE)
+            if not self.join_split:
+                if not more:
+                    self._partial = None
+                return _build(mtype, head, entries)
+            if more:
                 continue
-            mtype, head, entries = self._partial
             self._partial = None
-            return _build(mtype, head, entries)
+            return _build(mtype, head, joined)
 
     def eof(self) -> None:
         """The peer closed: raise if it stopped mid-frame or left fds behind."""

@@ -197,10 +197,17 @@ class ParkTracker(Generic[H]):
         self._requests[request_id] = handles
 
     def resolve(self, msg: Parked) -> list[tuple[H, ParkResult]]:
-        handles = self._requests.pop(msg.request_id, None)
-        if handles is None or len(handles) != len(msg.results):
+        """Match a PARKED to its request's next entries (a big request may be
+        answered in several PARKED messages, one per PARK frame, in order)."""
+        handles = self._requests.get(msg.request_id)
+        n = len(msg.results)
+        if handles is None or n > len(handles):
             raise RemoteProtocolError(f"PARKED for unknown request {msg.request_id}")
-        return list(zip(handles, msg.results, strict=True))
+        done = list(zip(handles[:n], msg.results, strict=True))
+        del handles[:n]
+        if not handles:
+            del self._requests[msg.request_id]
+        return done
 
     def drain(self) -> list[H]:
         """Every handle still waiting (the session is over: fail them)."""

@@ -27,7 +27,12 @@ PY = BIN / "python"
 def _ensure_env(extras: str) -> None:
     """Create the virtual environment and install the project with ``extras``."""
     if not PY.exists():
-        venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
+        try:
+            venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
+        except (subprocess.CalledProcessError, OSError) as exc:
+            raise SystemExit(
+                f"dev.py: cannot create {VENV} ({exc}); on Debian/Ubuntu install python3-venv"
+            ) from exc
     digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()).hexdigest()
     stamp = VENV / f".installed-{extras or 'base'}"
     if stamp.exists() and stamp.read_text() == digest:

@@ -213,38 +213,46 @@ class Farm:
         n: int,
         per_process: int = PER_PROCESS,
         source_base: int = 2,
+        sources: Sequence[str] | None = None,
+        started: list[subprocess.Popen[str]] | None = None,
     ) -> None:
-        """``source_base``: process k binds its clients to 127.0.0.(source_base + k);
-        two farms alive at once should use disjoint ranges (each holds ports)."""
+        """Process k binds its clients to ``sources[k]``, else 127.0.0.(source_base + k);
+        two farms alive at once should use disjoint addresses (each holds ports).
+        ``started`` gets each process as it starts (to kill them if this never returns).
+        """
         self.n = n
         self.procs: list[tuple[subprocess.Popen[str], int, int]] = []  # (proc, first, count)
-        first = 0
-        k = 0
-        while first < n:
-            count = min(per_process, n - first)
-            src = f"127.0.0.{source_base + k}"
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    str(FARM_SCRIPT),
-                    addr[0],
-                    str(addr[1]),
-                    src,
-                    str(count),
-                    str(first),
-                ],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-                bufsize=1,
-            )
-            self.procs.append((proc, first, count))
-            first += count
-            k += 1
-        for proc, _, count in self.procs:
-            line = self._read(proc)
-            if line != f"connected {count}":
-                raise RuntimeError(f"farm failed: {line!r}")
+        try:
+            for k, first in enumerate(range(0, n, per_process)):
+                count = min(per_process, n - first)
+                src = sources[k] if sources is not None else f"127.0.0.{source_base + k}"
+                proc = subprocess.Popen(
+                    [
+                        sys.executable,
+                        str(FARM_SCRIPT),
+                        addr[0],
+                        str(addr[1]),
+                        src,
+                        str(count),
+                        str(first),
+                    ],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    bufsize=1,
+                )
+                self.procs.append((proc, first, count))
+                if started is not None:
+                    started.append(proc)
+            for proc, _, count in self.procs:
+                line = self._read(proc)
+                if line != f"connected {count}":
+                    raise RuntimeError(f"farm failed: {line!r}")
+        except BaseException:
+            for proc, _, _ in self.procs:
+                proc.kill()
+                proc.wait()
+            raise
 
     @staticmethod
     def _read(proc: subprocess.Popen[str]) -> str:

@@ -57,7 +57,6 @@ from typing import Any
 
 import trio
 from _common import (
-    FARM_SCRIPT,
     PER_PROCESS,
     Container,
     Farm,
@@ -406,40 +405,9 @@ class SourceFarm(Farm):
     def __init__(
         self, addr: tuple[str, int], n: int, a: int, b: int, per_process: int = PER_PROCESS
     ) -> None:
-        self.n = n
-        self.procs = []
-        try:
-            first = 0
-            while first < n:
-                count = min(per_process, n - first)
-                src = f"127.{a}.{b}.{len(self.procs) + 1}"
-                proc = subprocess.Popen(
-                    # FIRST: newer _farm.py writes global indices with it (older ignores it)
-                    [
-                        sys.executable,
-                        str(FARM_SCRIPT),
-                        addr[0],
-                        str(addr[1]),
-                        src,
-                        str(count),
-                        str(first),
-                    ],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    text=True,
-                    bufsize=1,
-                )
-                self.procs.append((proc, first, count))
-                first += count
-            for proc, _, count in self.procs:
-                line = self._read(proc)
-                if line != f"connected {count}":
-                    raise RuntimeError(f"farm failed: {line!r}")
-        except BaseException:
-            for proc, _, _ in self.procs:
-                proc.kill()
-                proc.wait()
-            raise
+        processes = -(-n // per_process)
+        sources = [f"127.{a}.{b}.{k + 1}" for k in range(processes)]
+        super().__init__(addr, n, per_process, sources=sources)
         #: Whether a client writes its index within its farm process (older _farm.py)
         #: or its global index (what ``expected_payload`` assumes); seen during
         #: identification on a process other than the first. None: not seen.

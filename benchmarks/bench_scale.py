@@ -59,7 +59,6 @@ from typing import Any
 
 import trio
 from _common import (
-    FARM_SCRIPT,
     PER_PROCESS,
     RESULTS,
     Container,
@@ -171,12 +170,11 @@ def loadavg() -> list[float]:
 
 
 class SourceFarm(Farm):
-    """``_common.Farm`` with one 127.0.0.x source address per farm process, from ``sources``.
+    """``_common.Farm`` on the emptiest source addresses, with a tag per process.
 
-    A local stand-in: ``Farm`` always starts at 127.0.0.2, so two benchmarks
-    running at once share its ephemeral ports (bind(port 0) then scans past
-    the other farm's ports: ~3 ms per connect with ~20k taken, and the two
-    together can run out of the 28k ports).
+    Two benchmarks running at once must not share a source address's
+    ephemeral ports (bind(port 0) then scans past the other farm's ports:
+    ~3 ms per connect with ~20k taken, and the two can run out of the 28k).
     """
 
     def __init__(
@@ -187,44 +185,11 @@ class SourceFarm(Farm):
         per_process: int = PER_PROCESS,
         started: list[subprocess.Popen[str]] | None = None,
     ) -> None:
-        """``started`` gets each process as it starts (to kill them if this never returns)."""
-        self.n = n
-        self.procs: list[tuple[subprocess.Popen[str], int, int]] = []
-        try:
-            for k, first in enumerate(range(0, n, per_process)):
-                count = min(per_process, n - first)
-                proc = subprocess.Popen(
-                    [
-                        sys.executable,
-                        str(FARM_SCRIPT),
-                        addr[0],
-                        str(addr[1]),
-                        sources[k],
-                        str(count),
-                    ],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    text=True,
-                    bufsize=1,
-                )
-                self.procs.append((proc, first, count))
-                if started is not None:
-                    started.append(proc)
-            for proc, _, count in self.procs:
-                line = self._read(proc)
-                if line != f"connected {count}":
-                    raise RuntimeError(f"farm failed: {line!r}")
-        except BaseException:
-            for proc, _, _ in self.procs:
-                proc.kill()
-                proc.wait()
-            raise
+        super().__init__(addr, n, per_process, sources=sources, started=started)
 
-    # _farm.py writes PAYLOAD + its *local* client index, so client 40 of the
-    # second process writes the same bytes as client 40 of the first (and
-    # ``expected_payload(payload, index)`` only holds for the first process).
-    # Each process gets its own payload here (PAYLOAD-TAG), which makes every
-    # client's bytes unique: local or global index, both are recognised.
+    # Each process gets its own payload (PAYLOAD-TAG), which makes every
+    # client's bytes unique whether _farm.py writes local or global indices
+    # (older versions wrote local ones): both are recognised.
 
     @staticmethod
     def tag(k: int) -> str:

@@ -156,7 +156,7 @@ def send_goodbye(fd: int, data: bytes) -> None:
 
 
 class _Session(SessionState):
-    __slots__ = ("chan", "replies", "uid", "wakeup", "writer_scope")
+    __slots__ = ("chan", "replies", "wakeup", "writer_scope")
 
     def __init__(self, session_id: int, pool: Any, name: str, chan: TrioChannel) -> None:
         super().__init__(session_id, pool, name)
@@ -164,7 +164,6 @@ class _Session(SessionState):
         self.replies: list[Message] = []
         self.wakeup = trio.Event()
         self.writer_scope = trio.CancelScope()
-        self.uid: int | None = None
 
 
 class Container:
@@ -466,7 +465,6 @@ class Container:
                 )
                 return None
             session = _Session(self._next_session, self.lot.pool(hello.pool), hello.name, chan)
-            session.uid = uid
             self._next_session += 1
             await chan.send(
                 Welcome(

@@ -33,7 +33,6 @@ from ._wire import (
     ParkEntry,
     ParkResult,
     Reason,
-    Refusal,
     Stats,
     StatsReply,
     Unpark,
@@ -178,10 +177,6 @@ class WorkerProtocol:
             close_fds(message_fds(msg))
             raise RemoteProtocolError(f"{type(msg).__name__} is not a container message")
         return msg
-
-    @staticmethod
-    def parked_ok(result: ParkResult) -> bool:
-        return result.refusal is Refusal.OK
 
 
 class ParkTracker(Generic[H]):

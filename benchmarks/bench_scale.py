@@ -459,7 +459,7 @@ async def park_chunk(
             await parking.park(sock, token=b"%d" % seq, idle_timeout=IDLE_TIMEOUT)
             parked += 1
         except connpark.ParkRefused as exc:
-            refused[exc.reason] += 1
+            refused[exc.reason.label] += 1
             sock.close()
 
     async with trio.open_nursery() as nursery:

@@ -58,7 +58,7 @@ async def serve_connection(
         try:
             ticket = await parking.park(sock, token=str(count).encode(), pending=buf)
         except connpark.ParkRefused as exc:
-            print(f"park refused ({exc.reason}); keeping the connection", flush=True)
+            print(f"park refused ({exc.reason.label}); keeping the connection", flush=True)
             continue
         print(f"parked ticket {ticket:#x} after {count} lines", flush=True)
         return

@@ -12,8 +12,8 @@ import time
 
 from connpark._fdpass import BlockingChannel
 from connpark._unixsock import connect_unix
-from connpark._wire import Parked
-from connpark._worker import WorkerProtocol, make_park_entry
+from connpark._wire import Decoder, Hello, Park, Parked, Welcome
+from connpark._worker import make_park_entry
 
 
 def main() -> None:
@@ -23,14 +23,14 @@ def main() -> None:
     listener.listen(n)
     print(listener.getsockname()[1], flush=True)
     conns = [listener.accept()[0] for _ in range(n)]
+    # A raw protocol peer: the hooks would ACK, and this one must not.
     chan = BlockingChannel(connect_unix(path))
-    proto = WorkerProtocol(pool, "stuck")
-    chan.send_frames(proto.hello())
-    proto.handshake(chan.receive_message(proto.decoder, timeout=10))
+    decoder = Decoder()
+    chan.send(Hello(pool=pool, name="stuck"))
+    assert isinstance(chan.receive_message(decoder, timeout=10), Welcome)
     entries = [make_park_entry(c.fileno(), token=b"conn-%d" % i) for i, c in enumerate(conns)]
-    _rid, frames = proto.park(entries)
-    chan.send_frames(frames)
-    msg = chan.receive_message(proto.decoder, timeout=10)
+    chan.send(Park(1, tuple(entries)))
+    msg = chan.receive_message(decoder, timeout=10)
     if not isinstance(msg, Parked) or not all(r.ticket for r in msg.results):
         raise SystemExit(f"park failed: {msg!r}")
     for c in conns:

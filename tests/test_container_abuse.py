@@ -16,6 +16,7 @@ from connpark._fdpass import BlockingChannel
 from connpark._unixsock import connect_unix
 from connpark._wire import (
     Ack,
+    Decoder,
     Hello,
     Message,
     Park,
@@ -28,7 +29,6 @@ from connpark._wire import (
     Welcome,
     encode,
 )
-from connpark._worker import WorkerProtocol
 
 from ._procs import ServeProcess, tcp_pairs
 
@@ -39,20 +39,20 @@ class RawSession:
     """A worker speaking the wire protocol by hand (it can break the rules)."""
 
     def __init__(self, path: Path, pool: str = "default") -> None:
-        self.proto = WorkerProtocol(pool, "raw")
+        self.decoder = Decoder()
         self.chan = BlockingChannel(connect_unix(path))
-        self.chan.send_frames(self.proto.hello())
-        welcome = self.chan.receive_message(self.proto.decoder, timeout=10)
+        self.chan.send(Hello(pool=pool, name="raw"))
+        welcome = self.chan.receive_message(self.decoder, timeout=10)
         assert isinstance(welcome, Welcome)
 
     def send(self, *msgs: Message) -> None:
         self.chan.send(*msgs)
 
     def receive(self, timeout: float = 10) -> Message | None:
-        return self.chan.receive_message(self.proto.decoder, timeout=timeout)
+        return self.chan.receive_message(self.decoder, timeout=timeout)
 
     def close(self) -> None:
-        self.proto.decoder.close()
+        self.decoder.close()
         self.chan.close()
 
 

@@ -198,17 +198,17 @@ async def test_refused_park_leaves_socket_usable(serve: ServeProcess) -> None:
     async with connpark.open_parking(serve.path) as parking:
         with pytest.raises(connpark.ParkRefused) as info:
             await parking.park(server, token=b"x" * 5000)
-        assert info.value.reason == "token-too-large"
+        assert info.value.reason.label == "token-too-large"
         with pytest.raises(connpark.ParkRefused) as info:
             await parking.park(udp)
-        assert info.value.reason == "not-a-tcp-stream"
+        assert info.value.reason.label == "not-a-tcp-stream"
         with pytest.raises(connpark.ParkRefused) as info:
             await parking.park(listener)
-        assert info.value.reason == "not-connected"
+        assert info.value.reason.label == "not-connected"
         unix_a, unix_b = socket.socketpair()
         with pytest.raises(connpark.ParkRefused) as info:
             await parking.park(unix_a)
-        assert info.value.reason == "not-a-tcp-stream"
+        assert info.value.reason.label == "not-a-tcp-stream"
         stats = await parking.stats()
         assert stats.refused_total == {
             "token-too-large": 1,
@@ -373,7 +373,7 @@ async def test_limits_full_and_out_of_fds_are_refusals(sockdir: Path) -> None:
                     await parking.park(s)
                     outcomes.append("ok")
                 except connpark.ParkRefused as exc:
-                    outcomes.append(exc.reason)
+                    outcomes.append(exc.reason.label)
             assert outcomes.count("ok") == budget
             assert outcomes.count("out-of-fds") == 150 - budget
             stats = await parking.stats()
@@ -399,7 +399,7 @@ async def test_max_parked_gives_full(sockdir: Path) -> None:
                 await parking.park(s)
             with pytest.raises(connpark.ParkRefused, match="full") as info:
                 await parking.park(servers[3])
-            assert info.value.reason == "full"
+            assert info.value.reason.label == "full"
     finally:
         assert proc.stop() == 0
     for s in (*clients, *servers):
@@ -445,7 +445,7 @@ async def test_park_many_one_request_tickets_and_refusals(serve: ServeProcess) -
         assert len(out) == 301
         refused = out[150]
         assert isinstance(refused, connpark.ParkRefused)
-        assert refused.reason == "not-a-tcp-stream"
+        assert refused.reason.label == "not-a-tcp-stream"
         assert udp.fileno() != -1  # refused: still ours
         tickets = [t for t in out if isinstance(t, int)]
         assert len(set(tickets)) == 300
@@ -494,7 +494,7 @@ async def test_concurrent_big_parks_near_the_fd_limit_are_refusals_not_errors(
     refused = [r for r in results if not isinstance(r, int)]
     assert stats.protocol_errors_total == 0  # no session was killed by MSG_CTRUNC
     assert 0 < len(parked) <= stats.fd_budget + 2
-    assert {r.reason for r in refused} == {"out-of-fds"}
+    assert {r.reason.label for r in refused} == {"out-of-fds"}
     assert len(parked) + len(refused) == 800
     for clients, servers in pairs:
         for s in (*clients, *servers):

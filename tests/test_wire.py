@@ -39,8 +39,10 @@ from connpark._wire import (
     FLAG_MORE,
     HEADER,
     MAX_FDS_PER_FRAME,
+    MAX_RESUME_TICKETS,
     MAX_TOKEN,
     PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
     Ack,
     Close,
     CloseEntry,
@@ -310,7 +312,9 @@ def big_wakes(draw: st.DrawFn) -> Wake:
 
 def test_wire_constants_are_pinned() -> None:
     # docs/protocol.md states these numbers; changing one is a protocol change.
-    assert PROTOCOL_VERSION == 1
+    assert PROTOCOL_VERSION == 2
+    assert SUPPORTED_VERSIONS == {1, 2}
+    assert MAX_RESUME_TICKETS == 4096
     assert HEADER.format == "!IBBH"
     assert HEADER.size == 8
     assert MAX_FDS_PER_FRAME == 253
@@ -916,8 +920,8 @@ def test_body_length_over_the_limit() -> None:
         [(HEADER.pack(DEFAULT_MAX_BODY + 1, MessageType.STATS_REPLY, 0, 0), 0)],
         "STATS_REPLY frame length 1048577 is over the limit 1048576",
     )
-    hello = encode(Hello())[0].data  # 11-byte body
-    reject([(hello, 0)], "HELLO frame length 11 is over the limit 10", dec=Decoder(max_body=10))
+    hello = encode(Hello())[0].data  # 21-byte body (v2: resume session + count)
+    reject([(hello, 0)], "HELLO frame length 21 is over the limit 10", dec=Decoder(max_body=10))
 
 
 def test_too_many_fds_per_frame() -> None:

@@ -16,6 +16,8 @@ from ._container import Container as Container
 from ._container import serve as serve
 from ._errors import ConnparkError as ConnparkError
 from ._errors import ContainerError as ContainerError
+from ._errors import ContainerLost as ContainerLost
+from ._errors import ContainerTimeout as ContainerTimeout
 from ._errors import LocalProtocolError as LocalProtocolError
 from ._errors import ParkingClosed as ParkingClosed
 from ._errors import ParkRefused as ParkRefused
@@ -23,22 +25,27 @@ from ._errors import ProtocolError as ProtocolError
 from ._errors import RemoteProtocolError as RemoteProtocolError
 from ._hook_blocking import BlockingParking as BlockingParking
 from ._hook_trio import Parking as Parking
+from ._hook_trio import WakeStream as WakeStream
 from ._hook_trio import open_parking as open_parking
 from ._stats import ContainerStats as ContainerStats
 from ._stats import LatencySummary as LatencySummary
 from ._wire import Reason as Reason
 from ._wire import Refusal as Refusal
+from ._worker import Backoff as Backoff
 from ._worker import Woken as Woken
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Backoff",
     "BlockingParking",
     "ConnparkError",
     "Container",
     "ContainerConfig",
     "ContainerError",
+    "ContainerLost",
     "ContainerStats",
+    "ContainerTimeout",
     "LatencySummary",
     "LocalProtocolError",
     "ParkRefused",
@@ -48,6 +55,7 @@ __all__ = [
     "Reason",
     "Refusal",
     "RemoteProtocolError",
+    "WakeStream",
     "Woken",
     "__version__",
     "open_parking",

@@ -34,7 +34,7 @@ from ._unixsock import listen_unix, peer_uid
 from ._watcher import ERR, HUP, make_watcher
 from ._wire import (
     MAX_FDS_PER_FRAME,
-    PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
     Ack,
     Close,
     Decoder,
@@ -456,11 +456,12 @@ class Container:
             if not isinstance(hello, Hello):
                 close_fds(message_fds(hello))
                 raise RemoteProtocolError(f"expected HELLO first, got {type(hello).__name__}")
-            if hello.version != PROTOCOL_VERSION:
+            if hello.version not in SUPPORTED_VERSIONS:
                 await chan.send(
                     Error(
                         ErrorCode.VERSION,
-                        f"protocol version {hello.version} not supported (want {PROTOCOL_VERSION})",
+                        f"protocol version {hello.version} not supported"
+                        f" (this container speaks {sorted(SUPPORTED_VERSIONS)})",
                     )
                 )
                 return None

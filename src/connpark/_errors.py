@@ -1,6 +1,17 @@
-"""The error hierarchy: one root, few branches, meaning in the docstrings."""
+"""The error hierarchy: one root, few branches, meaning in the docstrings.
+
+Every error a hook raises derives from ``ConnparkError``; where an OSError
+caused it, the OSError is in ``__cause__`` (``lost_from_os_error`` is the one
+place that translates it).
+"""
 
 from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._wire import Refusal
 
 
 class ConnparkError(Exception):
@@ -30,19 +41,51 @@ class RemoteProtocolError(ProtocolError):
 class ParkRefused(ConnparkError):
     """The container refused to park a socket; the socket is still yours and usable."""
 
-    def __init__(self, reason: str, message: str | None = None) -> None:
-        super().__init__(message or f"park refused: {reason}")
-        #: The refusal code's name, e.g. ``"full"`` or ``"not-a-tcp-stream"``.
+    def __init__(self, reason: Refusal, message: str | None = None) -> None:
+        super().__init__(message or f"park refused: {reason.label}")
+        #: Why, e.g. ``Refusal.FULL``; ``reason.label`` is ``"full"``.
         self.reason = reason
 
 
 class ContainerError(ConnparkError):
-    """The container told us to go away (ERROR message) or could not be reached."""
+    """The container will not have us: uid not allowed, protocol version, not trusted.
+
+    Reconnecting cannot help. ``code`` is the ERROR code when the container sent one.
+    """
 
     def __init__(self, message: str, *, code: int = 0) -> None:
         super().__init__(message)
         self.code = code
 
 
+class ContainerLost(ConnparkError):
+    """The container could not be reached, or the session ended (EOF, reset, crash).
+
+    A hook with ``reconnect=True`` raises it only once it gives up.
+    """
+
+
+class ContainerTimeout(ConnparkError):
+    """The container did not answer in time (handshake, or a call's ``timeout``)."""
+
+
 class ParkingClosed(ConnparkError):
-    """The parking handle was closed (by you, or because the session ended)."""
+    """The parking handle was closed by you; nothing more can be done with it."""
+
+
+_WHY = {
+    errno.ENOENT: "no such socket file",
+    errno.ECONNREFUSED: "connection refused (nothing is listening)",
+    errno.EACCES: "permission denied",
+    errno.ENOTSOCK: "not a socket",
+    errno.EPIPE: "the container closed the session",
+    errno.ECONNRESET: "the container reset the session",
+}
+
+
+def lost_from_os_error(exc: OSError, what: str) -> ContainerLost:
+    """The one place an OSError of a control socket becomes a connpark error."""
+    why = _WHY.get(exc.errno or 0, exc.strerror or str(exc))
+    error = ContainerLost(f"{what}: {why}")
+    error.__cause__ = exc
+    return error

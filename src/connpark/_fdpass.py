@@ -78,13 +78,16 @@ class Outbox:
     appending fd-less bytes to the last chunk is always safe, even after part
     of it went out.
 
-    The outbox holds its own ``dup`` of every fd it queues, closed once the
-    fd has gone out (or the outbox is dropped). What the caller does with its
-    copy meanwhile (an early ACK that closes it, a cancelled park) can never
-    make a queued frame carry a reused fd number.
+    With ``own_fds`` the outbox holds its own ``dup`` of every fd it queues,
+    closed once the fd has gone out (or the outbox is dropped): what the
+    caller does with its copy meanwhile can never make a queued frame carry a
+    reused fd number. Without it the caller promises to keep each fd open
+    until it has gone out (the worker engine does: a parked socket is closed
+    only once PARKED says so), and saves a dup and a close per fd.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, own_fds: bool = True) -> None:
+        self._own = own_fds
         self._chunks: deque[tuple[bytearray, list[int]]] = deque()
         #: The head chunk has started going out (its fds, if any, went with it).
         self._started = False
@@ -96,6 +99,9 @@ class Outbox:
         for frame in frames:
             if self._chunks and not frame.fds:
                 self._chunks[-1][0].extend(frame.data)
+                continue
+            if not self._own:
+                self._chunks.append((bytearray(frame.data), list(frame.fds)))
                 continue
             dups: list[int] = []
             try:
@@ -113,7 +119,8 @@ class Outbox:
             if fds:
                 anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
                 sent = sock.sendmsg([data], anc)
-                close_fds(fds)  # the peer has its own now
+                if self._own:
+                    close_fds(fds)  # the peer has its own now
                 fds.clear()
             else:
                 sent = sock.send(data)
@@ -128,14 +135,18 @@ class Outbox:
         head_started = self._started and bool(self._chunks)
         keep = [self._chunks.popleft()] if head_started else []
         while self._chunks:
-            close_fds(self._chunks.popleft()[1])
+            fds = self._chunks.popleft()[1]
+            if self._own:
+                close_fds(fds)
         self._chunks.extend(keep)
         return not head_started
 
     def close(self) -> None:
         """Forget everything queued; close the fds we held for it."""
         while self._chunks:
-            close_fds(self._chunks.popleft()[1])
+            fds = self._chunks.popleft()[1]
+            if self._own:
+                close_fds(fds)
 
 
 class TrioChannel:
@@ -144,11 +155,11 @@ class TrioChannel:
     One task may receive while others send; sends are serialised by a lock.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, own_fds: bool = True) -> None:
         sock.setblocking(False)
         self.sock = sock
         self._send_lock = trio.Lock()
-        self._outbox = Outbox()
+        self._outbox = Outbox(own_fds=own_fds)
         self.closed = False
 
     def try_send_nowait(self, frames: Iterable[Frame]) -> bool:
@@ -238,7 +249,7 @@ class BlockingChannel:
 
     def send_frames(self, frames: Iterable[Frame]) -> None:
         with self._send_lock:
-            outbox = Outbox()
+            outbox = Outbox(own_fds=False)  # sent before we return: no copy needed
             try:
                 outbox.add(frames)
                 outbox.send_some(self.sock)

@@ -1,8 +1,9 @@
-"""``BlockingParking``: the hook for threaded servers (any thread, thread-safe).
+"""``BlockingParking``: the hook for threaded servers, a thin adapter over the engine.
 
-One background thread reads the session: it resolves ``park()`` calls, ACKs
-each WAKE as soon as its fds arrive, and queues the woken connections for
-``next_wake()``. Woken sockets are stdlib sockets in blocking mode.
+One background thread runs the session (connect, read, reconnect); any
+thread may call the API. One lock guards the engine; a second orders the
+writes, so frames leave in the order the engine produced them. Woken sockets
+are stdlib sockets in blocking mode.
 """
 
 from __future__ import annotations
@@ -11,68 +12,89 @@ import os
 import queue
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from types import TracebackType
+from typing import Any
 
-from ._errors import ConnparkError, ContainerError, ParkingClosed
-from ._fdpass import BlockingChannel
+from ._errors import ConnparkError, ContainerLost, ContainerTimeout, ParkRefused, lost_from_os_error
+from ._fdpass import BlockingChannel, recv_fds, wait_readable_blocking
 from ._stats import ContainerStats
-from ._unixsock import connect_unix
-from ._wire import Frame, Parked, ParkResult, Refusal, StatsReply, Wake
+from ._unixsock import connect_unix, peer_uid
 from ._worker import (
-    ParkTracker,
+    DEFAULT_BACKOFF,
+    Backoff,
+    Engine,
+    Phase,
     Policy,
+    Request,
+    Settled,
+    Woke,
     Woken,
-    WorkerProtocol,
     make_park_entry,
-    refusal_error,
+    park_entries,
     wrap_woken_fd,
 )
 
 _END = object()
-
-
-class _Waiter:
-    __slots__ = ("done", "error", "result")
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.result: ParkResult | bytes | None = None
-        self.error: ConnparkError | None = None
-
-    def wait(self) -> ParkResult | bytes:
-        self.done.wait()
-        if self.error is not None:
-            raise self.error
-        assert self.result is not None
-        return self.result
+#: How long ``shutdown()`` waits for the re-park of wakes nobody took.
+CLOSE_TIMEOUT = 5.0
 
 
 class BlockingParking:
-    """A worker session for threaded code: ``with BlockingParking(path) as parking: ...``."""
+    """A worker's parking handle for threaded code: ``with BlockingParking(path) as p:``.
+
+    The first connection must succeed (``ContainerLost``, ``ContainerError``,
+    ``ContainerTimeout`` otherwise); after that the hook reconnects by itself
+    unless ``reconnect=False``, and gives up after ``backoff.give_up_after`` s.
+    """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, pool: str = "default", name: str = ""
+        self,
+        path: str | os.PathLike[str],
+        *,
+        pool: str = "default",
+        name: str = "",
+        reconnect: bool = True,
+        container_uid: int | None = None,
+        connect_timeout: float = 10.0,
+        backoff: Backoff = DEFAULT_BACKOFF,
     ) -> None:
-        self._proto = WorkerProtocol(pool, name or f"threads-{os.getpid()}")
-        self._chan = BlockingChannel(connect_unix(path))
-        try:
-            self._chan.send_frames(self._proto.hello())
-            welcome = self._proto.handshake(self._chan.receive_message(self._proto.decoder, 10))
-        except BaseException:
-            self._proto.decoder.close()
-            self._chan.close()
-            raise
-        self.session_id = welcome.session_id
-        self.max_token = welcome.max_token
-        self.max_pending = welcome.max_pending
-        self._lock = threading.Lock()  # guards the trackers and _closed
-        self._parks: ParkTracker[_Waiter] = ParkTracker()
-        self._stats: list[_Waiter] = []
+        self._path = os.fspath(path)
+        self._engine = Engine(
+            pool,
+            name or f"threads-{os.getpid()}",
+            reconnect=reconnect,
+            backoff=backoff,
+            container_uid=container_uid,
+        )
+        self._connect_timeout = connect_timeout
+        self._lock = threading.Lock()  # the engine
+        self._send_lock = threading.Lock()  # the order of writes
+        self._chan: BlockingChannel | None = None
         self._wakes: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._closed: ConnparkError | None = None
-        self._reader = threading.Thread(target=self._read, name="connpark-reader", daemon=True)
+        self._stop = threading.Event()
+        chan = self._connect()  # raises: nothing to clean up but the channel
+        self._reader = threading.Thread(
+            target=self._run, args=(chan,), name="connpark-session", daemon=True
+        )
         self._reader.start()
+
+    @property
+    def session_id(self) -> int:
+        return self._engine.welcome.session_id if self._engine.welcome else 0
+
+    @property
+    def max_token(self) -> int:
+        return self._engine.welcome.max_token if self._engine.welcome else 0
+
+    @property
+    def max_pending(self) -> int:
+        return self._engine.welcome.max_pending if self._engine.welcome else 0
+
+    @property
+    def sessions(self) -> int:
+        return self._engine.sessions
 
     # -- public API -------------------------------------------------------------
 
@@ -85,13 +107,15 @@ class BlockingParking:
         idle_timeout: float | None = None,
         on_hangup: Policy = "close",
         on_timeout: Policy = "close",
+        timeout: float | None = None,
     ) -> int:
         """Give ``sock`` to the container; returns its ticket and closes your copy.
 
-        On ``ParkRefused`` (or any error) the socket is still yours and usable.
+        On ``ParkRefused`` (or any error) the socket is still yours. After
+        ``timeout`` s: ``ContainerTimeout``, and the socket is either still
+        yours or, if the container took it, closed (``sock.fileno() == -1``).
         """
-        if not isinstance(sock, socket.socket):
-            raise TypeError(f"park() takes a socket.socket, not {type(sock).__name__}")
+        _check_socket(sock)
         entry = make_park_entry(
             sock.fileno(),
             token=token,
@@ -100,72 +124,107 @@ class BlockingParking:
             on_hangup=on_hangup,
             on_timeout=on_timeout,
         )
-        waiter = _Waiter()
-        with self._lock:
-            self._check_open()
-            request_id, frames = self._proto.park([entry])
-            self._parks.add(request_id, [waiter])
-        self._send(frames)
-        result = waiter.wait()
-        assert isinstance(result, ParkResult)
-        if result.refusal is not Refusal.OK:
-            raise refusal_error(result)
-        sock.close()
-        return result.ticket
+        (result,) = self._park([sock], [entry], timeout)
+        if isinstance(result, ParkRefused):
+            raise result
+        return result
+
+    def park_many(
+        self,
+        socks: Sequence[socket.socket],
+        *,
+        tokens: Sequence[bytes] | None = None,
+        pendings: Sequence[bytes] | None = None,
+        idle_timeout: float | None = None,
+        on_hangup: Policy = "close",
+        on_timeout: Policy = "close",
+        timeout: float | None = None,
+    ) -> list[int | ParkRefused]:
+        """Park many sockets in one request: a ticket or a ``ParkRefused`` per socket."""
+        for s in socks:
+            _check_socket(s)
+        entries = park_entries(
+            [s.fileno() for s in socks],
+            tokens,
+            pendings,
+            idle_timeout=idle_timeout,
+            on_hangup=on_hangup,
+            on_timeout=on_timeout,
+        )
+        return self._park(list(socks), entries, timeout)
 
     def next_wake(self, timeout: float | None = None) -> Woken[socket.socket] | None:
-        """The next woken connection; None after ``timeout`` seconds or once closed."""
+        """The next woken connection; None after ``timeout`` s or once closed.
+
+        Raises ``ContainerLost`` once the hook gave up reconnecting.
+        """
         try:
             item = self._wakes.get(timeout=timeout)
         except queue.Empty:
             return None
         if item is _END:
             self._wakes.put(_END)  # for every other waiting thread
+            if isinstance(self._engine.error, ContainerLost):
+                raise self._engine.error
             return None
         assert isinstance(item, Woken)
         return item
 
     def __iter__(self) -> Iterator[Woken[socket.socket]]:
-        """Woken connections until the session ends."""
+        """Woken connections until the handle is closed."""
         while (woken := self.next_wake()) is not None:
             yield woken
 
     def unpark(self, *tickets: int) -> None:
         """Ask for these connections back now (REQUESTED); gone tickets are ignored."""
-        self._send(self._proto.unpark(tickets))
+        with self._lock:
+            self._engine.unpark(tickets)
+        self._flush()
 
     def close(self, ticket: int, *, goodbye: bytes = b"") -> None:
         """Have the container write ``goodbye`` and close a parked connection."""
-        self._send(self._proto.close([(ticket, goodbye)]))
-
-    def stats(self) -> ContainerStats:
-        waiter = _Waiter()
         with self._lock:
-            self._check_open()
-            self._stats.append(waiter)
-        self._send(self._proto.stats())
-        body = waiter.wait()
-        assert isinstance(body, bytes)
-        return ContainerStats.from_json(body)
+            self._engine.close_ticket(ticket, goodbye)
+        self._flush()
+
+    def stats(self, timeout: float | None = 10.0) -> ContainerStats:
+        """The container's statistics snapshot (``ContainerTimeout`` after ``timeout`` s)."""
+        with self._lock:
+            req = self._engine.stats(threading.Event())
+        self._flush()
+        self._wait(req, timeout)
+        return req.outcome()
 
     def shutdown(self) -> None:
-        """End the session; woken connections nobody took are closed."""
-        self._fail(ParkingClosed("the parking session is closed"))
-        try:
-            self._chan.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        if threading.current_thread() is not self._reader:
-            self._reader.join(timeout=10)
+        """End the session: wakes nobody took go back to the container first."""
+        if self._stop.is_set():
+            return
+        untaken: list[Woken[Any]] = []
         while True:
             try:
                 item = self._wakes.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(item, Woken) and item.socket is not None:
-                item.socket.close()
+            if isinstance(item, Woken):
+                untaken.append(item)
+        with self._lock:
+            req = self._engine.begin_close(untaken, threading.Event())
+        self._flush()  # every wake anyone could take is ACKed before the socket goes
+        if req is not None:
+            req.waiter.wait(CLOSE_TIMEOUT)
+        with self._lock:
+            self._engine.finish_close()
+            self._pump()
+        self._stop.set()
+        chan = self._chan
+        if chan is not None:
+            try:
+                chan.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if threading.current_thread() is not self._reader:
+            self._reader.join(timeout=10)
         self._wakes.put(_END)
-        self._chan.close()
 
     def __enter__(self) -> BlockingParking:
         return self
@@ -178,65 +237,143 @@ class BlockingParking:
     ) -> None:
         self.shutdown()
 
-    # -- internals ----------------------------------------------------------------
+    # -- waiting ----------------------------------------------------------------
 
-    def _check_open(self) -> None:
-        if self._closed is not None:
-            raise self._closed
+    def _park(
+        self, socks: list[Any], entries: list[Any], timeout: float | None
+    ) -> list[int | ParkRefused]:
+        with self._lock:
+            req = self._engine.park(socks, entries, threading.Event())
+            self._pump()
+        self._flush()
+        self._wait(req, timeout)
+        return req.outcome()
 
-    def _send(self, frames: list[Frame]) -> None:
-        self._check_open()
+    def _wait(self, req: Request, timeout: float | None) -> None:
+        if not req.waiter.wait(timeout):
+            with self._lock:
+                self._engine.withdraw(req)
+            if not req.waiter.is_set():
+                raise ContainerTimeout(f"no answer from the container within {timeout:g} s")
+
+    # -- I/O ----------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Under ``_lock``: act on the engine's events."""
+        while (ev := self._engine.next_event()) is not None:
+            if isinstance(ev, Settled):
+                ev.request.waiter.set()
+            elif isinstance(ev, Woke):
+                for e in ev.entries:
+                    sock = wrap_woken_fd(e)
+                    if sock is not None:
+                        sock.setblocking(True)
+                    self._wakes.put(Woken(e.ticket, e.reason, e.token, e.pending, sock))
+
+    def _flush(self) -> None:
+        with self._send_lock:
+            with self._lock:
+                frames = self._engine.data_to_send()
+                chan = self._chan
+            if not frames or chan is None:
+                return
+            try:
+                chan.send_frames(frames)
+            except OSError as exc:
+                self._broken(exc)
+
+    def _broken(self, exc: OSError) -> None:
+        with self._lock:
+            self._engine.connection_failed(lost_from_os_error(exc, "lost the container"))
+            self._pump()
+
+    def _connect(self) -> BlockingChannel:
+        """Connect and handshake; raises the reason it could not."""
+        chan = BlockingChannel(connect_unix(self._path))
         try:
-            self._chan.send_frames(frames)
-        except OSError as exc:
-            error = ContainerError(f"lost the container: {exc}")
-            self._fail(error)
-            raise error from exc
+            with self._lock:
+                self._engine.start_session(peer_uid(chan.sock))
+            self._chan = chan
+            self._flush()
+            deadline = time.monotonic() + self._connect_timeout
+            while self._engine.phase is Phase.HANDSHAKE:
+                left = deadline - time.monotonic()
+                if left <= 0 or not wait_readable_blocking(chan.sock, left):
+                    error = ContainerTimeout(
+                        f"the container at {self._path} did not answer HELLO"
+                        f" within {self._connect_timeout:g} s"
+                    )
+                    with self._lock:
+                        self._engine.connection_failed(error)
+                    raise error
+                self._read_once(chan)
+            if not self._engine.ready:
+                raise self._engine.error or self._engine.last_error or ContainerLost("no session")
+        except BaseException:
+            self._chan = None
+            chan.close()
+            raise
+        return chan
 
-    def _read(self) -> None:
+    def _read_once(self, chan: BlockingChannel) -> None:
+        try:
+            data, fds = recv_fds(chan.sock)
+        except OSError as exc:
+            self._broken(exc)
+            return
+        with self._lock:
+            self._engine.receive_data(data, fds)
+            self._pump()
+        self._flush()
+
+    def _run(self, chan: BlockingChannel) -> None:
+        """The reader thread: serve sessions, reconnect, give up."""
+        engine = self._engine
         try:
             while True:
-                msg = self._chan.receive_message(self._proto.decoder)
-                if msg is None:
-                    raise ContainerError("the container closed the session")
-                self._proto.check(msg)
-                if isinstance(msg, Parked):
-                    with self._lock:
-                        done = self._parks.resolve(msg)
-                    for waiter, result in done:
-                        waiter.result = result
-                        waiter.done.set()
-                elif isinstance(msg, Wake):
-                    self._on_wake(msg)
-                elif isinstance(msg, StatsReply):
-                    with self._lock:
-                        asker = self._stats.pop(0) if self._stats else None
-                    if asker is not None:
-                        asker.result = msg.body
-                        asker.done.set()
-        except ConnparkError as exc:
-            self._fail(exc)
-        except OSError as exc:
-            self._fail(ContainerError(f"lost the container: {exc}"))
+                while engine.ready:
+                    self._read_once(chan)
+                with self._send_lock:
+                    self._chan = None
+                chan.close()
+                if engine.phase is not Phase.LOST or self._stop.is_set():
+                    return
+                chan = self._reconnect()  # type: ignore[assignment]
+                if chan is None:
+                    return
         finally:
-            self._proto.decoder.close()
+            with self._lock:
+                self._pump()
             self._wakes.put(_END)
 
-    def _on_wake(self, msg: Wake) -> None:
-        for e in msg.entries:
-            sock = wrap_woken_fd(e)
-            if sock is not None:
-                sock.setblocking(True)
-            self._wakes.put(Woken(e.ticket, e.reason, e.token, e.pending, sock))
-        self._chan.send_frames(self._proto.ack(e.ticket for e in msg.entries))
+    def _reconnect(self) -> BlockingChannel | None:
+        engine = self._engine
+        while True:
+            with self._lock:
+                delay = engine.retry_delay(time.monotonic())
+                if delay is None:
+                    engine.give_up(
+                        ContainerLost(
+                            f"lost the container at {self._path} and could not reconnect"
+                            f" within {engine.backoff.give_up_after:g} s"
+                        )
+                    )
+                    self._pump()
+                    return None
+            if self._stop.wait(delay):
+                return None
+            try:
+                return self._connect()
+            except ContainerTimeout:
+                continue
+            except ConnparkError as exc:
+                if engine.phase is not Phase.LOST:  # refused us for good
+                    with self._lock:
+                        engine.give_up(exc)
+                        self._pump()
+                    return None
 
-    def _fail(self, exc: ConnparkError) -> None:
-        with self._lock:
-            if self._closed is None:
-                self._closed = exc
-            waiters = self._parks.drain() + self._stats
-            self._stats = []
-            closed = self._closed
-        for waiter in waiters:
-            waiter.error = closed
-            waiter.done.set()
+
+def _check_socket(sock: Any) -> None:
+    if not isinstance(sock, socket.socket):
+        raise TypeError(f"park() takes a socket.socket, not {type(sock).__name__}")

@@ -1,9 +1,9 @@
-"""``open_parking``: the hook for trio workers.
+"""``open_parking``: the hook for trio workers, a thin adapter over the engine.
 
-Concurrent ``park()`` calls from many tasks are coalesced into one PARK
-frame (up to 253 fds each), so a server parking a burst of connections
-pays one round trip per batch, not per connection. Every WAKE is ACKed as
-soon as its fds have arrived.
+This module only does I/O and waiting: one task runs the session (connect,
+read, reconnect), one writes what the engine has to send. Concurrent
+``park()`` calls from many tasks meet in the engine's batch and go out as one
+PARK request, because the writer lets them gather for one scheduling turn.
 """
 
 from __future__ import annotations
@@ -12,25 +12,29 @@ import math
 import os
 import socket as _stdsocket
 import sys
-from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeAlias
 
 import trio
 
-from ._errors import ConnparkError, ContainerError, ParkingClosed, ParkRefused
+from ._errors import ConnparkError, ContainerLost, ContainerTimeout, ParkRefused, lost_from_os_error
 from ._fdpass import TrioChannel
 from ._stats import ContainerStats
-from ._unixsock import connect_unix
-from ._wire import Parked, ParkEntry, ParkResult, Refusal, StatsReply, Wake
+from ._unixsock import connect_unix, peer_uid
 from ._worker import (
-    ParkTracker,
+    DEFAULT_BACKOFF,
+    Backoff,
+    Engine,
+    Phase,
     Policy,
+    Ready,
+    Request,
+    Settled,
+    Woke,
     Woken,
-    WorkerProtocol,
     make_park_entry,
-    refusal_error,
+    park_entries,
     wrap_woken_fd,
 )
 
@@ -39,6 +43,8 @@ if sys.version_info < (3, 11):
 
 TrioSocket = trio.socket.SocketType
 Parkable: TypeAlias = TrioSocket | _stdsocket.socket | trio.SocketStream
+#: How long leaving ``open_parking`` waits for the re-park of wakes nobody took.
+CLOSE_TIMEOUT = 5.0
 
 
 def _raw_socket(sock: Any) -> Any:
@@ -49,50 +55,69 @@ def _raw_socket(sock: Any) -> Any:
     raise TypeError(f"park() takes a socket or trio.SocketStream, not {type(sock).__name__}")
 
 
-class _Waiter:
-    """Waits for the results of ``n`` park entries (one ``park()`` or one ``park_many()``)."""
+class WakeStream:
+    """Woken connections: ``async for``, ``receive()`` or ``receive_nowait()``.
 
-    __slots__ = ("done", "error", "n", "results")
+    It goes on across reconnects. It ends when the parking is closed, and
+    raises ``ContainerLost`` once the hook gave up reconnecting.
+    """
 
-    def __init__(self, n: int = 1) -> None:
-        self.n = n
-        self.done = trio.Event()
-        self.results: list[ParkResult] = []
-        self.error: BaseException | None = None
+    def __init__(self, parking: Parking) -> None:
+        self._parking = parking
 
-    def add(self, result: ParkResult) -> None:
-        self.results.append(result)
-        if len(self.results) == self.n:
-            self.done.set()
+    def __aiter__(self) -> WakeStream:
+        return self
 
-    def fail(self, error: BaseException) -> None:
-        if self.error is None:
-            self.error = error
-        self.done.set()
+    async def __anext__(self) -> Woken[TrioSocket]:
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
 
-    async def wait(self) -> list[ParkResult]:
-        await self.done.wait()
-        if self.error is not None:
-            raise self.error
-        return self.results
+    async def receive(self) -> Woken[TrioSocket]:
+        try:
+            return await self._parking._wake_recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            self._parking._raise_if_gave_up()
+            raise trio.EndOfChannel from None
+
+    def receive_nowait(self) -> Woken[TrioSocket]:
+        """Raises ``trio.WouldBlock`` when none is waiting."""
+        try:
+            return self._parking._wake_recv.receive_nowait()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            self._parking._raise_if_gave_up()
+            raise trio.EndOfChannel from None
 
 
 class Parking:
-    """A worker session with a container. Get one from ``open_parking``."""
+    """A worker's parking handle. Get one from ``open_parking``."""
 
-    def __init__(self, chan: TrioChannel, proto: WorkerProtocol) -> None:
-        self._chan = chan
-        self._proto = proto
-        assert proto.welcome is not None
-        self.session_id = proto.welcome.session_id
-        self.max_token = proto.welcome.max_token
-        self.max_pending = proto.welcome.max_pending
-        self._batch: list[tuple[ParkEntry, _Waiter]] = []
-        self._batch_ready = trio.Event()
-        self._parks: ParkTracker[_Waiter] = ParkTracker()
-        self._stats_waiters: deque[tuple[trio.Event, list[bytes]]] = deque()
+    def __init__(self, path: str, engine: Engine, connect_timeout: float) -> None:
+        self._path = path
+        self._engine = engine
+        self._connect_timeout = connect_timeout
+        self._chan: TrioChannel | None = None
+        self._write_needed = trio.Event()
         self._wake_send, self._wake_recv = trio.open_memory_channel[Woken[TrioSocket]](math.inf)
-        self._closed: BaseException | None = None
+
+    @property
+    def session_id(self) -> int:
+        """The current session's id (it changes when the hook reconnects)."""
+        return self._engine.welcome.session_id if self._engine.welcome else 0
+
+    @property
+    def max_token(self) -> int:
+        return self._engine.welcome.max_token if self._engine.welcome else 0
+
+    @property
+    def max_pending(self) -> int:
+        return self._engine.welcome.max_pending if self._engine.welcome else 0
+
+    @property
+    def sessions(self) -> int:
+        """Sessions established so far: more than 1 after a reconnect."""
+        return self._engine.sessions
 
     # -- public API ---------------------------------------------------------------
 
@@ -109,7 +134,8 @@ class Parking:
         """Give ``sock`` to the container; returns its ticket and closes your copy.
 
         On ``ParkRefused`` (or any error) the socket is still yours and usable.
-        ``idle_timeout`` is in seconds (None: the container's default).
+        Cancelled while waiting, the socket is either still yours or, if the
+        container took it, closed: check ``sock.fileno() == -1``.
         """
         raw = _raw_socket(sock)
         entry = make_park_entry(
@@ -120,11 +146,10 @@ class Parking:
             on_hangup=on_hangup,
             on_timeout=on_timeout,
         )
-        (result,) = await self._submit([entry])
-        if result.refusal is not Refusal.OK:
-            raise refusal_error(result)
-        raw.close()
-        return result.ticket
+        (result,) = await self._park([raw], [entry])
+        if isinstance(result, ParkRefused):
+            raise result
+        return result
 
     async def park_many(
         self,
@@ -136,224 +161,256 @@ class Parking:
         on_hangup: Policy = "close",
         on_timeout: Policy = "close",
     ) -> list[int | ParkRefused]:
-        """Park many sockets in one request: a ticket or a ``ParkRefused`` per socket.
-
-        The same as ``park()`` for each, without a task or a round trip per
-        socket. ``tokens``/``pendings`` (if given) pair up with ``socks``. Each
-        parked socket's copy is closed; each refused one is still yours.
-        """
+        """Park many sockets in one request: a ticket or a ``ParkRefused`` per socket."""
         raws = [_raw_socket(s) for s in socks]
-        if tokens is not None and len(tokens) != len(raws):
-            raise ValueError("tokens must pair up with socks")
-        if pendings is not None and len(pendings) != len(raws):
-            raise ValueError("pendings must pair up with socks")
-        entries = [
-            make_park_entry(
-                raw.fileno(),
-                token=tokens[i] if tokens is not None else b"",
-                pending=pendings[i] if pendings is not None else b"",
-                idle_timeout=idle_timeout,
-                on_hangup=on_hangup,
-                on_timeout=on_timeout,
-            )
-            for i, raw in enumerate(raws)
-        ]
-        if not entries:
-            return []
-        out: list[int | ParkRefused] = []
-        for raw, result in zip(raws, await self._submit(entries), strict=True):
-            if result.refusal is Refusal.OK:
-                raw.close()
-                out.append(result.ticket)
-            else:
-                out.append(refusal_error(result))
-        return out
+        entries = park_entries(
+            [r.fileno() for r in raws],
+            tokens,
+            pendings,
+            idle_timeout=idle_timeout,
+            on_hangup=on_hangup,
+            on_timeout=on_timeout,
+        )
+        return await self._park(raws, entries)
 
-    def wakes(self) -> trio.MemoryReceiveChannel[Woken[TrioSocket]]:
-        """Woken connections, as they come (``async for woken in parking.wakes()``).
-
-        Ends when the session ends. Each ``woken.socket`` is a non-blocking trio
-        socket that is now yours (None for a notice).
-        """
-        return self._wake_recv
+    def wakes(self) -> WakeStream:
+        """Woken connections; each ``woken.socket`` is a non-blocking trio socket, yours."""
+        return WakeStream(self)
 
     async def unpark(self, *tickets: int) -> None:
-        """Ask for these parked connections back now (reason REQUESTED).
-
-        A ticket already on its way back (or gone) is ignored: no error.
-        """
-        await self._send(self._proto.unpark(tickets))
+        """Ask for these parked connections back now (reason REQUESTED); gone ones are ignored."""
+        self._engine.unpark(tickets)
+        await self._flush()
 
     async def close(self, ticket: int, *, goodbye: bytes = b"") -> None:
         """Have the container close a parked connection, writing ``goodbye`` first."""
-        await self._send(self._proto.close([(ticket, goodbye)]))
+        self._engine.close_ticket(ticket, goodbye)
+        await self._flush()
 
     async def stats(self) -> ContainerStats:
         """The container's statistics snapshot."""
-        event = trio.Event()
-        box: list[bytes] = []
-        # Shielded: a cancelled request would leave its waiter to steal the next reply.
-        with trio.CancelScope(shield=True):
-            self._stats_waiters.append((event, box))
-            await self._send(self._proto.stats())
-            await event.wait()
-        if not box:
-            raise self._closed_error()
-        return ContainerStats.from_json(box[0])
+        req = self._engine.stats(trio.Event())
+        self._write_needed.set()
+        await self._wait(req)
+        return req.outcome()
 
-    # -- internals ------------------------------------------------------------------
+    # -- waiting ----------------------------------------------------------------------
 
-    def _closed_error(self) -> ConnparkError:
-        if isinstance(self._closed, ConnparkError):
-            return self._closed
-        return ParkingClosed("the parking session is closed")
+    async def _park(self, socks: list[Any], entries: list[Any]) -> list[int | ParkRefused]:
+        req = self._engine.park(socks, entries, trio.Event())
+        self._pump()
+        self._write_needed.set()
+        await self._wait(req)
+        return req.outcome()
 
-    async def _send(self, frames: Sequence[Any]) -> None:
-        if self._closed is not None:
-            raise self._closed_error()
+    async def _wait(self, req: Request) -> None:
         try:
-            await self._chan.send_frames(frames)
+            await req.waiter.wait()
+        except BaseException:
+            self._engine.withdraw(req)  # cancelled: the engine keeps one owner
+            raise
+
+    def _raise_if_gave_up(self) -> None:
+        if isinstance(self._engine.error, ContainerLost):
+            raise self._engine.error
+
+    # -- I/O ----------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Act on the engine's events: wake waiters, queue woken connections."""
+        while (ev := self._engine.next_event()) is not None:
+            if isinstance(ev, Settled):
+                ev.request.waiter.set()
+            elif isinstance(ev, Woke):
+                for e in ev.entries:
+                    raw = wrap_woken_fd(e)
+                    sock = None if raw is None else trio.socket.from_stdlib_socket(raw)
+                    self._wake_send.send_nowait(Woken(e.ticket, e.reason, e.token, e.pending, sock))
+            elif isinstance(ev, Ready):
+                self._write_needed.set()
+
+    def _flush_now(self) -> None:
+        """Send what the engine has without yielding, unless the writer is mid-send."""
+        chan = self._chan
+        if chan is None or chan.busy:
+            self._write_needed.set()
+            return
+        try:
+            chan.try_send_nowait(self._engine.data_to_send())
         except OSError as exc:
-            raise ContainerError(f"lost the container: {exc}") from exc
+            self._broken(exc)
+        if chan.flush_needed:
+            self._write_needed.set()
 
-    async def _submit(self, entries: list[ParkEntry]) -> list[ParkResult]:
-        if self._closed is not None:
-            raise self._closed_error()
-        waiter = _Waiter(len(entries))
-        self._batch.extend((e, waiter) for e in entries)
-        self._batch_ready.set()
-        # Shielded: once submitted, the outcome must be known, or a cancelled
-        # park() could leave the connection both parked and still "yours".
-        # PARKED comes in a round trip; a dead session fails the waiter.
-        with trio.CancelScope(shield=True):
-            results = await waiter.wait()
-        await trio.lowlevel.checkpoint_if_cancelled()
-        return results
+    async def _flush(self) -> None:
+        self._flush_now()
+        await trio.lowlevel.checkpoint()
 
-    async def _flusher(self) -> None:
-        """Send queued parks as one PARK request per turn (split at 253 fds by the codec)."""
+    def _broken(self, exc: OSError) -> None:
+        self._engine.connection_failed(lost_from_os_error(exc, "lost the container"))
+        self._pump()
+        if self._chan is not None:
+            self._chan.close()  # the reader sees it and ends the session
+
+    async def _writer(self) -> None:
         while True:
-            await self._batch_ready.wait()
-            self._batch_ready = trio.Event()
+            await self._write_needed.wait()
+            self._write_needed = trio.Event()
             await trio.lowlevel.cancel_shielded_checkpoint()  # let sibling park() calls join
-            batch, self._batch = self._batch, []
-            if not batch:
+            chan = self._chan
+            if chan is None:
                 continue
             try:
-                request_id, frames = self._proto.park(e for e, _ in batch)
-            except ConnparkError as exc:  # cannot be encoded: fail these parks only
-                for _, w in batch:
-                    w.fail(exc)
-                continue
-            self._parks.add(request_id, [w for _, w in batch])
-            try:
-                await self._chan.send_frames(frames)
+                await chan.send_frames(self._engine.data_to_send())
             except OSError as exc:
-                self._fail(ContainerError(f"lost the container: {exc}"))
-                return
+                self._broken(exc)
 
-    async def _reader(self) -> None:
+    async def _session(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, handshake, then read until the session is lost."""
         try:
-            while True:
-                msg = await self._chan.receive_message(self._proto.decoder)
-                if msg is None:
-                    raise ContainerError("the container closed the session")
-                self._proto.check(msg)
-                if isinstance(msg, Parked):
-                    self._on_parked(msg)
-                elif isinstance(msg, Wake):
-                    await self._on_wake(msg)
-                elif isinstance(msg, StatsReply) and self._stats_waiters:
-                    event, box = self._stats_waiters.popleft()
-                    box.append(msg.body)
-                    event.set()
-        except (ConnparkError, OSError) as exc:
-            self._fail(exc if isinstance(exc, ConnparkError) else ContainerError(str(exc)))
+            chan = TrioChannel(connect_unix(self._path), own_fds=False)
+        except OSError as exc:  # pragma: no cover - connect_unix translates its own
+            raise lost_from_os_error(exc, f"cannot connect to {self._path}") from exc
+        try:
+            self._engine.start_session(peer_uid(chan.sock))
+            self._chan = chan
+            self._flush_now()
+            with trio.move_on_after(self._connect_timeout) as handshake:
+                while self._engine.phase is Phase.HANDSHAKE:
+                    await self._read_once(chan)
+            if handshake.cancelled_caught:
+                error = ContainerTimeout(
+                    f"the container at {self._path} did not answer HELLO"
+                    f" within {self._connect_timeout:g} s"
+                )
+                self._engine.connection_failed(error)
+                raise error
+            if not self._engine.ready:
+                raise self._engine.error or self._engine.last_error or ContainerLost("no session")
+            task_status.started()
+            while self._engine.ready:
+                await self._read_once(chan)
+        finally:
+            self._chan = None
+            chan.close()
+            self._pump()
 
-    def _on_parked(self, msg: Parked) -> None:
-        for waiter, result in self._parks.resolve(msg):
-            waiter.add(result)
-
-    async def _on_wake(self, msg: Wake) -> None:
-        woken = []
-        for e in msg.entries:
-            raw = wrap_woken_fd(e)
-            sock = None if raw is None else trio.socket.from_stdlib_socket(raw)
-            woken.append(Woken(e.ticket, e.reason, e.token, e.pending, sock))
-        delivered = []
-        for w in woken:  # ours now: from here _shutdown closes what nobody takes
-            try:
-                self._wake_send.send_nowait(w)
-                delivered.append(w.ticket)
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                # Nobody can take it (wakes() closed, or the session is ending):
-                # drop our copy, do not ACK; the container gives it to another worker.
-                if w.socket is not None:
-                    w.socket.close()
-        if delivered:
-            await self._chan.send_frames(self._proto.ack(delivered))
-        # Let the consumers take these before we decode the next WAKE of a burst.
+    async def _read_once(self, chan: TrioChannel) -> None:
+        try:
+            data, fds = await chan.receive()
+        except (OSError, trio.ClosedResourceError) as exc:
+            if isinstance(exc, OSError):
+                self._engine.connection_failed(lost_from_os_error(exc, "lost the container"))
+            else:
+                self._engine.connection_failed(ContainerLost("lost the container"))
+            return
+        self._engine.receive_data(data, fds)
+        self._pump()
+        self._flush_now()
+        # Let consumers take this burst before we decode the next one.
         await trio.lowlevel.cancel_shielded_checkpoint()
 
-    def _fail(self, exc: BaseException) -> None:
-        """The session is over: fail every waiter, end ``wakes()``."""
-        if self._closed is None:
-            self._closed = exc
-        for w in self._parks.drain():
-            w.fail(self._closed_error())
-        for _, w in self._batch:
-            w.fail(self._closed_error())
-        self._batch.clear()
-        while self._stats_waiters:
-            self._stats_waiters.popleft()[0].set()
+    async def _run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """The first session (its errors go to ``open_parking``), then reconnects."""
+        await self._session(task_status)
+        engine = self._engine
+        while engine.phase is Phase.LOST:
+            delay = engine.retry_delay(trio.current_time())
+            if delay is None:
+                engine.give_up(
+                    ContainerLost(
+                        f"lost the container at {self._path} and could not reconnect"
+                        f" within {engine.backoff.give_up_after:g} s"
+                    )
+                )
+                break
+            await trio.sleep(delay)
+            try:
+                await self._session()
+            except ContainerTimeout:
+                continue
+            except ConnparkError as exc:
+                if engine.phase is not Phase.LOST:  # refused us for good (uid, version)
+                    engine.give_up(exc)
+                    break
+        self._pump()
         self._wake_send.close()
 
-    def _shutdown(self) -> None:
-        self._fail(ParkingClosed("the parking session is closed"))
-        # Wakes nobody took are ours: close them rather than leak them.
+    async def _close(self) -> None:
+        """Hand back what nobody took, wait for it (bounded), fail the rest."""
+        untaken = []
         while True:
             try:
-                w = self._wake_recv.receive_nowait()
+                untaken.append(self._wake_recv.receive_nowait())
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
-            if w.socket is not None:
-                w.socket.close()
-        self._proto.decoder.close()
-        self._chan.close()
+        req = self._engine.begin_close(untaken, trio.Event())
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            # Every wake anyone could take is ACKed before the socket goes.
+            if self._chan is not None:
+                await self._chan.send_frames(self._engine.data_to_send())
+            if req is not None:
+                await req.waiter.wait()
+        self._engine.finish_close()
+        self._pump()
+
+
+def _close_stream(parking: Parking) -> None:
+    parking._wake_send.close()
+    while True:
+        try:
+            w = parking._wake_recv.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            break
+        if w.socket is not None:
+            w.socket.close()
+    parking._wake_recv.close()
 
 
 @asynccontextmanager
 async def open_parking(
-    path: str | os.PathLike[str], *, pool: str = "default", name: str = ""
+    path: str | os.PathLike[str],
+    *,
+    pool: str = "default",
+    name: str = "",
+    reconnect: bool = True,
+    container_uid: int | None = None,
+    connect_timeout: float = 10.0,
+    backoff: Backoff = DEFAULT_BACKOFF,
 ) -> AsyncIterator[Parking]:
     """Connect to the container at ``path`` as a worker of ``pool``.
 
-    Raises ``ContainerError`` (a ``ConnparkError``) if the container is not
-    there or will not have us (e.g. our uid is not allowed).
+    The first connection must succeed: ``ContainerLost`` if nothing is there,
+    ``ContainerError`` if the container will not have us (or we do not trust
+    its uid), ``ContainerTimeout`` if it does not answer. After that the hook
+    reconnects by itself (unless ``reconnect=False``) and gives up, with
+    ``ContainerLost``, after ``backoff.give_up_after`` seconds without one.
     """
-    chan = TrioChannel(connect_unix(path))
-    proto = WorkerProtocol(pool, name or f"trio-{os.getpid()}")
-    try:
-        await chan.send_frames(proto.hello())
-        with trio.fail_after(10):
-            proto.handshake(await chan.receive_message(proto.decoder))
-    except BaseException:
-        proto.decoder.close()
-        chan.close()
-        raise
-    parking = Parking(chan, proto)
+    engine = Engine(
+        pool,
+        name or f"trio-{os.getpid()}",
+        reconnect=reconnect,
+        backoff=backoff,
+        container_uid=container_uid,
+    )
+    parking = Parking(os.fspath(path), engine, connect_timeout)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(parking._reader)
-            nursery.start_soon(parking._flusher)
+            nursery.start_soon(parking._writer)
+            await nursery.start(parking._run)
             try:
                 yield parking
+                await parking._close()
             finally:
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        # Our tasks never raise: a group holds what the body raised. Unwrap it.
+        # Our tasks raise only before the session is up: one error, unwrap it.
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise
     finally:
-        parking._shutdown()
+        engine.finish_close()
+        _close_stream(parking)
+
+
+__all__ = ["Parking", "WakeStream", "open_parking"]

@@ -10,7 +10,7 @@ import struct
 import sys
 from pathlib import Path
 
-from ._errors import ConnparkError, ContainerError
+from ._errors import ConnparkError, lost_from_os_error
 
 
 def default_socket_path(name: str = "connpark.sock") -> Path:
@@ -60,20 +60,24 @@ def listen_unix(
 
 
 def connect_unix(path: str | os.PathLike[str]) -> socket.socket:
-    """Connect to a container (or demo server), turning OS errors into one clear line."""
+    """Connect to a container (or demo server); ``ContainerLost`` in one clear line."""
     path = os.fspath(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(path)
     except OSError as exc:
         sock.close()
-        why = {
-            errno.ENOENT: "no such socket file",
-            errno.ECONNREFUSED: "connection refused (nothing is listening)",
-            errno.EACCES: "permission denied",
-        }.get(exc.errno or 0, exc.strerror or str(exc))
-        raise ContainerError(f"cannot connect to {path}: {why}") from exc
+        if exc.errno == errno.ECONNREFUSED and _exists_not_socket(path):
+            exc = OSError(errno.ENOTSOCK, os.strerror(errno.ENOTSOCK))
+        raise lost_from_os_error(exc, f"cannot connect to {path}") from exc
     return sock
+
+
+def _exists_not_socket(path: str) -> bool:
+    try:
+        return not stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def peer_uid(sock: socket.socket) -> int | None:

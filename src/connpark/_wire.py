@@ -38,7 +38,11 @@ import attrs
 
 from ._errors import LocalProtocolError, RemoteProtocolError
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
+#: Versions a container accepts: v1 workers keep working during a rolling deploy.
+SUPPORTED_VERSIONS: Final = frozenset({1, 2})
+#: The most tickets a HELLO v2 may report from the previous session.
+MAX_RESUME_TICKETS: Final = 4096
 HEADER: Final = struct.Struct("!IBBH")
 #: SCM_MAX_FD on Linux: the most fds one sendmsg may carry.
 MAX_FDS_PER_FRAME: Final = 253
@@ -55,6 +59,7 @@ _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 _U64 = struct.Struct("!Q")
 _HELLO = struct.Struct("!H")
+_HELLO_RESUME = struct.Struct("!QH")
 _WELCOME = struct.Struct("!QIIHI")
 _PARK_HEAD = struct.Struct("!IH")
 _PARK_ENTRY = struct.Struct("!IBHI")
@@ -137,11 +142,20 @@ class Frame:
 
 @attrs.frozen
 class Hello:
-    """Worker introduces itself: protocol version, pool and a name for logs."""
+    """Worker introduces itself: protocol version, pool and a name for logs.
+
+    Version 2 adds what a reconnecting worker knows of its previous session:
+    its id and the tickets woken to it whose ACK may not have reached the
+    container (the container treats them as ACKed, never re-routes them).
+    """
 
     version: int = PROTOCOL_VERSION
     pool: str = "default"
     name: str = ""
+    #: v2: the previous session's id (0: none).
+    resume_session: int = 0
+    #: v2: tickets received in ``resume_session`` that may be un-ACKed.
+    resume_tickets: tuple[int, ...] = ()
 
 
 @attrs.frozen
@@ -427,6 +441,15 @@ def _encode(msg: Message, max_body: int, max_fds: int) -> list[Frame]:
         body = (
             _HELLO.pack(msg.version) + _str_field(msg.pool, "pool") + _str_field(msg.name, "name")
         )
+        if msg.version >= 2:
+            if len(msg.resume_tickets) > MAX_RESUME_TICKETS:
+                raise LocalProtocolError(
+                    f"{len(msg.resume_tickets)} resume tickets, over {MAX_RESUME_TICKETS}"
+                )
+            body += _HELLO_RESUME.pack(msg.resume_session, len(msg.resume_tickets))
+            body += b"".join(_U64.pack(t) for t in msg.resume_tickets)
+        elif msg.resume_session or msg.resume_tickets:
+            raise LocalProtocolError("HELLO v1 cannot carry resume fields")
         return _single(MessageType.HELLO, body, max_body)
     if isinstance(msg, Welcome):
         body = _WELCOME.pack(
@@ -599,7 +622,17 @@ def _decode_single_untrusted(mtype: MessageType, body: _Body) -> Message:
         (version,) = body.unpack(_HELLO)
         pool = body.text(body.unpack(_U8)[0], "pool")
         name = body.text(body.unpack(_U8)[0], "name")
-        msg = Hello(version, pool, name)
+        resume_session, resume = 0, tuple[int, ...]()
+        if version not in SUPPORTED_VERSIONS:
+            body.take(len(body.data) - body.pos)  # a later version's fields: answer VERSION
+        elif version >= 2:
+            resume_session, count = body.unpack(_HELLO_RESUME)
+            if count > MAX_RESUME_TICKETS:
+                raise RemoteProtocolError(
+                    f"HELLO reports {count} resume tickets, over {MAX_RESUME_TICKETS}"
+                )
+            resume = tuple(body.unpack(_U64)[0] for _ in range(count))
+        msg = Hello(version, pool, name, resume_session, resume)
     elif mtype is MessageType.WELCOME:
         msg = Welcome(*body.unpack(_WELCOME))
     elif mtype is MessageType.STATS:

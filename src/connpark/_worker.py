@@ -1,23 +1,74 @@
-"""The worker side of the protocol, sans-IO: shared by the trio, blocking and asyncio hooks.
+"""The worker engine: the whole worker side of the protocol, sans-IO.
 
-A hook owns a socket and a way to wait; this module owns everything else:
-validating park arguments, request ids, matching PARKED to requests, turning
-ERROR into ``ContainerError`` and refusals into ``ParkRefused``.
+Theory of operation
+-------------------
+An ``Engine`` is one worker's relationship with a container, across as many
+sessions (connections of the control socket) as reconnects need. It never
+does I/O. A hook (trio, threads, asyncio) connects, feeds what it reads to
+``receive_data(bytes, fds)`` / ``receive_eof()``, pulls ``next_event()``
+until it returns None, and writes ``data_to_send()``; that is all a hook
+does, in the manner of h11.
+
+Phases::
+
+    IDLE --start_session--> HANDSHAKE --WELCOME--> READY --EOF/ERROR--> LOST
+      ^                                                                  |
+      +-------------------- (the hook reconnects) -----------------------+
+    any --begin_close--> CLOSING --finish_close--> CLOSED   (also: give_up)
+
+Ownership rules, kept here once for every hook:
+
+- **Park is two-phase.** A park request is QUEUED until ``data_to_send``
+  encodes it (concurrent parks are batched into one PARK request, split at
+  253 fds by the codec), then SENT. On PARKED "ok" the engine closes the
+  caller's copy; on a refusal the socket stays the caller's. A cancelled
+  caller ``withdraw``s: a QUEUED park is dropped (the socket is the caller's),
+  a SENT one is *abandoned*: its answer still closes the socket if it was
+  parked. So the socket is always exactly the caller's or closed, never both.
+  Until an fd has gone out, its socket stays open (PARKED cannot come
+  earlier), so no fd number can be reused under a queued frame.
+- **ACK rule.** A WAKE's tickets are ACKed as soon as the message is decoded:
+  from then its fds are in this process and the hook owns them (the hook's
+  wake queue outlives sessions; ``begin_close`` re-parks what nobody took).
+  After ``begin_close``, wakes are no longer ACKed and their fds are closed:
+  the container re-routes them once this session's socket is gone.
+- **A lost session** (EOF, reset, ERROR): parks not yet answered go back to
+  QUEUED and are re-sent on the next session (the worker still holds those
+  sockets: the container that did not answer did not keep them); stats
+  requests are re-sent too. The next HELLO (v2) reports the previous session
+  and the tickets received in it, which may be un-ACKed.
+- **Failure.** ``give_up`` fails every waiter with one error.
+
+Waiters are the hook's objects (an Event, a Future); the engine only reports,
+as ``Settled`` events, which requests are done.
 """
 
 from __future__ import annotations
 
+import enum
 import itertools
 import math
+import os
 import socket
-from collections.abc import Iterable
-from typing import Generic, Literal, TypeVar
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import Any, Generic, Literal, TypeVar
 
 import attrs
 
-from ._errors import ContainerError, ParkRefused, RemoteProtocolError
+from ._errors import (
+    ConnparkError,
+    ContainerError,
+    ContainerLost,
+    ParkingClosed,
+    ParkRefused,
+    ProtocolError,
+    RemoteProtocolError,
+)
+from ._stats import ContainerStats
 from ._wire import (
     DEFAULT_MAX_BODY,
+    MAX_RESUME_TICKETS,
     MAX_TOKEN,
     PROTOCOL_VERSION,
     Ack,
@@ -25,14 +76,15 @@ from ._wire import (
     CloseEntry,
     Decoder,
     Error,
+    ErrorCode,
     Frame,
     Hello,
     Message,
     Park,
     Parked,
     ParkEntry,
-    ParkResult,
     Reason,
+    Refusal,
     Stats,
     StatsReply,
     Unpark,
@@ -45,10 +97,11 @@ from ._wire import (
 )
 
 S = TypeVar("S")
-H = TypeVar("H")
 Policy = Literal["close", "return"]
 _POLICIES = ("close", "return")
 _MAX_MS = 0xFFFFFFFF
+#: ERROR codes after which reconnecting cannot help.
+_FATAL = frozenset({ErrorCode.VERSION, ErrorCode.NOT_ALLOWED})
 
 
 @attrs.frozen
@@ -63,6 +116,9 @@ class Woken(Generic[S]):
     #: The connection (in your world's socket type), or None for a notice: the
     #: container closed it (hang-up or timeout with policy "close").
     socket: S | None
+
+
+# ------------------------------------------------------------- arguments
 
 
 def make_park_entry(
@@ -108,6 +164,28 @@ def make_park_entry(
     )
 
 
+def park_entries(
+    fds: Sequence[int],
+    tokens: Sequence[bytes] | None,
+    pendings: Sequence[bytes] | None,
+    **policy: Any,
+) -> list[ParkEntry]:
+    """``park_many``'s arguments, checked as a whole before anything is queued."""
+    if tokens is not None and len(tokens) != len(fds):
+        raise ValueError("tokens must pair up with socks")
+    if pendings is not None and len(pendings) != len(fds):
+        raise ValueError("pendings must pair up with socks")
+    return [
+        make_park_entry(
+            fd,
+            token=tokens[i] if tokens is not None else b"",
+            pending=pendings[i] if pendings is not None else b"",
+            **policy,
+        )
+        for i, fd in enumerate(fds)
+    ]
+
+
 def wrap_woken_fd(entry: WakeEntry) -> socket.socket | None:
     """A stdlib socket for a woken fd, family from the WAKE flags: no syscall spent."""
     if entry.fd is None:
@@ -116,96 +194,586 @@ def wrap_woken_fd(entry: WakeEntry) -> socket.socket | None:
     return socket.socket(family, socket.SOCK_STREAM, 0, fileno=entry.fd)
 
 
-def refusal_error(result: ParkResult) -> ParkRefused:
-    return ParkRefused(result.refusal.label)
+def check_container_uid(peer: int | None, expected: int | None) -> None:
+    """Trust the container before sending it a single fd.
+
+    By default it must run as our own uid or as root; ``expected`` names
+    another. Where the OS cannot tell (``peer`` None) there is nothing to check.
+    """
+    if peer is None:
+        return
+    mine = os.geteuid()
+    allowed = {expected} if expected is not None else {mine, 0}
+    if peer not in allowed:
+        want = expected if expected is not None else f"{mine} (ours) or 0"
+        raise ContainerError(
+            f"the container runs as uid {peer}, expected uid {want}: not sending it connections"
+            " (pass container_uid= to trust it)"
+        )
 
 
-class WorkerProtocol:
-    """One worker session's protocol state; feed it bytes, ask it for frames."""
+# ------------------------------------------------------------- requests
 
-    def __init__(self, pool: str = "default", name: str = "") -> None:
+
+class ReqState(enum.Enum):
+    QUEUED = "queued"  #: not encoded yet: may be withdrawn
+    SENT = "sent"  #: on the wire: only the answer settles it
+    DONE = "done"
+
+
+@attrs.define(eq=False)
+class ParkRequest:
+    """One ``park()`` / ``park_many()`` call: its sockets and, once settled, results."""
+
+    socks: list[Any]
+    entries: list[ParkEntry]
+    waiter: Any
+    #: Per socket: a ticket or the ``ParkRefused`` (index-aligned with ``socks``).
+    results: list[int | ParkRefused | None] = attrs.field(factory=list)
+    state: ReqState = ReqState.QUEUED
+    #: The caller stopped waiting (cancelled) after it was sent.
+    abandoned: bool = False
+    error: ConnparkError | None = None
+    #: How many leading entries are answered (PARKED may come in pieces).
+    answered: int = 0
+    #: Wakes nobody took, parked again at close: the engine's own sockets.
+    handback: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        self.results = [None] * len(self.entries)
+
+    def outcome(self) -> list[int | ParkRefused]:
+        """The results, or the error that ended the request."""
+        if self.error is not None:
+            raise self.error
+        return [r for r in self.results if r is not None]
+
+
+@attrs.define(eq=False)
+class StatsRequest:
+    waiter: Any
+    state: ReqState = ReqState.QUEUED
+    abandoned: bool = False
+    result: ContainerStats | None = None
+    error: ConnparkError | None = None
+
+    def outcome(self) -> ContainerStats:
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+Request = ParkRequest | StatsRequest
+
+
+# ------------------------------------------------------------- events
+
+
+@attrs.frozen
+class Ready:
+    """The handshake is done: the session is up (also after a reconnect)."""
+
+    welcome: Welcome
+
+
+@attrs.frozen
+class Woke:
+    """Connections handed back (already ACKed): wrap each fd and queue it for the user."""
+
+    entries: tuple[WakeEntry, ...]
+
+
+@attrs.frozen
+class Settled:
+    """A request is done (answered, refused or failed): wake its waiter."""
+
+    request: Request
+
+
+@attrs.frozen
+class SessionLost:
+    """The session ended. Reconnect after ``Engine.retry_delay()``, or give up."""
+
+    error: ConnparkError
+
+
+Event = Ready | Woke | Settled | SessionLost
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"
+    HANDSHAKE = "handshake"
+    READY = "ready"
+    LOST = "lost"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+@attrs.frozen
+class Backoff:
+    """Reconnect schedule: exponential from ``first`` to ``most``, for ``give_up_after`` s."""
+
+    first: float = 0.05
+    most: float = 2.0
+    give_up_after: float = 60.0
+
+
+DEFAULT_BACKOFF = Backoff()
+
+
+# ------------------------------------------------------------- the engine
+
+
+class Engine:
+    """The worker side of the protocol for one parking handle (see the module docstring)."""
+
+    def __init__(
+        self,
+        pool: str = "default",
+        name: str = "",
+        *,
+        reconnect: bool = True,
+        backoff: Backoff = DEFAULT_BACKOFF,
+        container_uid: int | None = None,
+    ) -> None:
         self.pool = pool
         self.name = name
-        self.decoder = Decoder()
+        self.reconnect = reconnect
+        self.backoff = backoff
+        self.container_uid = container_uid
+        self.phase = Phase.IDLE
         self.welcome: Welcome | None = None
+        self.decoder = Decoder()
         self._ids = itertools.count(1)
+        self._events: deque[Event] = deque()
+        # Outgoing, in order: control frames; parks are encoded at send time.
+        self._out: list[Frame] = []
+        self._acks: list[int] = []
+        self._batch: list[ParkRequest] = []
+        #: request id -> the park requests it carries, answered in order.
+        self._sent: dict[int, _Batch] = {}
+        self._stats: deque[StatsRequest] = deque()
+        #: Tickets woken in this session (bounded): reported by the next HELLO.
+        self._received: deque[int] = deque(maxlen=MAX_RESUME_TICKETS)
+        self._resume: tuple[int, tuple[int, ...]] = (0, ())
+        self._lost_since: float | None = None
+        self._delay = 0.0
+        #: Set once the engine is closed for good (given up, refused, closed).
+        self.error: ConnparkError | None = None
+        #: Why the last session ended.
+        self.last_error: ConnparkError | None = None
+        #: Sessions established so far (1 after the first WELCOME).
+        self.sessions = 0
 
-    # -- outgoing -------------------------------------------------------------
+    # -- session lifecycle ---------------------------------------------------------
 
-    def hello(self) -> list[Frame]:
-        return encode(Hello(PROTOCOL_VERSION, self.pool, self.name))
+    def start_session(self, peer_uid: int | None) -> None:
+        """A new control connection is up: check who is there, queue HELLO."""
+        if self.phase not in (Phase.IDLE, Phase.LOST):
+            raise ConnparkError(f"cannot start a session while {self.phase.value}")
+        check_container_uid(peer_uid, self.container_uid)
+        self.decoder.close()
+        self.decoder = Decoder()
+        self._out = [
+            *encode(Hello(PROTOCOL_VERSION, self.pool, self.name, *self._resume)),
+        ]
+        self.phase = Phase.HANDSHAKE
 
-    def park(self, entries: Iterable[ParkEntry]) -> tuple[int, list[Frame]]:
-        """Frames for one PARK request, and its id (match it in ``parked``)."""
-        request_id = next(self._ids) & 0xFFFFFFFF
-        return request_id, encode(Park(request_id, tuple(entries)))
+    @property
+    def ready(self) -> bool:
+        return self.phase is Phase.READY
 
-    @staticmethod
-    def ack(tickets: Iterable[int]) -> list[Frame]:
-        return encode(Ack(tuple(tickets)))
+    @property
+    def busy(self) -> bool:
+        """Parks or stats requests are waiting for an answer (``begin_close`` waits for them)."""
+        return bool(self._sent) or any(not s.abandoned for s in self._stats)
 
-    @staticmethod
-    def unpark(tickets: Iterable[int]) -> list[Frame]:
-        return encode(Unpark(tuple(tickets)))
+    def receive_data(self, data: bytes, fds: Iterable[int] = ()) -> None:
+        """Feed what the control socket gave; b"" means EOF."""
+        if not data:
+            close_fds(fds)
+            self.receive_eof()
+            return
+        if self.phase in (Phase.LOST, Phase.CLOSED, Phase.IDLE):
+            close_fds(fds)  # from a session that is already over
+            return
+        self.decoder.receive_data(data, fds)
 
-    @staticmethod
-    def close(items: Iterable[tuple[int, bytes]]) -> list[Frame]:
-        return encode(Close(tuple(CloseEntry(t, bytes(g)) for t, g in items)))
+    def receive_eof(self) -> None:
+        if self.phase in (Phase.HANDSHAKE, Phase.READY, Phase.CLOSING):
+            try:
+                self.decoder.eof()
+                error: ConnparkError = ContainerLost("the container closed the session")
+            except RemoteProtocolError as exc:
+                error = ContainerLost(f"the container closed the session: {exc}")
+            self._lose(error)
 
-    @staticmethod
-    def stats() -> list[Frame]:
-        return encode(Stats())
+    def connection_failed(self, error: ConnparkError) -> None:
+        """The session's socket broke (an OSError, translated by the hook)."""
+        if self.phase in (Phase.HANDSHAKE, Phase.READY, Phase.CLOSING):
+            self._lose(error)
 
-    # -- incoming -------------------------------------------------------------
+    def next_event(self) -> Event | None:
+        """The next event, or None when more data is needed."""
+        while not self._events:
+            if self.phase not in (Phase.HANDSHAKE, Phase.READY, Phase.CLOSING):
+                return None
+            try:
+                msg = self.decoder.next_message()
+            except RemoteProtocolError as exc:
+                self._lose(ContainerLost(f"the container broke the protocol: {exc}"))
+                continue
+            if msg is None:
+                return None
+            self._dispatch(msg)
+        return self._events.popleft()
 
-    def handshake(self, msg: Message | None) -> Welcome:
-        """Check the container's answer to HELLO."""
-        if msg is None:
-            raise ContainerError("the container closed the connection during the handshake")
-        self.check(msg)
-        if not isinstance(msg, Welcome):
-            raise RemoteProtocolError(f"expected WELCOME, got {type(msg).__name__}")
-        self.welcome = msg
-        return msg
-
-    @staticmethod
-    def check(msg: Message) -> Message:
-        """Raise ``ContainerError`` for ERROR; refuse messages a container never sends."""
-        if isinstance(msg, Error):
-            raise ContainerError(f"container error: {msg.text}", code=msg.code)
-        if not isinstance(msg, (Welcome, Parked, Wake, StatsReply)):
-            close_fds(message_fds(msg))
-            raise RemoteProtocolError(f"{type(msg).__name__} is not a container message")
-        return msg
-
-
-class ParkTracker(Generic[H]):
-    """Outstanding PARK requests: request id -> one caller handle per entry, in order.
-
-    The hooks differ only in what a handle is (an Event, a Future...).
-    """
-
-    def __init__(self) -> None:
-        self._requests: dict[int, list[H]] = {}
-
-    def add(self, request_id: int, handles: list[H]) -> None:
-        self._requests[request_id] = handles
-
-    def resolve(self, msg: Parked) -> list[tuple[H, ParkResult]]:
-        """Match a PARKED to its request's next entries (a big request may be
-        answered in several PARKED messages, one per PARK frame, in order)."""
-        handles = self._requests.get(msg.request_id)
-        n = len(msg.results)
-        if handles is None or n > len(handles):
-            raise RemoteProtocolError(f"PARKED for unknown request {msg.request_id}")
-        done = list(zip(handles[:n], msg.results, strict=True))
-        del handles[:n]
-        if not handles:
-            del self._requests[msg.request_id]
-        return done
-
-    def drain(self) -> list[H]:
-        """Every handle still waiting (the session is over: fail them)."""
-        out = [h for handles in self._requests.values() for h in handles]
-        self._requests.clear()
+    def data_to_send(self) -> list[Frame]:
+        """Frames to write now, in order (the caller's fds are borrowed, not owned)."""
+        if self.phase is Phase.HANDSHAKE:
+            out, self._out = self._out, []
+            return out
+        if self.phase not in (Phase.READY, Phase.CLOSING):
+            return []
+        out, self._out = self._out, []
+        if self._acks:
+            out[:0] = encode(Ack(tuple(self._acks)))
+            self._acks = []
+        if self._batch:
+            out.extend(self._encode_batch())
         return out
+
+    # -- reconnect -------------------------------------------------------------------
+
+    def retry_delay(self, now: float) -> float | None:
+        """Seconds to wait before the next connect attempt, or None: give up."""
+        if self.phase is not Phase.LOST or not self.reconnect:
+            return None
+        if self._lost_since is None:
+            self._lost_since = now
+        if now - self._lost_since >= self.backoff.give_up_after:
+            return None
+        self._delay = min(self.backoff.most, max(self.backoff.first, self._delay * 2))
+        return self._delay
+
+    def give_up(self, error: ConnparkError) -> None:
+        """No more sessions: fail every waiter with ``error``."""
+        if self.phase is Phase.CLOSED:
+            return
+        self.error = error
+        self.phase = Phase.CLOSED
+        self.decoder.close()
+        self._fail_all(error)
+
+    # -- requests ----------------------------------------------------------------------
+
+    def park(self, socks: list[Any], entries: list[ParkEntry], waiter: Any) -> ParkRequest:
+        """Queue a park of ``socks`` (entries built by ``make_park_entry``)."""
+        self._check_open()
+        req = ParkRequest(socks, entries, waiter)
+        if entries:
+            self._batch.append(req)
+        else:
+            req.state = ReqState.DONE
+            self._events.append(Settled(req))
+        return req
+
+    def withdraw(self, req: Request) -> None:
+        """The caller stopped waiting (cancelled, timed out): keep one owner all the same."""
+        if req.state is ReqState.DONE:
+            return
+        if isinstance(req, StatsRequest):
+            req.abandoned = True  # its reply, when it comes, is dropped
+            if req.state is ReqState.QUEUED:
+                req.state = ReqState.DONE
+            return
+        if req.state is ReqState.QUEUED:
+            self._batch.remove(req)
+            req.state = ReqState.DONE
+            req.error = ParkingClosed("park withdrawn")
+        else:
+            req.abandoned = True
+
+    def stats(self, waiter: Any) -> StatsRequest:
+        self._check_open()
+        req = StatsRequest(waiter)
+        self._stats.append(req)
+        if self.phase is Phase.READY:
+            self._out.extend(encode(Stats()))
+            req.state = ReqState.SENT
+        return req
+
+    def unpark(self, tickets: Iterable[int]) -> None:
+        self._control(Unpark(tuple(tickets)))
+
+    def close_ticket(self, ticket: int, goodbye: bytes = b"") -> None:
+        if not isinstance(goodbye, (bytes, bytearray, memoryview)):
+            raise TypeError(f"goodbye must be bytes, not {type(goodbye).__name__}")
+        self._control(Close((CloseEntry(ticket, bytes(goodbye)),)))
+
+    # -- closing ---------------------------------------------------------------------
+
+    def begin_close(
+        self, untaken: Sequence[Woken[Any]] = (), waiter: Any = None
+    ) -> ParkRequest | None:
+        """The user is done: stop taking wakes, hand the untaken ones back (re-park).
+
+        Parks not yet sent fail with ``ParkingClosed`` (those sockets are the
+        callers'). Returns the re-park request, to wait for (bounded) before
+        ``finish_close``; None when there is nothing to hand back.
+        """
+        if self.phase in (Phase.CLOSING, Phase.CLOSED):
+            return None
+        closed = ParkingClosed("the parking session is closed")
+        for req in self._batch:
+            self._settle_error(req, closed)
+        self._batch = []
+        live = self.phase is Phase.READY
+        self.phase = Phase.CLOSING if live else Phase.CLOSED
+        socks = [w.socket for w in untaken if w.socket is not None]
+        if not live:
+            for s in socks:
+                s.close()  # no session to hand them to: nobody else can own them
+            self._fail_all(closed)
+            return None
+        if not socks:
+            return None
+        entries = [ParkEntry(s.fileno(), w.token, w.pending) for w in untaken if (s := w.socket)]
+        req = ParkRequest(socks, entries, waiter, handback=True)
+        self._batch.append(req)
+        return req
+
+    def finish_close(self) -> None:
+        """The hook is about to close the socket: fail whatever is still waiting."""
+        if self.phase is not Phase.CLOSED:
+            self.phase = Phase.CLOSED
+            self.decoder.close()
+            self._fail_all(ParkingClosed("the parking session is closed"))
+
+    # -- internals -------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self.phase is Phase.CLOSED:
+            raise self.error or ParkingClosed("the parking session is closed")
+        if self.phase is Phase.CLOSING:
+            raise ParkingClosed("the parking session is closing")
+
+    def _control(self, msg: Message) -> None:
+        self._check_open()
+        if self.phase is Phase.READY:
+            self._out.extend(encode(msg))
+        # Otherwise dropped: UNPARK/CLOSE name tickets, which stay valid; the
+        # caller may repeat them once reconnected (UNPARK of a gone ticket is a no-op).
+
+    def _encode_batch(self) -> list[Frame]:
+        batch, self._batch = self._batch, []
+        entries = [e for req in batch for e in req.entries[req.answered :]]
+        request_id = next(self._ids) & 0xFFFFFFFF
+        frames = encode(Park(request_id, tuple(entries)))
+        # One id for the batch: PARKED answers it in order; map each answer back.
+        for req in batch:
+            req.state = ReqState.SENT
+        self._sent[request_id] = _Batch(batch)
+        return frames
+
+    def _dispatch(self, msg: Message) -> None:
+        if isinstance(msg, Wake):
+            self._on_wake(msg)
+        elif isinstance(msg, Parked):
+            self._on_parked(msg)
+        elif isinstance(msg, StatsReply):
+            self._on_stats(msg)
+        elif isinstance(msg, Welcome):
+            if self.phase is not Phase.HANDSHAKE:
+                self._lose(ContainerLost("the container sent WELCOME twice"))
+                return
+            self._on_welcome(msg)
+        elif isinstance(msg, Error):
+            text = f"the container ended the session: {msg.text}"
+            if self.phase is Phase.HANDSHAKE or msg.code in _FATAL:
+                error: ConnparkError = ContainerError(text, code=msg.code)
+                if msg.code in _FATAL:
+                    self._lose(error)
+                    self.give_up(error)
+                    return
+            error = ContainerLost(text)
+            self._lose(error)
+        else:
+            close_fds(message_fds(msg))
+            self._lose(ContainerLost(f"the container sent {type(msg).__name__}, a worker message"))
+
+    def _on_welcome(self, msg: Welcome) -> None:
+        self.welcome = msg
+        self.phase = Phase.READY
+        self.sessions += 1
+        self._lost_since = None
+        self._delay = 0.0
+        self._resume = (0, ())
+        self._received.clear()
+        self._events.append(Ready(msg))
+        for req in self._stats:  # re-sent after a reconnect
+            if req.state is ReqState.QUEUED and not req.abandoned:
+                self._out.extend(encode(Stats()))
+                req.state = ReqState.SENT
+
+    def _on_wake(self, msg: Wake) -> None:
+        if self.phase is not Phase.READY:
+            # Closing: nobody will take them. Not ACKed: the container gives
+            # them to another worker once this session's socket is closed.
+            close_fds(message_fds(msg))
+            return
+        tickets = [e.ticket for e in msg.entries]
+        self._acks.extend(tickets)
+        self._received.extend(tickets)
+        self._events.append(Woke(msg.entries))
+
+    def _on_parked(self, msg: Parked) -> None:
+        batch = self._sent.get(msg.request_id)
+        if batch is None:
+            self._lose(ContainerLost(f"PARKED for unknown request {msg.request_id}"))
+            return
+        if not batch.take(self, msg.results):
+            self._lose(ContainerLost(f"PARKED answers more than request {msg.request_id} asked"))
+            return
+        if batch.done:
+            del self._sent[msg.request_id]
+
+    def _answer(self, req: ParkRequest, index: int, refusal: Refusal, ticket: int) -> None:
+        sock = req.socks[index]
+        if refusal is Refusal.OK:
+            req.results[index] = ticket
+            sock.close()  # the container has it now: one owner
+        else:
+            req.results[index] = ParkRefused(refusal)
+        req.answered = index + 1
+        if req.answered == len(req.entries):
+            req.state = ReqState.DONE
+            if not req.abandoned:
+                self._events.append(Settled(req))
+
+    def _on_stats(self, msg: StatsReply) -> None:
+        while self._stats:
+            req = self._stats.popleft()
+            if req.state is not ReqState.SENT:
+                continue
+            req.state = ReqState.DONE
+            if req.abandoned:
+                return
+            try:
+                req.result = ContainerStats.from_json(msg.body)
+            except (ValueError, TypeError, KeyError) as exc:
+                req.error = ContainerLost(f"bad statistics from the container: {exc}")
+            self._events.append(Settled(req))
+            return
+
+    def _lose(self, error: ConnparkError) -> None:
+        """The session is over; keep what can be re-sent, fail the rest."""
+        if self.phase not in (Phase.HANDSHAKE, Phase.READY, Phase.CLOSING):
+            return
+        closing = self.phase is Phase.CLOSING
+        handshake = self.phase is Phase.HANDSHAKE
+        session_id = self.welcome.session_id if self.welcome and not handshake else 0
+        self.decoder.close()
+        self._out = []
+        self._acks = []
+        self.last_error = error
+        self._events.append(SessionLost(error))
+        if closing or not self.reconnect:
+            self.phase = Phase.CLOSED
+            self.error = error if not closing else ParkingClosed("the parking session is closed")
+            self._fail_all(error)
+            return
+        self.phase = Phase.LOST
+        if session_id:
+            self._resume = (session_id, tuple(self._received))
+        # Unanswered parks: the container did not keep them (it answers every
+        # PARK frame it reads before it ends a session); send them again.
+        requeue: list[ParkRequest] = []
+        for batch in self._sent.values():
+            requeue.extend(batch.unanswered())
+        self._sent.clear()
+        for req in requeue:
+            if req.abandoned:
+                # Nobody waits: the socket is the caller's again (documented).
+                req.state = ReqState.DONE
+                req.error = error
+            else:
+                req.state = ReqState.QUEUED
+        self._batch[:0] = [r for r in requeue if r.state is ReqState.QUEUED]
+        for sreq in self._stats:
+            if sreq.state is ReqState.SENT:
+                sreq.state = ReqState.QUEUED
+
+    def _settle_error(self, req: Request, error: ConnparkError) -> None:
+        if req.state is ReqState.DONE:
+            return
+        req.state = ReqState.DONE
+        req.error = error
+        if isinstance(req, ParkRequest) and req.handback:
+            for sock in req.socks[req.answered :]:
+                sock.close()  # wakes we were handing back: ours, and nobody else's
+        if not req.abandoned:
+            self._events.append(Settled(req))
+
+    def _fail_all(self, error: ConnparkError) -> None:
+        for batch in self._sent.values():
+            for req in batch.unanswered():
+                self._settle_error(req, error)
+        self._sent.clear()
+        for req in self._batch:
+            self._settle_error(req, error)
+        self._batch = []
+        while self._stats:
+            self._settle_error(self._stats.popleft(), error)
+
+
+class _Batch:
+    """The requests one PARK request carries, answered in order, maybe in pieces."""
+
+    __slots__ = ("pos", "reqs")
+
+    def __init__(self, reqs: list[ParkRequest]) -> None:
+        self.reqs = reqs
+        self.pos = 0  # index into reqs of the first request not fully answered
+
+    @property
+    def done(self) -> bool:
+        return self.pos >= len(self.reqs)
+
+    def take(self, engine: Engine, results: Sequence[Any]) -> bool:
+        for result in results:
+            if self.done:
+                return False
+            req = self.reqs[self.pos]
+            engine._answer(req, req.answered, result.refusal, result.ticket)
+            if req.answered == len(req.entries):
+                self.pos += 1
+        return True
+
+    def unanswered(self) -> list[ParkRequest]:
+        return [r for r in self.reqs[self.pos :] if r.state is not ReqState.DONE]
+
+
+def closed_error(error: BaseException | None) -> ConnparkError:
+    """The error a call on a finished engine raises."""
+    if isinstance(error, ConnparkError):
+        return error
+    return ParkingClosed("the parking session is closed")
+
+
+__all__ = [
+    "Backoff",
+    "Engine",
+    "ParkRequest",
+    "ProtocolError",
+    "Ready",
+    "SessionLost",
+    "Settled",
+    "StatsRequest",
+    "Woke",
+    "Woken",
+    "make_park_entry",
+    "park_entries",
+    "wrap_woken_fd",
+]

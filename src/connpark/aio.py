@@ -1,7 +1,9 @@
-"""``connpark.aio.open_parking``: the hook for asyncio workers, shaped like the trio one.
+"""``connpark.aio.open_parking``: the hook for asyncio workers, a thin adapter over the engine.
 
 Woken sockets are non-blocking stdlib sockets, ready for
-``asyncio.open_connection(sock=woken.socket)`` or ``loop.sock_recv``.
+``asyncio.open_connection(sock=woken.socket)`` or ``loop.sock_recv``. The
+behaviour (batching, ACKs, cancellation, reconnect, errors) is the engine's,
+the same as the trio and thread hooks.
 """
 
 from __future__ import annotations
@@ -9,95 +11,80 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from ._errors import ConnparkError, ContainerError, ParkingClosed
+from ._errors import ConnparkError, ContainerLost, ContainerTimeout, ParkRefused, lost_from_os_error
 from ._fdpass import Outbox, recv_fds
 from ._stats import ContainerStats
-from ._unixsock import connect_unix
-from ._wire import (
-    Decoder,
-    Frame,
-    Message,
-    Parked,
-    ParkEntry,
-    ParkResult,
-    Refusal,
-    StatsReply,
-    Wake,
-    close_fds,
-)
+from ._unixsock import connect_unix, peer_uid
 from ._worker import (
-    ParkTracker,
+    DEFAULT_BACKOFF,
+    Backoff,
+    Engine,
+    Phase,
     Policy,
+    Request,
+    Settled,
+    Woke,
     Woken,
-    WorkerProtocol,
     make_park_entry,
-    refusal_error,
+    park_entries,
     wrap_woken_fd,
 )
 
 __all__ = ["AsyncioParking", "open_parking"]
 
 _END = object()
+#: How long leaving ``open_parking`` waits for the re-park of wakes nobody took.
+CLOSE_TIMEOUT = 5.0
 
 
 class _Channel:
-    """Frames and fds over a non-blocking unix socket, driven by the asyncio loop."""
+    """A non-blocking unix socket driven by the loop: readiness waits, ordered sends."""
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self.sock = sock
         self._loop = asyncio.get_running_loop()
         self._lock = asyncio.Lock()
-        self._outbox = Outbox()
+        self._outbox = Outbox(own_fds=False)
 
-    async def _wait(self, writable: bool) -> None:
+    async def wait(self, writable: bool) -> None:
         fut: asyncio.Future[None] = self._loop.create_future()
+        fd = self.sock.fileno()
+        add, remove = (
+            (self._loop.add_writer, self._loop.remove_writer)
+            if writable
+            else (self._loop.add_reader, self._loop.remove_reader)
+        )
 
         def ready() -> None:
             if not fut.done():
                 fut.set_result(None)
 
-        fd = self.sock.fileno()
-        if writable:
-            self._loop.add_writer(fd, ready)
-        else:
-            self._loop.add_reader(fd, ready)
+        add(fd, ready)
         try:
             await fut
         finally:
-            if writable:
-                self._loop.remove_writer(fd)
-            else:
-                self._loop.remove_reader(fd)
+            remove(fd)
 
-    async def send_frames(self, frames: list[Frame]) -> None:
+    async def send_frames(self, frames: list[Any]) -> None:
+        self._outbox.add(frames)  # now, in call order: the lock only paces the writing
         async with self._lock:
-            self._outbox.add(frames)
             while True:
                 try:
                     return self._outbox.send_some(self.sock)
                 except BlockingIOError:
-                    await self._wait(writable=True)
+                    await self.wait(writable=True)
 
-    async def receive_message(self, decoder: Decoder) -> Message | None:
+    async def receive(self) -> tuple[bytes, list[int]]:
         while True:
-            msg = decoder.next_message()
-            if msg is not None:
-                return msg
             try:
-                data, fds = recv_fds(self.sock)
+                return recv_fds(self.sock)
             except BlockingIOError:
-                await self._wait(writable=False)
-                continue
-            if not data:
-                close_fds(fds)
-                decoder.eof()
-                return None
-            decoder.receive_data(data, fds)
+                await self.wait(writable=False)
 
     def close(self) -> None:
         self.sock.close()
@@ -105,20 +92,32 @@ class _Channel:
 
 
 class AsyncioParking:
-    """A worker session for asyncio code. Get one from ``connpark.aio.open_parking``."""
+    """A worker's parking handle for asyncio. Get one from ``connpark.aio.open_parking``."""
 
-    def __init__(self, chan: _Channel, proto: WorkerProtocol) -> None:
-        self._chan = chan
-        self._proto = proto
-        assert proto.welcome is not None
-        self.session_id = proto.welcome.session_id
+    def __init__(self, path: str, engine: Engine, connect_timeout: float) -> None:
+        self._path = path
+        self._engine = engine
+        self._connect_timeout = connect_timeout
         self._loop = asyncio.get_running_loop()
-        self._parks: ParkTracker[asyncio.Future[ParkResult]] = ParkTracker()
-        self._batch: list[tuple[ParkEntry, asyncio.Future[ParkResult]]] = []
-        self._stats: list[asyncio.Future[bytes]] = []
+        self._chan: _Channel | None = None
         self._wakes: asyncio.Queue[object] = asyncio.Queue()
-        self._closed: ConnparkError | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._flush_scheduled = False
+
+    @property
+    def session_id(self) -> int:
+        return self._engine.welcome.session_id if self._engine.welcome else 0
+
+    @property
+    def max_token(self) -> int:
+        return self._engine.welcome.max_token if self._engine.welcome else 0
+
+    @property
+    def max_pending(self) -> int:
+        return self._engine.welcome.max_pending if self._engine.welcome else 0
+
+    @property
+    def sessions(self) -> int:
+        return self._engine.sessions
 
     # -- public API -------------------------------------------------------------
 
@@ -134,13 +133,11 @@ class AsyncioParking:
     ) -> int:
         """Give ``sock`` to the container; returns its ticket and closes your copy.
 
-        Detach it from any transport first (``transport.pause_reading()`` and
-        take ``transport.get_extra_info("socket")`` only if you own it; simplest
-        is a socket you drive with ``loop.sock_recv``). On ``ParkRefused`` the
-        socket is still yours.
+        Park a socket you drive yourself (``loop.sock_recv``), not one a
+        transport still reads. On ``ParkRefused`` the socket is still yours;
+        cancelled, it is either still yours or closed (``sock.fileno() == -1``).
         """
-        if not isinstance(sock, socket.socket):
-            raise TypeError(f"park() takes a socket.socket, not {type(sock).__name__}")
+        _check_socket(sock)
         entry = make_park_entry(
             sock.fileno(),
             token=token,
@@ -149,182 +146,263 @@ class AsyncioParking:
             on_hangup=on_hangup,
             on_timeout=on_timeout,
         )
-        self._check_open()
-        fut: asyncio.Future[ParkResult] = self._loop.create_future()
-        self._batch.append((entry, fut))
-        if len(self._batch) == 1:
-            self._spawn(self._flush())
-        try:
-            result = await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            self._settle_cancelled(sock, entry, fut)
-            raise
-        if result.refusal is not Refusal.OK:
-            raise refusal_error(result)
-        sock.close()
-        return result.ticket
+        (result,) = await self._park([sock], [entry])
+        if isinstance(result, ParkRefused):
+            raise result
+        return result
+
+    async def park_many(
+        self,
+        socks: Sequence[socket.socket],
+        *,
+        tokens: Sequence[bytes] | None = None,
+        pendings: Sequence[bytes] | None = None,
+        idle_timeout: float | None = None,
+        on_hangup: Policy = "close",
+        on_timeout: Policy = "close",
+    ) -> list[int | ParkRefused]:
+        """Park many sockets in one request: a ticket or a ``ParkRefused`` per socket."""
+        for s in socks:
+            _check_socket(s)
+        entries = park_entries(
+            [s.fileno() for s in socks],
+            tokens,
+            pendings,
+            idle_timeout=idle_timeout,
+            on_hangup=on_hangup,
+            on_timeout=on_timeout,
+        )
+        return await self._park(list(socks), entries)
 
     async def wakes(self) -> AsyncIterator[Woken[socket.socket]]:
-        """Woken connections as they come; ends when the session ends."""
+        """Woken connections as they come, across reconnects; ends when closed.
+
+        Raises ``ContainerLost`` once the hook gave up reconnecting.
+        """
         while True:
             item = await self._wakes.get()
             if item is _END:
                 self._wakes.put_nowait(_END)
+                if isinstance(self._engine.error, ContainerLost):
+                    raise self._engine.error
                 return
             assert isinstance(item, Woken)
             yield item
 
     async def unpark(self, *tickets: int) -> None:
         """Ask for these connections back now (REQUESTED); gone tickets are ignored."""
-        await self._send(self._proto.unpark(tickets))
+        self._engine.unpark(tickets)
+        await self._flush()
 
     async def close(self, ticket: int, *, goodbye: bytes = b"") -> None:
         """Have the container write ``goodbye`` and close a parked connection."""
-        await self._send(self._proto.close([(ticket, goodbye)]))
+        self._engine.close_ticket(ticket, goodbye)
+        await self._flush()
 
     async def stats(self) -> ContainerStats:
-        self._check_open()
-        fut: asyncio.Future[bytes] = self._loop.create_future()
-        self._stats.append(fut)
-        await self._send(self._proto.stats())
-        return ContainerStats.from_json(await fut)
+        """The container's statistics snapshot."""
+        req = self._engine.stats(self._loop.create_future())
+        self._schedule_flush()
+        await self._wait(req)
+        return req.outcome()
 
-    # -- internals ----------------------------------------------------------------
+    # -- waiting ----------------------------------------------------------------
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = self._loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    async def _park(self, socks: list[Any], entries: list[Any]) -> list[int | ParkRefused]:
+        req = self._engine.park(socks, entries, self._loop.create_future())
+        self._pump()
+        self._schedule_flush()
+        await self._wait(req)
+        return req.outcome()
 
-    def _check_open(self) -> None:
-        if self._closed is not None:
-            raise self._closed
-
-    async def _send(self, frames: list[Frame]) -> None:
-        self._check_open()
+    async def _wait(self, req: Request) -> None:
         try:
-            await self._chan.send_frames(frames)
-        except OSError as exc:
-            error = ContainerError(f"lost the container: {exc}")
-            self._fail(error)
-            raise error from exc
+            await asyncio.shield(req.waiter)
+        except asyncio.CancelledError:
+            self._engine.withdraw(req)  # the engine keeps one owner
+            raise
 
-    def _settle_cancelled(
-        self, sock: socket.socket, entry: ParkEntry, fut: asyncio.Future[ParkResult]
-    ) -> None:
-        """A park() was cancelled: keep the one-owner rule all the same.
+    # -- I/O ----------------------------------------------------------------------
 
-        Not sent yet: withdraw it, the socket stays the caller's. Already
-        sent: when PARKED comes, close the caller's copy if it was parked.
-        """
-        for i, (queued, queued_fut) in enumerate(self._batch):
-            if queued is entry and queued_fut is fut:
-                del self._batch[i]
-                fut.cancel()
-                return
+    def _pump(self) -> None:
+        while (ev := self._engine.next_event()) is not None:
+            if isinstance(ev, Settled):
+                if not ev.request.waiter.done():
+                    ev.request.waiter.set_result(None)
+            elif isinstance(ev, Woke):
+                for e in ev.entries:
+                    sock = wrap_woken_fd(e)
+                    if sock is not None:
+                        sock.setblocking(False)
+                    self._wakes.put_nowait(Woken(e.ticket, e.reason, e.token, e.pending, sock))
 
-        def settle(f: asyncio.Future[ParkResult]) -> None:
-            if not f.cancelled() and f.exception() is None and f.result().refusal is Refusal.OK:
-                sock.close()
+    def _schedule_flush(self) -> None:
+        """Flush once this loop turn is over: parks of the same turn share a request."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_soon)
 
-        fut.add_done_callback(settle)
+    def _flush_soon(self) -> None:
+        self._flush_scheduled = False
+        task = self._loop.create_task(self._flush())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
 
     async def _flush(self) -> None:
-        await asyncio.sleep(0)  # let the park() calls of this loop turn join the batch
-        batch, self._batch = self._batch, []
-        if not batch:
+        chan = self._chan
+        frames = self._engine.data_to_send()
+        if chan is None or not frames:
             return
         try:
-            request_id, frames = self._proto.park(e for e, _ in batch)
-        except ConnparkError as exc:  # cannot be encoded: fail these parks only
-            for _, f in batch:
-                if not f.done():
-                    f.set_exception(exc)
-            return
-        self._parks.add(request_id, [f for _, f in batch])
-        try:
-            await self._send(frames)
-        except ConnparkError:
-            pass  # _fail has failed the futures
-
-    async def _read(self) -> None:
-        try:
-            while True:
-                msg = await self._chan.receive_message(self._proto.decoder)
-                if msg is None:
-                    raise ContainerError("the container closed the session")
-                self._proto.check(msg)
-                if isinstance(msg, Parked):
-                    for fut, result in self._parks.resolve(msg):
-                        if not fut.done():
-                            fut.set_result(result)
-                elif isinstance(msg, Wake):
-                    for e in msg.entries:
-                        sock = wrap_woken_fd(e)
-                        if sock is not None:
-                            sock.setblocking(False)
-                        self._wakes.put_nowait(Woken(e.ticket, e.reason, e.token, e.pending, sock))
-                    await self._chan.send_frames(self._proto.ack(e.ticket for e in msg.entries))
-                elif isinstance(msg, StatsReply) and self._stats:
-                    fut_stats = self._stats.pop(0)
-                    if not fut_stats.done():
-                        fut_stats.set_result(msg.body)
-        except ConnparkError as exc:
-            self._fail(exc)
+            await chan.send_frames(frames)
         except OSError as exc:
-            self._fail(ContainerError(f"lost the container: {exc}"))
+            self._engine.connection_failed(lost_from_os_error(exc, "lost the container"))
+            self._pump()
+            chan.close()
 
-    def _fail(self, exc: ConnparkError) -> None:
-        if self._closed is None:
-            self._closed = exc
-        closed = self._closed
-        waiting: list[asyncio.Future[ParkResult]] = self._parks.drain()
-        waiting += [f for _, f in self._batch]
-        self._batch = []
-        for fut in waiting:
-            if not fut.done():
-                fut.set_exception(closed)
-        for sfut in self._stats:
-            if not sfut.done():
-                sfut.set_exception(closed)
-        self._stats = []
-        self._wakes.put_nowait(_END)
+    async def _session(self, started: asyncio.Future[None] | None) -> None:
+        """Connect, handshake, then read until the session is lost."""
+        chan = _Channel(connect_unix(self._path))
+        try:
+            self._engine.start_session(peer_uid(chan.sock))
+            self._chan = chan
+            await self._flush()
+            try:
+                await asyncio.wait_for(self._handshake(chan), self._connect_timeout)
+            except asyncio.TimeoutError:
+                error = ContainerTimeout(
+                    f"the container at {self._path} did not answer HELLO"
+                    f" within {self._connect_timeout:g} s"
+                )
+                self._engine.connection_failed(error)
+                raise error from None
+            if not self._engine.ready:
+                raise self._engine.error or self._engine.last_error or ContainerLost("no session")
+            if started is not None:
+                started.set_result(None)
+            while self._engine.ready:
+                await self._read_once(chan)
+        finally:
+            self._chan = None
+            chan.close()
+            self._pump()
 
-    def _shutdown(self) -> None:
-        self._fail(ParkingClosed("the parking session is closed"))
+    async def _handshake(self, chan: _Channel) -> None:
+        while self._engine.phase is Phase.HANDSHAKE:
+            await self._read_once(chan)
+
+    async def _read_once(self, chan: _Channel) -> None:
+        try:
+            data, fds = await chan.receive()
+        except OSError as exc:
+            self._engine.connection_failed(lost_from_os_error(exc, "lost the container"))
+            return
+        self._engine.receive_data(data, fds)
+        self._pump()
+        await self._flush()
+
+    async def _run(self, started: asyncio.Future[None]) -> None:
+        """The first session (its errors go to ``open_parking``), then reconnects."""
+        try:
+            await self._session(started)
+        except BaseException as exc:
+            if not started.done():
+                started.set_exception(exc)
+                return
+            raise
+        engine = self._engine
+        try:
+            while engine.phase is Phase.LOST:
+                delay = engine.retry_delay(self._loop.time())
+                if delay is None:
+                    engine.give_up(
+                        ContainerLost(
+                            f"lost the container at {self._path} and could not reconnect"
+                            f" within {engine.backoff.give_up_after:g} s"
+                        )
+                    )
+                    break
+                await asyncio.sleep(delay)
+                try:
+                    await self._session(None)
+                except ContainerTimeout:
+                    continue
+                except ConnparkError as exc:
+                    if engine.phase is not Phase.LOST:
+                        engine.give_up(exc)
+                        break
+        finally:
+            self._pump()
+            self._wakes.put_nowait(_END)
+
+    async def _close(self) -> None:
+        untaken: list[Woken[Any]] = []
         while not self._wakes.empty():
             item = self._wakes.get_nowait()
-            if isinstance(item, Woken) and item.socket is not None:
-                item.socket.close()
-        self._wakes.put_nowait(_END)
-        self._proto.decoder.close()
-        self._chan.close()
+            if isinstance(item, Woken):
+                untaken.append(item)
+        req = self._engine.begin_close(untaken, self._loop.create_future())
+
+        async def hand_back() -> None:
+            await self._flush()  # every wake anyone could take is ACKed first
+            if req is not None:
+                await req.waiter
+
+        try:
+            await asyncio.wait_for(hand_back(), CLOSE_TIMEOUT)
+        except asyncio.TimeoutError:
+            pass
+        self._engine.finish_close()
+        self._pump()
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+def _check_socket(sock: Any) -> None:
+    if not isinstance(sock, socket.socket):
+        raise TypeError(f"park() takes a socket.socket, not {type(sock).__name__}")
 
 
 @asynccontextmanager
 async def open_parking(
-    path: str | os.PathLike[str], *, pool: str = "default", name: str = ""
+    path: str | os.PathLike[str],
+    *,
+    pool: str = "default",
+    name: str = "",
+    reconnect: bool = True,
+    container_uid: int | None = None,
+    connect_timeout: float = 10.0,
+    backoff: Backoff = DEFAULT_BACKOFF,
 ) -> AsyncIterator[AsyncioParking]:
-    """Connect to the container at ``path`` as an asyncio worker of ``pool``."""
-    chan = _Channel(connect_unix(path))
-    proto = WorkerProtocol(pool, name or f"asyncio-{os.getpid()}")
+    """Connect to the container at ``path`` as an asyncio worker of ``pool``.
+
+    The same contract as ``connpark.open_parking`` (trio).
+    """
+    engine = Engine(
+        pool,
+        name or f"asyncio-{os.getpid()}",
+        reconnect=reconnect,
+        backoff=backoff,
+        container_uid=container_uid,
+    )
+    parking = AsyncioParking(os.fspath(path), engine, connect_timeout)
+    loop = asyncio.get_running_loop()
+    started: asyncio.Future[None] = loop.create_future()
+    runner = loop.create_task(parking._run(started))
     try:
-        await chan.send_frames(proto.hello())
-        proto.handshake(await asyncio.wait_for(chan.receive_message(proto.decoder), 10))
-    except BaseException:
-        proto.decoder.close()
-        chan.close()
-        raise
-    parking = AsyncioParking(chan, proto)
-    reader = asyncio.get_running_loop().create_task(parking._read())
-    try:
+        await started
         yield parking
+        await parking._close()
     finally:
-        reader.cancel()
+        engine.finish_close()
+        runner.cancel()
         try:
-            await reader
-        except asyncio.CancelledError:
+            await runner
+        except (asyncio.CancelledError, ConnparkError):
             pass
-        for task in list(parking._tasks):
-            task.cancel()
-        parking._shutdown()
+        while not parking._wakes.empty():
+            item = parking._wakes.get_nowait()
+            if isinstance(item, Woken) and item.socket is not None:
+                item.socket.close()
+        parking._wakes.put_nowait(_END)

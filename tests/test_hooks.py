@@ -1,38 +1,95 @@
-"""The blocking and asyncio hooks: the trio hook's behaviour tests, against ``connpark serve``."""
+"""One conformance suite for the three hooks (trio, threads, asyncio).
+
+Each hook is wrapped in a driver with the same synchronous surface, in the
+manner of trio's ``testing/_check_streams.py``; every behaviour test runs
+against all three. Deadlines use each world's own mechanism: a cancel scope
+(trio), task cancellation (asyncio), ``timeout=`` (threads).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
+import signal
 import socket
+import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
+import trio
 
 import connpark
 import connpark.aio
 from connpark import Reason
+from connpark._fdpass import recv_fds
+from connpark._unixsock import listen_unix
+from connpark._wire import (
+    Decoder,
+    Hello,
+    Park,
+    Parked,
+    ParkResult,
+    Refusal,
+    Welcome,
+    close_fds,
+    encode,
+    message_fds,
+)
 
 from ._procs import ServeProcess, tcp_pairs
 from .conftest import open_fd_count
 
 pytestmark = pytest.mark.linux
 
+Wk = connpark.Woken[socket.socket]
+
+
+class Driver(Protocol):
+    kind: str
+
+    def park(self, sock: socket.socket, **kw: Any) -> int: ...
+    def park_many(self, socks: Sequence[socket.socket], **kw: Any) -> list[Any]: ...
+    def park_within(self, sock: socket.socket, seconds: float) -> int | None: ...
+    def stats_within(self, seconds: float) -> connpark.ContainerStats | None: ...
+    def next_wake(self, timeout: float = 10) -> Wk: ...
+    def unpark(self, ticket: int) -> None: ...
+    def close(self, ticket: int, goodbye: bytes) -> None: ...
+    def stats(self) -> connpark.ContainerStats: ...
+    def sessions(self) -> int: ...
+    def shutdown(self) -> None: ...
+
 
 class BlockingDriver:
     kind = "blocking"
 
-    def __init__(self, path: Path, pool: str = "default") -> None:
-        self.parking = connpark.BlockingParking(path, pool=pool)
+    def __init__(self, path: Path, **kw: Any) -> None:
+        self.parking = connpark.BlockingParking(path, **kw)
 
     def park(self, sock: socket.socket, **kw: Any) -> int:
         return self.parking.park(sock, **kw)
 
-    def next_wake(self, timeout: float = 10) -> connpark.Woken[socket.socket]:
+    def park_many(self, socks: Sequence[socket.socket], **kw: Any) -> list[Any]:
+        return self.parking.park_many(socks, **kw)
+
+    def park_within(self, sock: socket.socket, seconds: float) -> int | None:
+        try:
+            return self.parking.park(sock, timeout=seconds)
+        except connpark.ContainerTimeout:
+            return None
+
+    def stats_within(self, seconds: float) -> connpark.ContainerStats | None:
+        try:
+            return self.parking.stats(timeout=seconds)
+        except connpark.ContainerTimeout:
+            return None
+
+    def next_wake(self, timeout: float = 10) -> Wk:
         woken = self.parking.next_wake(timeout=timeout)
         assert woken is not None, "no wake in time"
         return woken
@@ -46,30 +103,55 @@ class BlockingDriver:
     def stats(self) -> connpark.ContainerStats:
         return self.parking.stats()
 
+    def sessions(self) -> int:
+        return self.parking.sessions
+
     def shutdown(self) -> None:
         self.parking.shutdown()
 
 
 class AsyncioDriver:
-    """Runs an asyncio loop in a thread; each call is a coroutine run there."""
+    """An asyncio loop in a thread; each call is a coroutine run there."""
 
     kind = "asyncio"
 
-    def __init__(self, path: Path, pool: str = "default") -> None:
+    def __init__(self, path: Path, **kw: Any) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self._cm = connpark.aio.open_parking(path, pool=pool)
-        self.parking = self._run(self._cm.__aenter__())
+        self._cm = connpark.aio.open_parking(path, **kw)
+        try:
+            self.parking = self._run(self._cm.__aenter__())
+        except BaseException:
+            self._stop_loop()
+            raise
         self._wakes = self.parking.wakes()
 
-    def _run(self, coro: Any, timeout: float = 20) -> Any:
+    def _run(self, coro: Any, timeout: float = 30) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def park(self, sock: socket.socket, **kw: Any) -> int:
         return self._run(self.parking.park(sock, **kw))  # type: ignore[no-any-return]
 
-    def next_wake(self, timeout: float = 10) -> connpark.Woken[socket.socket]:
+    def park_many(self, socks: Sequence[socket.socket], **kw: Any) -> list[Any]:
+        return self._run(self.parking.park_many(socks, **kw))  # type: ignore[no-any-return]
+
+    def _within(self, coro: Any, seconds: float) -> Any:
+        async def go() -> Any:
+            try:
+                return await asyncio.wait_for(coro, seconds)
+            except asyncio.TimeoutError:
+                return None
+
+        return self._run(go())
+
+    def park_within(self, sock: socket.socket, seconds: float) -> int | None:
+        return self._within(self.parking.park(sock), seconds)  # type: ignore[no-any-return]
+
+    def stats_within(self, seconds: float) -> connpark.ContainerStats | None:
+        return self._within(self.parking.stats(), seconds)  # type: ignore[no-any-return]
+
+    def next_wake(self, timeout: float = 10) -> Wk:
         async def one() -> Any:
             return await asyncio.wait_for(self._wakes.__anext__(), timeout)
 
@@ -84,51 +166,171 @@ class AsyncioDriver:
     def stats(self) -> connpark.ContainerStats:
         return self._run(self.parking.stats())  # type: ignore[no-any-return]
 
+    def sessions(self) -> int:
+        return self.parking.sessions
+
     def shutdown(self) -> None:
+        if self.loop.is_closed():
+            return
+
         async def leave() -> None:
-            await self._wakes.aclose()
+            await self._wakes.aclose()  # type: ignore[attr-defined]
             await self._cm.__aexit__(None, None, None)
 
-        self._run(leave())
+        try:
+            self._run(leave())
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
 
 
+class TrioDriver:
+    """``trio.run`` in a thread; each call goes in through ``trio.from_thread``.
+
+    Woken trio sockets are handed to the test as stdlib sockets (same fd, same mode).
+    """
+
+    kind = "trio"
+
+    def __init__(self, path: Path, **kw: Any) -> None:
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.thread = threading.Thread(target=trio.run, args=(self._main, path, kw), daemon=True)
+        self.thread.start()
+        self._ready.wait(30)
+        if self._error is not None:
+            self.thread.join(10)
+            raise self._error
+
+    async def _main(self, path: Path, kw: dict[str, Any]) -> None:
+        self.token = trio.lowlevel.current_trio_token()
+        self._stop = trio.Event()
+        try:
+            async with connpark.open_parking(path, **kw) as parking:
+                self.parking = parking
+                self._wakes = parking.wakes()
+                self._ready.set()
+                await self._stop.wait()
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+
+    def _run(self, afn: Callable[[], Any]) -> Any:
+        return trio.from_thread.run(afn, trio_token=self.token)
+
+    def park(self, sock: socket.socket, **kw: Any) -> int:
+        return self._run(functools.partial(self.parking.park, sock, **kw))  # type: ignore[no-any-return]
+
+    def park_many(self, socks: Sequence[socket.socket], **kw: Any) -> list[Any]:
+        return self._run(functools.partial(self.parking.park_many, socks, **kw))  # type: ignore[no-any-return]
+
+    def _within(self, afn: Callable[[], Any], seconds: float) -> Any:
+        async def go() -> Any:
+            with trio.move_on_after(seconds):
+                return await afn()
+            return None
+
+        return self._run(go)
+
+    def park_within(self, sock: socket.socket, seconds: float) -> int | None:
+        return self._within(functools.partial(self.parking.park, sock), seconds)  # type: ignore[no-any-return]
+
+    def stats_within(self, seconds: float) -> connpark.ContainerStats | None:
+        return self._within(self.parking.stats, seconds)  # type: ignore[no-any-return]
+
+    def next_wake(self, timeout: float = 10) -> Wk:
+        async def one() -> Wk:
+            with trio.fail_after(timeout):
+                w = await self._wakes.receive()
+            sock = None
+            if w.socket is not None:
+                sock = socket.socket(w.socket.family, w.socket.type, fileno=w.socket.detach())
+            return connpark.Woken(w.ticket, w.reason, w.token, w.pending, sock)
+
+        return self._run(one)  # type: ignore[no-any-return]
+
+    def unpark(self, ticket: int) -> None:
+        self._run(functools.partial(self.parking.unpark, ticket))
+
+    def close(self, ticket: int, goodbye: bytes) -> None:
+        self._run(functools.partial(self.parking.close, ticket, goodbye=goodbye))
+
+    def stats(self) -> connpark.ContainerStats:
+        return self._run(self.parking.stats)  # type: ignore[no-any-return]
+
+    def sessions(self) -> int:
+        return self.parking.sessions
+
+    def shutdown(self) -> None:
+        if not self.thread.is_alive():
+            return
+        trio.from_thread.run_sync(self._stop.set, trio_token=self.token)
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+DRIVERS = [TrioDriver, BlockingDriver, AsyncioDriver]
+IDS = ["trio", "blocking", "asyncio"]
+Factory = Callable[..., Driver]
+
+
 @pytest.fixture(scope="module")
 def serve() -> Iterator[ServeProcess]:
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="cp-") as d:
         proc = ServeProcess(Path(d) / "c.sock")
         yield proc
         assert proc.stop() == 0
 
 
-@pytest.fixture(params=[BlockingDriver, AsyncioDriver], ids=["blocking", "asyncio"])
-def hook(request: pytest.FixtureRequest, serve: ServeProcess) -> Iterator[Any]:
+@pytest.fixture(params=DRIVERS, ids=IDS)
+def make(request: pytest.FixtureRequest) -> Iterator[Factory]:
+    """Open drivers of one kind; each is shut down and fds are checked at the end."""
     before = open_fd_count()
-    driver = request.param(serve.path, pool=f"p-{request.param.kind}-{os.getpid()}")
-    yield driver
-    driver.shutdown()
+    opened: list[Driver] = []
+
+    def factory(path: Path, **kw: Any) -> Driver:
+        driver: Driver = request.param(path, **kw)
+        opened.append(driver)
+        return driver
+
+    factory.kind = request.param.kind  # type: ignore[attr-defined]
+    yield factory
+    for d in opened:
+        d.shutdown()
     # Every socket the test got was closed by it or handed to the container.
     assert open_fd_count() == before
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    sock.settimeout(10)
+@pytest.fixture
+def hook(make: Factory, serve: ServeProcess) -> Driver:
+    return make(serve.path, pool=f"p-{make.kind}-{os.getpid()}")  # type: ignore[attr-defined]
+
+
+def _recv_exactly(sock: socket.socket, n: int, timeout: float = 10) -> bytes:
+    sock.settimeout(timeout)
     buf = b""
     while len(buf) < n and (chunk := sock.recv(n - len(buf))):
         buf += chunk
     return buf
 
 
-def _check_mode(hook: Any, sock: socket.socket) -> None:
-    # Threads get blocking sockets; asyncio gets non-blocking ones.
-    assert sock.getblocking() is (hook.kind == "blocking")
+def _wait_until(cond: Callable[[], bool], timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
-def test_park_then_readable_wake_with_bytes_intact(hook: Any) -> None:
+# ------------------------------------------------------------------ behaviour
+
+
+def test_park_then_readable_wake_with_bytes_intact(hook: Driver) -> None:
     (client,), (server,) = tcp_pairs(1)
     payload = os.urandom(100_000)
     ticket = hook.park(server, token=b"tok", pending=b"pend")
@@ -142,8 +344,8 @@ def test_park_then_readable_wake_with_bytes_intact(hook: Any) -> None:
         b"pend",
     )
     assert woken.socket is not None
-    _check_mode(hook, woken.socket)
-    woken.socket.setblocking(True)
+    # Threads get blocking sockets; trio and asyncio get non-blocking ones.
+    assert os.get_blocking(woken.socket.fileno()) is (hook.kind == "blocking")
     assert _recv_exactly(woken.socket, len(payload)) == payload
     woken.socket.sendall(b"back")
     assert _recv_exactly(client, 4) == b"back"
@@ -151,7 +353,7 @@ def test_park_then_readable_wake_with_bytes_intact(hook: Any) -> None:
     client.close()
 
 
-def test_hangup_notice_and_return(hook: Any) -> None:
+def test_hangup_notice_and_return(hook: Driver) -> None:
     clients, servers = tcp_pairs(2)
     t_notice = hook.park(servers[0], token=b"n")
     t_return = hook.park(servers[1], token=b"r", on_hangup="return")
@@ -164,12 +366,11 @@ def test_hangup_notice_and_return(hook: Any) -> None:
     returned = got[t_return].socket
     assert got[t_return].reason is Reason.HANGUP
     assert returned is not None
-    returned.setblocking(True)
-    assert returned.recv(10) == b""
+    assert _recv_exactly(returned, 10) == b""
     returned.close()
 
 
-def test_unpark_and_close_with_goodbye(hook: Any) -> None:
+def test_unpark_and_close_with_goodbye(hook: Driver) -> None:
     clients, servers = tcp_pairs(2)
     t1 = hook.park(servers[0], token=b"push")
     t2 = hook.park(servers[1])
@@ -185,11 +386,11 @@ def test_unpark_and_close_with_goodbye(hook: Any) -> None:
         c.close()
 
 
-def test_refusal_leaves_socket_usable(hook: Any) -> None:
+def test_refusal_leaves_socket_usable(hook: Driver) -> None:
     (client,), (server,) = tcp_pairs(1)
     with pytest.raises(connpark.ParkRefused) as info:
         hook.park(server, token=b"x" * 10_000)
-    assert info.value.reason.label == "token-too-large"
+    assert info.value.reason is Refusal.TOKEN_TOO_LARGE
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with pytest.raises(connpark.ParkRefused, match="not-a-tcp-stream"):
         hook.park(udp)
@@ -197,6 +398,250 @@ def test_refusal_leaves_socket_usable(hook: Any) -> None:
     assert _recv_exactly(client, 10) == b"still mine"
     for s in (client, server, udp):
         s.close()
+
+
+def test_park_many_tickets_and_refusals(hook: Driver) -> None:
+    clients, servers = tcp_pairs(300)  # more than one PARK frame (253 fds)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    out = hook.park_many([*servers, udp], tokens=[b"%d" % i for i in range(301)])
+    tickets = out[:300]
+    assert all(isinstance(t, int) for t in tickets)
+    assert len(set(tickets)) == 300
+    assert isinstance(out[300], connpark.ParkRefused)
+    assert out[300].reason is Refusal.NOT_A_TCP_STREAM
+    assert all(s.fileno() == -1 for s in servers)
+    assert udp.fileno() != -1
+    clients[123].sendall(b"x")
+    woken = hook.next_wake()
+    assert (woken.ticket, woken.token) == (tickets[123], b"123")
+    assert woken.socket is not None
+    woken.socket.close()
+    for s in (*clients, udp):
+        s.close()
+
+
+def test_stats_and_session_info(hook: Driver) -> None:
+    stats = hook.stats()
+    assert stats.sessions >= 1
+    assert hook.sessions() == 1
+
+
+# ------------------------------------------------------------------ a silent container
+
+
+class FakeContainer:
+    """Answers HELLO, then PARKs only after ``answer_after`` s (never, if None).
+
+    It keeps the fds of the parks it answers OK (it "parked" them) until ``close``.
+    """
+
+    def __init__(self, path: Path, answer_after: float | None = None) -> None:
+        self.listener = listen_unix(path)
+        self.listener.settimeout(0.2)
+        self.answer_after = answer_after
+        self.held: list[int] = []
+        self.conns: list[socket.socket] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            self.conns.append(conn)
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+
+    def _session(self, conn: socket.socket) -> None:
+        dec = Decoder()
+        conn.settimeout(0.2)
+        try:
+            while not self.stop.is_set():
+                try:
+                    data, fds = recv_fds(conn)
+                except TimeoutError:
+                    continue
+                if not data:
+                    return
+                dec.receive_data(data, fds)
+                for msg in dec:
+                    if isinstance(msg, Hello):
+                        conn.sendall(encode(Welcome(7, 0xFFFF, 1 << 16))[0].data)
+                    elif isinstance(msg, Park) and self.answer_after is not None:
+                        self.stop.wait(self.answer_after)
+                        self.held.extend(e.fd for e in msg.entries)
+                        ok = tuple(ParkResult(Refusal.OK, 100 + i) for i in range(len(msg.entries)))
+                        for frame in encode(Parked(msg.request_id, ok)):
+                            conn.sendall(frame.data)
+                    else:  # never answered (STATS too)
+                        close_fds(message_fds(msg))
+        except OSError:
+            return
+        finally:
+            dec.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        for c in self.conns:
+            c.close()
+        self.listener.close()
+        close_fds(self.held)
+
+
+@pytest.fixture
+def silent(sockdir: Path) -> Iterator[FakeContainer]:
+    fake = FakeContainer(sockdir / "silent.sock")
+    yield fake
+    fake.close()
+
+
+def test_cancel_park_and_stats_against_a_silent_container(
+    make: Factory, silent: FakeContainer, sockdir: Path
+) -> None:
+    (client,), (server,) = tcp_pairs(1)
+    driver = make(sockdir / "silent.sock", reconnect=False)
+    t0 = time.monotonic()
+    assert driver.park_within(server, 0.5) is None
+    assert driver.stats_within(0.5) is None
+    assert time.monotonic() - t0 < 3, "the caller's deadline was not kept"
+    # Never answered: the socket is still the caller's, and usable.
+    assert server.fileno() != -1
+    server.sendall(b"mine")
+    assert _recv_exactly(client, 4) == b"mine"
+    server.close()
+    client.close()
+
+
+def test_cancelled_park_answered_late_is_closed_by_the_hook(make: Factory, sockdir: Path) -> None:
+    fake = FakeContainer(sockdir / "late.sock", answer_after=1.0)
+    try:
+        (client,), (server,) = tcp_pairs(1)
+        driver = make(sockdir / "late.sock", reconnect=False)
+        assert driver.park_within(server, 0.2) is None
+        # The container took it after all: the hook closes the caller's copy.
+        assert _wait_until(lambda: server.fileno() == -1, 10)
+        driver.shutdown()
+        client.close()
+    finally:
+        fake.close()
+
+
+# ------------------------------------------------------------------ one owner
+
+
+def test_40_sessions_each_take_one_wake_and_leave_nothing_delivered_twice(
+    make: Factory, serve: ServeProcess
+) -> None:
+    n = 40
+    pool = f"row-{make.kind}"  # type: ignore[attr-defined]
+    clients, servers = tcp_pairs(n)
+    first = make(serve.path, pool=pool)
+    for i, s in enumerate(servers):
+        first.park(s, token=b"%d" % i)
+    first.shutdown()
+    for i, c in enumerate(clients):
+        c.sendall(b"hello %d\n" % i)
+    delivered: list[bytes] = []
+    for _ in range(n):
+        d = make(serve.path, pool=pool)
+        woken = d.next_wake(timeout=15)
+        delivered.append(woken.token)
+        assert woken.socket is not None
+        want = b"hello " + woken.token + b"\n"
+        assert _recv_exactly(woken.socket, len(want)) == want
+        woken.socket.sendall(b"served\n")
+        woken.socket.close()
+        d.shutdown()  # at once: untaken wakes go back to the container
+    assert sorted(delivered) == sorted(b"%d" % i for i in range(n)), "lost or delivered twice"
+    for c in clients:
+        assert _recv_exactly(c, 7) == b"served\n"
+        c.close()
+    assert _wait_until(lambda: serve.stats().parked == 0 and serve.stats().unacked == 0)
+
+
+def test_container_killed_and_restarted_mid_traffic(make: Factory, sockdir: Path) -> None:
+    path = sockdir / "r.sock"
+    proc = ServeProcess(path)
+    try:
+        driver = make(path, pool="restart")
+        clients, servers = tcp_pairs(3)
+        t0 = driver.park(servers[0], token=b"before")
+        assert t0
+        # Freeze the container, park (sent, never answered), then kill it.
+        os.kill(proc.pid, signal.SIGSTOP)
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(driver.park, servers[1], token=b"in-flight")
+            time.sleep(0.3)
+            assert not pending.done()
+            proc.stop(signal.SIGKILL)
+            proc = ServeProcess(path)  # a new container on the same path
+            ticket = pending.result(timeout=30)  # re-sent to the new one
+        assert servers[1].fileno() == -1
+        assert _wait_until(lambda: driver.sessions() == 2)
+        assert driver.park(servers[2], token=b"after")
+        for c in clients[1:]:
+            c.sendall(b"ping")
+        got = {}
+        for _ in range(2):
+            w = driver.next_wake(timeout=15)
+            got[w.token] = w
+        assert got[b"in-flight"].ticket == ticket
+        for w in got.values():
+            assert w.socket is not None
+            assert _recv_exactly(w.socket, 4) == b"ping"
+            w.socket.close()
+        # The first container's parked connection died with it (crash recovery is
+        # the container's own job); its client sees the close.
+        assert _recv_exactly(clients[0], 1) == b""
+        for c in clients:
+            c.close()
+    finally:
+        proc.stop()
+
+
+def test_give_up_raises_container_lost(make: Factory, sockdir: Path) -> None:
+    path = sockdir / "g.sock"
+    proc = ServeProcess(path)
+    backoff = connpark.Backoff(first=0.05, most=0.1, give_up_after=0.5)
+    driver = make(path, pool="give-up", backoff=backoff)
+    proc.stop(signal.SIGKILL)
+    with pytest.raises(connpark.ContainerLost, match=r"could not reconnect within 0\.5 s"):
+        driver.next_wake(timeout=10)
+
+
+def test_no_container_is_one_clear_error(make: Factory, sockdir: Path) -> None:
+    with pytest.raises(connpark.ContainerLost) as info:
+        make(sockdir / "nothing.sock")
+    assert str(info.value) == f"cannot connect to {sockdir / 'nothing.sock'}: no such socket file"
+    assert isinstance(info.value.__cause__, OSError)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a container as another uid")
+def test_container_running_as_another_uid_is_refused(make: Factory) -> None:
+    nobody = 65534
+    with tempfile.TemporaryDirectory(prefix="cp-") as d:
+        os.chmod(d, 0o777)
+        path = Path(d) / "other.sock"
+        proc = ServeProcess(
+            path,
+            ["--allow-uid", "0", "--socket-mode", "0666"],
+            preexec_fn=lambda: os.setuid(nobody),
+        )
+        try:
+            with pytest.raises(connpark.ContainerError) as info:
+                make(path)
+            assert f"runs as uid {nobody}" in str(info.value)
+            assert "expected uid 0" in str(info.value)
+            trusted = make(path, container_uid=nobody, pool="trusted")
+            assert trusted.stats().sessions >= 1
+        finally:
+            proc.stop()
+
+
+# ------------------------------------------------------------------ per-world notes
 
 
 def test_asyncio_woken_socket_works_with_open_connection(serve: ServeProcess) -> None:
@@ -256,3 +701,16 @@ def test_blocking_many_threads_park_and_take_wakes_at_once(serve: ServeProcess) 
     assert sorted(got) == sorted((b"%d" % i, b"msg-%d" % i) for i in range(n))
     for c in clients:
         c.close()
+
+
+async def test_trio_accepts_a_socket_stream(serve: ServeProcess) -> None:
+    (client,), (server,) = tcp_pairs(1)
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(server))
+    async with connpark.open_parking(serve.path, pool="streams") as parking:
+        ticket = await parking.park(stream, token=b"st")
+        client.sendall(b"x")
+        woken = await parking.wakes().receive()
+        assert woken.ticket == ticket
+        assert woken.socket is not None
+        woken.socket.close()
+    client.close()

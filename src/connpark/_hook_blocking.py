@@ -199,16 +199,8 @@ class BlockingParking:
         """End the session: wakes nobody took go back to the container first."""
         if self._stop.is_set():
             return
-        untaken: list[Woken[Any]] = []
-        while True:
-            try:
-                item = self._wakes.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, Woken):
-                untaken.append(item)
-        with self._lock:
-            req = self._engine.begin_close(untaken, threading.Event())
+        with self._lock:  # the reader queues wakes under it: none can slip past
+            req = self._engine.begin_close(self._take_untaken(), threading.Event())
         self._flush()  # every wake anyone could take is ACKed before the socket goes
         if req is not None:
             req.waiter.wait(CLOSE_TIMEOUT)
@@ -224,7 +216,20 @@ class BlockingParking:
                 pass
         if threading.current_thread() is not self._reader:
             self._reader.join(timeout=10)
+        for woken in self._take_untaken():  # none, unless the reader could not stop
+            if woken.socket is not None:
+                woken.socket.close()
         self._wakes.put(_END)
+
+    def _take_untaken(self) -> list[Woken[Any]]:
+        untaken: list[Woken[Any]] = []
+        while True:
+            try:
+                item = self._wakes.get_nowait()
+            except queue.Empty:
+                return untaken
+            if isinstance(item, Woken):
+                untaken.append(item)
 
     def __enter__(self) -> BlockingParking:
         return self
@@ -331,7 +336,7 @@ class BlockingParking:
         engine = self._engine
         try:
             while True:
-                while engine.ready:
+                while engine.connected:
                     self._read_once(chan)
                 with self._send_lock:
                     self._chan = None

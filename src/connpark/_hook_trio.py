@@ -288,7 +288,7 @@ class Parking:
             if not self._engine.ready:
                 raise self._engine.error or self._engine.last_error or ContainerLost("no session")
             task_status.started()
-            while self._engine.ready:
+            while self._engine.connected:
                 await self._read_once(chan)
         finally:
             self._chan = None
@@ -406,7 +406,8 @@ async def open_parking(
     except BaseExceptionGroup as group:
         # Our tasks raise only before the session is up: one error, unwrap it.
         if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
+            exc = group.exceptions[0]
+            raise exc from exc.__cause__
         raise
     finally:
         engine.finish_close()

@@ -382,7 +382,13 @@ class Engine:
 
     @property
     def ready(self) -> bool:
+        """The session is up and the handle open: parks are taken."""
         return self.phase is Phase.READY
+
+    @property
+    def connected(self) -> bool:
+        """A session is up (maybe closing): keep reading it."""
+        return self.phase in (Phase.READY, Phase.CLOSING)
 
     @property
     def busy(self) -> bool:

@@ -280,7 +280,7 @@ class AsyncioParking:
                 raise self._engine.error or self._engine.last_error or ContainerLost("no session")
             if started is not None:
                 started.set_result(None)
-            while self._engine.ready:
+            while self._engine.connected:
                 await self._read_once(chan)
         finally:
             self._chan = None

@@ -1336,3 +1336,27 @@ def test_unjoined_decoder_still_checks_split_continuity() -> None:
     dec.receive_data(other.data)
     with pytest.raises(RemoteProtocolError, match="inside a split ACK"):
         dec.next_message()
+
+
+def test_hello_v2_resume_fields_round_trip_and_v1_stays_v1() -> None:
+    v2 = Hello(2, "web", "w1", resume_session=7, resume_tickets=(1, 2**64 - 1))
+    assert decode_all([(f.data, f.fds) for f in encode(v2)]) == [v2]
+    v1 = Hello(1, "web", "w1")
+    assert encode(v1)[0].data == bytes.fromhex(
+        "00000009010000000001037765620277 31".replace(" ", "")
+    )
+    assert decode_all([(f.data, f.fds) for f in encode(v1)]) == [v1]
+    with pytest.raises(LocalProtocolError, match="v1 cannot carry"):
+        encode(Hello(1, resume_session=3))
+    with pytest.raises(LocalProtocolError, match="4097 resume tickets"):
+        encode(Hello(resume_tickets=tuple(range(4097))))
+
+
+def test_hello_of_an_unknown_version_decodes_for_a_version_error() -> None:
+    body = struct.pack("!H", 9) + b"\x01p\x00" + b"future fields"
+    frame = HEADER.pack(len(body), MessageType.HELLO, 0, 0) + body
+    dec = Decoder()
+    dec.receive_data(frame)
+    msg = dec.next_message()
+    assert isinstance(msg, Hello)
+    assert (msg.version, msg.pool) == (9, "p")

@@ -25,6 +25,7 @@ from ._worker import (
     DEFAULT_BACKOFF,
     Backoff,
     Engine,
+    HandleInfo,
     Phase,
     Policy,
     Request,
@@ -41,7 +42,7 @@ _END = object()
 CLOSE_TIMEOUT = 5.0
 
 
-class BlockingParking:
+class BlockingParking(HandleInfo):
     """A worker's parking handle for threaded code: ``with BlockingParking(path) as p:``.
 
     The first connection must succeed (``ContainerLost``, ``ContainerError``,
@@ -67,6 +68,7 @@ class BlockingParking:
             reconnect=reconnect,
             backoff=backoff,
             container_uid=container_uid,
+            path=self._path,
         )
         self._connect_timeout = connect_timeout
         self._lock = threading.Lock()  # the engine
@@ -79,22 +81,6 @@ class BlockingParking:
             target=self._run, args=(chan,), name="connpark-session", daemon=True
         )
         self._reader.start()
-
-    @property
-    def session_id(self) -> int:
-        return self._engine.welcome.session_id if self._engine.welcome else 0
-
-    @property
-    def max_token(self) -> int:
-        return self._engine.welcome.max_token if self._engine.welcome else 0
-
-    @property
-    def max_pending(self) -> int:
-        return self._engine.welcome.max_pending if self._engine.welcome else 0
-
-    @property
-    def sessions(self) -> int:
-        return self._engine.sessions
 
     # -- public API -------------------------------------------------------------
 
@@ -304,16 +290,11 @@ class BlockingParking:
             while self._engine.phase is Phase.HANDSHAKE:
                 left = deadline - time.monotonic()
                 if left <= 0 or not wait_readable_blocking(chan.sock, left):
-                    error = ContainerTimeout(
-                        f"the container at {self._path} did not answer HELLO"
-                        f" within {self._connect_timeout:g} s"
-                    )
                     with self._lock:
-                        self._engine.connection_failed(error)
-                    raise error
+                        raise self._engine.handshake_timed_out(self._connect_timeout)
                 self._read_once(chan)
             if not self._engine.ready:
-                raise self._engine.error or self._engine.last_error or ContainerLost("no session")
+                raise self._engine.session_error()
         except BaseException:
             self._chan = None
             chan.close()
@@ -357,12 +338,6 @@ class BlockingParking:
             with self._lock:
                 delay = engine.retry_delay(time.monotonic())
                 if delay is None:
-                    engine.give_up(
-                        ContainerLost(
-                            f"lost the container at {self._path} and could not reconnect"
-                            f" within {engine.backoff.give_up_after:g} s"
-                        )
-                    )
                     self._pump()
                     return None
             if self._stop.wait(delay):
@@ -372,11 +347,9 @@ class BlockingParking:
             except ContainerTimeout:
                 continue
             except ConnparkError as exc:
-                if engine.phase is not Phase.LOST:  # refused us for good
-                    with self._lock:
-                        engine.give_up(exc)
-                        self._pump()
-                    return None
+                with self._lock:
+                    engine.reconnect_failed(exc)
+                    self._pump()
 
 
 def _check_socket(sock: Any) -> None:

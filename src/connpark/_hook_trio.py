@@ -26,6 +26,7 @@ from ._worker import (
     DEFAULT_BACKOFF,
     Backoff,
     Engine,
+    HandleInfo,
     Phase,
     Policy,
     Ready,
@@ -90,7 +91,7 @@ class WakeStream:
             raise trio.EndOfChannel from None
 
 
-class Parking:
+class Parking(HandleInfo):
     """A worker's parking handle. Get one from ``open_parking``."""
 
     def __init__(self, path: str, engine: Engine, connect_timeout: float) -> None:
@@ -100,24 +101,6 @@ class Parking:
         self._chan: TrioChannel | None = None
         self._write_needed = trio.Event()
         self._wake_send, self._wake_recv = trio.open_memory_channel[Woken[TrioSocket]](math.inf)
-
-    @property
-    def session_id(self) -> int:
-        """The current session's id (it changes when the hook reconnects)."""
-        return self._engine.welcome.session_id if self._engine.welcome else 0
-
-    @property
-    def max_token(self) -> int:
-        return self._engine.welcome.max_token if self._engine.welcome else 0
-
-    @property
-    def max_pending(self) -> int:
-        return self._engine.welcome.max_pending if self._engine.welcome else 0
-
-    @property
-    def sessions(self) -> int:
-        """Sessions established so far: more than 1 after a reconnect."""
-        return self._engine.sessions
 
     # -- public API ---------------------------------------------------------------
 
@@ -279,14 +262,9 @@ class Parking:
                 while self._engine.phase is Phase.HANDSHAKE:
                     await self._read_once(chan)
             if handshake.cancelled_caught:
-                error = ContainerTimeout(
-                    f"the container at {self._path} did not answer HELLO"
-                    f" within {self._connect_timeout:g} s"
-                )
-                self._engine.connection_failed(error)
-                raise error
+                raise self._engine.handshake_timed_out(self._connect_timeout)
             if not self._engine.ready:
-                raise self._engine.error or self._engine.last_error or ContainerLost("no session")
+                raise self._engine.session_error()
             task_status.started()
             while self._engine.connected:
                 await self._read_once(chan)
@@ -317,12 +295,6 @@ class Parking:
         while engine.phase is Phase.LOST:
             delay = engine.retry_delay(trio.current_time())
             if delay is None:
-                engine.give_up(
-                    ContainerLost(
-                        f"lost the container at {self._path} and could not reconnect"
-                        f" within {engine.backoff.give_up_after:g} s"
-                    )
-                )
                 break
             await trio.sleep(delay)
             try:
@@ -330,9 +302,7 @@ class Parking:
             except ContainerTimeout:
                 continue
             except ConnparkError as exc:
-                if engine.phase is not Phase.LOST:  # refused us for good (uid, version)
-                    engine.give_up(exc)
-                    break
+                engine.reconnect_failed(exc)
         self._pump()
         self._wake_send.close()
 
@@ -392,6 +362,7 @@ async def open_parking(
         reconnect=reconnect,
         backoff=backoff,
         container_uid=container_uid,
+        path=os.fspath(path),
     )
     parking = Parking(os.fspath(path), engine, connect_timeout)
     try:

@@ -60,6 +60,7 @@ from ._errors import (
     ConnparkError,
     ContainerError,
     ContainerLost,
+    ContainerTimeout,
     ParkingClosed,
     ParkRefused,
     ProtocolError,
@@ -325,6 +326,30 @@ DEFAULT_BACKOFF = Backoff()
 # ------------------------------------------------------------- the engine
 
 
+class HandleInfo:
+    """What every hook's handle tells about its current session."""
+
+    _engine: Engine
+
+    @property
+    def session_id(self) -> int:
+        """The current session's id (it changes when the hook reconnects)."""
+        return self._engine.welcome.session_id if self._engine.welcome else 0
+
+    @property
+    def max_token(self) -> int:
+        return self._engine.welcome.max_token if self._engine.welcome else 0
+
+    @property
+    def max_pending(self) -> int:
+        return self._engine.welcome.max_pending if self._engine.welcome else 0
+
+    @property
+    def sessions(self) -> int:
+        """Sessions established so far: more than 1 after a reconnect."""
+        return self._engine.sessions
+
+
 class Engine:
     """The worker side of the protocol for one parking handle (see the module docstring)."""
 
@@ -336,7 +361,10 @@ class Engine:
         reconnect: bool = True,
         backoff: Backoff = DEFAULT_BACKOFF,
         container_uid: int | None = None,
+        path: str = "",
     ) -> None:
+        #: The control socket's path, for messages.
+        self.path = path
         self.pool = pool
         self.name = name
         self.reconnect = reconnect
@@ -453,15 +481,38 @@ class Engine:
     # -- reconnect -------------------------------------------------------------------
 
     def retry_delay(self, now: float) -> float | None:
-        """Seconds to wait before the next connect attempt, or None: give up."""
+        """Seconds to wait before the next connect attempt, or None: given up."""
         if self.phase is not Phase.LOST or not self.reconnect:
             return None
         if self._lost_since is None:
             self._lost_since = now
         if now - self._lost_since >= self.backoff.give_up_after:
+            self.give_up(
+                ContainerLost(
+                    f"lost the container at {self.path} and could not reconnect"
+                    f" within {self.backoff.give_up_after:g} s"
+                )
+            )
             return None
         self._delay = min(self.backoff.most, max(self.backoff.first, self._delay * 2))
         return self._delay
+
+    def handshake_timed_out(self, seconds: float) -> ContainerTimeout:
+        """The hook's handshake deadline passed: end the session, return the error to raise."""
+        error = ContainerTimeout(
+            f"the container at {self.path} did not answer HELLO within {seconds:g} s"
+        )
+        self.connection_failed(error)
+        return error
+
+    def session_error(self) -> ConnparkError:
+        """Why the handshake did not bring a session up."""
+        return self.error or self.last_error or ContainerLost("no session")
+
+    def reconnect_failed(self, error: ConnparkError) -> None:
+        """A reconnect attempt failed: keep trying unless the container refused us for good."""
+        if self.phase is not Phase.LOST:
+            self.give_up(error)
 
     def give_up(self, error: ConnparkError) -> None:
         """No more sessions: fail every waiter with ``error``."""

@@ -23,6 +23,7 @@ from ._worker import (
     DEFAULT_BACKOFF,
     Backoff,
     Engine,
+    HandleInfo,
     Phase,
     Policy,
     Request,
@@ -91,7 +92,7 @@ class _Channel:
         self._outbox.close()
 
 
-class AsyncioParking:
+class AsyncioParking(HandleInfo):
     """A worker's parking handle for asyncio. Get one from ``connpark.aio.open_parking``."""
 
     def __init__(self, path: str, engine: Engine, connect_timeout: float) -> None:
@@ -102,22 +103,6 @@ class AsyncioParking:
         self._chan: _Channel | None = None
         self._wakes: asyncio.Queue[object] = asyncio.Queue()
         self._flush_scheduled = False
-
-    @property
-    def session_id(self) -> int:
-        return self._engine.welcome.session_id if self._engine.welcome else 0
-
-    @property
-    def max_token(self) -> int:
-        return self._engine.welcome.max_token if self._engine.welcome else 0
-
-    @property
-    def max_pending(self) -> int:
-        return self._engine.welcome.max_pending if self._engine.welcome else 0
-
-    @property
-    def sessions(self) -> int:
-        return self._engine.sessions
 
     # -- public API -------------------------------------------------------------
 
@@ -270,14 +255,10 @@ class AsyncioParking:
             try:
                 await asyncio.wait_for(self._handshake(chan), self._connect_timeout)
             except asyncio.TimeoutError:
-                error = ContainerTimeout(
-                    f"the container at {self._path} did not answer HELLO"
-                    f" within {self._connect_timeout:g} s"
-                )
-                self._engine.connection_failed(error)
+                error = self._engine.handshake_timed_out(self._connect_timeout)
                 raise error from None
             if not self._engine.ready:
-                raise self._engine.error or self._engine.last_error or ContainerLost("no session")
+                raise self._engine.session_error()
             if started is not None:
                 started.set_result(None)
             while self._engine.connected:
@@ -315,12 +296,6 @@ class AsyncioParking:
             while engine.phase is Phase.LOST:
                 delay = engine.retry_delay(self._loop.time())
                 if delay is None:
-                    engine.give_up(
-                        ContainerLost(
-                            f"lost the container at {self._path} and could not reconnect"
-                            f" within {engine.backoff.give_up_after:g} s"
-                        )
-                    )
                     break
                 await asyncio.sleep(delay)
                 try:
@@ -328,9 +303,7 @@ class AsyncioParking:
                 except ContainerTimeout:
                     continue
                 except ConnparkError as exc:
-                    if engine.phase is not Phase.LOST:
-                        engine.give_up(exc)
-                        break
+                    engine.reconnect_failed(exc)
         finally:
             self._pump()
             self._wakes.put_nowait(_END)
@@ -385,6 +358,7 @@ async def open_parking(
         reconnect=reconnect,
         backoff=backoff,
         container_uid=container_uid,
+        path=os.fspath(path),
     )
     parking = AsyncioParking(os.fspath(path), engine, connect_timeout)
     loop = asyncio.get_running_loop()

@@ -306,8 +306,9 @@ def make(request: pytest.FixtureRequest) -> Iterator[Factory]:
 
 
 @pytest.fixture
-def hook(make: Factory, serve: ServeProcess) -> Driver:
-    return make(serve.path, pool=f"p-{make.kind}-{os.getpid()}")  # type: ignore[attr-defined]
+def hook(make: Factory, serve: ServeProcess, request: pytest.FixtureRequest) -> Driver:
+    # A pool per test: connections a test leaves parked cannot wake into the next one.
+    return make(serve.path, pool=f"p-{request.node.name}")
 
 
 def _recv_exactly(sock: socket.socket, n: int, timeout: float = 10) -> bytes:

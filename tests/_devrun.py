@@ -35,7 +35,7 @@ def processes_mentioning(marker: str) -> list[int]:
 
 
 class DevRun:
-    """``python3 dev.py ARGS`` in a session of its own, its output collected line by line.
+    """``argv`` (``python3 dev.py run ...``) in a session of its own, its output collected.
 
     ``marker`` is a string (a socket path, a directory) that every process the
     run starts has on its command line: ``cleanup()`` SIGKILLs those, so a failed
@@ -44,7 +44,7 @@ class DevRun:
 
     def __init__(
         self,
-        args: Sequence[str],
+        argv: Sequence[str],
         *,
         marker: str,
         cwd: Path = ROOT,
@@ -55,7 +55,7 @@ class DevRun:
         self.eof = False
         self._cond = threading.Condition()
         self.proc = subprocess.Popen(
-            [PYTHON3, "dev.py", *args],
+            list(argv),
             cwd=cwd,
             env=env,
             stdin=subprocess.DEVNULL,

@@ -43,7 +43,10 @@ def test_help_lists_the_commands() -> None:
 
 
 def _run(sock: Path) -> DevRun:
-    return DevRun(["run", "--socket", str(sock), "--listen", "127.0.0.1:0"], marker=str(sock))
+    return DevRun(
+        [PYTHON3, "dev.py", "run", "--socket", str(sock), "--listen", "127.0.0.1:0"],
+        marker=str(sock),
+    )
 
 
 @pytest.mark.linux

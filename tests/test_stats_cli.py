@@ -54,17 +54,17 @@ def test_table_layout() -> None:
     assert format_table(SAMPLE, source="./connpark.sock", at=at) == "\n".join(
         [
             f"{when}  connpark ./connpark.sock, up 1 h 02 min",
-            "parked          1,234",
-            "queued              2",
-            "un-ACKed            3",
-            "orphaned            0",
-            "sessions            3   web 2, _stats 1",
-            "wakes              12   READABLE 10, HANGUP 0, TIMEOUT 2, REQUESTED 0, SHUTDOWN 0",
-            "refusals            5   not-a-tcp-stream 4, full 1",
-            "parks           1,250",
-            "ACKs               12",
-            "closed              1   orphans closed 0",
-            "protocol errors     0",
+            "parked              1,234",
+            "queued                  2",
+            "un-ACKed                3",
+            "orphaned                0",
+            "sessions                3   web 2, _stats 1",
+            "wakes                  12   READABLE 10, HANGUP 0, TIMEOUT 2, REQUESTED 0, SHUTDOWN 0",
+            "refusals                5   not-a-tcp-stream 4, full 1",
+            "parks               1,250",
+            "ACKs                   12",
+            "closed                  1   orphans closed 0",
+            "protocol errors         0",
             "wake latency    p50 0.250 ms, p99 0.500 ms, max 1.125 ms (last 12 wakes)",
             "fd budget       1,236 of 19,690 used (6.3%)",
         ]
@@ -84,7 +84,7 @@ def test_table_of_an_idle_container_that_is_stopping() -> None:
     )
     lines = format_table(idle, at=0).splitlines()
     assert lines[0].endswith("  connpark, up 4.2 s, SHUTTING DOWN")
-    assert "refusals            0" in lines
+    assert "refusals                0" in lines
     assert "wake latency    no wakes yet" in lines
     assert "fd budget       0 of 19,690 used (0.0%)" in lines
 

@@ -124,7 +124,8 @@ def format_table(stats: ContainerStats, *, source: str = "", at: float | None = 
         ("wake latency", None, latency),
         ("fd budget", None, f"{stats.fds_held:,} of {stats.fd_budget:,} used ({share:.1f}%)"),
     ]
-    width = max(len(f"{n:,}") for _, n, _ in rows if n is not None)
+    # At least as wide as 1,000,000: the column stays put while --watch counts up.
+    width = max(9, *(len(f"{n:,}") for _, n, _ in rows if n is not None))
     lines = [header]
     for label, number, detail in rows:
         cell = f"{number:>{width},}" if number is not None else ""

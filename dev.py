@@ -165,17 +165,28 @@ def _write(raw: bytes) -> None:
         pass  # our stdout is gone: keep draining the child so it never blocks
 
 
+def _load_prctl() -> Callable[[int, int], int] | None:
+    """Linux's prctl, looked up in the parent: a child between fork and exec must not import."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl: Callable[[int, int], int] = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return prctl
+
+
+_PRCTL = _load_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
 def _join_group(pgid: int) -> None:
     """In the child, before exec: join our process group; on Linux, die with dev.py."""
     os.setpgid(0, pgid)
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM if dev.py is killed
-        except (OSError, AttributeError):
-            pass
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)  # SIGTERM if dev.py dies, even by SIGKILL
 
 
 def _shown(path: Path) -> str:
@@ -216,7 +227,7 @@ def _port_busy(host: str, port: int) -> str | None:
 
 
 def _parse_run_args(args: list[str]) -> tuple[Path, str, int, list[str]]:
-    parser = argparse.ArgumentParser(prog="dev.py run", add_help=False)
+    parser = argparse.ArgumentParser(prog="dev.py run", add_help=False, allow_abbrev=False)
     parser.add_argument("--socket")
     parser.add_argument("--listen")
     opts, serve_args = parser.parse_known_args(args)
@@ -366,6 +377,8 @@ def _stop(children: list[_Child], signals: _Signals) -> None:
 
 def cmd_run(args: list[str]) -> int:
     """The container and an echo worker that parks idle clients, in one process group."""
+    if "-h" in args or "--help" in args:
+        return cmd_help([])
     try:
         sock, host, port, serve_args = _parse_run_args(args)
     except _Failed as exc:

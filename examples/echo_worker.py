@@ -60,8 +60,8 @@ async def serve_connection(
         except connpark.ParkRefused as exc:
             print(f"park refused ({exc.reason.label}); keeping the connection", flush=True)
             continue
-        except connpark.ParkingClosed:
-            sock.close()  # the session ended while we parked: we are stopping
+        except connpark.ConnparkError:
+            sock.close()  # the container is gone for good (or we are stopping): so is this
             return
         print(f"parked ticket {ticket:#x} after {count} lines", flush=True)
         return
@@ -96,14 +96,17 @@ async def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         listener.close()
-    print("the container ended the session; stopping", flush=True)
     return 1
 
 
 async def _serve(
     parking: connpark.Parking, listener: trio.socket.SocketType, park_after: float
 ) -> None:
-    """Accept and serve clients, and serve woken connections, until the session ends."""
+    """Accept and serve clients, and serve woken connections, until the hook gives up.
+
+    The hook reconnects by itself when the container restarts; it gives up (and
+    ``wakes()`` raises ``ContainerLost``) only after a minute without one.
+    """
     async with trio.open_nursery() as nursery:
 
         async def accept_loop() -> None:
@@ -112,20 +115,23 @@ async def _serve(
                 nursery.start_soon(serve_connection, parking, sock, 0, park_after)
 
         nursery.start_soon(accept_loop)
-        async for woken in parking.wakes():
-            print(f"woken ticket {woken.ticket:#x}: {woken.reason}", flush=True)
-            if woken.socket is None:
-                continue  # a notice: the container closed it (hang-up / timeout)
-            count = int(woken.token or b"0")
-            nursery.start_soon(
-                serve_connection,
-                parking,
-                woken.socket,
-                count,
-                park_after,
-                woken.pending,  # bytes we had read before parking come first
-            )
-        # The session ended: without a container there is nothing to park in.
+        try:
+            async for woken in parking.wakes():
+                print(f"woken ticket {woken.ticket:#x}: {woken.reason}", flush=True)
+                if woken.socket is None:
+                    continue  # a notice: the container closed it (hang-up / timeout)
+                count = int(woken.token or b"0")
+                nursery.start_soon(
+                    serve_connection,
+                    parking,
+                    woken.socket,
+                    count,
+                    park_after,
+                    woken.pending,  # bytes we had read before parking come first
+                )
+        except connpark.ContainerLost as exc:
+            print(f"echo_worker: {exc}; stopping", file=sys.stderr, flush=True)
+        # Without a container there is nothing to park in.
         nursery.cancel_scope.cancel()
 
 

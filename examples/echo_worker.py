@@ -60,6 +60,9 @@ async def serve_connection(
         except connpark.ParkRefused as exc:
             print(f"park refused ({exc.reason.label}); keeping the connection", flush=True)
             continue
+        except connpark.ConnparkError:
+            sock.close()  # the container is gone for good (or we are stopping): so is this
+            return
         print(f"parked ticket {ticket:#x} after {count} lines", flush=True)
         return
 
@@ -74,37 +77,62 @@ async def main(argv: list[str] | None = None) -> int:
     host, port = _parse_hostport(args.listen)
     listener = trio.socket.socket()
     listener.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
-    await listener.bind((host, port))
+    try:
+        await listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        print(f"echo_worker: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+        return 1
     listener.listen(128)
-    bound = listener.getsockname()
-    print(f"listening on {bound[0]}:{bound[1]}", flush=True)
 
-    async with connpark.open_parking(args.parking_socket, pool="echo") as parking:
-        async with trio.open_nursery() as nursery:
+    try:
+        async with connpark.open_parking(args.parking_socket, pool="echo") as parking:
+            bound = listener.getsockname()
+            # Printed once the container has us: whoever waits for this line can use both.
+            print(f"listening on {bound[0]}:{bound[1]}", flush=True)
+            await _serve(parking, listener, args.park_after)
+    except connpark.ConnparkError as exc:  # e.g. no container on that socket
+        print(f"echo_worker: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        listener.close()
+    return 1
 
-            async def accept_loop() -> None:
-                while True:
-                    sock, _ = await listener.accept()
-                    nursery.start_soon(serve_connection, parking, sock, 0, args.park_after)
 
-            async def wake_loop() -> None:
-                async for woken in parking.wakes():
-                    print(f"woken ticket {woken.ticket:#x}: {woken.reason}", flush=True)
-                    if woken.socket is None:
-                        continue  # a notice: the container closed it (hang-up / timeout)
-                    count = int(woken.token or b"0")
-                    nursery.start_soon(
-                        serve_connection,
-                        parking,
-                        woken.socket,
-                        count,
-                        args.park_after,
-                        woken.pending,  # bytes we had read before parking come first
-                    )
+async def _serve(
+    parking: connpark.Parking, listener: trio.socket.SocketType, park_after: float
+) -> None:
+    """Accept and serve clients, and serve woken connections, until the hook gives up.
 
-            nursery.start_soon(accept_loop)
-            nursery.start_soon(wake_loop)
-    return 0
+    The hook reconnects by itself when the container restarts; it gives up (and
+    ``wakes()`` raises ``ContainerLost``) only after a minute without one.
+    """
+    async with trio.open_nursery() as nursery:
+
+        async def accept_loop() -> None:
+            while True:
+                sock, _ = await listener.accept()
+                nursery.start_soon(serve_connection, parking, sock, 0, park_after)
+
+        nursery.start_soon(accept_loop)
+        try:
+            async for woken in parking.wakes():
+                print(f"woken ticket {woken.ticket:#x}: {woken.reason}", flush=True)
+                if woken.socket is None:
+                    continue  # a notice: the container closed it (hang-up / timeout)
+                count = int(woken.token or b"0")
+                nursery.start_soon(
+                    serve_connection,
+                    parking,
+                    woken.socket,
+                    count,
+                    park_after,
+                    woken.pending,  # bytes we had read before parking come first
+                )
+        except connpark.ContainerLost as exc:
+            print(f"echo_worker: {exc}; stopping", file=sys.stderr, flush=True)
+        # Without a container there is nothing to park in.
+        nursery.cancel_scope.cancel()
 
 
 if __name__ == "__main__":

@@ -142,33 +142,23 @@ async def _stop_on_signal(signals: Any, container: Any) -> None:
         container.request_shutdown()
 
 
-def _format_stats(stats: Any) -> str:
-    lat = stats.wake_latency
-    lines = [
-        f"parked    {stats.parked}",
-        f"queued    {stats.queued}   unacked {stats.unacked}   orphaned {stats.orphaned}",
-        f"sessions  {stats.sessions}   pools {dict(stats.pools)}",
-        f"parks     {stats.parks_total}   acks {stats.acks_total}   closed {stats.closed_total}",
-        f"woken     {dict(stats.woken_total)}",
-        f"refused   {dict(stats.refused_total)}",
-        f"latency   p50 {lat.p50_ms} ms   p99 {lat.p99_ms} ms   max {lat.max_ms} ms"
-        f"   (last {lat.count} wakes)",
-        f"fds       {stats.fds_held} held of {stats.fd_budget}",
-        f"uptime    {stats.uptime_s} s" + ("   SHUTTING DOWN" if stats.shutting_down else ""),
-    ]
-    return "\n".join(lines)
-
-
 def _run_stats(args: argparse.Namespace) -> int:
     import time
 
+    from ._stats import format_table
     from ._stats_client import fetch_stats
     from ._unixsock import default_socket_path
 
     path = args.socket or str(default_socket_path())
+    first = True
     while True:
         stats = fetch_stats(path)
-        print(stats.to_json() if args.json else _format_stats(stats), flush=True)
+        if args.json:
+            print(stats.to_json(), flush=True)
+        else:
+            # A blank line between --watch snapshots; each has a timestamp in its header.
+            print(("" if first else "\n") + format_table(stats, source=path), flush=True)
+        first = False
         if not args.watch:
             return 0
         time.sleep(args.watch)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
+
+from ._wire import Reason
 
 
 @attrs.frozen
@@ -73,3 +76,74 @@ class ContainerStats:
         data: dict[str, Any] = json.loads(text)
         data["wake_latency"] = LatencySummary(**data["wake_latency"])
         return cls(**data)
+
+
+def format_table(stats: ContainerStats, *, source: str = "", at: float | None = None) -> str:
+    """``stats`` as ``connpark stats`` prints it: a header, then one row per figure.
+
+    The header carries the wall-clock time ``at`` (default: now), so that each
+    snapshot of ``--watch`` says when it was taken. Rows keep their place from one
+    snapshot to the next (every wake reason is listed, even at 0), so a watching
+    eye finds them again; a row's breakdown follows its total on the same line.
+    """
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() if at is None else at))
+    where = f"connpark {source}" if source else "connpark"
+    header = f"{when}  {where}, up {_duration(stats.uptime_s)}"
+    if stats.shutting_down:
+        header += ", SHUTTING DOWN"
+
+    reasons = [r.name for r in Reason]
+    reasons += sorted(set(stats.woken_total) - set(reasons))
+    pools = sorted(stats.pools.items(), key=lambda kv: (kv[0].startswith("_"), kv[0]))
+    refusals = sorted(stats.refused_total.items(), key=lambda kv: (-kv[1], kv[0]))
+    lat = stats.wake_latency
+    if lat.count:
+        latency = (
+            f"p50 {lat.p50_ms:.3f} ms, p99 {lat.p99_ms:.3f} ms, max {lat.max_ms:.3f} ms"
+            f" (last {lat.count:,} wakes)"
+        )
+    else:
+        latency = "no wakes yet"
+    share = 100 * stats.fds_held / stats.fd_budget if stats.fd_budget else 100.0
+    rows: list[tuple[str, int | None, str]] = [
+        ("parked", stats.parked, ""),
+        ("queued", stats.queued, ""),
+        ("un-ACKed", stats.unacked, ""),
+        ("orphaned", stats.orphaned, ""),
+        ("sessions", stats.sessions, _breakdown(pools)),
+        (
+            "wakes",
+            sum(stats.woken_total.values()),
+            _breakdown((r, stats.woken_total.get(r, 0)) for r in reasons),
+        ),
+        ("refusals", sum(stats.refused_total.values()), _breakdown(refusals)),
+        ("parks", stats.parks_total, ""),
+        ("ACKs", stats.acks_total, ""),
+        ("closed", stats.closed_total, f"orphans closed {stats.orphans_closed_total:,}"),
+        ("protocol errors", stats.protocol_errors_total, ""),
+        ("wake latency", None, latency),
+        ("fd budget", None, f"{stats.fds_held:,} of {stats.fd_budget:,} used ({share:.1f}%)"),
+    ]
+    # At least as wide as 1,000,000: the column stays put while --watch counts up.
+    width = max(9, *(len(f"{n:,}") for _, n, _ in rows if n is not None))
+    lines = [header]
+    for label, number, detail in rows:
+        cell = f"{number:>{width},}" if number is not None else ""
+        line = f"{label:<16}{cell}   {detail}" if number is not None else f"{label:<16}{detail}"
+        lines.append(line.rstrip())
+    return "\n".join(lines)
+
+
+def _breakdown(items: Iterable[tuple[str, int]]) -> str:
+    return ", ".join(f"{name} {count:,}" for name, count in items)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours < 1:
+        return f"{minutes} min {secs:02d} s"
+    days, hours = divmod(hours, 24)
+    return (f"{days} d " if days else "") + f"{hours} h {minutes:02d} min"

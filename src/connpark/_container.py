@@ -41,6 +41,7 @@ import math
 import os
 import resource
 import socket
+import struct
 from collections import Counter, deque
 from typing import Any
 
@@ -56,6 +57,7 @@ from ._unixsock import listen_unix, peer_uid
 from ._watcher import ERR, HUP, make_watcher
 from ._wire import (
     DEFAULT_MAX_BODY,
+    HEADER,
     MAX_FDS_PER_FRAME,
     SUPPORTED_VERSIONS,
     Ack,
@@ -63,19 +65,17 @@ from ._wire import (
     Decoder,
     Error,
     ErrorCode,
+    Frame,
     Hello,
     Message,
+    MessageType,
     Park,
-    Parked,
     ParkEntry,
-    ParkResult,
     Reason,
     Refusal,
     Stats,
     StatsReply,
     Unpark,
-    Wake,
-    WakeEntry,
     Welcome,
     close_fds,
     encode,
@@ -88,6 +88,41 @@ HANDSHAKE_TIMEOUT = 10.0
 STATS_POOL = "_stats"
 #: WAKE body bytes per frame, leaving room for the count.
 _WAKE_BODY = DEFAULT_MAX_BODY - 64
+# The hot path's own encoders (WAKE, PARKED): the layouts of docs/protocol.md
+# section 6, packed straight from slots and results with no message objects.
+# tests/test_container_clock.py checks them against ``_wire.encode``.
+_WAKE_ENTRY = struct.Struct("!QBBHI")
+_U16 = struct.Struct("!H")
+_PARKED_HEAD = struct.Struct("!II")
+_RESULT = struct.Struct("!BQ")
+_HAS_FD = 1
+_WAKE_INET6 = 2
+
+
+def wake_frame(slots: list[Slot]) -> Frame:
+    """One WAKE frame for these slots (the caller keeps it within one frame)."""
+    pack = _WAKE_ENTRY.pack
+    parts = [_U16.pack(len(slots))]
+    fds = []
+    for x in slots:
+        flags = _WAKE_INET6 if x.flags & INET6 else 0
+        if x.fd >= 0:
+            flags |= _HAS_FD
+            fds.append(x.fd)
+        parts.append(pack(x.ticket, x.reason, flags, len(x.token), len(x.pending)))
+        parts.append(x.token)
+        parts.append(x.pending)
+    body = b"".join(parts)
+    return Frame(HEADER.pack(len(body), MessageType.WAKE, 0, len(fds)) + body, tuple(fds))
+
+
+def parked_frame(request_id: int, results: list[tuple[int, int]]) -> Frame:
+    """One PARKED frame: (refusal, ticket) per entry of one PARK frame."""
+    pack = _RESULT.pack
+    body = _PARKED_HEAD.pack(request_id, len(results)) + b"".join(
+        [pack(code, ticket) for code, ticket in results]
+    )
+    return Frame(HEADER.pack(len(body), MessageType.PARKED, 0, 0) + body)
 
 
 def raise_nofile_limit() -> int:
@@ -589,43 +624,57 @@ class Container:
     # -- admission -----------------------------------------------------------------------
 
     def _on_park(self, s: _Session, msg: Park) -> None:
+        """Admit each entry on its own; answer the frame with its own PARKED."""
         self._take_fds(s, len(msg.entries))
         now = trio.current_time()
-        results = []
-        peers: dict[object, list[int]] = {}
+        results: list[tuple[int, int]] = []
+        peers: dict[object, int | list[int]] = {}
+        cfg = self.config
+        lot = self.lot
+        # Per frame, not per entry: nothing else runs while it is admitted.
+        room = min(
+            self.fd_budget - self._held,
+            cfg.max_parked - (lot.parked + lot.queued + lot.sent),
+        )
+        refused = self._refused
         for entry in msg.entries:
+            fd = entry.fd
             try:
-                code, family = self._admit(entry, peers)
+                code, family = self._admit(entry, peers, room)
             except Exception:  # one entry must never end the session
-                LOGGER.exception("session %d: admitting fd %d failed", s.id, entry.fd)
+                LOGGER.exception("session %d: admitting fd %d failed", s.id, fd)
                 code, family = Refusal.UNINSPECTABLE, 0
             if code is not Refusal.OK:
-                close_fds((entry.fd,))
-                self._refused[code.label] += 1
-                results.append(ParkResult(code))
+                close_fds((fd,))
+                refused[code.label] += 1
+                results.append((code, 0))
                 continue
-            idle = (
-                entry.idle_timeout_ms / 1000 if entry.idle_timeout_ms else self.config.idle_timeout
-            )
+            idle = entry.idle_timeout_ms / 1000 if entry.idle_timeout_ms else cfg.idle_timeout
             flags = (
                 (HANGUP_RETURNS if entry.hangup_returns else 0)
                 | (TIMEOUT_RETURNS if entry.timeout_returns else 0)
                 | (INET6 if family == socket.AF_INET6 else 0)
             )
-            slot = self.lot.park(
-                entry.fd,
+            slot = lot.park(
+                fd,
                 token=entry.token,
                 pending=entry.pending,
                 flags=flags,
                 session=s,
                 deadline=now + idle,
             )
-            self._held += 1
-            self._parks_total += 1
-            results.append(ParkResult(Refusal.OK, slot.ticket))
-        self._reply(s, Parked(msg.request_id, tuple(results)))
+            room -= 1
+            results.append((Refusal.OK, slot.ticket))
+        admitted = sum(1 for code, _ in results if code is Refusal.OK)
+        self._held += admitted
+        self._parks_total += admitted
+        if s.ending is None:
+            s.outbox.add((parked_frame(msg.request_id, results),))
+            lot.dirty.add(s)
 
-    def _admit(self, entry: ParkEntry, peers: dict[object, list[int]]) -> tuple[Refusal, int]:
+    def _admit(
+        self, entry: ParkEntry, peers: dict[object, int | list[int]], room: int
+    ) -> tuple[Refusal, int]:
         """(OK, family) or the refusal; on OK the fd is in the watcher."""
         if self._shutting_down:
             return Refusal.SHUTTING_DOWN, 0
@@ -633,24 +682,33 @@ class Container:
             return Refusal.TOKEN_TOO_LARGE, 0
         if len(entry.pending) > self.config.max_pending:
             return Refusal.PENDING_TOO_LARGE, 0
-        if self.lot.parked + self.lot.queued + self.lot.sent >= self.config.max_parked:
-            return Refusal.FULL, 0
-        if self._held >= self.fd_budget:
+        if room <= 0:
+            lot = self.lot
+            if lot.parked + lot.queued + lot.sent >= self.config.max_parked:
+                return Refusal.FULL, 0
             return Refusal.OUT_OF_FDS, 0
-        code, family, peer = inspect(entry.fd)
+        fd = entry.fd
+        code, family, peer = inspect(fd)
         if code is not Refusal.OK:
             return code, 0
-        same_peer = peers.setdefault(peer, [])
-        if any(same_open_file(fd, entry.fd) for fd in same_peer):
-            return Refusal.DUPLICATE, 0
+        same = peers.get(peer)
+        if same is not None:  # rare: two entries with one peer address
+            others = same if isinstance(same, list) else [same]
+            if any(same_open_file(other, fd) for other in others):
+                return Refusal.DUPLICATE, 0
         try:
-            self.watcher.register(entry.fd)
+            self.watcher.register(fd)
         except OSError as exc:
-            LOGGER.warning("watcher refused fd %d: %s", entry.fd, exc)
+            LOGGER.warning("watcher refused fd %d: %s", fd, exc)
             if exc.errno in (errno.ENOSPC, errno.ENOMEM):
                 return Refusal.FULL, 0
             return Refusal.UNINSPECTABLE, 0
-        same_peer.append(entry.fd)
+        if same is None:
+            peers[peer] = fd
+        elif isinstance(same, list):
+            same.append(fd)
+        else:
+            peers[peer] = [same, fd]
         return Refusal.OK, family
 
     # -- output --------------------------------------------------------------------------
@@ -684,19 +742,7 @@ class Container:
                         break
                     end += 1
                 group = slots[start:end]
-                entries = tuple(
-                    WakeEntry(
-                        x.ticket,
-                        x.reason,
-                        x.token,
-                        x.pending,
-                        x.fd if x.fd >= 0 else None,
-                        bool(x.flags & INET6),
-                    )
-                    for x in group
-                )
-                frames = encode(Wake(entries))
-                ob.add(frames, [group, *[None] * (len(frames) - 1)])
+                ob.add((wake_frame(group),), (group,))
                 start = end
 
     def _pump(self, s: _Session) -> None:

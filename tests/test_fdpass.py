@@ -204,7 +204,7 @@ def test_outbox_without_dup_sends_our_fds_and_reports_tags() -> None:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     a.setblocking(False)
     fds = _distinct_files(3)
-    outbox = Outbox(dup=False)
+    outbox = Outbox(own_fds=False)
     outbox.add([Frame(b"x" * 300_000, (fds[0],)), Frame(b"y", (fds[1],))], ["big", "small"])
     outbox.add([Frame(b"z", (fds[2],))], ["last"])
     assert open_fd_count() == before + 5  # no dups

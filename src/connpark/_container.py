@@ -836,7 +836,9 @@ class Container:
 
     def _stop_sending(self, s: _Session) -> int:
         """No new wakes; those never written (queued or encoded, not begun) go elsewhere."""
-        _, tags = s.outbox.take_unstarted()
+        # PARKED replies still go out (an entry answered OK is the container's);
+        # WAKEs not begun are dropped and their slots handed to other workers.
+        _, tags = s.outbox.take_unstarted(only_tagged=True)
         unwritten = [slot for group in tags for slot in group]  # type: ignore[attr-defined]
         return self.lot.retire(s, trio.current_time(), unwritten)
 

@@ -183,7 +183,7 @@ class Outbox:
             tag = next(tag_iter, None) if tag_iter is not None else None
             self.queued_bytes += len(frame.data)
             self.queued_frames += 1
-            if self._chunks and not frame.fds and tag is None:
+            if self._chunks and not frame.fds and tag is None and self._chunks[-1][2] is None:
                 self._chunks[-1][0].extend(frame.data)
                 self._chunk_frames[-1] += 1
                 continue
@@ -231,14 +231,22 @@ class Outbox:
         """Drop every chunk not yet begun (closing their fds); False if one is half sent."""
         return self.take_unstarted()[0]
 
-    def take_unstarted(self) -> tuple[bool, list[object]]:
-        """``discard_unstarted``, also returning the dropped frames' tags."""
+    def take_unstarted(self, *, only_tagged: bool = False) -> tuple[bool, list[object]]:
+        """``discard_unstarted``, also returning the dropped frames' tags.
+
+        ``only_tagged`` keeps untagged frames (they never share a chunk with a
+        tagged one): the container drops its WAKEs but still sends its PARKED.
+        """
         head_started = self._started and bool(self._chunks)
         keep = [self._chunks.popleft()] if head_started else []
         keep_frames = [self._chunk_frames.popleft()] if head_started else []
         tags: list[object] = []
         while self._chunks:
             data, fds, tag = self._chunks.popleft()
+            if only_tagged and tag is None:
+                keep.append((data, fds, tag))
+                keep_frames.append(self._chunk_frames.popleft())
+                continue
             self.queued_bytes -= len(data)
             self.queued_frames -= self._chunk_frames.popleft()
             if self._dup:

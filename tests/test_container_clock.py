@@ -66,3 +66,27 @@ async def test_default_idle_timeout_orphans_and_late_worker(
         container.request_shutdown()
     for s in (*clients, *servers):
         s.close()
+
+
+def test_hot_path_encoders_match_the_codec() -> None:
+    """The container packs WAKE and PARKED itself; the bytes are the codec's."""
+    from connpark._container import parked_frame, wake_frame
+    from connpark._lot import INET6, Lot, SessionState
+    from connpark._wire import Parked, ParkResult, Refusal, Wake, WakeEntry, encode
+
+    lot = Lot()
+    owner = SessionState(1, lot.pool("p"))
+    lot.add_session(owner)
+    a = lot.park(7, token=b"tok", pending=b"pend", flags=INET6, session=owner, deadline=9.0)
+    b = lot.park(8, token=b"", pending=b"x" * 300, flags=0, session=owner, deadline=9.0)
+    lot.wake(a, Reason.READABLE, 1.0)
+    lot.forget_fd(b)
+    lot.wake(b, Reason.HANGUP, 1.0)
+    entries = (
+        WakeEntry(a.ticket, Reason.READABLE, b"tok", b"pend", 7, inet6=True),
+        WakeEntry(b.ticket, Reason.HANGUP, b"", b"x" * 300, None),
+    )
+    assert [wake_frame([a, b])] == encode(Wake(entries))
+    results = [(Refusal.OK, 5), (Refusal.DUPLICATE, 0)]
+    want = Parked(3, (ParkResult(Refusal.OK, 5), ParkResult(Refusal.DUPLICATE)))
+    assert [parked_frame(3, results)] == encode(want)

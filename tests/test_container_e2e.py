@@ -204,16 +204,17 @@ async def test_refused_park_leaves_socket_usable(serve: ServeProcess) -> None:
         assert info.value.reason.label == "not-a-tcp-stream"
         with pytest.raises(connpark.ParkRefused) as info:
             await parking.park(listener)
-        assert info.value.reason.label == "not-connected"
+        assert info.value.reason.label == "listening"
         unix_a, unix_b = socket.socketpair()
         with pytest.raises(connpark.ParkRefused) as info:
             await parking.park(unix_a)
-        assert info.value.reason.label == "not-a-tcp-stream"
+        assert info.value.reason.label == "not-inet"
         stats = await parking.stats()
         assert stats.refused_total == {
             "token-too-large": 1,
-            "not-a-tcp-stream": 2,
-            "not-connected": 1,
+            "not-a-tcp-stream": 1,
+            "listening": 1,
+            "not-inet": 1,
         }
         assert stats.fds_held == 0
     # Everything refused is still ours and works.

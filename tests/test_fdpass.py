@@ -10,7 +10,15 @@ import pytest
 import trio
 
 from connpark import RemoteProtocolError
-from connpark._fdpass import BlockingChannel, Outbox, TrioChannel, recv_fds
+from connpark._fdpass import (
+    BlockingChannel,
+    Outbox,
+    TrioChannel,
+    fd_free_prefix,
+    recv_fdless,
+    recv_fds,
+    unread_by_peer,
+)
 from connpark._wire import (
     HEADER,
     Decoder,
@@ -21,6 +29,7 @@ from connpark._wire import (
     Reason,
     Wake,
     WakeEntry,
+    close_fds,
     encode,
 )
 
@@ -157,7 +166,7 @@ def test_outbox_coalesces_fdless_frames_and_keeps_fd_boundaries() -> None:
     outbox = Outbox()
     frames = [Frame(b"a"), Frame(b"b", (r,)), Frame(b"c"), Frame(b"d"), Frame(b"e", (w,))]
     outbox.add(frames)
-    chunks = [(bytes(d), [_inode(fd) for fd in f]) for d, f in outbox._chunks]
+    chunks = [(bytes(d), [_inode(fd) for fd in f]) for d, f, _tag in outbox._chunks]
     assert chunks == [(b"a", []), (b"bcd", [_inode(r)]), (b"e", [_inode(w)])]
     # The outbox holds its own copies: closing ours cannot change what it sends.
     os.close(r)
@@ -188,6 +197,97 @@ def test_outbox_discards_unstarted_chunks_and_their_fds() -> None:
     a.close()
     b.close()
     assert open_fd_count() == before
+
+
+def test_outbox_without_dup_sends_our_fds_and_reports_tags() -> None:
+    before = open_fd_count()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.setblocking(False)
+    fds = _distinct_files(3)
+    outbox = Outbox(own_fds=False)
+    outbox.add([Frame(b"x" * 300_000, (fds[0],)), Frame(b"y", (fds[1],))], ["big", "small"])
+    outbox.add([Frame(b"z", (fds[2],))], ["last"])
+    assert open_fd_count() == before + 5  # no dups
+    assert (outbox.queued_bytes, outbox.queued_frames) == (300_002, 3)
+    with pytest.raises(BlockingIOError):
+        outbox.send_some(a)
+    assert outbox.take_sent() == ["big"]  # its fd went with its first byte
+    ok, dropped = outbox.take_unstarted()
+    assert (ok, dropped) == (False, ["small", "last"])
+    assert open_fd_count() == before + 5  # the caller's fds: the outbox closes none
+    assert outbox.queued_frames == 1
+    while outbox:
+        _data, got = recv_fds(b)
+        close_fds(got)
+        try:
+            outbox.send_some(a)
+        except BlockingIOError:
+            pass
+    assert (outbox.queued_bytes, outbox.queued_frames, outbox.take_sent()) == (0, 0, [])
+    for fd in fds:
+        os.close(fd)
+    a.close()
+    b.close()
+    assert open_fd_count() == before
+
+
+def _hdr(nfds: int, length: int = 0) -> bytes:
+    return HEADER.pack(length, MessageType.PARK, 0, nfds) + b"." * length
+
+
+def test_fd_free_prefix_stops_where_a_frame_takes_fds() -> None:
+    assert fd_free_prefix(b"", 0, _hdr(0, 4) + _hdr(0, 2)) == 22
+    assert fd_free_prefix(b"", 0, _hdr(0, 4) + _hdr(2, 2)) == 12
+    assert fd_free_prefix(b"", 0, _hdr(3, 4)) == 0
+    assert fd_free_prefix(b"", 0, _hdr(0, 4) + b"\0\0") == 12  # a header not all there
+    # The rest of a frame whose first byte (and fds) came already is fd-free.
+    head = _hdr(5, 10)[:8]
+    assert fd_free_prefix(head, 12, b"......" + _hdr(1)) == 6
+    assert fd_free_prefix(head[:3], 3, head[3:] + b"." * 10 + _hdr(0)) == 23
+
+
+def test_recv_fdless_leaves_fds_queued_and_takes_the_bytes_before() -> None:
+    before = open_fd_count()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    r, w = os.pipe()
+    a.sendall(_hdr(0, 3))
+    socket.send_fds(a, [_hdr(1, 2)], [r])
+    assert recv_fdless(b, b"", 0) == _hdr(0, 3)
+    assert open_fd_count() == before + 4  # nothing installed by the peek
+    assert recv_fdless(b, b"", 0) is None  # the next frame carries an fd: wait for room
+    data, got = recv_fds(b)
+    assert data == _hdr(1, 2)
+    assert len(got) == 1
+    close_fds(got)
+    # A peer that attaches fds in the middle of a frame: an error, nothing leaks.
+    a.sendall(_hdr(0, 4)[:10])
+    socket.send_fds(a, [b"zz"], [r])
+    with pytest.raises(RemoteProtocolError, match="middle of a frame"):
+        recv_fdless(b, b"", 0)
+    a.close()
+    assert recv_fdless(b, b"", 0) == b""
+    b.close()
+    os.close(r)
+    os.close(w)
+    assert open_fd_count() == before
+
+
+def test_unread_by_peer_counts_until_the_peer_reads_or_closes() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    assert unread_by_peer(a) == 0
+    a.sendall(b"x" * 100)
+    assert unread_by_peer(a)
+    b.shutdown(socket.SHUT_RDWR)  # shut down, but it could still read
+    assert unread_by_peer(a)
+    assert b.recv(100) == b"x" * 100
+    assert unread_by_peer(a) == 0
+    a.close()
+    b.close()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.sendall(b"y")
+    b.close()  # gone: the kernel dropped what it never read
+    assert unread_by_peer(a) == 0
+    a.close()
 
 
 def test_blocking_receive_times_out_and_eof_is_none() -> None:

@@ -27,6 +27,7 @@ from connpark._lot import (
     HANGUP_RETURNS,
     TIMEOUT_RETURNS,
     TRANSITIONS,
+    InternalError,
     Lot,
     SessionState,
     Slot,
@@ -56,8 +57,8 @@ def park(lot: Lot, fd: int, owner: SessionState, deadline: float = 100.0, flags:
 
 
 def ack_and_remove(lot: Lot, s: SessionState, tickets: list[int]) -> list[Slot]:
-    """A worker ACKs what it received (the writer took it); the container removes each."""
-    lot.take_outq(s)
+    """A worker ACKs what it received (the writer wrote it); the container removes each."""
+    lot.written(lot.take_outq(s))
     done = lot.ack(s, tickets)
     for slot in done:
         lot.remove(slot)
@@ -120,7 +121,7 @@ def check_lot(lot: Lot, live: list[Slot] | None = None) -> None:
             assert waiting.get(id(slot)) == 1, "a queued slot waits exactly once"
             assert id(slot) not in inflight
         else:
-            assert slot.state is State.SENT
+            assert slot.state in (State.SENT, State.WRITTEN)
             assert id(slot) not in waiting
             owners = inflight.get(id(slot), [])
             assert len(owners) == 1, "a sent slot is in exactly one session's inflight"
@@ -131,7 +132,7 @@ def check_lot(lot: Lot, live: list[Slot] | None = None) -> None:
 
     assert lot.parked == counts[State.PARKED]
     assert lot.queued == counts[State.QUEUED]
-    assert lot.sent == counts[State.SENT]
+    assert lot.sent == counts[State.SENT] + counts[State.WRITTEN]
     assert lot.queued == sum(waiting.values())
     assert lot.sent == sum(s.load for s in sessions)
     assert {id(s) for s in lot.parked_slots()} == {id(s) for s in live if s.state is State.PARKED}
@@ -195,11 +196,11 @@ def test_stale_ticket_after_notice_fd_reuse() -> None:
     check_lot(lot, [new])
 
 
-def test_park_twice_on_same_fd_asserts() -> None:
+def test_park_twice_on_same_fd_raises_internal_error() -> None:
     lot = Lot()
     a = session(lot)
     park(lot, 4, a)
-    with pytest.raises(AssertionError, match="parked twice"):
+    with pytest.raises(InternalError, match="parked twice"):
         park(lot, 4, a)
 
 
@@ -245,6 +246,7 @@ def test_wake_goes_to_the_parking_session() -> None:
     assert b.outq == []
     assert b.inflight == {slots[0].ticket: slots[0]}
     check_lot(lot)
+    lot.written([slots[0]])
     done = ack_and_remove(lot, b, [slots[0].ticket])
     assert done == [slots[0]]
     assert slots[0].state is State.GONE
@@ -358,7 +360,7 @@ def test_window_full_goes_to_next_session_with_room_then_waits() -> None:
     check_lot(lot)
     # Unknown or foreign tickets are ignored; they drain nothing.
     assert lot.ack(a, [slots[3].ticket, 999 << FD_BITS | 3]) == []
-    assert slots[3].state is State.SENT
+    assert slots[3].state is State.WRITTEN
     assert list(pool.waiting) == [slots[5]]
     check_lot(lot)
     assert ack_and_remove(lot, a, [slots[0].ticket, slots[1].ticket, slots[0].ticket]) == [
@@ -382,6 +384,10 @@ def test_ack_of_unwritten_wake_is_ignored_until_written() -> None:
     assert lot.ack(a, [slot.ticket]) == []
     assert slot.state is State.SENT
     assert lot.take_outq(a) == [slot]
+    # Taken by the writer but not yet written (its fd still queued): ignored too.
+    assert lot.ack(a, [slot.ticket]) == []
+    lot.written([slot])
+    assert slot.state is State.WRITTEN
     for done in lot.ack(a, [slot.ticket]):
         lot.remove(done)
     assert slot.state is State.GONE
@@ -423,7 +429,7 @@ def test_remove_session_reroutes_inflight_to_other_session() -> None:
     slots = [park(lot, fd, a) for fd in range(3, 7)]
     for s in slots:
         lot.wake(s, Reason.READABLE, 1.0)
-    lot.take_outq(a)  # written, not ACKed
+    lot.written(lot.take_outq(a))  # written, not ACKed
     ack_and_remove(lot, a, [slots[0].ticket])
     one = park(lot, 20, b)
     lot.wake(one, Reason.READABLE, 1.0)
@@ -679,27 +685,30 @@ def test_transition_table_shape() -> None:
     assert State.PARKED not in set().union(*TRANSITIONS.values())  # parking is not a move
 
 
-def test_remove_of_gone_slot_trips_the_assertion() -> None:
+def test_remove_of_gone_slot_raises_internal_error() -> None:
     lot = Lot()
     a = session(lot)
     slot = park(lot, 3, a)
     lot.remove(slot)
-    with pytest.raises(AssertionError, match=r"GONE -> GONE"):
+    with pytest.raises(InternalError, match=r"GONE -> GONE"):
         lot.remove(slot)
     assert lot.parked == 0
     assert slot.state is State.GONE
 
 
-def test_illegal_moves_trip_the_assertion() -> None:
+def test_illegal_moves_raise_internal_error() -> None:
     lot = Lot()
     a = session(lot)
     slot = park(lot, 3, a)
-    with pytest.raises(AssertionError, match=r"PARKED -> SENT"):
+    with pytest.raises(InternalError, match=r"PARKED -> SENT"):
         lot._move(slot, State.SENT)
     assert lot.parked == 1
     assert slot.state is State.PARKED
     lot.wake(slot, Reason.READABLE, 1.0)
-    with pytest.raises(AssertionError, match=r"SENT -> SENT"):
+    with pytest.raises(InternalError, match=r"SENT -> SENT"):
+        lot._move(slot, State.SENT)
+    lot.written(lot.take_outq(a))
+    with pytest.raises(InternalError, match=r"WRITTEN -> SENT"):
         lot._move(slot, State.SENT)
     check_lot(lot)
 
@@ -821,14 +830,20 @@ class LotMachine(RuleBasedStateMachine):
         tickets = data.draw(
             st.lists(st.sampled_from([*s.inflight, 12345 << FD_BITS]), min_size=1, max_size=4)
         )
-        written = self.lot.take_outq(s)  # a worker only ACKs the wakes it received
+        taken = self.lot.take_outq(s)  # a worker only ACKs the wakes it received
         assert s.outq == []
-        assert all(s.inflight.get(x.ticket) is x for x in written)
-        expected = [t for t in dict.fromkeys(tickets) if t in s.inflight]
+        assert all(s.inflight.get(x.ticket) is x for x in taken)
+        written = taken[: data.draw(st.integers(0, len(taken)))]  # the socket took these
+        self.lot.written(written)
+        expected = [
+            t
+            for t in dict.fromkeys(tickets)
+            if t in s.inflight and s.inflight[t].state is State.WRITTEN
+        ]
         done = self.lot.ack(s, tickets)
         assert [x.ticket for x in done] == expected
         for slot in done:
-            assert slot.state is State.SENT
+            assert slot.state is State.WRITTEN
             self._drop(slot)
 
     @rule(s=sessions)

@@ -352,6 +352,13 @@ def test_wire_constants_are_pinned() -> None:
         "out-of-fds": 6,
         "shutting-down": 7,
         "bad-timeout": 8,
+        "not-a-socket": 9,
+        "not-inet": 10,
+        "listening": 11,
+        "connecting": 12,
+        "shut-down": 13,
+        "uninspectable": 14,
+        "duplicate": 15,
     }
     assert {c.name: c.value for c in ErrorCode} == {
         "PROTOCOL": 1,
@@ -360,6 +367,7 @@ def test_wire_constants_are_pinned() -> None:
         "TOO_MANY_SESSIONS": 4,
         "SHUTTING_DOWN": 5,
         "INTERNAL": 6,
+        "LIMIT": 7,
     }
 
 
@@ -1029,7 +1037,7 @@ def test_bad_wake_reason(reason: int) -> None:
     reject([(frame(5, wake_body(reason, 1), nfds=1), 1)], f"bad WAKE field reason: {reason}$")
 
 
-@pytest.mark.parametrize("code", [9, 200, 255])
+@pytest.mark.parametrize("code", [16, 200, 255])
 def test_bad_parked_code(code: int) -> None:
     body = p("I", 1) + p("I", 2) + p("B", 0) + p("Q", 5) + p("B", code) + p("Q", 0)
     reject([(frame(4, body), 0)], f"bad PARKED field code: {code}$")

@@ -16,7 +16,43 @@ from ._errors import ConnparkError
 LOGGER = logging.getLogger("connpark")
 
 
-def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (exit 2), not the usage block and a traceback-like wall."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _mode(text: str) -> int:
+    from ._config import parse_mode
+
+    try:
+        return parse_mode(text)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("socket_mode", "--socket-mode")) from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be an integer > 0, got {text!r}")
+    return value
+
+
+def _add_demo(sub: argparse._SubParsersAction[_Parser]) -> None:
     from ._demo import default_demo_path
 
     demo = sub.add_parser(
@@ -38,7 +74,7 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         )
 
 
-def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_serve(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser(
         "serve",
         help="run the container",
@@ -50,26 +86,57 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="control socket path (default: $XDG_RUNTIME_DIR "
         "or the working directory, connpark.sock)",
     )
-    p.add_argument("--max-parked", type=int, help="most connections held at once")
-    p.add_argument("--idle-timeout", type=float, help="default idle deadline, seconds (300)")
+    p.add_argument("--max-parked", type=_positive_int, help="most connections held at once")
+    p.add_argument(
+        "--idle-timeout", type=_positive_float, help="default idle deadline, seconds (300)"
+    )
     p.add_argument(
         "--allow-uid", type=int, action="append", help="peer uid allowed (repeat); default: ours"
     )
-    p.add_argument("--socket-mode", help="socket file mode, octal (default 0600)")
-    p.add_argument("--orphan-timeout", type=float, help="seconds a wake waits for a worker (60)")
-    p.add_argument("--shutdown-grace", type=float, help="seconds to wait for ACKs on SIGTERM (10)")
+    p.add_argument("--socket-mode", type=_mode, help="socket file mode, octal (default 0600)")
+    p.add_argument(
+        "--orphan-timeout", type=_positive_float, help="seconds a wake waits for a worker (60)"
+    )
+    p.add_argument(
+        "--shutdown-grace", type=_positive_float, help="seconds to wait for ACKs on SIGTERM (10)"
+    )
+    p.add_argument(
+        "--max-output-bytes",
+        type=_positive_int,
+        help="bytes queued to one session before it is not read (1048576)",
+    )
+    p.add_argument(
+        "--max-output-messages",
+        type=_positive_int,
+        help="messages queued to one session before it is not read (1024)",
+    )
+    p.add_argument(
+        "--output-timeout",
+        type=_positive_float,
+        help="seconds a session may stay over its output limit before it is ended (10)",
+    )
+    p.add_argument(
+        "--ack-deadline",
+        type=_positive_float,
+        help="seconds without an ACK before a session's pool-mates get its new wakes (5)",
+    )
+    p.add_argument(
+        "--end-grace",
+        type=_positive_float,
+        help="seconds an ended session has to close its end before its wakes stay with it (5)",
+    )
     p.add_argument("--config", help="TOML file with the same keys ([connpark] table)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="text", choices=["text", "json"])
 
 
-def _add_stats(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_stats(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser("stats", help="print a running container's statistics")
     p.add_argument("--socket", help="control socket path (default as for serve)")
     p.add_argument("--json", action="store_true", help="one JSON object per snapshot")
     p.add_argument(
         "--watch",
-        type=float,
+        type=_positive_float,
         nargs="?",
         const=1.0,
         metavar="SECONDS",
@@ -78,7 +145,7 @@ def _add_stats(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="connpark",
         description="Park idle TCP connections of heavy servers in a tiny container.",
     )
@@ -121,9 +188,10 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     _setup_logging(args.log_level, args.log_format)
     config = ContainerConfig.from_args(args)
+    container = Container(config)
+    container.listen()  # start-up errors: one line from main(), no trio traceback
 
     async def run() -> None:
-        container = Container(config)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signal, signals, container)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -15,9 +16,61 @@ from ._unixsock import default_socket_path
 from ._wire import DEFAULT_MAX_BODY, MAX_TOKEN
 
 
+def _integer(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{attr.name} must be an integer, got {value!r}")
+
+
+def _number(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{attr.name} must be a number of seconds, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{attr.name} must be finite, got {value!r}")
+
+
 def _positive(inst: object, attr: attrs.Attribute[Any], value: float) -> None:
     if not value > 0:
         raise ValueError(f"{attr.name} must be > 0, got {value!r}")
+
+
+def _count(default: int, *more: Any) -> Any:
+    """An integer field, > 0 unless ``more`` validators say otherwise."""
+    return attrs.field(default=default, validator=[_integer, *(more or (_positive,))])
+
+
+def _seconds(default: float) -> Any:
+    return attrs.field(default=default, validator=[_number, _positive])
+
+
+def _path(value: object) -> str:
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"path must be a string, got {value!r}")
+    return os.fspath(value)
+
+
+def _uids(value: object) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"allow_uids must be a list of integers, got {value!r}")
+    uids = tuple(value)
+    if any(isinstance(u, bool) or not isinstance(u, int) or u < 0 for u in uids):
+        raise TypeError(f"allow_uids must be a list of integers >= 0, got {value!r}")
+    return uids
+
+
+def parse_mode(text: object) -> int:
+    """A socket file mode: an octal string such as ``"0600"``, or an int."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    elif isinstance(text, str):
+        try:
+            value = int(text, 8)
+        except ValueError:
+            raise ValueError(f"socket_mode must be octal, like 0600, got {text!r}") from None
+    else:
+        raise TypeError(f'socket_mode must be an octal string like "0600", got {text!r}')
+    if not 0 <= value <= 0o777:
+        raise ValueError(f"socket_mode must be within 0000..0777, got {text!r}")
+    return value
 
 
 def _own_uid() -> tuple[int, ...]:
@@ -29,34 +82,41 @@ class ContainerConfig:
     """Everything ``connpark serve`` can be told. Defaults work with no flags."""
 
     #: Control socket path (default: $XDG_RUNTIME_DIR/connpark.sock, else ./connpark.sock).
-    path: str = attrs.field(factory=lambda: str(default_socket_path()), converter=str)
+    path: str = attrs.field(factory=lambda: str(default_socket_path()), converter=_path)
     #: Most connections held at once (parked + waiting for a worker); also capped by fds.
-    max_parked: int = attrs.field(default=1_000_000, validator=_positive)
+    max_parked: int = _count(1_000_000)
     #: Idle deadline, seconds, for parks that do not set their own.
-    idle_timeout: float = attrs.field(default=300.0, validator=_positive)
+    idle_timeout: float = _seconds(300.0)
     #: Peer uids allowed to connect (SO_PEERCRED); default: our own uid only.
-    allow_uids: tuple[int, ...] = attrs.field(factory=_own_uid, converter=tuple)
-    socket_mode: int = attrs.field(default=0o600)
-    max_token: int = attrs.field(default=4096, validator=attrs.validators.le(MAX_TOKEN))
+    allow_uids: tuple[int, ...] = attrs.field(factory=_own_uid, converter=_uids)
+    socket_mode: int = attrs.field(default=0o600, converter=parse_mode)
+    max_token: int = _count(4096, attrs.validators.ge(0), attrs.validators.le(MAX_TOKEN))
     #: At most what fits one frame beside the largest token (WAKE carries both).
-    max_pending: int = attrs.field(
-        default=65536,
-        validator=[attrs.validators.ge(0), attrs.validators.le(DEFAULT_MAX_BODY - MAX_TOKEN - 64)],
+    max_pending: int = _count(
+        65536, attrs.validators.ge(0), attrs.validators.le(DEFAULT_MAX_BODY - MAX_TOKEN - 64)
     )
-    max_sessions: int = attrs.field(default=1024, validator=_positive)
+    max_sessions: int = _count(1024)
     #: Unacknowledged wakes per session before further wakes queue in the container.
-    window: int = attrs.field(default=1024, validator=_positive)
+    window: int = _count(1024)
     #: How long a woken connection waits for a session of its pool, then is closed.
-    orphan_timeout: float = attrs.field(default=60.0, validator=_positive)
+    orphan_timeout: float = _seconds(60.0)
     #: On SIGTERM: how long to wait for workers to ACK the SHUTDOWN wakes.
-    shutdown_grace: float = attrs.field(default=10.0, validator=_positive)
-    #: fds kept free (one full 253-fd frame, sessions, the process); parks past it are refused.
-    fd_reserve: int = attrs.field(default=300, validator=attrs.validators.ge(8))
-
-    @socket_mode.validator
-    def _check_mode(self, attr: attrs.Attribute[int], value: int) -> None:
-        if not 0 <= value <= 0o777:
-            raise ValueError(f"socket_mode must be within 0o000..0o777, got {value:#o}")
+    shutdown_grace: float = _seconds(10.0)
+    #: fds kept free for the process itself (logs, accept, stats); see the fd budget.
+    fd_reserve: int = _count(64, attrs.validators.ge(8))
+    #: Bytes queued to one session (encoded, not yet taken by its socket). Past
+    #: it the session is not read, and gets no more wakes encoded, until it drains.
+    max_output_bytes: int = _count(1 << 20, attrs.validators.ge(64 << 10))
+    #: Messages queued to one session, the same way (a STATS flood is many small ones).
+    max_output_messages: int = _count(1024, attrs.validators.ge(16))
+    #: A session over an output limit this long (seconds) is ended (ERROR LIMIT).
+    output_timeout: float = _seconds(10.0)
+    #: A session whose oldest un-ACKed wake is older than this (seconds) gets
+    #: no new wakes while another session of its pool has room.
+    ack_deadline: float = _seconds(5.0)
+    #: After the container ends a session (ERROR), how long it keeps reading
+    #: ACKs waiting for the worker to close its end (seconds).
+    end_grace: float = _seconds(5.0)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> ContainerConfig:
@@ -67,7 +127,7 @@ class ContainerConfig:
             raise ConnparkError(f"unknown configuration keys: {', '.join(unknown)}")
         try:
             return cls(**data)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise ConnparkError(f"bad configuration: {exc}") from exc
 
     @classmethod
@@ -84,8 +144,8 @@ class ContainerConfig:
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConnparkError(f"cannot read config {path}: {exc}") from exc
         table = doc.get("connpark", doc)
-        if "socket_mode" in table and isinstance(table["socket_mode"], str):
-            table["socket_mode"] = int(table["socket_mode"], 8)
+        if not isinstance(table, dict):
+            raise ConnparkError(f"config {path}: [connpark] must be a table")
         return cls.from_mapping(table)
 
     @classmethod
@@ -99,9 +159,14 @@ class ContainerConfig:
             "max_parked": args.max_parked,
             "idle_timeout": args.idle_timeout,
             "allow_uids": tuple(args.allow_uid) if args.allow_uid else None,
-            "socket_mode": int(args.socket_mode, 8) if args.socket_mode else None,
+            "socket_mode": args.socket_mode,
             "orphan_timeout": args.orphan_timeout,
             "shutdown_grace": args.shutdown_grace,
+            "max_output_bytes": args.max_output_bytes,
+            "max_output_messages": args.max_output_messages,
+            "output_timeout": args.output_timeout,
+            "ack_deadline": args.ack_deadline,
+            "end_grace": args.end_grace,
         }
         base.update({k: v for k, v in flags.items() if v is not None})
         return cls.from_mapping(base)

@@ -4,12 +4,33 @@ Tasks: one accept loop, one watcher loop (waits on the single epoll/kqueue
 fd and drains events in batches), one timer (idle deadlines and orphans),
 and per session one reader and one writer. The reader never blocks on a
 send and the watcher never touches a session's socket: wakes are put in the
-session's queue and its writer sends them, batched, so one slow worker
-cannot stall anybody else.
+session's queue and sent at once if the socket takes them, else by the
+session's writer, so one slow worker cannot stall anybody else.
 
-fd ownership: every fd that arrives is parked (and counted in
-``_held``), or closed before the PARKED reply goes out. A parked fd is
-unregistered from the watcher before it is closed or handed back.
+Ownership: every fd that arrives is parked, or closed before the PARKED
+reply goes out. A parked fd is unregistered from the watcher before it is
+closed or handed back. A woken fd stays ours until the worker ACKs it; the
+outbox sends our own copy (no dup), and an ACK counts only once the fd went
+out (``State.WRITTEN``).
+
+Bounds (theory of operation)
+----------------------------
+- fds: ``used = held + fds_in + conns`` (connection fds we hold, fds received
+  but not yet parked or closed, session sockets) never exceeds ``capacity``
+  (RLIMIT_NOFILE less what was open at start and ``fd_reserve``). A full read
+  may bring 253 fds, so it happens only with 253 free; otherwise a session is
+  read fd-less (``recv_fdless``: ACK, UNPARK, CLOSE, STATS and the rest of a
+  frame whose fds are in already) and its next fd-carrying frame waits for
+  room. Parks are refused (``out-of-fds``) so that a full read always fits
+  after a frame is admitted. So MSG_CTRUNC cannot hit a worker because of
+  what other sessions hold.
+- memory: a session's encoded output is capped (``max_output_bytes``,
+  ``max_output_messages``); over the cap it is not read and gets no more
+  wakes encoded, and past ``output_timeout`` it is ended.
+- ending a session (``_end``): ERROR, no more sending, never-written wakes go
+  to other workers at once; ACKs are read until the worker closes its end
+  (``end_grace``); written wakes go elsewhere only once the worker cannot
+  read them (``unread_by_peer`` is zero after its EOF), else they stay its.
 """
 
 from __future__ import annotations
@@ -20,19 +41,23 @@ import math
 import os
 import resource
 import socket
+import struct
 from collections import Counter, deque
 from typing import Any
 
 import trio
 
+from ._admit import inspect, peek_has_data, same_open_file, send_goodbye
 from ._config import ContainerConfig
 from ._errors import ProtocolError, RemoteProtocolError
-from ._fdpass import TrioChannel
-from ._lot import HANGUP_RETURNS, INET6, TIMEOUT_RETURNS, Lot, SessionState, Slot, State
+from ._fdpass import Outbox, recv_fdless, recv_fds, unread_by_peer
+from ._lot import HANGUP_RETURNS, INET6, TIMEOUT_RETURNS, Lot, Pool, SessionState, Slot, State
 from ._stats import ContainerStats, LatencySummary
 from ._unixsock import listen_unix, peer_uid
 from ._watcher import ERR, HUP, make_watcher
 from ._wire import (
+    DEFAULT_MAX_BODY,
+    HEADER,
     MAX_FDS_PER_FRAME,
     SUPPORTED_VERSIONS,
     Ack,
@@ -43,26 +68,61 @@ from ._wire import (
     Frame,
     Hello,
     Message,
+    MessageType,
     Park,
-    Parked,
     ParkEntry,
-    ParkResult,
     Reason,
     Refusal,
     Stats,
     StatsReply,
     Unpark,
-    Wake,
-    WakeEntry,
     Welcome,
     close_fds,
     encode,
-    encode_all,
     message_fds,
 )
 
 LOGGER = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT = 10.0
+#: The pool ``connpark stats`` uses: its sessions are logged at DEBUG.
+STATS_POOL = "_stats"
+#: WAKE body bytes per frame, leaving room for the count.
+_WAKE_BODY = DEFAULT_MAX_BODY - 64
+# The hot path's own encoders (WAKE, PARKED): the layouts of docs/protocol.md
+# section 6, packed straight from slots and results with no message objects.
+# tests/test_container_clock.py checks them against ``_wire.encode``.
+_WAKE_ENTRY = struct.Struct("!QBBHI")
+_U16 = struct.Struct("!H")
+_PARKED_HEAD = struct.Struct("!II")
+_RESULT = struct.Struct("!BQ")
+_HAS_FD = 1
+_WAKE_INET6 = 2
+
+
+def wake_frame(slots: list[Slot]) -> Frame:
+    """One WAKE frame for these slots (the caller keeps it within one frame)."""
+    pack = _WAKE_ENTRY.pack
+    parts = [_U16.pack(len(slots))]
+    fds = []
+    for x in slots:
+        flags = _WAKE_INET6 if x.flags & INET6 else 0
+        if x.fd >= 0:
+            flags |= _HAS_FD
+            fds.append(x.fd)
+        parts.append(pack(x.ticket, x.reason, flags, len(x.token), len(x.pending)))
+        parts.append(x.token)
+        parts.append(x.pending)
+    body = b"".join(parts)
+    return Frame(HEADER.pack(len(body), MessageType.WAKE, 0, len(fds)) + body, tuple(fds))
+
+
+def parked_frame(request_id: int, results: list[tuple[int, int]]) -> Frame:
+    """One PARKED frame: (refusal, ticket) per entry of one PARK frame."""
+    pack = _RESULT.pack
+    body = _PARKED_HEAD.pack(request_id, len(results)) + b"".join(
+        [pack(code, ticket) for code, ticket in results]
+    )
+    return Frame(HEADER.pack(len(body), MessageType.PARKED, 0, 0) + body)
 
 
 def raise_nofile_limit() -> int:
@@ -88,82 +148,46 @@ def count_open_fds() -> int:
     return 32
 
 
-#: Wrapping a borrowed fd as a non-blocking socket object skips the
-#: setblocking() a process-wide socket.setdefaulttimeout() would otherwise do
-#: to it: O_NONBLOCK lives on the open file, shared with the worker.
-_BORROWED = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
-_SO_DOMAIN: int | None = getattr(socket, "SO_DOMAIN", None)
-
-
-def _borrow(fd: int, family: int = socket.AF_INET) -> socket.socket:
-    return socket.socket(family, _BORROWED, 0, fileno=fd)
-
-
-def check_tcp_stream(fd: int) -> tuple[Refusal, int]:
-    """(OK, family) for a connected AF_INET/AF_INET6 stream socket; never changes its flags."""
-    sock = _borrow(fd)
-    try:
-        try:
-            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) != socket.SOCK_STREAM:
-                return Refusal.NOT_A_TCP_STREAM, 0
-            if _SO_DOMAIN is not None:
-                family = sock.getsockopt(socket.SOL_SOCKET, _SO_DOMAIN)
-                if family not in (socket.AF_INET, socket.AF_INET6):
-                    return Refusal.NOT_A_TCP_STREAM, 0
-        except OSError:  # ENOTSOCK: a file, a pipe...
-            return Refusal.NOT_A_TCP_STREAM, 0
-        try:
-            addr = sock.getpeername()
-        except OSError:  # ENOTCONN: listening, or never connected
-            return Refusal.NOT_CONNECTED, 0
-        # The socket module decodes the address by the kernel's sa_family: a
-        # (host, port) pair is IPv4, a 4-tuple IPv6 (and where SO_DOMAIN is
-        # missing, this is the family check).
-        if isinstance(addr, tuple) and isinstance(addr[0], str):
-            if len(addr) == 2:
-                return Refusal.OK, socket.AF_INET
-            if len(addr) == 4:
-                return Refusal.OK, socket.AF_INET6
-        return Refusal.NOT_A_TCP_STREAM, 0
-    finally:
-        sock.detach()
-
-
-def peek_has_data(fd: int) -> bool:
-    """True if bytes wait unread (a half-closed peer with data is READABLE, not HANGUP)."""
-    sock = _borrow(fd)
-    try:
-        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-    except BlockingIOError:
-        return False
-    except OSError:
-        return False
-    finally:
-        sock.detach()
-
-
-def send_goodbye(fd: int, data: bytes) -> None:
-    """Best effort, never blocking and never touching O_NONBLOCK (shared with the worker)."""
-    if not data:
-        return
-    sock = _borrow(fd)
-    try:
-        sock.send(data, socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0))
-    except OSError as exc:
-        LOGGER.debug("goodbye not written: %s", exc)
-    finally:
-        sock.detach()
-
-
 class _Session(SessionState):
-    __slots__ = ("chan", "replies", "wakeup", "writer_scope")
+    __slots__ = (
+        "decoder",
+        "discard",
+        "drained",
+        "end_deadline",
+        "ending",
+        "fds_in",
+        "outbox",
+        "over_since",
+        "quiet",
+        "read_scope",
+        "sock",
+        "wakeup",
+        "writer_scope",
+    )
 
-    def __init__(self, session_id: int, pool: Any, name: str, chan: TrioChannel) -> None:
+    def __init__(
+        self, session_id: int, pool: Pool, name: str, sock: socket.socket, decoder: Decoder
+    ) -> None:
         super().__init__(session_id, pool, name)
-        self.chan = chan
-        self.replies: list[Message] = []
+        self.sock = sock
+        self.decoder = decoder
+        self.outbox = Outbox(own_fds=False)
+        #: The writer: output waits for the socket to take it.
         self.wakeup = trio.Event()
+        #: The reader, paused by the output cap: the output went under it.
+        self.drained = trio.Event()
+        #: fds received from this session, not yet parked or closed.
+        self.fds_in = 0
+        #: Why the container is ending this session (None: it is not).
+        self.ending: str | None = None
+        self.end_deadline = math.inf
+        #: The decoder broke: read and drop until the peer closes.
+        self.discard = False
+        #: When its output went over the cap (None: it is under).
+        self.over_since: float | None = None
+        self.read_scope = trio.CancelScope()
         self.writer_scope = trio.CancelScope()
+        self.quiet = pool.name == STATS_POOL
 
 
 class Container:
@@ -171,7 +195,11 @@ class Container:
 
     def __init__(self, config: ContainerConfig) -> None:
         self.config = config
-        self.lot = Lot(window=config.window, orphan_timeout=config.orphan_timeout)
+        self.lot = Lot(
+            window=config.window,
+            orphan_timeout=config.orphan_timeout,
+            ack_deadline=config.ack_deadline,
+        )
         self.watcher = make_watcher()
         self._sessions: dict[int, _Session] = {}
         self._next_session = 1
@@ -181,9 +209,16 @@ class Container:
         self._acks_total = 0
         self._closed_total = 0
         self._protocol_errors = 0
+        #: Connection fds we hold (parked, or woken and not yet ACKed).
         self._held = 0
+        #: fds received from sessions and not yet parked or closed (partial frames).
+        self._fds_in = 0
+        #: Open session sockets (handshaking ones too).
+        self._conns = 0
         self._fd_limit = raise_nofile_limit()
         self._fd_base = count_open_fds()
+        self._room = trio.Event()
+        self._room_waiters = 0
         self._started = 0.0
         self._shutting_down = False
         #: Sessions are being cancelled: nothing is re-routed or sent any more.
@@ -193,6 +228,7 @@ class Container:
         self._progress = trio.Event()
         self._timer_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
+        self._listener: socket.socket | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -205,11 +241,19 @@ class Container:
             self._drain_scope.cancel()
         self._shutdown_requested.set()
 
+    def listen(self) -> None:
+        """Create the control socket now (``run`` does it if not done): start-up
+        errors (``ConnparkError``) surface here, before any task starts."""
+        if self._listener is None:
+            self._listener = listen_unix(self.config.path, mode=self.config.socket_mode)
+            self._listener.setblocking(False)
+
     async def run(
         self, *, task_status: trio.TaskStatus[Container] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        listener = listen_unix(self.config.path, mode=self.config.socket_mode)
-        listener.setblocking(False)
+        self.listen()
+        listener = self._listener
+        assert listener is not None
         self._started = trio.current_time()
         LOGGER.info(
             "container listening on %s (fd budget %d, idle timeout %gs)",
@@ -237,7 +281,7 @@ class Container:
             except OSError:
                 pass
             for session in list(self._sessions.values()):
-                session.chan.close()
+                self._close_sock(session)
             if self.lot.queued or self.lot.sent:
                 LOGGER.warning(
                     "closing %d woken connections no worker took", self.lot.queued + self.lot.sent
@@ -279,9 +323,33 @@ class Container:
     # -- fd accounting -------------------------------------------------------------
 
     @property
+    def _capacity(self) -> int:
+        """fds we may have open beyond those open at start, less the reserve."""
+        return self._fd_limit - self._fd_base - self.config.fd_reserve
+
+    @property
     def fd_budget(self) -> int:
-        """How many connection fds we hold at most: the limit less a reserve for sessions."""
-        return max(0, self._fd_limit - self._fd_base - self.config.fd_reserve - len(self._sessions))
+        """How many connection fds we may hold right now: what a full read leaves free."""
+        used_elsewhere = self._fds_in + self._conns + MAX_FDS_PER_FRAME
+        return max(0, self._capacity - used_elsewhere)
+
+    def _room_for(self, n: int) -> bool:
+        return self._held + self._fds_in + self._conns + n <= self._capacity
+
+    async def _wait_room(self, n: int) -> None:
+        """Until ``n`` more fds fit (whoever frees fds calls ``_freed``)."""
+        while not self._room_for(n):
+            self._room_waiters += 1
+            try:
+                await self._room.wait()
+            finally:
+                self._room_waiters -= 1
+
+    def _freed(self) -> None:
+        """fds may have gone away: let whoever waits for room look again."""
+        if self._room_waiters and self._room_for(1):
+            self._room.set()
+            self._room = trio.Event()
 
     def _close_slot(self, slot: Slot) -> None:
         """Close the container's copy (if any) and drop the slot."""
@@ -361,20 +429,21 @@ class Container:
         """Send sessions their new output (or wake their writers); re-aim the timer."""
         if self._tearing_down:
             return  # a dying session's wakes must not bounce to one dying next
-        dirty = list(self.lot.dirty)
-        self.lot.dirty.clear()
-        for session in dirty:
-            self._write_now(session)  # type: ignore[arg-type]
+        dirty = self.lot.dirty
+        while dirty:
+            self._pump(dirty.pop())  # type: ignore[arg-type]
         if self._timer_scope is not None:
             nxt = self._next_timer()
             if nxt < self._timer_scope.deadline:
                 self._timer_scope.deadline = nxt
+        self._freed()
 
     # -- sessions ----------------------------------------------------------------------
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         while True:
             await trio.lowlevel.wait_readable(listener)
+            await self._wait_room(1)
             try:
                 conn, _ = listener.accept()
             except BlockingIOError:
@@ -385,176 +454,227 @@ class Container:
                     await trio.sleep(0.1)
                     continue
                 raise
+            self._conns += 1
             assert self._nursery is not None
             self._nursery.start_soon(self._run_session, conn)
 
     async def _run_session(self, conn: socket.socket) -> None:
-        chan = TrioChannel(conn)
+        conn.setblocking(False)
         # Each PARK frame is admitted as it arrives (and answered by its own
-        # PARKED): the decoder never holds more than one frame's 253 fds, so
-        # the fd reserve covers every session's in-flight parks.
+        # PARKED): the decoder never holds more than one frame's fds.
         decoder = Decoder(join_split=False)
         session: _Session | None = None
         try:
-            session = await self._handshake(chan, decoder)
+            try:
+                session = await self._handshake(conn, decoder)
+            except ProtocolError as exc:
+                self._protocol_errors += 1
+                LOGGER.warning("new session: protocol error: %s", exc)
+                with trio.move_on_after(1.0):
+                    await _send_now(conn, Error(exc.code, str(exc)))
+                return
+            except OSError as exc:
+                LOGGER.info("new session: %s", exc)
+                return
             if session is None:
                 return
             assert self._nursery is not None
             self._nursery.start_soon(self._writer, session)
-            await self._reader(session, decoder)
-        except ProtocolError as exc:
-            self._protocol_errors += 1
-            who = f"session {session.id}" if session else "new session"
-            LOGGER.warning("%s: protocol error: %s", who, exc)
-            if session is not None:
-                session.writer_scope.cancel()
-            # Wakes queued but not begun go to another worker, not to this one
-            # and then again elsewhere. ERROR only if no frame is half sent.
-            if chan.discard_unstarted():
-                with trio.move_on_after(1.0):
-                    try:
-                        await chan.send(Error(exc.code, str(exc)))
-                    except OSError:
-                        pass  # the peer is gone already
-        except OSError as exc:
-            LOGGER.info("session %s: %s", session.id if session else "?", exc)
+            await self._serve_session(session)
         finally:
             decoder.close()
             if session is not None:
-                session.writer_scope.cancel()
-                del self._sessions[session.id]
-                requeued = self.lot.remove_session(session, now=trio.current_time())
-                LOGGER.info(
-                    "session %d (pool %r) ended; %d unacknowledged wakes re-routed",
-                    session.id,
-                    session.pool.name,
-                    requeued,
-                )
-                self._flush()
-                self._poke_progress()
-            chan.close()
-
-    async def _handshake(self, chan: TrioChannel, decoder: Decoder) -> _Session | None:
-        uid = peer_uid(chan.sock)
-        if uid is not None and uid not in self.config.allow_uids:
-            LOGGER.warning(
-                "refused a session from uid %d (allowed: %s)", uid, self.config.allow_uids
-            )
-            with trio.move_on_after(1.0):
-                await chan.send(
-                    Error(ErrorCode.NOT_ALLOWED, f"uid {uid} is not allowed to use this container")
-                )
-            return None
-        if len(self._sessions) >= self.config.max_sessions:
-            with trio.move_on_after(1.0):
-                await chan.send(Error(ErrorCode.TOO_MANY_SESSIONS, "too many sessions"))
-            return None
-        with trio.move_on_after(HANDSHAKE_TIMEOUT):
-            hello = await chan.receive_message(decoder)
-            if hello is None:
-                return None
-            if not isinstance(hello, Hello):
-                close_fds(message_fds(hello))
-                raise RemoteProtocolError(f"expected HELLO first, got {type(hello).__name__}")
-            if hello.version not in SUPPORTED_VERSIONS:
-                await chan.send(
-                    Error(
-                        ErrorCode.VERSION,
-                        f"protocol version {hello.version} not supported"
-                        f" (this container speaks {sorted(SUPPORTED_VERSIONS)})",
-                    )
-                )
-                return None
-            session = _Session(self._next_session, self.lot.pool(hello.pool), hello.name, chan)
-            self._next_session += 1
-            await chan.send(
-                Welcome(
-                    session.id,
-                    self.config.max_token,
-                    self.config.max_pending,
-                    window=self.config.window,
-                )
-            )
-            self._sessions[session.id] = session
-            self.lot.add_session(session)
-            self._flush()
-            LOGGER.info(
-                "session %d: pool %r, worker %r, uid %s", session.id, hello.pool, hello.name, uid
-            )
-            return session
-        LOGGER.info("handshake timed out")
-        return None
-
-    async def _reader(self, session: _Session, decoder: Decoder) -> None:
-        while True:
-            msg = await session.chan.receive_message(decoder)
-            if msg is None:
-                return
-            if isinstance(msg, Park):
-                self._on_park(session, msg)
-            elif isinstance(msg, Ack):
-                slots = self.lot.ack(session, msg.tickets)
-                self._acks_total += len(slots)
-                for slot in slots:
-                    self._close_slot(slot)
-            elif isinstance(msg, Unpark):
-                now = trio.current_time()
-                for ticket in msg.tickets:
-                    found = self.lot.find(ticket)
-                    # Not parked any more (a wake is in flight): a no-op, by design.
-                    if found is not None and found.state is State.PARKED:
-                        if found.pool is session.pool:
-                            self._wake(found, Reason.REQUESTED, now, to=session)
-            elif isinstance(msg, Close):
-                for entry in msg.entries:
-                    target = self.lot.find(entry.ticket)
-                    if target is not None and target.state is State.PARKED:
-                        if target.pool is session.pool:
-                            self.watcher.unregister(target.fd)
-                            send_goodbye(target.fd, entry.goodbye)
-                            self._close_slot(target)
-                            self._closed_total += 1
-            elif isinstance(msg, Stats):
-                session.replies.append(StatsReply(self.stats().to_json().encode()))
-                self.lot.dirty.add(session)
+                self._forget_session(session)
             else:
-                close_fds(message_fds(msg))
-                raise RemoteProtocolError(f"{type(msg).__name__} is not a worker message")
-            self._flush()
+                conn.close()
+                self._conns -= 1
+                self._freed()
 
-    def _on_park(self, session: _Session, msg: Park) -> None:
-        now = trio.current_time()
-        results = []
-        for entry in msg.entries:
-            code, family = self._admit(entry)
-            if code is not Refusal.OK:
-                os.close(entry.fd)
-                self._refused[code.label] += 1
-                results.append(ParkResult(code))
+    async def _serve_session(self, s: _Session) -> None:
+        """Read until the session is over, then settle who owns its un-ACKed wakes."""
+        eof = False
+        with s.read_scope:
+            try:
+                await self._reader(s)
+                eof = True
+            except OSError as exc:  # ECONNRESET: the worker is gone
+                self._log(s, logging.INFO, "session %d: %s", s.id, exc)
+                eof = True
+        if self._tearing_down:
+            return
+        if s.ending is None:
+            s.ending = "the worker closed the session"
+            s.end_deadline = trio.current_time() + self.config.end_grace
+        self._stop_sending(s)
+        await self._settle(s, eof)
+
+    async def _reader(self, s: _Session) -> None:
+        """Dispatch messages; read with backpressure (output cap, fd room). Returns at EOF."""
+        decoder = s.decoder
+        while True:
+            try:
+                self._dispatch_buffered(s)
+            except ProtocolError as exc:
+                self._protocol_errors += 1
+                self._end(s, exc.code, f"protocol error: {exc}")
+                s.discard = s.discard or decoder.broken or isinstance(exc, _FdFlood)
+            self._count_fds_in(s)
+            self._flush()
+            if s.ending is None and self._over(s):
+                s.drained = trio.Event()
+                await s.drained.wait()
                 continue
-            idle = (
-                entry.idle_timeout_ms / 1000 if entry.idle_timeout_ms else self.config.idle_timeout
-            )
+            await trio.lowlevel.wait_readable(s.sock)
+            try:
+                if self._room_for(MAX_FDS_PER_FRAME):
+                    data, fds = recv_fds(s.sock)
+                else:
+                    got = recv_fdless(s.sock, decoder.frame_head(), decoder.buffered)
+                    if got is None:  # the next frame carries fds: wait for room
+                        await self._wait_room(MAX_FDS_PER_FRAME)
+                        continue
+                    data, fds = got, []
+            except BlockingIOError:
+                continue
+            except RemoteProtocolError as exc:  # MSG_CTRUNC: fds we did not ask for
+                self._protocol_errors += 1
+                self._end(s, exc.code, f"protocol error: {exc}")
+                s.discard = True
+                continue
+            if not data:
+                close_fds(fds)
+                if not s.discard:
+                    try:
+                        decoder.eof()
+                    except ProtocolError as exc:
+                        self._protocol_errors += 1
+                        self._log(s, logging.WARNING, "session %d: %s", s.id, exc)
+                return
+            if s.discard:
+                close_fds(fds)
+                continue
+            s.fds_in += len(fds)
+            self._fds_in += len(fds)
+            try:
+                decoder.receive_data(data, fds)
+            except ProtocolError:  # broken already: it closed the fds
+                s.discard = True
+
+    def _dispatch_buffered(self, s: _Session) -> None:
+        decoder = s.decoder
+        while not s.discard and (s.ending is not None or not self._over(s)):
+            msg = decoder.next_message()
+            if msg is None:
+                # What is left is one incomplete frame: its fds at most.
+                if decoder.held_fds > MAX_FDS_PER_FRAME:
+                    raise _FdFlood(f"{decoder.held_fds} fds arrived for one incomplete frame")
+                return
+            self._dispatch(s, msg)
+
+    def _count_fds_in(self, s: _Session) -> None:
+        """Resync the in-flight fd count with what the decoder holds (it may have closed some)."""
+        held = 0 if s.discard else s.decoder.held_fds
+        if s.discard:
+            s.decoder.close()
+        self._fds_in += held - s.fds_in
+        s.fds_in = held
+
+    def _dispatch(self, s: _Session, msg: Message) -> None:
+        if isinstance(msg, Ack):
+            slots = self.lot.ack(s, msg.tickets, trio.current_time())
+            self._acks_total += len(slots)
+            for slot in slots:
+                self._close_slot(slot)
+            return
+        if s.ending is not None:  # only ACKs count now; fds are closed
+            if isinstance(msg, Park):
+                self._take_fds(s, len(msg.entries))
+                close_fds(message_fds(msg))
+            return
+        if isinstance(msg, Park):
+            self._on_park(s, msg)
+        elif isinstance(msg, Unpark):
+            now = trio.current_time()
+            for ticket in msg.tickets:
+                found = self.lot.find(ticket)
+                # Not parked any more (a wake is in flight): a no-op, by design.
+                if found is not None and found.state is State.PARKED:
+                    if found.pool is s.pool:
+                        self._wake(found, Reason.REQUESTED, now, to=s)
+        elif isinstance(msg, Close):
+            for entry in msg.entries:
+                target = self.lot.find(entry.ticket)
+                if target is not None and target.state is State.PARKED:
+                    if target.pool is s.pool:
+                        self.watcher.unregister(target.fd)
+                        send_goodbye(target.fd, entry.goodbye)
+                        self._close_slot(target)
+                        self._closed_total += 1
+        elif isinstance(msg, Stats):
+            self._reply(s, StatsReply(self.stats().to_json().encode()))
+        else:
+            close_fds(message_fds(msg))
+            raise RemoteProtocolError(f"{type(msg).__name__} is not a worker message")
+
+    def _take_fds(self, s: _Session, n: int) -> None:
+        """n fds left the decoder in a message: the caller parks or closes them now."""
+        s.fds_in -= n
+        self._fds_in -= n
+
+    # -- admission -----------------------------------------------------------------------
+
+    def _on_park(self, s: _Session, msg: Park) -> None:
+        """Admit each entry on its own; answer the frame with its own PARKED."""
+        self._take_fds(s, len(msg.entries))
+        now = trio.current_time()
+        results: list[tuple[int, int]] = []
+        peers: dict[object, int | list[int]] = {}
+        cfg = self.config
+        lot = self.lot
+        # Per frame, not per entry: nothing else runs while it is admitted.
+        room = min(
+            self.fd_budget - self._held,
+            cfg.max_parked - (lot.parked + lot.queued + lot.sent),
+        )
+        refused = self._refused
+        for entry in msg.entries:
+            fd = entry.fd
+            try:
+                code, family = self._admit(entry, peers, room)
+            except Exception:  # one entry must never end the session
+                LOGGER.exception("session %d: admitting fd %d failed", s.id, fd)
+                code, family = Refusal.UNINSPECTABLE, 0
+            if code is not Refusal.OK:
+                close_fds((fd,))
+                refused[code.label] += 1
+                results.append((code, 0))
+                continue
+            idle = entry.idle_timeout_ms / 1000 if entry.idle_timeout_ms else cfg.idle_timeout
             flags = (
                 (HANGUP_RETURNS if entry.hangup_returns else 0)
                 | (TIMEOUT_RETURNS if entry.timeout_returns else 0)
                 | (INET6 if family == socket.AF_INET6 else 0)
             )
-            slot = self.lot.park(
-                entry.fd,
+            slot = lot.park(
+                fd,
                 token=entry.token,
                 pending=entry.pending,
                 flags=flags,
-                session=session,
+                session=s,
                 deadline=now + idle,
             )
-            self._held += 1
-            self._parks_total += 1
-            results.append(ParkResult(Refusal.OK, slot.ticket))
-        session.replies.append(Parked(msg.request_id, tuple(results)))
-        self.lot.dirty.add(session)
+            room -= 1
+            results.append((Refusal.OK, slot.ticket))
+        admitted = sum(1 for code, _ in results if code is Refusal.OK)
+        self._held += admitted
+        self._parks_total += admitted
+        if s.ending is None:
+            s.outbox.add((parked_frame(msg.request_id, results),))
+            lot.dirty.add(s)
 
-    def _admit(self, entry: ParkEntry) -> tuple[Refusal, int]:
+    def _admit(
+        self, entry: ParkEntry, peers: dict[object, int | list[int]], room: int
+    ) -> tuple[Refusal, int]:
         """(OK, family) or the refusal; on OK the fd is in the watcher."""
         if self._shutting_down:
             return Refusal.SHUTTING_DOWN, 0
@@ -562,88 +682,285 @@ class Container:
             return Refusal.TOKEN_TOO_LARGE, 0
         if len(entry.pending) > self.config.max_pending:
             return Refusal.PENDING_TOO_LARGE, 0
-        if self.lot.parked + self.lot.queued + self.lot.sent >= self.config.max_parked:
-            return Refusal.FULL, 0
-        if self._held >= self.fd_budget:
+        if room <= 0:
+            lot = self.lot
+            if lot.parked + lot.queued + lot.sent >= self.config.max_parked:
+                return Refusal.FULL, 0
             return Refusal.OUT_OF_FDS, 0
-        code, family = check_tcp_stream(entry.fd)
+        fd = entry.fd
+        code, family, peer = inspect(fd)
         if code is not Refusal.OK:
             return code, 0
+        same = peers.get(peer)
+        if same is not None:  # rare: two entries with one peer address
+            others = same if isinstance(same, list) else [same]
+            if any(same_open_file(other, fd) for other in others):
+                return Refusal.DUPLICATE, 0
         try:
-            self.watcher.register(entry.fd)
+            self.watcher.register(fd)
         except OSError as exc:
-            LOGGER.warning("watcher refused fd: %s", exc)
-            return Refusal.NOT_A_TCP_STREAM, 0
+            LOGGER.warning("watcher refused fd %d: %s", fd, exc)
+            if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+                return Refusal.FULL, 0
+            return Refusal.UNINSPECTABLE, 0
+        if same is None:
+            peers[peer] = fd
+        elif isinstance(same, list):
+            same.append(fd)
+        else:
+            peers[peer] = [same, fd]
         return Refusal.OK, family
 
-    def _take_output(self, session: _Session) -> tuple[list[Frame], list[Slot]]:
-        """Everything the session should be sent now, encoded; the wakes' slots."""
-        replies, session.replies = session.replies, []
-        slots = self.lot.take_outq(session)
-        frames = encode_all(replies)
-        # One WAKE per 253 entries: bounded messages the worker can take (and
-        # ACK) one at a time.
-        for i in range(0, len(slots), MAX_FDS_PER_FRAME):
-            entries = tuple(
-                WakeEntry(
-                    s.ticket,
-                    s.reason,
-                    s.token,
-                    s.pending,
-                    s.fd if s.fd >= 0 else None,
-                    bool(s.flags & INET6),
-                )
-                for s in slots[i : i + MAX_FDS_PER_FRAME]
-            )
-            frames += encode(Wake(entries))
-        return frames, slots
+    # -- output --------------------------------------------------------------------------
 
-    def _sent(self, slots: list[Slot]) -> None:
-        if slots:
-            now = trio.current_time()
-            self._latencies.extend(now - float(s.key) for s in slots)
+    def _reply(self, s: _Session, msg: Message) -> None:
+        if s.ending is None:
+            s.outbox.add(encode(msg))
+            self.lot.dirty.add(s)
 
-    def _write_now(self, session: _Session) -> None:
-        """Send the session's output from the calling task if that cannot block.
+    def _over(self, s: _Session) -> bool:
+        ob = s.outbox
+        cfg = self.config
+        return (
+            ob.queued_bytes >= cfg.max_output_bytes or ob.queued_frames >= cfg.max_output_messages
+        )
 
-        The common case (nobody mid-send, room in the socket) costs no task
-        switch; otherwise the session's writer task does it.
-        """
-        chan = session.chan
-        if chan.closed:
+    def _encode_wakes(self, s: _Session) -> None:
+        """Encode queued wakes into the outbox, one frame per WAKE, up to the byte cap."""
+        ob = s.outbox
+        cap = self.config.max_output_bytes
+        while s.outq and ob.queued_bytes < cap:
+            slots = self.lot.take_outq(s, cap - ob.queued_bytes)
+            start = 0
+            while start < len(slots):
+                size = 2
+                end = start
+                while end < len(slots) and end - start < MAX_FDS_PER_FRAME:
+                    slot = slots[end]
+                    size += 16 + len(slot.token) + len(slot.pending)
+                    if size > _WAKE_BODY and end > start:
+                        break
+                    end += 1
+                group = slots[start:end]
+                ob.add((wake_frame(group),), (group,))
+                start = end
+
+    def _pump(self, s: _Session) -> None:
+        """Encode and send what the session's socket takes now; the writer does the rest."""
+        if s.sock.fileno() < 0:
             return
-        if chan.busy:
-            session.wakeup.set()
-            return
-        frames, slots = self._take_output(session)
+        ob = s.outbox
         try:
-            chan.try_send_nowait(frames)
-        except OSError as exc:
-            self._send_failed(session, exc)
-            return
-        self._sent(slots)
-        if chan.flush_needed:
-            session.wakeup.set()
-
-    def _send_failed(self, session: _Session, exc: OSError) -> None:
-        LOGGER.info("session %d: send failed: %s", session.id, exc)
-        try:  # the reader sees EOF and ends the session
-            session.chan.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
+            while True:
+                if s.ending is None:
+                    self._encode_wakes(s)
+                if not ob:
+                    break
+                ob.send_some(s.sock)
+                if not s.outq or s.ending is not None:
+                    break
+        except BlockingIOError:
             pass
+        except OSError as exc:
+            self._written(s)
+            self._end(s, None, f"send failed: {exc}")
+            return
+        self._written(s)
+        if ob or (s.outq and s.ending is None):
+            s.wakeup.set()
+        if self._over(s):
+            if s.over_since is None:
+                s.over_since = trio.current_time()
+        else:
+            s.over_since = None
+            s.drained.set()
 
-    async def _writer(self, session: _Session) -> None:
-        """Sends what ``_write_now`` could not: when the worker is slow to read."""
-        with session.writer_scope:
-            try:
-                while True:
-                    await session.wakeup.wait()
-                    session.wakeup = trio.Event()
-                    frames, slots = self._take_output(session)
-                    await session.chan.send_frames(frames)
-                    self._sent(slots)
-            except OSError as exc:
-                self._send_failed(session, exc)
+    def _written(self, s: _Session) -> None:
+        sent = s.outbox.take_sent()
+        if sent:
+            now = trio.current_time()
+            for group in sent:
+                self.lot.written(group)  # type: ignore[arg-type]
+                self._latencies.extend(now - float(x.key) for x in group)  # type: ignore[attr-defined]
+
+    async def _writer(self, s: _Session) -> None:
+        """Sends what ``_pump`` could not: when the worker is slow to read."""
+        with s.writer_scope:
+            while True:
+                await s.wakeup.wait()
+                s.wakeup = trio.Event()
+                while s.outbox and s.sock.fileno() >= 0:
+                    deadline = math.inf
+                    if s.ending is not None:
+                        deadline = s.end_deadline
+                    elif s.over_since is not None:
+                        deadline = s.over_since + self.config.output_timeout
+                    with trio.move_on_at(deadline):
+                        await trio.lowlevel.wait_writable(s.sock)
+                        self._pump(s)
+                        continue
+                    if s.ending is not None:
+                        return  # the grace is over; the reader's scope ends too
+                    self._end(
+                        s,
+                        ErrorCode.LIMIT,
+                        f"output over its limit for {self.config.output_timeout:g}s "
+                        "(the worker does not read)",
+                    )
+
+    # -- ending a session ----------------------------------------------------------------
+
+    def _end(self, s: _Session, code: int | None, why: str) -> None:
+        """The container ends the session: ERROR (if ``code``), stop sending new output,
+        re-route what was never written, read ACKs for ``end_grace``."""
+        if s.ending is not None:
+            return
+        s.ending = why
+        now = trio.current_time()
+        s.end_deadline = now + self.config.end_grace
+        s.read_scope.deadline = min(s.read_scope.deadline, s.end_deadline)
+        moved = self._stop_sending(s)
+        LOGGER.warning(
+            "session %d (pool %r): %s; ending it (%d unsent wakes re-routed)",
+            s.id,
+            s.pool.name,
+            why,
+            moved,
+        )
+        if code is not None and s.sock.fileno() >= 0:
+            # After the half-sent frame, if any: the stream stays well-formed.
+            s.outbox.add(encode(Error(code, why)))
+            self._pump(s)
+        s.drained.set()
+        self._flush()
+
+    def _stop_sending(self, s: _Session) -> int:
+        """No new wakes; those never written (queued or encoded, not begun) go elsewhere."""
+        # PARKED replies still go out (an entry answered OK is the container's);
+        # WAKEs not begun are dropped and their slots handed to other workers.
+        _, tags = s.outbox.take_unstarted(only_tagged=True)
+        unwritten = [slot for group in tags for slot in group]  # type: ignore[attr-defined]
+        return self.lot.retire(s, trio.current_time(), unwritten)
+
+    async def _settle(self, s: _Session, eof: bool) -> None:
+        """Who owns the session's written, un-ACKed wakes now that it is over.
+
+        Once the worker's end is closed and nothing we wrote is unread (the
+        kernel closed the fds of what it never read), they go to other
+        workers. A worker that may still read them keeps them: we close our
+        copies. A broken stream (``discard``) cannot tell ACKed from not: keep.
+        """
+        if s.inflight and eof and not s.discard:
+            while True:
+                unread = unread_by_peer(s.sock)
+                if not unread:
+                    moved = self.lot.release(s, trio.current_time())
+                    self._log(
+                        s,
+                        logging.INFO,
+                        "session %d (pool %r) ended; %d unacknowledged wakes re-routed",
+                        s.id,
+                        s.pool.name,
+                        moved,
+                    )
+                    return
+                if trio.current_time() >= s.end_deadline:
+                    break
+                await trio.sleep(0.02)
+        left = self.lot.abandon(s)
+        for slot in left:
+            self._close_slot(slot)
+        level = logging.WARNING if left else logging.INFO
+        self._log(
+            s,
+            level,
+            "session %d (pool %r) ended (%s); %d unacknowledged wakes left with the worker",
+            s.id,
+            s.pool.name,
+            s.ending,
+            len(left),
+        )
+
+    def _forget_session(self, s: _Session) -> None:
+        s.writer_scope.cancel()
+        self._sessions.pop(s.id, None)
+        if s.alive or s.inflight:  # cancelled (teardown) before settling
+            self.lot.remove_session(s, now=trio.current_time())
+        self._fds_in -= s.fds_in
+        s.fds_in = 0
+        self._close_sock(s)
+        self._conns -= 1
+        self._flush()
+        self._poke_progress()
+
+    def _close_sock(self, s: _Session) -> None:
+        if s.sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(s.sock)
+            s.sock.close()
+        s.outbox.close()
+
+    def _log(self, s: _Session, level: int, fmt: str, *args: Any) -> None:
+        LOGGER.log(logging.DEBUG if s.quiet else level, fmt, *args)
+
+    # -- handshake -------------------------------------------------------------------------
+
+    async def _handshake(self, conn: socket.socket, decoder: Decoder) -> _Session | None:
+        uid = peer_uid(conn)
+        if uid is not None and uid not in self.config.allow_uids:
+            LOGGER.warning(
+                "refused a session from uid %d (allowed: %s)", uid, self.config.allow_uids
+            )
+            with trio.move_on_after(1.0):
+                await _send_now(
+                    conn,
+                    Error(ErrorCode.NOT_ALLOWED, f"uid {uid} is not allowed to use this container"),
+                )
+            return None
+        if len(self._sessions) >= self.config.max_sessions:
+            with trio.move_on_after(1.0):
+                await _send_now(conn, Error(ErrorCode.TOO_MANY_SESSIONS, "too many sessions"))
+            return None
+        with trio.move_on_after(HANDSHAKE_TIMEOUT):
+            hello = await _receive_hello(conn, decoder)
+            if hello is None:
+                return None
+            if hello.version not in SUPPORTED_VERSIONS:
+                await _send_now(
+                    conn,
+                    Error(
+                        ErrorCode.VERSION,
+                        f"protocol version {hello.version} not supported"
+                        f" (this container speaks {sorted(SUPPORTED_VERSIONS)})",
+                    ),
+                )
+                return None
+            pool = self.lot.pool(hello.pool)
+            session = _Session(self._next_session, pool, hello.name, conn, decoder)
+            self._next_session += 1
+            await _send_now(
+                conn,
+                Welcome(
+                    session.id,
+                    self.config.max_token,
+                    self.config.max_pending,
+                    window=self.config.window,
+                ),
+            )
+            self._sessions[session.id] = session
+            self.lot.add_session(session, trio.current_time())
+            self._flush()
+            self._log(
+                session,
+                logging.INFO,
+                "session %d: pool %r, worker %r, uid %s",
+                session.id,
+                hello.pool,
+                hello.name,
+                uid,
+            )
+            return session
+        LOGGER.info("handshake timed out")
+        return None
 
     # -- statistics ----------------------------------------------------------------------
 
@@ -669,6 +986,50 @@ class Container:
             uptime_s=round(trio.current_time() - self._started, 3),
             shutting_down=self._shutting_down,
         )
+
+
+class _FdFlood(RemoteProtocolError):
+    """More fds than the incomplete frame can take: the stream cannot be trusted."""
+
+
+async def _send_now(sock: socket.socket, msg: Message) -> None:
+    """Send one small fd-less message (handshake time: no writer task yet).
+
+    A peer already gone is not an error here: the caller ends the session anyway.
+    """
+    data = b"".join(f.data for f in encode(msg))
+    while data:
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        except OSError as exc:
+            LOGGER.debug("handshake send: %s", exc)
+            return
+        data = data[sent:]
+
+
+async def _receive_hello(sock: socket.socket, decoder: Decoder) -> Hello | None:
+    """The first message, read fd-less: a HELLO carries none and gets none in."""
+    while True:
+        msg = decoder.next_message()
+        if msg is not None:
+            if not isinstance(msg, Hello):
+                close_fds(message_fds(msg))
+                raise RemoteProtocolError(f"expected HELLO first, got {type(msg).__name__}")
+            return msg
+        await trio.lowlevel.wait_readable(sock)
+        try:
+            data = recv_fdless(sock, decoder.frame_head(), decoder.buffered)
+        except BlockingIOError:
+            continue
+        if data is None:
+            raise RemoteProtocolError("expected HELLO first, got fds")
+        if not data:
+            decoder.eof()
+            return None
+        decoder.receive_data(data)
 
 
 async def serve(

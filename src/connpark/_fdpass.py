@@ -18,9 +18,13 @@ methods for small messages); ``BlockingChannel`` is the same for threads.
 from __future__ import annotations
 
 import array
+import fcntl
 import os
 import select
 import socket
+import struct
+import sys
+import termios
 import threading
 import time
 from collections import deque
@@ -29,7 +33,7 @@ from collections.abc import Iterable
 import trio
 
 from ._errors import RemoteProtocolError
-from ._wire import MAX_FDS_PER_FRAME, Decoder, Frame, Message, close_fds, encode_all
+from ._wire import HEADER, MAX_FDS_PER_FRAME, Decoder, Frame, Message, close_fds, encode_all
 
 MSG_CMSG_CLOEXEC: int = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 _INT_SIZE = array.array("i").itemsize
@@ -71,82 +75,196 @@ def recv_fds(
     return data, fds
 
 
+def fd_free_prefix(head: bytes, buffered: int, data: bytes) -> int:
+    """How much of ``data`` a peer keeping the rules cannot have sent fds with.
+
+    ``data`` follows ``buffered`` bytes already received, the start of an
+    incomplete frame (``head``: its first bytes, up to a header). Its fds came
+    with its first byte, so the rest of it is fd-free; so is every following
+    frame whose header says ``nfds == 0``. The prefix ends where a frame that
+    takes fds (or whose header is not all there) begins.
+    """
+    pos = 0
+    if buffered:
+        hdr = (head + data)[: HEADER.size]
+        if len(hdr) < HEADER.size:
+            return len(data)
+        pos = HEADER.size + HEADER.unpack(hdr)[0]
+    total = buffered + len(data)
+    while pos < total:
+        off = pos - buffered
+        hdr = data[off : off + HEADER.size]
+        if len(hdr) < HEADER.size:
+            return off
+        length, _type, _flags, nfds = HEADER.unpack(hdr)
+        if nfds:
+            return off
+        pos += HEADER.size + length
+    return len(data)
+
+
+def recv_fdless(
+    sock: socket.socket, head: bytes, buffered: int, bufsize: int = RECV_SIZE
+) -> bytes | None:
+    """Receive only bytes that carry no fds: for when the container has no room for them.
+
+    A ``MSG_PEEK`` with no control buffer says whether fds wait (MSG_CTRUNC,
+    and the kernel keeps them queued); if so, only the fd-free prefix
+    (``fd_free_prefix``) is received. Returns None when the very next byte may
+    carry fds (wait for room), b"" at EOF. fds where no frame starts are a
+    protocol error (the kernel closes them: nothing is installed here).
+    """
+    data, _anc, flags, _ = sock.recvmsg(bufsize, 0, socket.MSG_PEEK)
+    if not data:
+        return b""
+    n = len(data)
+    if flags & socket.MSG_CTRUNC:
+        n = fd_free_prefix(head, buffered, data)
+        if not n:
+            return None
+    got, _anc, flags, _ = sock.recvmsg(n, 0)
+    if flags & socket.MSG_CTRUNC:
+        raise RemoteProtocolError("fds sent in the middle of a frame")
+    return got
+
+
+def unread_by_peer(sock: socket.socket) -> int | None:
+    """Bytes we wrote that the peer has not read yet (Linux SIOCOUTQ); None if unknown.
+
+    Zero once the peer read everything or its socket is gone (the kernel
+    closes the fds of unread frames then); a peer that only shut its end down
+    can still read, and this stays above zero.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except OSError:
+        return None
+    return int(struct.unpack("i", raw)[0])
+
+
 class Outbox:
     """Frames waiting to be sent, coalesced: fd-less frames ride with the one before.
 
-    Each chunk is [bytes, fds]; a chunk's fds go with its first byte only, so
-    appending fd-less bytes to the last chunk is always safe, even after part
-    of it went out.
+    Each chunk is [bytes, fds, tag]; a chunk's fds go with its first byte only,
+    so appending fd-less bytes to the last chunk is always safe, even after
+    part of it went out.
 
-    With ``own_fds`` the outbox holds its own ``dup`` of every fd it queues,
-    closed once the fd has gone out (or the outbox is dropped): what the
-    caller does with its copy meanwhile can never make a queued frame carry a
-    reused fd number. Without it the caller promises to keep each fd open
-    until it has gone out (the worker engine does: a parked socket is closed
-    only once PARKED says so), and saves a dup and a close per fd.
+    With ``own_fds`` (the default) the outbox holds its own ``dup`` of every
+    fd it queues, closed once the fd has gone out (or the outbox is dropped):
+    what the caller does with its copy meanwhile can never make a queued frame
+    carry a reused fd number. Without it the caller promises to keep each fd
+    open until it has gone out, and saves a dup and a close per fd: the worker
+    engine does (a parked socket is closed only once PARKED says so), and so
+    does the container (a woken fd is its own until the ACK). The caller may
+    tag frames (``add(frames, tags)``); ``take_sent()`` returns the tags of
+    tagged frames whose first byte (and fds) the socket took.
     """
 
     def __init__(self, *, own_fds: bool = True) -> None:
-        self._own = own_fds
-        self._chunks: deque[tuple[bytearray, list[int]]] = deque()
+        self._dup = own_fds
+        self._chunks: deque[tuple[bytearray, list[int], object]] = deque()
         #: The head chunk has started going out (its fds, if any, went with it).
         self._started = False
+        self._sent_tags: list[object] = []
+        #: Bytes and frames queued (a frame counts until its chunk is all sent).
+        self.queued_bytes = 0
+        self.queued_frames = 0
+        self._chunk_frames: deque[int] = deque()
 
     def __bool__(self) -> bool:
         return bool(self._chunks)
 
-    def add(self, frames: Iterable[Frame]) -> None:
+    def add(self, frames: Iterable[Frame], tags: Iterable[object] | None = None) -> None:
+        """Queue frames; ``tags`` (one per frame, None for none) come back from ``take_sent``."""
+        tag_iter = iter(tags) if tags is not None else None
         for frame in frames:
-            if self._chunks and not frame.fds:
+            tag = next(tag_iter, None) if tag_iter is not None else None
+            self.queued_bytes += len(frame.data)
+            self.queued_frames += 1
+            if self._chunks and not frame.fds and tag is None and self._chunks[-1][2] is None:
                 self._chunks[-1][0].extend(frame.data)
+                self._chunk_frames[-1] += 1
                 continue
-            if not self._own:
-                self._chunks.append((bytearray(frame.data), list(frame.fds)))
-                continue
-            dups: list[int] = []
-            try:
-                for fd in frame.fds:
-                    dups.append(os.dup(fd))
-            except OSError:
-                close_fds(dups)
-                raise
-            self._chunks.append((bytearray(frame.data), dups))
+            fds: list[int] = []
+            if self._dup:
+                try:
+                    for fd in frame.fds:
+                        fds.append(os.dup(fd))
+                except OSError:
+                    close_fds(fds)
+                    raise
+            else:
+                fds.extend(frame.fds)
+            self._chunks.append((bytearray(frame.data), fds, tag))
+            self._chunk_frames.append(1)
 
     def send_some(self, sock: socket.socket) -> None:
         """Send until empty. Raises BlockingIOError (socket full) or OSError."""
         while self._chunks:
-            data, fds = self._chunks[0]
+            data, fds, tag = self._chunks[0]
             if fds:
                 anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
                 sent = sock.sendmsg([data], anc)
-                if self._own:
+                if self._dup:
                     close_fds(fds)  # the peer has its own now
                 fds.clear()
             else:
                 sent = sock.send(data)
+            if not self._started and tag is not None:
+                self._sent_tags.append(tag)
             self._started = True
+            self.queued_bytes -= sent
             del data[:sent]
             if not data:
                 self._chunks.popleft()
+                self.queued_frames -= self._chunk_frames.popleft()
                 self._started = False
+
+    def take_sent(self) -> list[object]:
+        """Tags of the frames that went out since the last call, in order."""
+        out, self._sent_tags = self._sent_tags, []
+        return out
 
     def discard_unstarted(self) -> bool:
         """Drop every chunk not yet begun (closing their fds); False if one is half sent."""
+        return self.take_unstarted()[0]
+
+    def take_unstarted(self, *, only_tagged: bool = False) -> tuple[bool, list[object]]:
+        """``discard_unstarted``, also returning the dropped frames' tags.
+
+        ``only_tagged`` keeps untagged frames (they never share a chunk with a
+        tagged one): the container drops its WAKEs but still sends its PARKED.
+        """
         head_started = self._started and bool(self._chunks)
         keep = [self._chunks.popleft()] if head_started else []
+        keep_frames = [self._chunk_frames.popleft()] if head_started else []
+        tags: list[object] = []
         while self._chunks:
-            fds = self._chunks.popleft()[1]
-            if self._own:
+            data, fds, tag = self._chunks.popleft()
+            if only_tagged and tag is None:
+                keep.append((data, fds, tag))
+                keep_frames.append(self._chunk_frames.popleft())
+                continue
+            self.queued_bytes -= len(data)
+            self.queued_frames -= self._chunk_frames.popleft()
+            if self._dup:
                 close_fds(fds)
+            if tag is not None:
+                tags.append(tag)
         self._chunks.extend(keep)
-        return not head_started
+        self._chunk_frames.extend(keep_frames)
+        return not head_started, tags
 
     def close(self) -> None:
-        """Forget everything queued; close the fds we held for it."""
+        """Forget everything queued; close the fds we held for it (``dup`` only)."""
         while self._chunks:
             fds = self._chunks.popleft()[1]
-            if self._own:
+            if self._dup:
                 close_fds(fds)
+        self._chunk_frames.clear()
+        self.queued_bytes = self.queued_frames = 0
 
 
 class TrioChannel:

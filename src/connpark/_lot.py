@@ -5,15 +5,24 @@ Theory of operation
 A parked connection is a ``Slot``. Its life is an explicit transition table
 (``TRANSITIONS``); at every instant exactly one side owns the connection::
 
-    PARKED --wake(reason)--> QUEUED --assign--> SENT --ack--> (gone)
-       |                       ^                  |
-       +--close--> (gone)      +---session died---+
+    PARKED --wake(reason)--> QUEUED --assign--> SENT --written--> WRITTEN --ack--> (gone)
+       |                       ^   ^              |                   |
+       +--close--> (gone)      |   +--not written-+                   |
+                               +--- the worker can no longer read it --+
 
 - PARKED: in the watcher, with an idle deadline in the heap.
 - QUEUED: woken, waiting for a session of its pool with room in its window
   (or, with no session at all, for the orphan timeout).
-- SENT: written (or about to be) to one session; the container keeps the fd
-  until that session ACKs. If the session dies first, back to QUEUED.
+- SENT: assigned to one session, not yet written to its socket. If that
+  session ends first, it goes straight back to QUEUED: the worker never saw it.
+- WRITTEN: its fd went out to the session; the container keeps its copy until
+  the ACK (an ACK of a SENT slot is ignored: its fd may still be queued). It
+  goes back to QUEUED only once the worker can no longer read it (its end of
+  the socket is closed and nothing we wrote is left unread); a session that
+  stays open past the grace period keeps it (``abandon``): one owner, always.
+
+A session whose oldest un-ACKed wake is older than ``ack_deadline`` (a frozen
+worker) gets no new wakes while another session of its pool has room.
 
 Waking a slot that is not PARKED is a no-op (recall races: an UNPARK that
 crosses a READABLE wake). The caller does the I/O the lot asks for: it
@@ -33,6 +42,7 @@ import math
 from collections import Counter, deque
 from collections.abc import Iterable
 
+from ._errors import ConnparkError
 from ._wire import Reason
 
 FD_BITS = 24
@@ -40,18 +50,28 @@ _FD_MASK = (1 << FD_BITS) - 1
 _TICKET_MASK = (1 << 64) - 1
 
 
+class InternalError(ConnparkError):
+    """A transition the table forbids: a bug in connpark, never the peer's doing.
+
+    Raised, not asserted: ``python -O`` must not turn a broken invariant into
+    two owners of one connection.
+    """
+
+
 class State(enum.IntEnum):
     PARKED = 1
     QUEUED = 2
     SENT = 3
-    GONE = 4
+    WRITTEN = 4
+    GONE = 5
 
 
-#: Allowed transitions; anything else is a bug, asserted in ``_move``.
+#: Allowed transitions; anything else raises ``InternalError`` in ``_move``.
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.PARKED: frozenset({State.QUEUED, State.GONE}),
     State.QUEUED: frozenset({State.SENT, State.GONE}),
-    State.SENT: frozenset({State.QUEUED, State.GONE}),
+    State.SENT: frozenset({State.WRITTEN, State.QUEUED, State.GONE}),
+    State.WRITTEN: frozenset({State.QUEUED, State.GONE}),
     State.GONE: frozenset(),
 }
 
@@ -103,17 +123,20 @@ class Slot:
 class SessionState:
     """The lot's view of one worker session: its pool, window and wakes in flight."""
 
-    __slots__ = ("alive", "id", "inflight", "name", "outq", "pool")
+    __slots__ = ("alive", "id", "inflight", "name", "outq", "pool", "sent_log")
 
     def __init__(self, session_id: int, pool: Pool, name: str = "") -> None:
         self.id = session_id
         self.pool = pool
         self.name = name
+        #: Takes new wakes (False once the session is ending).
         self.alive = True
-        #: Slots assigned to this session, not yet ACKed (written or not).
+        #: Slots assigned to this session, not yet ACKed (SENT or WRITTEN).
         self.inflight: dict[int, Slot] = {}
-        #: Assigned slots the writer has not written yet.
+        #: Assigned slots the writer has not taken yet.
         self.outq: list[Slot] = []
+        #: (assigned at, slot) in assignment order: finds the oldest un-ACKed wake.
+        self.sent_log: deque[tuple[float, Slot]] = deque()
 
     @property
     def load(self) -> int:
@@ -134,9 +157,17 @@ class Pool:
 class Lot:
     """Every parked connection, its deadline, and where its wake goes."""
 
-    def __init__(self, *, window: int = 1024, orphan_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        *,
+        window: int = 1024,
+        orphan_timeout: float = 60.0,
+        ack_deadline: float = math.inf,
+    ) -> None:
         self.window = window
         self.orphan_timeout = orphan_timeout
+        #: A session with an un-ACKed wake older than this is routed around.
+        self.ack_deadline = ack_deadline
         self._by_fd: list[Slot | None] = []
         self._heap: list[int] = []
         self._stale = 0
@@ -183,11 +214,13 @@ class Lot:
 
     @property
     def sent(self) -> int:
-        return self._counts[State.SENT]
+        """Wakes assigned to a session and not ACKed (written or not)."""
+        return self._counts[State.SENT] + self._counts[State.WRITTEN]
 
     def _move(self, slot: Slot, new: State) -> None:
         old = slot.state
-        assert new in TRANSITIONS[old], f"ticket {slot.ticket}: {old.name} -> {new.name}"
+        if new not in TRANSITIONS[old]:
+            raise InternalError(f"ticket {slot.ticket:#x}: {old.name} -> {new.name}")
         counts = self._counts
         counts[old] -= 1
         counts[new] += 1
@@ -210,7 +243,8 @@ class Lot:
         self._counts[State.PARKED] += 1
         if fd >= len(self._by_fd):
             self._by_fd.extend([None] * (fd + 1 - len(self._by_fd) + 64))
-        assert self._by_fd[fd] is None, f"fd {fd} parked twice"
+        if self._by_fd[fd] is not None:
+            raise InternalError(f"fd {fd} parked twice")
         self._by_fd[fd] = slot
         slot.key = math.ceil(deadline * 1000) << 64 | ticket  # never early
         heapq.heappush(self._heap, slot.key)
@@ -233,7 +267,7 @@ class Lot:
         if to is not None:
             slot.session = to
         self.woken_total[reason.name] += 1
-        self._route(slot)
+        self._route(slot, now)
         return True
 
     def forget_fd(self, slot: Slot) -> None:
@@ -257,89 +291,178 @@ class Lot:
         self.forget_fd(slot)
         self._move(slot, State.GONE)
 
-    def _route(self, slot: Slot) -> None:
-        """QUEUED slot: its own session if alive with room, else the least loaded."""
-        pool = slot.pool
-        target = slot.session
-        if target is None or not target.alive or target.load >= self.window:
-            target = None
-            best = self.window
-            for s in pool.sessions:
-                if s.load < best:
-                    target, best = s, s.load
-        if target is None:
-            pool.waiting.append(slot)
-            return
-        self._assign(slot, target)
+    def stale(self, session: SessionState, now: float) -> bool:
+        """The session's oldest un-ACKed wake is older than the ACK deadline (frozen?)."""
+        log = session.sent_log
+        inflight = session.inflight
+        while log:
+            at, slot = log[0]
+            if inflight.get(slot.ticket) is slot:
+                return now - at > self.ack_deadline
+            log.popleft()
+        return False
 
-    def _assign(self, slot: Slot, session: SessionState) -> None:
+    def _route(self, slot: Slot, now: float) -> None:
+        """QUEUED slot: its own session if alive with room and not frozen, else the best."""
+        target = slot.session
+        if (
+            target is None
+            or not target.alive
+            or len(target.inflight) >= self.window
+            or (self.ack_deadline != math.inf and self.stale(target, now))
+        ):
+            target = self._pick(slot.pool, now)
+        if target is None:
+            slot.pool.waiting.append(slot)
+            return
+        self._assign(slot, target, now)
+
+    def _pick(self, pool: Pool, now: float) -> SessionState | None:
+        """The least-loaded session with room, preferring those not past the ACK deadline."""
+        best = frozen = None
+        for s in pool.sessions:
+            load = len(s.inflight)
+            if load >= self.window:
+                continue
+            if self.ack_deadline != math.inf and self.stale(s, now):
+                if frozen is None or load < len(frozen.inflight):
+                    frozen = s
+            elif best is None or load < len(best.inflight):
+                best = s
+        return best or frozen
+
+    def _assign(self, slot: Slot, session: SessionState, now: float) -> None:
         self._move(slot, State.SENT)
         slot.session = session
         session.inflight[slot.ticket] = slot
         session.outq.append(slot)
+        if self.ack_deadline != math.inf:
+            log = session.sent_log
+            log.append((now, slot))
+            if len(log) > 4 * self.window:  # ACKs out of order: drop the dead entries
+                session.sent_log = deque(e for e in log if inflight_has(session, e[1]))
         self.dirty.add(session)
 
-    def _drain_waiting(self, pool: Pool) -> None:
+    def _drain_waiting(self, pool: Pool, now: float) -> None:
         while pool.waiting:
-            best = None
-            for s in pool.sessions:
-                if s.load < self.window and (best is None or s.load < best.load):
-                    best = s
+            if pool.waiting[0].state is not State.QUEUED:
+                pool.waiting.popleft()
+                continue
+            best = self._pick(pool, now)
             if best is None:
                 return
-            slot = pool.waiting.popleft()
-            if slot.state is State.QUEUED:
-                self._assign(slot, best)
+            self._assign(pool.waiting.popleft(), best, now)
 
-    def take_outq(self, session: SessionState) -> list[Slot]:
-        """What the session's writer should send now (they stay inflight until ACK)."""
-        out, session.outq = session.outq, []
+    def take_outq(self, session: SessionState, max_bytes: int | None = None) -> list[Slot]:
+        """Slots for the writer to encode now (at least one; their token and pending
+        bytes within ``max_bytes``); they stay inflight until ACK."""
+        outq = session.outq
+        if max_bytes is None or not outq:
+            session.outq = []
+            return outq
+        size = 0
+        n = 0
+        for slot in outq:
+            size += len(slot.token) + len(slot.pending) + 16
+            if size > max_bytes and n:
+                break
+            n += 1
+        out = outq[:n]
+        del outq[:n]
         return out
 
-    def ack(self, session: SessionState, tickets: Iterable[int]) -> list[Slot]:
+    def written(self, slots: Iterable[Slot]) -> None:
+        """Their fds went out to the session (SENT -> WRITTEN): an ACK may now free them."""
+        for slot in slots:
+            if slot.state is State.SENT:
+                self._move(slot, State.WRITTEN)
+
+    def ack(self, session: SessionState, tickets: Iterable[int], now: float = 0.0) -> list[Slot]:
         """The session has these; returns their slots for the caller to close and ``remove``.
 
-        Unknown tickets (already ACKed, or not this session's) are ignored.
+        Unknown tickets (already ACKed, or not this session's) are ignored, and
+        so are wakes not yet written: their fds may still be in our send queue.
         """
         done = []
-        unwritten = {s.ticket for s in session.outq}
+        inflight = session.inflight
         for ticket in tickets:
-            if ticket in unwritten:
-                continue  # a confused worker ACKing what we have not sent: ignore
-            slot = session.inflight.pop(ticket, None)
-            if slot is not None:
+            slot = inflight.get(ticket)
+            if slot is not None and slot.state is State.WRITTEN:
+                del inflight[ticket]
                 done.append(slot)
-        self._drain_waiting(session.pool)
+        if session.pool.waiting:
+            self._drain_waiting(session.pool, now)
         return done
 
     # -- sessions --------------------------------------------------------------
 
-    def add_session(self, session: SessionState) -> None:
+    def add_session(self, session: SessionState, now: float = 0.0) -> None:
         session.pool.sessions.append(session)
-        self._drain_waiting(session.pool)
+        self._drain_waiting(session.pool, now)
+
+    def retire(
+        self, session: SessionState, now: float | None = None, unwritten: Iterable[Slot] = ()
+    ) -> int:
+        """The session takes no more wakes. Those assigned but never written
+        (its ``outq``, and ``unwritten`` the caller took back) go back to the
+        pool now; WRITTEN ones stay until ``release`` or ``abandon``. Returns
+        how many were re-routed.
+        """
+        if session.alive:
+            session.alive = False
+            session.pool.sessions.remove(session)
+            self.dirty.discard(session)
+        back = [*session.outq, *unwritten]
+        session.outq.clear()
+        moved = 0
+        for slot in back:
+            if slot.state is State.SENT and session.inflight.pop(slot.ticket, None) is slot:
+                self._requeue(slot, now)
+                moved += 1
+        self._start_orphan_clock(session.pool, now)
+        return moved
+
+    def release(self, session: SessionState, now: float | None = None) -> int:
+        """The worker can no longer read what we wrote: its un-ACKed wakes go back."""
+        self.retire(session, now)
+        lost = list(session.inflight.values())
+        session.inflight.clear()
+        session.sent_log.clear()
+        for slot in lost:
+            self._requeue(slot, now)
+        self._start_orphan_clock(session.pool, now)
+        return len(lost)
+
+    def abandon(self, session: SessionState) -> list[Slot]:
+        """The worker may still read what we wrote: its un-ACKed wakes stay its own.
+
+        Returns them for the caller to close its copies and ``remove``.
+        """
+        self.retire(session)
+        left = list(session.inflight.values())
+        session.inflight.clear()
+        session.sent_log.clear()
+        return left
 
     def remove_session(self, session: SessionState, now: float | None = None) -> int:
-        """A session ended: its unACKed wakes go back to the pool. Returns how many.
+        """A session ended and its worker cannot read any more: every un-ACKed wake
+        goes back to the pool. Returns how many.
 
         When it was the pool's last session, the orphan clock of every wake
         waiting in the pool starts ``now``: they get a full orphan timeout to
         meet the pool's next session.
         """
-        session.alive = False
-        pool = session.pool
-        pool.sessions.remove(session)
-        self.dirty.discard(session)
-        lost = list(session.inflight.values())
-        session.inflight.clear()
-        session.outq.clear()
-        for slot in lost:
-            self._move(slot, State.QUEUED)
-            slot.session = None
-            self._route(slot)
+        return self.retire(session, now) + self.release(session, now)
+
+    def _requeue(self, slot: Slot, now: float | None) -> None:
+        self._move(slot, State.QUEUED)
+        slot.session = None
+        self._route(slot, 0.0 if now is None else now)
+
+    def _start_orphan_clock(self, pool: Pool, now: float | None) -> None:
         if now is not None and not pool.sessions:
             for slot in pool.waiting:
                 slot.key = now
-        return len(lost)
 
     # -- time ------------------------------------------------------------------
 
@@ -396,3 +519,7 @@ class Lot:
     @property
     def orphaned(self) -> int:
         return sum(len(p.waiting) for p in self.pools.values() if not p.sessions)
+
+
+def inflight_has(session: SessionState, slot: Slot) -> bool:
+    return session.inflight.get(slot.ticket) is slot

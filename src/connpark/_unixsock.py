@@ -20,27 +20,60 @@ def default_socket_path(name: str = "connpark.sock") -> Path:
     return base / name
 
 
+#: sun_path holds 108 bytes on Linux, 104 on macOS and the BSDs, NUL included.
+MAX_PATH = 107 if sys.platform.startswith("linux") else 103
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def check_path(path: str) -> None:
+    """Fail early, in one line, on a path no AF_UNIX socket can have."""
+    size = len(os.fsencode(path))
+    if size > MAX_PATH:
+        raise ConnparkError(
+            f"socket path is {size} bytes, over the AF_UNIX limit of {MAX_PATH}: {path}"
+        )
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        raise ConnparkError(f"cannot use {path}: directory {parent} does not exist")
+
+
 def listen_unix(
     path: str | os.PathLike[str], *, mode: int = 0o600, backlog: int = 128
 ) -> socket.socket:
     """Bind and listen on ``path`` with ``mode``, never readable by others in between.
 
     A stale socket file is replaced only when nothing answers on it; a live one,
-    or a file that is not a socket, is an error.
+    or a file that is not a socket, is an error. Every error is a one-line
+    ``ConnparkError``.
     """
     path = os.fspath(path)
+    check_path(path)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         pass
+    except OSError as exc:
+        raise ConnparkError(f"cannot use {path}: {_why(exc)}") from exc
     else:
+        if stat.S_ISDIR(st.st_mode):
+            raise ConnparkError(f"{path} is a directory; give the socket file's path")
         if not stat.S_ISSOCK(st.st_mode):
             raise ConnparkError(f"{path} exists and is not a socket; not replacing it")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(path)
         except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(path)  # stale: its server is gone
+            try:
+                os.unlink(path)  # stale: its server is gone
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise ConnparkError(f"cannot replace stale socket {path}: {_why(exc)}") from exc
+        except OSError as exc:
+            raise ConnparkError(f"cannot use {path}: {_why(exc)}") from exc
         else:
             raise ConnparkError(f"another server is listening on {path}")
         finally:
@@ -49,13 +82,13 @@ def listen_unix(
     old = os.umask(0o777 & ~mode)
     try:
         sock.bind(path)
+        os.chmod(path, mode)
+        sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        raise ConnparkError(f"cannot bind {path}: {exc.strerror}") from exc
+        raise ConnparkError(f"cannot listen on {path}: {_why(exc)}") from exc
     finally:
         os.umask(old)
-    os.chmod(path, mode)
-    sock.listen(backlog)
     return sock
 
 
@@ -64,6 +97,8 @@ def connect_unix(path: str | os.PathLike[str]) -> socket.socket:
     path = os.fspath(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        if len(os.fsencode(path)) > MAX_PATH:
+            raise OSError(errno.ENAMETOOLONG, "path over the AF_UNIX limit")
         sock.connect(path)
     except OSError as exc:
         sock.close()

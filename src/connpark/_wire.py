@@ -114,6 +114,14 @@ class Refusal(enum.IntEnum):
     OUT_OF_FDS = 6
     SHUTTING_DOWN = 7
     BAD_TIMEOUT = 8
+    #: Per-entry admission (the container inspects each fd on its own):
+    NOT_A_SOCKET = 9
+    NOT_INET = 10
+    LISTENING = 11
+    CONNECTING = 12
+    SHUT_DOWN = 13
+    UNINSPECTABLE = 14
+    DUPLICATE = 15
 
     @property
     def label(self) -> str:
@@ -130,6 +138,8 @@ class ErrorCode(enum.IntEnum):
     TOO_MANY_SESSIONS = 4
     SHUTTING_DOWN = 5
     INTERNAL = 6
+    #: The session broke a container limit (output not read in time, fds held mid-frame).
+    LIMIT = 7
 
 
 @attrs.frozen
@@ -690,6 +700,15 @@ class Decoder:
     @property
     def buffered(self) -> int:
         return len(self._buf)
+
+    @property
+    def broken(self) -> bool:
+        """A protocol error was raised: nothing more can be decoded."""
+        return self._broken is not None
+
+    def frame_head(self) -> bytes:
+        """The buffered start (up to a header) of the next frame, for fd-less reads."""
+        return bytes(self._buf[: HEADER.size])
 
     def receive_data(self, data: bytes, fds: Iterable[int] = ()) -> None:
         """Feed bytes and the fds that came with them. The decoder now owns the fds."""

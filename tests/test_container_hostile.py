@@ -1,0 +1,376 @@
+"""Hostile and unlucky peers against a real ``connpark serve`` (issue 9).
+
+Every test speaks the wire protocol by hand (``_raw.RawPeer``: ``_wire`` +
+``_fdpass``, as docs/protocol.md describes) with real TCP clients on
+loopback, and checks the one-owner promise: each connection wakes exactly
+once, with its bytes, and the container's fd count comes back to baseline.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from connpark._wire import (
+    Error,
+    ErrorCode,
+    ParkEntry,
+    Reason,
+    Refusal,
+    Stats,
+    StatsReply,
+    Wake,
+    Welcome,
+)
+
+from ._procs import ServeProcess, tcp_pairs
+from ._raw import RawPeer, partial_park, tcp_state
+
+pytestmark = pytest.mark.linux
+
+HERE = Path(__file__).parent
+
+
+def _wait(cond, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return bool(cond())
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.fixture
+def serve(sockdir: Path) -> Iterator[ServeProcess]:
+    proc = ServeProcess(sockdir / "c.sock")
+    yield proc
+    assert proc.proc.poll() is None, "the container died:\n" + proc.log_text()
+    assert proc.stop() == 0
+    assert "Traceback" not in proc.log_text()
+
+
+def _read_wakes(peer: RawPeer, n: int) -> dict[bytes, bytes]:
+    """token -> the client's bytes, read from each woken fd (then closed)."""
+    got: dict[bytes, bytes] = {}
+    for _ticket, token, fd in peer.wakes(n):
+        assert fd is not None
+        assert token not in got, "woken twice"
+        s = socket.socket(fileno=fd)
+        s.settimeout(5)
+        got[token] = s.recv(100)
+        s.close()
+    return got
+
+
+def test_a_frame_of_every_kind_of_fd_gets_one_result_per_entry(serve: ServeProcess) -> None:
+    peer = RawPeer(serve.path)
+    baseline = serve.fd_count()
+    (ca, cb, cs), (a, b, shut) = tcp_pairs(3)
+    shut.shutdown(socket.SHUT_WR)
+    r, w = os.pipe()
+    efd = os.eventfd(0)
+    mfd = os.memfd_create("x")
+    opath = os.open("/", os.O_PATH)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.connect(("127.0.0.1", 9))
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(0)
+    queued = socket.create_connection(listening.getsockname())  # fills the backlog
+    connecting = socket.socket()
+    connecting.setblocking(False)
+    assert connecting.connect_ex(listening.getsockname()) == 115  # EINPROGRESS
+    assert _wait(lambda: tcp_state(connecting) == 2, 5)  # SYN_SENT: its SYNs are dropped
+    ux, uy = socket.socketpair()
+    dup_a = os.dup(a.fileno())
+    kinds = [
+        (a.fileno(), Refusal.OK),
+        (r, Refusal.NOT_A_SOCKET),
+        (efd, Refusal.NOT_A_SOCKET),
+        (mfd, Refusal.NOT_A_SOCKET),
+        (udp.fileno(), Refusal.NOT_A_TCP_STREAM),
+        (listening.fileno(), Refusal.LISTENING),
+        (ux.fileno(), Refusal.NOT_INET),
+        (connecting.fileno(), Refusal.CONNECTING),
+        (b.fileno(), Refusal.OK),
+        (dup_a, Refusal.DUPLICATE),
+        (shut.fileno(), Refusal.SHUT_DOWN),
+        (opath, Refusal.UNINSPECTABLE),
+    ]
+    parked = peer.park([ParkEntry(fd, token=b"e%d" % i) for i, (fd, _) in enumerate(kinds)])
+    assert [res.refusal for res in parked.results] == [code for _, code in kinds]
+    assert parked.results[0].ticket
+    assert parked.results[8].ticket
+    a.close()
+    b.close()
+    os.close(dup_a)
+    # The session is fine: a STATS round trip, with every refusal counted by its label.
+    peer.send(Stats())
+    reply = peer.receive()
+    assert isinstance(reply, StatsReply)
+    assert b'"not-a-socket": 3' in reply.body
+    assert serve.fd_count() == baseline + 2
+    # The good entries wake with their bytes.
+    ca.sendall(b"hello A")
+    cb.sendall(b"hello B")
+    assert _read_wakes(peer, 2) == {b"e0": b"hello A", b"e8": b"hello B"}
+    assert _wait(lambda: serve.fd_count() == baseline)
+    # Everything refused is still ours and works.
+    os.write(w, b"p")
+    assert os.read(r, 1) == b"p"
+    ux.sendall(b"u")
+    assert uy.recv(1) == b"u"
+    peer.close()
+    for fd in (r, w, efd, mfd, opath):
+        os.close(fd)
+    for s in (ca, cb, cs, shut, udp, listening, queued, connecting, ux, uy):
+        s.close()
+
+
+def _junk_fds(n: int) -> list[int]:
+    """n fds a hostile peer might send (dups of one pipe end)."""
+    r, w = os.pipe()
+    fds = [os.dup(r) for _ in range(n)]
+    os.close(r)
+    os.close(w)
+    return fds
+
+
+def test_partial_frames_at_the_fd_limit_do_not_hurt_a_legitimate_worker(sockdir: Path) -> None:
+    def low_fd_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1600, 1600))
+
+    proc = ServeProcess(sockdir / "lim.sock", preexec_fn=low_fd_limit)
+    baseline = proc.fd_count()
+    hostile: list[socket.socket] = []
+    clients, servers = tcp_pairs(4 * 253)
+    try:
+        for _ in range(2):  # two hold a partial 253-fd frame before the worker parks...
+            junk = _junk_fds(253)
+            hostile.append(partial_park(proc.path, junk))
+            for fd in junk:
+                os.close(fd)
+        assert _wait(lambda: proc.fd_count() >= baseline + 2 * 254)
+        legit = RawPeer(proc.path, name="legit")
+        parked: dict[bytes, socket.socket] = {}
+        refused: list[str] = []
+        for start in range(0, len(servers), 253):
+            batch = list(enumerate(servers))[start : start + 253]
+            out = legit.park([ParkEntry(s.fileno(), token=b"t%d" % i) for i, s in batch])
+            for (i, _s), res in zip(batch, out.results, strict=True):
+                if res.refusal is Refusal.OK:
+                    parked[b"t%d" % i] = clients[i]
+                else:
+                    refused.append(res.refusal.label)
+            if refused:
+                break
+        assert set(refused) == {"out-of-fds"}
+        assert len(parked) > 253
+        for _ in range(2):  # ...and two more when the container is at its limit
+            junk = _junk_fds(253)
+            hostile.append(partial_park(proc.path, junk))
+            for fd in junk:
+                os.close(fd)
+        time.sleep(0.3)
+        for s in servers:
+            s.close()
+        # Every parked connection wakes, with its bytes, in the legitimate session.
+        for token, c in parked.items():
+            c.sendall(b"bytes of " + token)
+        woken = _read_wakes(legit, len(parked))
+        assert woken == {t: b"bytes of " + t for t in parked}
+        legit.send(Stats())
+        reply = legit.receive()
+        assert isinstance(reply, StatsReply), reply
+        assert b'"protocol_errors_total": 0' in reply.body  # nobody hit MSG_CTRUNC
+        legit.close()
+        for h in hostile:
+            h.close()
+        assert _wait(lambda: proc.fd_count() == baseline), (proc.fd_count(), baseline)
+    finally:
+        assert proc.stop() == 0
+        for s in (*clients, *servers, *hostile):
+            s.close()
+    assert "MSG_CTRUNC" not in proc.log_text()
+
+
+def _flood_stats(sock: socket.socket, seconds: float) -> int:
+    """Send STATS requests without reading, until the socket stays full."""
+    frame = b"\0\0\0\0\x09\0\0\0"  # STATS, empty body
+    sock.setblocking(False)
+    sent = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            sent += sock.send(frame * 512) // len(frame)
+        except BlockingIOError:
+            select.select([], [sock], [], 0.05)
+        except OSError:
+            break  # the container ended the session
+    return sent
+
+
+def test_a_stats_flood_that_never_reads_stays_within_the_output_bound(sockdir: Path) -> None:
+    proc = ServeProcess(sockdir / "flood.sock", ["--output-timeout", "1", "--end-grace", "1"])
+    try:
+        time.sleep(0.2)
+        before = _rss(proc.pid)
+        flooder = RawPeer(proc.path, name="flood")
+        peak = 0
+        sent = 0
+        for _ in range(20):  # ~3 s: past the output timeout
+            sent += _flood_stats(flooder.sock, 0.15)
+            peak = max(peak, _rss(proc.pid))
+        # The documented bound: max_output_bytes (1 MiB) + one message, per session;
+        # plus the decoder's read buffer and Python's own slack.
+        assert peak - before < 8 << 20, (peak - before, sent)
+        assert "output over its limit" in proc.log_text()
+        # Others are served all along.
+        other = RawPeer(proc.path, name="other")
+        other.send(Stats())
+        assert isinstance(other.receive(), StatsReply)
+        other.close()
+        flooder.close()
+    finally:
+        assert proc.stop() == 0
+
+
+def test_a_worker_that_never_reads_big_wakes_stays_within_the_output_bound(
+    sockdir: Path,
+) -> None:
+    proc = ServeProcess(sockdir / "big.sock", ["--output-timeout", "60"])
+    clients, servers = tcp_pairs(300)
+    try:
+        time.sleep(0.2)
+        stuck = RawPeer(proc.path, name="stuck")
+        pending = b"p" * 60_000
+        out = stuck.park([ParkEntry(s.fileno(), pending=pending) for s in servers])
+        assert all(r.ticket for r in out.results)
+        for s in servers:
+            s.close()
+        time.sleep(0.3)
+        before = _rss(proc.pid)  # 300 x 60 KB of pending is parked data: counted here
+        for c in clients:
+            c.sendall(b"x")  # 300 wakes of ~60 KB each: 18 MB if all were encoded
+        time.sleep(1.0)
+        growth = _rss(proc.pid) - before
+        assert growth < 6 << 20, growth  # 1 MiB cap + one entry + slack
+        # The worker reads at last: every wake arrives, pending intact.
+        got = stuck.wakes(300, timeout=30)
+        assert len({t for t, _, _ in got}) == 300
+        for _t, _tok, fd in got:
+            assert fd is not None
+            os.close(fd)
+        stuck.close()
+    finally:
+        assert proc.stop() == 0
+        for s in (*clients, *servers):
+            s.close()
+
+
+def _spawn_worker(path: Path, pool: str, n: int) -> tuple[subprocess.Popen[str], int]:
+    """A raw worker process (tests/_raw.py) that parks n connections; returns its port."""
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "tests._raw", str(path), pool, str(n)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=HERE.parent,
+    )
+    assert worker.stdout is not None
+    return worker, int(worker.stdout.readline())
+
+
+def test_a_frozen_worker_pool_mate_gets_the_new_wakes_and_nothing_is_lost(
+    sockdir: Path,
+) -> None:
+    proc = ServeProcess(sockdir / "frz.sock", ["--ack-deadline", "0.5"])
+    worker, port = _spawn_worker(proc.path, "web", 6)
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(6)]
+    mate = None
+    try:
+        assert worker.stdout is not None
+        assert worker.stdout.readline().strip() == "parked"
+        mate = RawPeer(proc.path, pool="web", name="mate")
+        os.kill(worker.pid, signal.SIGSTOP)
+        clients[0].sendall(b"zero")  # goes to its frozen parker: never ACKed
+        time.sleep(1.0)  # past the ACK deadline
+        for i in range(1, 6):
+            clients[i].sendall(b"n%d" % i)
+        got = _read_wakes(mate, 5)
+        assert got == {b"c%d" % i: b"n%d" % i for i in range(1, 6)}
+        os.kill(worker.pid, signal.SIGCONT)
+        assert worker.stdout.readline().strip() == "woke c0 zero"  # its own, once
+        with pytest.raises(TimeoutError):
+            mate.receive(timeout=0.5)  # nothing more, nothing twice
+        stats = proc.stats()
+        assert (stats.parked, stats.queued, stats.unacked, stats.fds_held) == (0, 0, 0, 0)
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+        worker.kill()
+        worker.wait()
+        if worker.stdout is not None:
+            worker.stdout.close()
+        if mate is not None:
+            mate.close()
+        assert proc.stop() == 0
+        for c in clients:
+            c.close()
+
+
+@pytest.mark.parametrize("worker_closes", [True, False])
+def test_an_ended_session_never_makes_a_second_owner(sockdir: Path, worker_closes: bool) -> None:
+    proc = ServeProcess(sockdir / "end.sock", ["--end-grace", "1"])
+    (client,), (server,) = tcp_pairs(1)
+    w1 = RawPeer(proc.path, pool="p", name="w1")
+    w2 = RawPeer(proc.path, pool="p", name="w2")
+    try:
+        baseline = proc.fd_count()
+        assert w1.park([ParkEntry(server.fileno(), token=b"A")]).results[0].ticket
+        server.close()
+        client.sendall(b"ping")
+        assert _wait(lambda: proc.stats().unacked == 1)  # written to w1, which does not read
+        w1.send(Welcome(1, 1, 1))  # not a worker message: the container ends the session
+        if worker_closes:
+            # Its end is closed, nothing it was sent is readable: the wake goes to w2.
+            w1.close()
+            assert _read_wakes(w2, 1) == {b"A": b"ping"}
+        else:
+            # w1 may still read what it was sent: the wake stays its own, and w2 gets nothing.
+            with pytest.raises(TimeoutError):
+                w2.receive(timeout=2.0)
+            wake = w1.receive()
+            assert isinstance(wake, Wake)
+            (entry,) = wake.entries
+            assert entry.token == b"A"
+            assert entry.reason is Reason.READABLE
+            assert entry.fd is not None
+            mine = socket.socket(fileno=entry.fd)
+            assert mine.recv(10) == b"ping"
+            mine.close()
+            err = w1.receive()
+            assert isinstance(err, Error)
+            assert err.code == ErrorCode.PROTOCOL
+            assert w1.receive() is None  # the container closed the session
+            w1.close()
+        assert _wait(lambda: proc.fd_count() == baseline - 1)  # less w1's session
+        stats = proc.stats()
+        assert (stats.parked, stats.unacked, stats.fds_held) == (0, 0, 0)
+    finally:
+        w2.close()
+        assert proc.stop() == 0
+        client.close()

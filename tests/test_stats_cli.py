@@ -100,7 +100,7 @@ def busy_container(sockdir: Path) -> Iterator[ServeProcess]:
             parking.park(servers[0], token=b"woken")
             parking.park(servers[1], token=b"stays")
             with pytest.raises(connpark.ParkRefused):
-                parking.park(a)  # a unix socket: refused, not-a-tcp-stream
+                parking.park(a)  # a unix socket: refused, not-inet
             clients[0].sendall(b"x")
             woken = parking.next_wake(timeout=10)
             assert woken is not None
@@ -143,7 +143,7 @@ def test_stats_table_watch_and_json(busy_container: ServeProcess) -> None:
     assert rows["sessions"] == ["2", "web", "1,", "_stats", "1"]
     assert rows["wakes"][:3] == ["1", "READABLE", "1,"]
     assert "SHUTDOWN" in rows["wakes"]
-    assert rows["refusals"] == ["1", "not-a-tcp-stream", "1"]
+    assert rows["refusals"] == ["1", "not-inet", "1"]
     assert rows["wake latency"][0] == "p50"
     assert rows["fd budget"][:2] == ["1", "of"]
     assert rows["fd budget"][3:] == ["used", "(0.0%)"]

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from socket import send_fds
 from typing import Any, Protocol
 
 import pytest
@@ -30,12 +31,17 @@ from connpark import Reason
 from connpark._fdpass import recv_fds
 from connpark._unixsock import listen_unix
 from connpark._wire import (
+    Ack,
     Decoder,
+    Error,
+    ErrorCode,
     Hello,
     Park,
     Parked,
     ParkResult,
     Refusal,
+    Wake,
+    WakeEntry,
     Welcome,
     close_fds,
     encode,
@@ -436,7 +442,12 @@ class FakeContainer:
     It keeps the fds of the parks it answers OK (it "parked" them) until ``close``.
     """
 
-    def __init__(self, path: Path, answer_after: float | None = None) -> None:
+    def __init__(
+        self, path: Path, answer_after: float | None = None, wake_fd: int | None = None
+    ) -> None:
+        #: If set: the first session gets a WAKE of this fd (ticket 5), then ERROR.
+        self.wake_fd = wake_fd
+        self.acked: list[int] = []
         self.listener = listen_unix(path)
         self.listener.settimeout(0.2)
         self.answer_after = answer_after
@@ -470,6 +481,15 @@ class FakeContainer:
                 for msg in dec:
                     if isinstance(msg, Hello):
                         conn.sendall(encode(Welcome(7, 0xFFFF, 1 << 16))[0].data)
+                        if self.wake_fd is not None:
+                            wake = Wake((WakeEntry(5, Reason.READABLE, b"t", fd=self.wake_fd),))
+                            (frame,) = encode(wake)
+                            (error,) = encode(Error(ErrorCode.LIMIT, "over a limit"))
+                            # One sendmsg: the worker reads the WAKE and the ERROR at once.
+                            send_fds(conn, [frame.data + error.data], list(frame.fds))
+                            self.wake_fd = None
+                    elif isinstance(msg, Ack):
+                        self.acked.extend(msg.tickets)
                     elif isinstance(msg, Park) and self.answer_after is not None:
                         self.stop.wait(self.answer_after)
                         self.held.extend(e.fd for e in msg.entries)
@@ -531,6 +551,27 @@ def test_cancelled_park_answered_late_is_closed_by_the_hook(make: Factory, sockd
 
 
 # ------------------------------------------------------------------ one owner
+
+
+def test_wakes_read_before_an_error_are_acked_before_the_socket_closes(
+    make: Factory, sockdir: Path
+) -> None:
+    (client,), (server,) = tcp_pairs(1)
+    fake = FakeContainer(sockdir / "err.sock", wake_fd=server.fileno())
+    try:
+        driver = make(sockdir / "err.sock")
+        woken = driver.next_wake()
+        assert (woken.ticket, woken.token) == (5, b"t")
+        # The container ended the session, but still reads: it must see the ACK,
+        # or it would hand the connection to another worker too.
+        assert _wait_until(lambda: fake.acked == [5], 5)
+        assert woken.socket is not None
+        woken.socket.close()
+        driver.shutdown()
+    finally:
+        fake.close()
+        server.close()
+        client.close()
 
 
 def test_40_sessions_each_take_one_wake_and_leave_nothing_delivered_twice(

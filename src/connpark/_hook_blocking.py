@@ -293,7 +293,7 @@ class BlockingParking(HandleInfo):
                     with self._lock:
                         raise self._engine.handshake_timed_out(self._connect_timeout)
                 self._read_once(chan)
-            if not self._engine.ready:
+            if not self._engine.welcomed:
                 raise self._engine.session_error()
         except BaseException:
             self._chan = None
@@ -319,6 +319,7 @@ class BlockingParking(HandleInfo):
             while True:
                 while engine.connected:
                     self._read_once(chan)
+                self._flush()  # last words: ACK what we read before the socket goes
                 with self._send_lock:
                     self._chan = None
                 chan.close()

@@ -263,15 +263,26 @@ class Parking(HandleInfo):
                     await self._read_once(chan)
             if handshake.cancelled_caught:
                 raise self._engine.handshake_timed_out(self._connect_timeout)
-            if not self._engine.ready:
+            if not self._engine.welcomed:
                 raise self._engine.session_error()
             task_status.started()
             while self._engine.connected:
                 await self._read_once(chan)
         finally:
             self._chan = None
+            await self._last_words(chan)
             chan.close()
             self._pump()
+
+    async def _last_words(self, chan: TrioChannel) -> None:
+        """ACK what we read before the socket goes (bounded, even when cancelled)."""
+        frames = self._engine.data_to_send()
+        if frames and not chan.closed:
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + 1.0):
+                try:
+                    await chan.send_frames(frames)
+                except OSError:
+                    pass
 
     async def _read_once(self, chan: TrioChannel) -> None:
         try:

@@ -393,6 +393,7 @@ class Engine:
         self.last_error: ConnparkError | None = None
         #: Sessions established so far (1 after the first WELCOME).
         self.sessions = 0
+        self._sessions_before = 0
 
     # -- session lifecycle ---------------------------------------------------------
 
@@ -401,8 +402,10 @@ class Engine:
         if self.phase not in (Phase.IDLE, Phase.LOST):
             raise ConnparkError(f"cannot start a session while {self.phase.value}")
         check_container_uid(peer_uid, self.container_uid)
+        self._sessions_before = self.sessions
         self.decoder.close()
         self.decoder = Decoder()
+        self._acks = []
         self._out = [
             *encode(Hello(PROTOCOL_VERSION, self.pool, self.name, *self._resume)),
         ]
@@ -412,6 +415,11 @@ class Engine:
     def ready(self) -> bool:
         """The session is up and the handle open: parks are taken."""
         return self.phase is Phase.READY
+
+    @property
+    def welcomed(self) -> bool:
+        """The session started last got its WELCOME (even if it has ended since)."""
+        return self.sessions > self._sessions_before
 
     @property
     def connected(self) -> bool:
@@ -469,7 +477,12 @@ class Engine:
             out, self._out = self._out, []
             return out
         if self.phase not in (Phase.READY, Phase.CLOSING):
-            return []
+            # The session just ended: its last words are the ACKs of what we
+            # read. A container that ended it still reads them, and must not
+            # give those connections to another worker.
+            out = encode(Ack(tuple(self._acks))) if self._acks else []
+            self._acks = []
+            return out
         out, self._out = self._out, []
         if self._acks:
             out[:0] = encode(Ack(tuple(self._acks)))
@@ -733,7 +746,6 @@ class Engine:
         session_id = self.welcome.session_id if self.welcome and not handshake else 0
         self.decoder.close()
         self._out = []
-        self._acks = []
         self.last_error = error
         self._events.append(SessionLost(error))
         if closing or not self.reconnect:

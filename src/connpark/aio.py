@@ -80,6 +80,15 @@ class _Channel:
                 except BlockingIOError:
                     await self.wait(writable=True)
 
+    def send_now(self, frames: list[Any]) -> None:
+        """Best effort, without waiting: queue and send what the socket takes now."""
+        self._outbox.add(frames)
+        if not self._lock.locked():
+            try:
+                self._outbox.send_some(self.sock)
+            except OSError:
+                pass
+
     async def receive(self) -> tuple[bytes, list[int]]:
         while True:
             try:
@@ -257,7 +266,7 @@ class AsyncioParking(HandleInfo):
             except asyncio.TimeoutError:
                 error = self._engine.handshake_timed_out(self._connect_timeout)
                 raise error from None
-            if not self._engine.ready:
+            if not self._engine.welcomed:
                 raise self._engine.session_error()
             if started is not None:
                 started.set_result(None)
@@ -265,6 +274,7 @@ class AsyncioParking(HandleInfo):
                 await self._read_once(chan)
         finally:
             self._chan = None
+            chan.send_now(self._engine.data_to_send())  # ACK what we read before it goes
             chan.close()
             self._pump()
 

@@ -177,13 +177,14 @@ class WakePool:
                 self._serve(conn)
 
     def _serve(self, conn: _Woken) -> None:
-        """Echo the complete lines waiting, read what else is there, then linger."""
+        """Echo the complete lines waiting, read what else is there, then linger.
+
+        A few reads at most, so a client that never pauses cannot hold a thread:
+        it goes round the selector, behind the others.
+        """
         try:
-            while True:
-                while b"\n" in conn.buf:
-                    line, conn.buf = conn.buf.split(b"\n", 1)
-                    conn.served += 1
-                    conn.sock.sendall(line + b"\n")
+            self._echo_lines(conn)
+            for _ in range(16):
                 try:
                     data = conn.sock.recv(65536, socket.MSG_DONTWAIT)
                 except BlockingIOError:
@@ -192,10 +193,17 @@ class WakePool:
                     self._close(conn)
                     return
                 conn.buf += data
+                self._echo_lines(conn)
         except OSError:
             self._close(conn)
             return
         self._to_linger(conn)
+
+    def _echo_lines(self, conn: _Woken) -> None:
+        while b"\n" in conn.buf:
+            line, conn.buf = conn.buf.split(b"\n", 1)
+            conn.served += 1
+            conn.sock.sendall(line + b"\n")
 
     def _park(self, conn: _Woken) -> None:
         try:

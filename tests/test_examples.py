@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -230,3 +230,178 @@ def test_threaded_server_parks_100_clients_and_drops_threads(serve: ServeProcess
         for c in clients:
             c.close()
         server.stop()
+
+
+# -- hardening (issue 8): what a user runs into -------------------------------------------
+
+
+def _wait_for(what: str, check: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _heavy(serve: ServeProcess, *args: str) -> ExampleProcess:
+    return ExampleProcess(
+        "heavy_server.py", "--parking-socket", str(serve.path), "--listen", "127.0.0.1:0", *args
+    )
+
+
+def _read_response(sock: socket.socket) -> tuple[int, bytes, bytes]:
+    """One HTTP/1.1 response with a Content-Length: (status, body, bytes after it)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"EOF before a full response head: {buf!r}")
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    fields = dict(line.lower().split(b":", 1) for line in lines[1:])
+    length = int(fields[b"content-length"])
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"EOF inside a response body: {buf + rest!r}")
+        rest += chunk
+    return int(lines[0].split()[1]), rest[:length], rest[length:]
+
+
+def _get(sock: socket.socket) -> tuple[int, bytes]:
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    status, body, extra = _read_response(sock)
+    assert extra == b""
+    return status, body
+
+
+def test_heavy_server_http_answers_garbage_with_400_and_keeps_serving(
+    serve: ServeProcess,
+) -> None:
+    server = _heavy(serve, "--protocol", "http", "--park-after", "5")
+    try:
+        good = socket.create_connection(server.addr, timeout=10)
+        assert _get(good) == (200, b"hello from session 1: request 1 on this connection\n")
+        bad = socket.create_connection(server.addr, timeout=10)
+        bad.sendall(b"THIS IS NOT HTTP\r\n\r\n")
+        status, _body, extra = _read_response(bad)
+        assert (status, extra) == (400, b"")
+        assert bad.recv(1) == b""  # and the server closed that connection
+        bad.close()
+        assert _get(good) == (200, b"hello from session 1: request 2 on this connection\n")
+        later = socket.create_connection(server.addr, timeout=10)
+        assert _get(later)[0] == 200
+        good.close()
+        later.close()
+        assert server.proc.poll() is None
+    finally:
+        server.stop()
+
+
+def test_heavy_server_http_parks_only_between_messages(serve: ServeProcess) -> None:
+    server = _heavy(serve, "--protocol", "http", "--park-after", "0.3")
+    try:
+        c = socket.create_connection(server.addr, timeout=10)
+        # A body split across an idle pause: the connection must stay live, not park.
+        c.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 20\r\n\r\n0123456789")
+        time.sleep(1.0)
+        assert serve.stats().parks_total == 0
+        c.sendall(b"abcdefghij")
+        assert _read_response(c) == (200, b"received 20 bytes\n", b"")
+        assert _get(c) == (200, b"hello from session 1: request 2 on this connection\n")
+        # Idle between messages: parked. A half-sent request head parks too, as pending.
+        _wait_for("the park", lambda: serve.stats().parked == 1)
+        c.sendall(b"GET / HTTP/1.1\r\nHo")
+        _wait_for("the wake and re-park", lambda: serve.stats().parks_total == 2, timeout=10)
+        assert serve.stats().parked == 1
+        c.sendall(b"st: t\r\n\r\n")
+        assert _read_response(c) == (
+            200,
+            b"hello from session 1: request 3 on this connection\n",
+            b"",
+        )
+        c.close()
+    finally:
+        server.stop()
+
+
+def test_heavy_servers_of_two_protocols_share_a_container(serve: ServeProcess) -> None:
+    n = 300
+    opts = ("--park-after", "0.5", "--state-size", "4096")
+    echo = _heavy(serve, "--protocol", "echo", *opts)
+    web = _heavy(serve, "--protocol", "http", *opts)
+    echo_clients: list[socket.socket] = []
+    web_clients: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            echo_clients.append(socket.create_connection(echo.addr, timeout=20))
+            web_clients.append(socket.create_connection(web.addr, timeout=20))
+        for i, (e, w) in enumerate(zip(echo_clients, web_clients, strict=True)):
+            assert _line_round_trip(e, b"e %d\n" % i) == b"e %d\n" % i
+            assert _get(w)[0] == 200
+        _wait_for("all parked", lambda: serve.stats().parked == 2 * n)
+        pools = serve.stats().pools
+        assert (pools.get("heavy-echo"), pools.get("heavy-http")) == (1, 1), pools
+        for i, (e, w) in enumerate(zip(echo_clients, web_clients, strict=True)):
+            e.sendall(b"again %d\n" % i)
+            w.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        for i, (e, w) in enumerate(zip(echo_clients, web_clients, strict=True)):
+            assert e.recv(4096) == b"again %d\n" % i
+            status, body, _ = _read_response(w)
+            assert (status, body.endswith(b": request 2 on this connection\n")) == (200, True)
+    finally:
+        for c in echo_clients + web_clients:
+            c.close()
+        echo.stop()
+        web.stop()
+
+
+def test_threaded_server_serves_1000_wakes_at_once(serve: ServeProcess) -> None:
+    n = 1000
+    server = ExampleProcess(
+        "threaded_server.py",
+        "--parking-socket",
+        str(serve.path),
+        "--listen",
+        "127.0.0.1:0",
+        "--park-after",
+        "0.5",
+    )
+    clients: list[socket.socket] = []
+    try:
+        for i in range(n):
+            c = socket.create_connection(server.addr, timeout=20)
+            c.sendall(b"a %d\n" % i)
+            clients.append(c)
+        for i, c in enumerate(clients):
+            assert c.recv(4096) == b"a %d\n" % i
+        for burst in (1, 2):
+            _wait_for("all parked", lambda: serve.stats().parked == n)
+            start = time.monotonic()
+            for i, c in enumerate(clients):
+                c.sendall(b"b%d %d\n" % (burst, i))
+            for i, c in enumerate(clients):
+                assert c.recv(4096) == b"b%d %d\n" % (burst, i)
+            elapsed = time.monotonic() - start
+            print(f"burst {burst}: {n} wakes answered in {elapsed:.2f} s")
+            assert elapsed < 10
+            assert serve.stats().woken_total.get("READABLE") == burst * n
+    finally:
+        for c in clients:
+            c.close()
+        server.stop()
+
+
+@pytest.mark.parametrize("script", ["heavy_server.py", "threaded_server.py"])
+def test_examples_without_a_container_say_so_in_one_line(sockdir: Path, script: str) -> None:
+    missing = sockdir / "missing.sock"
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), "--parking-socket", str(missing)],
+        capture_output=True,
+        timeout=30,
+    )
+    assert out.returncode == 1
+    assert out.stdout == b""
+    name = script.removesuffix(".py")
+    assert out.stderr.decode() == f"{name}: cannot connect to {missing}: no such socket file\n"

@@ -405,3 +405,45 @@ def test_examples_without_a_container_say_so_in_one_line(sockdir: Path, script: 
     assert out.stdout == b""
     name = script.removesuffix(".py")
     assert out.stderr.decode() == f"{name}: cannot connect to {missing}: no such socket file\n"
+
+
+@pytest.mark.parametrize(
+    ("script", "extra"),
+    [
+        ("heavy_server.py", ["--state-size", "4096", "--park-after", "0.3"]),
+        ("threaded_server.py", ["--park-after", "0.3", "--wake-linger", "0.1"]),
+    ],
+)
+def test_example_survives_a_container_restart(sockdir: Path, script: str, extra: list[str]) -> None:
+    n = 20
+    path = sockdir / "r.sock"
+    container = ServeProcess(path)
+    server = ExampleProcess(
+        script, "--parking-socket", str(path), "--listen", "127.0.0.1:0", *extra
+    )
+    clients: list[socket.socket] = []
+    try:
+        for i in range(n):
+            c = socket.create_connection(server.addr, timeout=20)
+            clients.append(c)
+            assert _line_round_trip(c, b"a %d\n" % i) == b"a %d\n" % i
+        _wait_for("every client parked", lambda: container.stats().parked == n)
+        # A restart: the old container hands every connection back (SHUTDOWN)...
+        assert container.stop() == 0
+        container = ServeProcess(path)  # ...and a new one comes up on the same path.
+        # The server kept listening: a new client is served.
+        fresh = socket.create_connection(server.addr, timeout=20)
+        clients.append(fresh)
+        assert _line_round_trip(fresh, b"fresh\n") == b"fresh\n"
+        # Every old client is still served, byte for byte, and parks again in the new one.
+        for i, c in enumerate(clients[:n]):
+            assert _line_round_trip(c, b"b %d\n" % i) == b"b %d\n" % i
+        _wait_for("clients parked in the new container", lambda: container.stats().parked >= n)
+        for i, c in enumerate(clients[:n]):
+            assert _line_round_trip(c, b"c %d\n" % i) == b"c %d\n" % i
+        assert server.proc.poll() is None
+    finally:
+        for c in clients:
+            c.close()
+        server.stop()
+        container.stop()

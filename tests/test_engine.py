@@ -34,6 +34,7 @@ from connpark._errors import (
     ConnparkError,
     ContainerError,
     ContainerLost,
+    ContainerTimeout,
     ParkingClosed,
     ParkRefused,
 )
@@ -870,6 +871,20 @@ def test_a_fatal_error_gives_up(code: ErrorCode, when: str) -> None:
         engine.stats(None)
 
 
+@pytest.mark.parametrize(
+    "code", [*(c for c in ErrorCode if c not in (ErrorCode.VERSION, ErrorCode.NOT_ALLOWED)), 99]
+)
+def test_other_error_codes_are_not_fatal(code: int) -> None:
+    engine, peer = started()
+    peer.send(Error(code, "why"))
+    (lost,) = peer.events()
+    assert isinstance(lost, SessionLost)
+    assert isinstance(lost.error, ContainerLost)
+    assert "why" in str(lost.error)
+    assert engine.phase is Phase.LOST
+    assert engine.retry_delay(0.0) is not None
+
+
 def test_a_non_fatal_error_during_the_handshake_can_be_retried() -> None:
     engine = Engine()
     peer = FakeContainer(engine)
@@ -936,27 +951,105 @@ def test_a_park_from_the_container_is_a_protocol_error_and_its_fds_are_closed() 
 
 
 def test_retry_delay_doubles_caps_and_gives_up() -> None:
-    engine, peer = started(backoff=Backoff(first=0.1, most=0.5, give_up_after=3.0))
+    engine, peer = started(backoff=Backoff(first=0.1, most=0.5, give_up_after=3.0), path="/x/ctl")
     assert engine.retry_delay(0.0) is None  # not lost
+    sock = FakeSock()
+    req = engine.park([sock], [entry(sock)], None)
     engine.receive_eof()
     peer.events()
     delays = [engine.retry_delay(10.0 + i * 0.5) for i in range(6)]
     assert delays == pytest.approx([0.1, 0.2, 0.4, 0.5, 0.5, 0.5])
     assert engine.retry_delay(12.9) == pytest.approx(0.5)
-    assert engine.retry_delay(13.0) is None  # give_up_after since the first call
-    assert engine.phase is Phase.LOST  # the hook decides: give_up
     # A session lost in its handshake does not restart the clock.
     peer.connect()
     engine.receive_eof()
     peer.events()
-    assert engine.retry_delay(13.5) is None
-    # A WELCOME does.
+    assert engine.phase is Phase.LOST
+    assert engine.retry_delay(12.95) == pytest.approx(0.5)
+    # give_up_after since the first call: the engine gives up by itself.
+    assert engine.retry_delay(13.0) is None
+    assert phase(engine) is Phase.CLOSED
+    assert isinstance(engine.error, ContainerLost)
+    assert "/x/ctl" in str(engine.error)
+    assert "3 s" in str(engine.error)
+    assert settled(peer.events()) == [req]
+    with pytest.raises(ContainerLost, match="could not reconnect"):
+        req.outcome()
+    assert not sock.closed
+    assert engine.retry_delay(14.0) is None
+
+
+def test_a_welcome_restarts_the_backoff() -> None:
+    engine, peer = started(backoff=Backoff(first=0.1, most=0.5, give_up_after=3.0))
+    engine.receive_eof()
+    peer.events()
+    assert engine.retry_delay(0.0) == pytest.approx(0.1)
+    assert engine.retry_delay(2.0) == pytest.approx(0.2)
     peer.connect()
     peer.welcome()
     engine.receive_eof()
     peer.events()
     assert engine.retry_delay(100.0) == pytest.approx(0.1)
-    assert engine.retry_delay(100.1) == pytest.approx(0.2)
+    assert engine.retry_delay(102.9) == pytest.approx(0.2)
+    assert engine.phase is Phase.LOST
+
+
+def test_handshake_timed_out() -> None:
+    engine = Engine(path="/run/ctl")
+    peer = FakeContainer(engine)
+    sock = FakeSock()
+    req = engine.park([sock], [entry(sock)], None)
+    peer.connect()
+    error = engine.handshake_timed_out(2.5)
+    assert isinstance(error, ContainerTimeout)
+    assert "/run/ctl" in str(error)
+    assert "2.5 s" in str(error)
+    assert [type(e) for e in peer.events()] == [SessionLost]
+    assert engine.phase is Phase.LOST
+    assert engine.session_error() is error
+    assert req.state is ReqState.QUEUED  # still waits for the next session
+    peer.connect()
+    peer.welcome()
+    (park,) = parks(peer.recv())
+    assert [e.fd for e in park.entries] == [sock.fd]
+
+
+def test_session_error_and_reconnect_failed() -> None:
+    engine = Engine()
+    assert isinstance(engine.session_error(), ContainerLost)  # nothing happened yet
+    peer = FakeContainer(engine)
+    peer.connect()
+    peer.welcome()
+    assert engine.connected
+    engine.receive_eof()
+    peer.events()
+    assert not engine.connected
+    lost = engine.session_error()
+    assert isinstance(lost, ContainerLost)
+    assert lost is engine.last_error
+    # A failed attempt that left the engine LOST: keep trying.
+    engine.reconnect_failed(ContainerLost("refused"))
+    assert engine.phase is Phase.LOST
+    # A fatal answer closed it: reconnect_failed does not replace the error.
+    peer.connect()
+    peer.send(Error(ErrorCode.VERSION, "too new"))
+    peer.events()
+    assert phase(engine) is Phase.CLOSED
+    fatal = engine.session_error()
+    assert isinstance(fatal, ContainerError)
+    engine.reconnect_failed(ContainerLost("other"))
+    assert engine.session_error() is fatal
+
+
+def test_connected_while_closing() -> None:
+    engine, _ = started()
+    assert engine.connected
+    assert engine.ready
+    engine.begin_close()
+    assert engine.connected  # keep reading: answers may still come
+    assert not engine.ready
+    engine.finish_close()
+    assert not engine.connected
 
 
 def test_give_up_fails_every_waiter() -> None:
@@ -1312,9 +1405,9 @@ class EngineMachine(RuleBasedStateMachine):
         self.flush()
 
     @precondition(lambda self: bool(self.wake_queue))
-    @rule()
-    def take_wake(self) -> None:
-        if self.wake_queue:
+    @rule(now=st.integers(0, 2))
+    def take_wake(self, now: int) -> None:
+        if not now:  # rarer, so that some are left to hand back at close
             woken = self.wake_queue.pop(0)
             if woken.socket is not None:
                 woken.socket.close()  # the user is done with it
@@ -1513,7 +1606,7 @@ class EngineMachine(RuleBasedStateMachine):
 
 TestEngineMachine = EngineMachine.TestCase
 TestEngineMachine.settings = settings(
-    max_examples=150,
+    max_examples=200,
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],

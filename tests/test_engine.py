@@ -803,6 +803,8 @@ def test_a_lost_session_requeues_what_was_not_answered(lose: Any) -> None:
     assert engine.last_error is events[-1].error
     assert settled(events) == []
     assert engine.phase is Phase.LOST
+    # The WAKE's ACK had not gone out: it is the dead session's last word.
+    assert peer.recv() == [Ack((51,))]
     assert engine.data_to_send() == []
     assert r_half.state is ReqState.QUEUED
     assert r_none.state is ReqState.QUEUED
@@ -834,6 +836,48 @@ def test_a_lost_session_requeues_what_was_not_answered(lose: Any) -> None:
     peer.send(StatsReply(stats_body(9)))
     assert settled(peer.events()) == [stats]
     assert engine.sessions == 2
+
+
+def test_acks_pending_when_a_session_ends_are_its_last_words() -> None:
+    _, peer = started()
+    first = peer.session_id
+    peer.send(Wake((WakeEntry(61, Reason.HANGUP),)), Error(ErrorCode.SHUTTING_DOWN, "bye"))
+    assert [type(e) for e in peer.events()] == [Woke, SessionLost]
+    assert peer.recv() == [Ack((61,))]  # the container that ended it still reads them
+    assert peer.recv() == []  # once
+    assert peer.connect() == Hello(2, "pool", "w1", first, (61,))  # reported all the same
+
+
+def test_acks_not_written_before_the_next_session_are_dropped() -> None:
+    engine, peer = started()
+    first = peer.session_id
+    peer.send(Wake((WakeEntry(62, Reason.HANGUP),)))
+    peer.events()
+    engine.receive_eof()
+    peer.events()
+    # The hook reconnects without writing them: HELLO alone, and it reports 62.
+    assert peer.connect() == Hello(2, "pool", "w1", first, (62,))
+    assert peer.recv() == []
+    peer.welcome()
+    assert peer.recv() == []  # not ACKed to the new session
+
+
+def test_welcomed() -> None:
+    engine = Engine()
+    peer = FakeContainer(engine)
+    assert not engine.welcomed
+    peer.connect()
+    assert not engine.welcomed
+    peer.welcome()
+    assert engine.welcomed
+    engine.receive_eof()
+    peer.events()
+    assert engine.welcomed  # the session started last got its WELCOME
+    peer.connect()
+    assert not engine.welcomed
+    engine.receive_eof()
+    peer.events()
+    assert not engine.welcomed  # lost in its handshake
 
 
 @pytest.mark.parametrize("code", [ErrorCode.VERSION, ErrorCode.NOT_ALLOWED])

@@ -619,8 +619,11 @@ def test_ack_goes_before_other_frames() -> None:
     assert msgs[3] == Close((CloseEntry(8, b"bye"),))
 
 
-def test_unpark_and_close_without_a_session_are_dropped() -> None:
+def test_unpark_and_close_without_a_session_go_out_with_the_next_one() -> None:
     engine, peer = started()
+    engine.unpark([7])  # sent, but the container may die before it reads it
+    engine.close_ticket(8, b"bye")
+    assert peer.recv() == [Unpark((7,)), Close((CloseEntry(8, b"bye"),))]
     engine.receive_eof()
     assert [type(e) for e in peer.events()] == [SessionLost]
     engine.unpark([1])
@@ -629,7 +632,20 @@ def test_unpark_and_close_without_a_session_are_dropped() -> None:
         engine.close_ticket(2, "bye")  # type: ignore[arg-type]
     peer.connect()
     peer.welcome()
-    assert peer.recv() == []
+    # Idempotent requests the last container may not have read, sent again.
+    assert peer.recv() == [
+        Unpark((7, 1)),
+        Close((CloseEntry(8, b"bye"), CloseEntry(2, b""))),
+    ]
+    # A WAKE settles an UNPARK: not repeated after the next reconnect.
+    peer.send(Wake((WakeEntry(7, Reason.REQUESTED),)))
+    peer.events()
+    peer.recv()
+    engine.receive_eof()
+    peer.events()
+    peer.connect()
+    peer.welcome()
+    assert peer.recv() == [Unpark((1,))]
 
 
 # -- stats ---------------------------------------------------------------------------
@@ -685,14 +701,6 @@ def test_abandoned_stats_is_not_resent_and_does_not_steal_a_reply() -> None:
     assert c.outcome().parks_total == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug (bookkeeping): a stats request withdrawn while SENT goes back to "
-    "QUEUED when the session is lost and never reaches DONE: it is not re-sent, and a "
-    "later STATS_REPLY pops it from the deque with 'continue' without marking it "
-    "(abandoned parks in flight are DONE after a loss). _lose should mark an abandoned "
-    "SENT stats request DONE (and drop it from the deque).",
-)
 def test_an_abandoned_stats_request_lost_in_flight_is_done() -> None:
     engine, peer = started()
     a = engine.stats(None)
@@ -709,14 +717,6 @@ def test_an_abandoned_stats_request_lost_in_flight_is_done() -> None:
     assert a.state is ReqState.DONE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: a STATS_REPLY before WELCOME (a misbehaving container) makes "
-    "_on_stats pop every QUEUED stats request from the deque without settling it: the "
-    "request is never sent after WELCOME and not even finish_close fails it, so its "
-    "waiter is forgotten (a stats() with no timeout hangs). A reply with no SENT request "
-    "should leave queued requests alone (or end the session as a protocol error).",
-)
 def test_a_stats_reply_before_welcome_does_not_lose_queued_requests() -> None:
     engine = Engine()
     peer = FakeContainer(engine)
@@ -1267,13 +1267,6 @@ def test_a_lost_session_while_closing_closes_the_handback() -> None:
         engine.park([FakeSock()], [ParkEntry(5)], None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: a hand-back re-park answered with a refusal (e.g. SHUTTING_DOWN) "
-    "leaves the socket open; it belongs to nobody (the user gave it up in begin_close, "
-    "no hook reads the hand-back's results), so the woken connection leaks. "
-    "_answer should close a refused entry of a handback request.",
-)
 @pytest.mark.usefixtures("no_fd_leak")
 def test_a_refused_handback_socket_is_closed() -> None:
     engine, peer = started()
@@ -1291,12 +1284,6 @@ def test_a_refused_handback_socket_is_closed() -> None:
         engine.finish_close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: begin_close during the HANDSHAKE goes straight to CLOSED without "
-    "closing the decoder, and finish_close then does nothing: fds the decoder holds "
-    "(a frame not complete yet) leak.",
-)
 def test_begin_close_during_the_handshake_closes_the_decoder() -> None:
     engine = Engine()
     peer = FakeContainer(engine)

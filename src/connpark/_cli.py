@@ -125,7 +125,22 @@ def _add_serve(sub: argparse._SubParsersAction[_Parser]) -> None:
         type=_positive_float,
         help="seconds an ended session has to close its end before its wakes stay with it (5)",
     )
+    p.add_argument(
+        "--restore-grace",
+        type=_positive_float,
+        help="with --crash-recovery: seconds a restored wake waits for its worker to claim it (10)",
+    )
+    p.add_argument(
+        "--crash-recovery",
+        action="store_true",
+        help="run the container as a shard under a supervisor that mirrors every parked fd:"
+        " a killed shard is restarted with every connection",
+    )
     p.add_argument("--config", help="TOML file with the same keys ([connpark] table)")
+    _add_log_flags(p)
+
+
+def _add_log_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="text", choices=["text", "json"])
 
@@ -144,6 +159,16 @@ def _add_stats(sub: argparse._SubParsersAction[_Parser]) -> None:
     )
 
 
+def _add_shard(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """The supervisor starts its shard with this (not for people: no help shown)."""
+    p = sub.add_parser("_shard")
+    p.add_argument("--listen-fd", type=int, required=True)
+    p.add_argument("--mirror-fd", type=int, required=True)
+    p.add_argument("--epoch", type=int, default=0)
+    p.add_argument("--config-json", required=True)
+    _add_log_flags(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="connpark",
@@ -154,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_stats(sub)
     _add_demo(sub)
+    _add_shard(sub)
     return parser
 
 
@@ -188,6 +214,14 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     _setup_logging(args.log_level, args.log_format)
     config = ContainerConfig.from_args(args)
+    if args.crash_recovery:
+        from ._supervisor import Supervisor
+
+        log_args = ["--log-level", args.log_level, "--log-format", args.log_format]
+        supervisor = Supervisor(config, log_args=log_args)
+        supervisor.listen()
+        trio.run(supervisor.run)
+        return 0
     container = Container(config)
     container.listen()  # start-up errors: one line from main(), no trio traceback
 
@@ -208,6 +242,16 @@ async def _stop_on_signal(signals: Any, container: Any) -> None:
             "got %s: draining (again to stop waiting for ACKs)", signal.Signals(signum).name
         )
         container.request_shutdown()
+
+
+def _run_shard(args: argparse.Namespace) -> int:
+    from ._config import ContainerConfig
+    from ._supervisor import run_shard
+
+    _setup_logging(args.log_level, args.log_format)
+    config = ContainerConfig.from_mapping(json.loads(args.config_json))
+    run_shard(config, listen_fd=args.listen_fd, mirror_fd=args.mirror_fd, epoch=args.epoch)
+    return 0
 
 
 def _run_stats(args: argparse.Namespace) -> int:
@@ -259,6 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_stats(args)
         if args.command == "demo":
             return _run_demo(args)
+        if args.command == "_shard":
+            return _run_shard(args)
     except ConnparkError as exc:
         print(f"connpark {args.command}: error: {exc}", file=sys.stderr)
         return 1

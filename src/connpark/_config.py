@@ -117,6 +117,10 @@ class ContainerConfig:
     #: After the container ends a session (ERROR), how long it keeps reading
     #: ACKs waiting for the worker to close its end (seconds).
     end_grace: float = _seconds(5.0)
+    #: After a crash (``--crash-recovery``): how long restored connections that
+    #: were on their way to a worker wait for it to reconnect and claim them
+    #: before they are woken again for any worker of their pool (seconds).
+    restore_grace: float = _seconds(10.0)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> ContainerConfig:
@@ -167,6 +171,7 @@ class ContainerConfig:
             "output_timeout": args.output_timeout,
             "ack_deadline": args.ack_deadline,
             "end_grace": args.end_grace,
+            "restore_grace": getattr(args, "restore_grace", None),
         }
         base.update({k: v for k, v in flags.items() if v is not None})
         return cls.from_mapping(base)

@@ -42,7 +42,9 @@ import os
 import resource
 import socket
 import struct
+import time
 from collections import Counter, deque
+from collections.abc import Sequence
 from typing import Any
 
 import trio
@@ -52,6 +54,8 @@ from ._config import ContainerConfig
 from ._errors import ProtocolError, RemoteProtocolError
 from ._fdpass import Outbox, recv_fdless, recv_fds, unread_by_peer
 from ._lot import HANGUP_RETURNS, INET6, TIMEOUT_RETURNS, Lot, Pool, SessionState, Slot, State
+from ._mirror import Kind as MirrorKind
+from ._mirror import Record, encode_records, encode_tickets, encode_woken
 from ._stats import ContainerStats, LatencySummary
 from ._unixsock import listen_unix, peer_uid
 from ._watcher import ERR, HUP, make_watcher
@@ -193,13 +197,34 @@ class _Session(SessionState):
 class Container:
     """One running container. Start it with ``run`` (or ``connpark.serve``)."""
 
-    def __init__(self, config: ContainerConfig) -> None:
+    def __init__(
+        self,
+        config: ContainerConfig,
+        *,
+        listen_fd: int | None = None,
+        mirror: socket.socket | None = None,
+        epoch: int = 0,
+        restore: Sequence[Record] = (),
+    ) -> None:
         self.config = config
         self.lot = Lot(
             window=config.window,
             orphan_timeout=config.orphan_timeout,
             ack_deadline=config.ack_deadline,
+            epoch=epoch,
         )
+        #: A listening socket inherited from a supervisor (then we do not own the path).
+        self._listen_fd = listen_fd
+        #: The supervisor's mirror of every parked fd (None: no crash recovery).
+        self._mirror = mirror
+        self._mirror_out = Outbox(own_fds=False)
+        self._mirror_del: list[int] = []
+        self._restore = list(restore)
+        #: Restored connections that may be in a worker's hands: ticket -> record.
+        self._quarantine: dict[int, Record] = {}
+        #: Restored sockets by inode -> ticket: a park the worker re-sends because
+        #: the crashed shard never answered it gets the ticket it already has.
+        self._restored_ino: dict[int, int] = {}
         self.watcher = make_watcher()
         self._sessions: dict[int, _Session] = {}
         self._next_session = 1
@@ -216,7 +241,7 @@ class Container:
         #: Open session sockets (handshaking ones too).
         self._conns = 0
         self._fd_limit = raise_nofile_limit()
-        self._fd_base = count_open_fds()
+        self._fd_base = count_open_fds() - len(self._restore)  # those count as held
         self._room = trio.Event()
         self._room_waiters = 0
         self._started = 0.0
@@ -245,7 +270,10 @@ class Container:
         """Create the control socket now (``run`` does it if not done): start-up
         errors (``ConnparkError``) surface here, before any task starts."""
         if self._listener is None:
-            self._listener = listen_unix(self.config.path, mode=self.config.socket_mode)
+            if self._listen_fd is not None:
+                self._listener = socket.socket(fileno=self._listen_fd)
+            else:
+                self._listener = listen_unix(self.config.path, mode=self.config.socket_mode)
             self._listener.setblocking(False)
 
     async def run(
@@ -264,6 +292,7 @@ class Container:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self._adopt_restored()
                 nursery.start_soon(self._accept_loop, listener)
                 nursery.start_soon(self._watch_loop)
                 nursery.start_soon(self._timer_loop)
@@ -276,10 +305,14 @@ class Container:
             self._tearing_down = True
             trio.lowlevel.notify_closing(listener)
             listener.close()
-            try:
-                os.unlink(self.config.path)
-            except OSError:
-                pass
+            if self._listen_fd is None:
+                try:
+                    os.unlink(self.config.path)
+                except OSError:
+                    pass
+            for record in self._quarantine.values():
+                os.close(record.fd)
+            self._quarantine.clear()
             for session in list(self._sessions.values()):
                 self._close_sock(session)
             if self.lot.queued or self.lot.sent:
@@ -356,6 +389,8 @@ class Container:
         if slot.fd >= 0:
             os.close(slot.fd)
             self._held -= 1
+            if self._mirror is not None:
+                self._mirror_del.append(slot.ticket)
         self.lot.remove(slot)
         self._poke_progress()
 
@@ -398,6 +433,8 @@ class Container:
         if reason is not Reason.SHUTDOWN and not slot.returns_fd(reason):
             os.close(slot.fd)
             self._held -= 1
+            if self._mirror is not None:
+                self._mirror_del.append(slot.ticket)
             self.lot.forget_fd(slot)
         self.lot.wake(slot, reason, now, to=to)
 
@@ -429,6 +466,9 @@ class Container:
         """Send sessions their new output (or wake their writers); re-aim the timer."""
         if self._tearing_down:
             return  # a dying session's wakes must not bounce to one dying next
+        if self._mirror_del:
+            self._mirror_send(encode_tickets(MirrorKind.DEL, self._mirror_del))
+            self._mirror_del = []
         dirty = self.lot.dirty
         while dirty:
             self._pump(dirty.pop())  # type: ignore[arg-type]
@@ -637,8 +677,16 @@ class Container:
             cfg.max_parked - (lot.parked + lot.queued + lot.sent),
         )
         refused = self._refused
+        mirrored: list[Record] | None = [] if self._mirror is not None else None
+        wall = time.time() - now
+        twins = 0
         for entry in msg.entries:
             fd = entry.fd
+            if self._restored_ino and (twin := self._restored_twin(fd, now)) is not None:
+                close_fds((fd,))  # we hold this connection already, under its old ticket
+                results.append((Refusal.OK, twin))
+                twins += 1
+                continue
             try:
                 code, family = self._admit(entry, peers, room)
             except Exception:  # one entry must never end the session
@@ -665,12 +713,130 @@ class Container:
             )
             room -= 1
             results.append((Refusal.OK, slot.ticket))
-        admitted = sum(1 for code, _ in results if code is Refusal.OK)
+            if mirrored is not None:
+                deadline_ms = int((wall + now + idle) * 1000)
+                mirrored.append(
+                    Record(
+                        slot.ticket, fd, deadline_ms, flags, s.pool.name, slot.token, slot.pending
+                    )
+                )
+        if mirrored:  # before PARKED: the worker keeps its copy until the mirror has one
+            self._mirror_send(encode_records(MirrorKind.ADD, mirrored))
+        admitted = sum(1 for code, _ in results if code is Refusal.OK) - twins
         self._held += admitted
         self._parks_total += admitted
         if s.ending is None:
             s.outbox.add((parked_frame(msg.request_id, results),))
             lot.dirty.add(s)
+
+    # -- the mirror (crash recovery) -------------------------------------------------------
+
+    def _mirror_send(self, frames: list[Frame]) -> None:
+        """Write to the supervisor now (its socket blocks: it is ours, and always reading)."""
+        mirror = self._mirror
+        if mirror is None:
+            return
+        out = self._mirror_out
+        try:
+            out.add(frames)
+            while out:
+                out.send_some(mirror)
+        except OSError as exc:
+            LOGGER.error("lost the supervisor's mirror (%s): no crash recovery from now", exc)
+            out.close()
+            self._mirror = None
+
+    def _adopt_restored(self) -> None:
+        """Take back what a crashed predecessor parked: same tickets, same deadlines.
+
+        Connections that had been handed to a session may be in a worker's
+        hands: they wait in quarantine until that worker reconnects and names
+        them (HELLO resume tickets) or ``restore_grace`` passes.
+        """
+        if not self._restore:
+            return
+        now = trio.current_time()
+        offset = now - time.time()
+        parked = 0
+        for r in self._restore:
+            self._held += 1
+            try:
+                self._restored_ino[os.fstat(r.fd).st_ino] = r.ticket
+            except OSError:
+                pass
+            if r.woken:
+                self._quarantine[r.ticket] = r
+                continue
+            self._readmit(r, now, offset)
+            parked += 1
+        LOGGER.warning(
+            "restored %d connections from the mirror (%d parked, %d in quarantine for %gs)",
+            len(self._restore),
+            parked,
+            len(self._quarantine),
+            self.config.restore_grace,
+        )
+        self._restore = []
+        assert self._nursery is not None
+        self._nursery.start_soon(self._end_quarantine)
+
+    def _readmit(self, r: Record, now: float, offset: float) -> Slot | None:
+        try:
+            self.watcher.register(r.fd)
+        except OSError as exc:
+            LOGGER.warning("ticket %#x: cannot watch its fd again (%s); closing it", r.ticket, exc)
+            os.close(r.fd)
+            self._held -= 1
+            self._mirror_del.append(r.ticket)
+            return None
+        return self.lot.restore(
+            r.ticket,
+            r.fd,
+            token=r.token,
+            pending=r.pending,
+            flags=r.flags,
+            pool=r.pool,
+            deadline=max(now, r.deadline_ms / 1000 + offset),
+        )
+
+    async def _end_quarantine(self) -> None:
+        """Nobody claimed them: their wakes go out again (to any worker of the pool)."""
+        await trio.sleep(self.config.restore_grace)
+        now = trio.current_time()
+        offset = now - time.time()
+        if self._quarantine:
+            LOGGER.info("quarantine over: waking %d restored connections", len(self._quarantine))
+        for r in self._quarantine.values():
+            slot = self._readmit(r, now, offset)
+            if slot is not None:
+                self._wake(slot, Reason(r.woken), now)
+        self._quarantine.clear()
+        self._flush()
+        await trio.sleep(self.config.restore_grace)
+        self._restored_ino.clear()  # every worker has reconnected or given up by now
+
+    def _restored_twin(self, fd: int, now: float) -> int | None:
+        """The ticket of a restored connection that ``fd`` is another copy of, if any."""
+        try:
+            ticket = self._restored_ino.get(os.fstat(fd).st_ino)
+        except OSError:
+            return None
+        if ticket is None:
+            return None
+        r = self._quarantine.pop(ticket, None)
+        if r is not None:  # its wake never reached the worker: parked again
+            slot = self._readmit(r, now, now - time.time())
+            return None if slot is None else ticket
+        return ticket if self.lot.find(ticket) is not None else None
+
+    def _claimed(self, tickets: Sequence[int]) -> None:
+        """A reconnecting worker has these (HELLO resume): drop our restored copies."""
+        for t in tickets:
+            r = self._quarantine.pop(t, None)
+            if r is not None:
+                os.close(r.fd)
+                self._held -= 1
+                self._mirror_del.append(t)
 
     def _admit(
         self, entry: ParkEntry, peers: dict[object, int | list[int]], room: int
@@ -731,6 +897,8 @@ class Container:
         cap = self.config.max_output_bytes
         while s.outq and ob.queued_bytes < cap:
             slots = self.lot.take_outq(s, cap - ob.queued_bytes)
+            if self._mirror is not None:  # before the WAKE can reach anyone
+                self._mirror_send(encode_woken([(x.ticket, x.reason) for x in slots]))
             start = 0
             while start < len(slots):
                 size = 2
@@ -934,6 +1102,8 @@ class Container:
                     ),
                 )
                 return None
+            if hello.resume_tickets:
+                self._claimed(hello.resume_tickets)
             pool = self.lot.pool(hello.pool)
             session = _Session(self._next_session, pool, hello.name, conn, decoder)
             self._next_session += 1

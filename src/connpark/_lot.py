@@ -47,6 +47,10 @@ from ._wire import Reason
 
 FD_BITS = 24
 _FD_MASK = (1 << FD_BITS) - 1
+#: A ticket is ``epoch << 56 | seq << 24 | fd``: the epoch (how many times this
+#: shard was started) keeps tickets unique across restarts, restored ones valid.
+EPOCH_SHIFT = 56
+_LOCAL_MASK = (1 << EPOCH_SHIFT) - 1
 _TICKET_MASK = (1 << 64) - 1
 
 
@@ -112,6 +116,10 @@ class Slot:
         #: The session this slot's wake should go to first (its parker, or its asker).
         self.session: SessionState | None = None
 
+    def data(self) -> tuple[bytes, bytes]:
+        """(token, pending): what goes back with the connection."""
+        return self.token, self.pending
+
     def returns_fd(self, reason: Reason) -> bool:
         if reason is Reason.HANGUP:
             return bool(self.flags & HANGUP_RETURNS)
@@ -163,8 +171,12 @@ class Lot:
         window: int = 1024,
         orphan_timeout: float = 60.0,
         ack_deadline: float = math.inf,
+        epoch: int = 0,
     ) -> None:
         self.window = window
+        self._epoch = (epoch & 0xFF) << EPOCH_SHIFT
+        #: Restored tickets whose fd number changed with the process: ticket -> slot.
+        self._alias: dict[int, Slot] = {}
         self.orphan_timeout = orphan_timeout
         #: A session with an un-ACKed wake older than this is routed around.
         self.ack_deadline = ack_deadline
@@ -194,7 +206,9 @@ class Lot:
     def find(self, ticket: int) -> Slot | None:
         """The slot holding ``ticket``'s fd, if that ticket is still in the container."""
         slot = self.by_fd(ticket & _FD_MASK)
-        return slot if slot is not None and slot.ticket == ticket else None
+        if slot is not None and slot.ticket == ticket:
+            return slot
+        return self._alias.get(ticket) if self._alias else None
 
     def slots(self) -> list[Slot]:
         return [s for s in self._by_fd if s is not None]
@@ -237,9 +251,33 @@ class Lot:
         deadline: float,
     ) -> Slot:
         """Record a new parked fd (already validated and in the watcher) with its deadline."""
-        ticket = (next(self._seq) << FD_BITS | fd) & _TICKET_MASK
+        ticket = self._epoch | (next(self._seq) << FD_BITS | fd) & _LOCAL_MASK
         slot = Slot(ticket, fd, token, pending, flags, session.pool)
         slot.session = session
+        self._add(slot, deadline)
+        return slot
+
+    def restore(
+        self,
+        ticket: int,
+        fd: int,
+        *,
+        token: bytes,
+        pending: bytes,
+        flags: int,
+        pool: str,
+        deadline: float,
+    ) -> Slot:
+        """A connection back from the mirror after a restart: same ticket, any fd number."""
+        slot = Slot(ticket, fd, token, pending, flags, self.pool(pool))
+        self._add(slot, deadline)
+        if ticket & _FD_MASK != fd:
+            self._alias[ticket] = slot
+        return slot
+
+    def _add(self, slot: Slot, deadline: float) -> None:
+        fd = slot.fd
+        ticket = slot.ticket
         self._counts[State.PARKED] += 1
         if fd >= len(self._by_fd):
             self._by_fd.extend([None] * (fd + 1 - len(self._by_fd) + 64))
@@ -248,7 +286,6 @@ class Lot:
         self._by_fd[fd] = slot
         slot.key = math.ceil(deadline * 1000) << 64 | ticket  # never early
         heapq.heappush(self._heap, slot.key)
-        return slot
 
     def wake(
         self, slot: Slot, reason: Reason, now: float, *, to: SessionState | None = None
@@ -290,6 +327,8 @@ class Lot:
             self._drop_deadline(slot)
         self.forget_fd(slot)
         self._move(slot, State.GONE)
+        if self._alias:
+            self._alias.pop(slot.ticket, None)
 
     def stale(self, session: SessionState, now: float) -> bool:
         """The session's oldest un-ACKed wake is older than the ACK deadline (frozen?)."""

@@ -382,6 +382,10 @@ class Engine:
         #: request id -> the park requests it carries, answered in order.
         self._sent: dict[int, _Batch] = {}
         self._stats: deque[StatsRequest] = deque()
+        #: UNPARKed tickets whose WAKE has not come (bounded): re-sent on reconnect.
+        self._unparks: dict[int, None] = {}
+        #: CLOSEs of this session: re-sent on reconnect (the container may not have read them).
+        self._closes: deque[CloseEntry] = deque(maxlen=1024)
         #: Tickets woken in this session (bounded): reported by the next HELLO.
         self._received: deque[int] = deque(maxlen=MAX_RESUME_TICKETS)
         self._resume: tuple[int, tuple[int, ...]] = (0, ())
@@ -524,7 +528,7 @@ class Engine:
 
     def reconnect_failed(self, error: ConnparkError) -> None:
         """A reconnect attempt failed: keep trying unless the container refused us for good."""
-        if self.phase is not Phase.LOST:
+        if self.phase is not Phase.LOST or isinstance(error, ContainerError):
             self.give_up(error)
 
     def give_up(self, error: ConnparkError) -> None:
@@ -575,12 +579,24 @@ class Engine:
         return req
 
     def unpark(self, tickets: Iterable[int]) -> None:
-        self._control(Unpark(tuple(tickets)))
+        """Wake these now. Remembered until their WAKE comes (bounded): a container
+        that restarts before it read the UNPARK gets it again (it is idempotent)."""
+        self._check_open()
+        tickets = tuple(tickets)
+        for t in tickets:
+            self._unparks[t] = None
+        while len(self._unparks) > MAX_RESUME_TICKETS:
+            del self._unparks[next(iter(self._unparks))]
+        self._control(Unpark(tickets))
 
     def close_ticket(self, ticket: int, goodbye: bytes = b"") -> None:
+        """Close a parked connection; repeated after a reconnect, like UNPARK."""
         if not isinstance(goodbye, (bytes, bytearray, memoryview)):
             raise TypeError(f"goodbye must be bytes, not {type(goodbye).__name__}")
-        self._control(Close((CloseEntry(ticket, bytes(goodbye)),)))
+        self._check_open()
+        entry = CloseEntry(ticket, bytes(goodbye))
+        self._closes.append(entry)
+        self._control(Close((entry,)))
 
     # -- closing ---------------------------------------------------------------------
 
@@ -605,6 +621,7 @@ class Engine:
         if not live:
             for s in socks:
                 s.close()  # no session to hand them to: nobody else can own them
+            self.decoder.close()  # fds of a half-received frame
             self._fail_all(closed)
             return None
         if not socks:
@@ -630,11 +647,9 @@ class Engine:
             raise ParkingClosed("the parking session is closing")
 
     def _control(self, msg: Message) -> None:
-        self._check_open()
         if self.phase is Phase.READY:
             self._out.extend(encode(msg))
-        # Otherwise dropped: UNPARK/CLOSE name tickets, which stay valid; the
-        # caller may repeat them once reconnected (UNPARK of a gone ticket is a no-op).
+        # Otherwise sent with the next WELCOME (``_unparks``, ``_closes``).
 
     def _encode_batch(self) -> list[Frame]:
         batch, self._batch = self._batch, []
@@ -661,14 +676,12 @@ class Engine:
             self._on_welcome(msg)
         elif isinstance(msg, Error):
             text = f"the container ended the session: {msg.text}"
-            if self.phase is Phase.HANDSHAKE or msg.code in _FATAL:
-                error: ConnparkError = ContainerError(text, code=msg.code)
-                if msg.code in _FATAL:
-                    self._lose(error)
-                    self.give_up(error)
-                    return
-            error = ContainerLost(text)
-            self._lose(error)
+            if msg.code in _FATAL:  # reconnecting cannot help
+                fatal = ContainerError(text, code=msg.code)
+                self._lose(fatal)
+                self.give_up(fatal)
+            else:
+                self._lose(ContainerLost(text))
         else:
             close_fds(message_fds(msg))
             self._lose(ContainerLost(f"the container sent {type(msg).__name__}, a worker message"))
@@ -682,6 +695,12 @@ class Engine:
         self._resume = (0, ())
         self._received.clear()
         self._events.append(Ready(msg))
+        # Requests the last container may not have read: all idempotent.
+        if self._unparks:
+            self._out.extend(encode(Unpark(tuple(self._unparks))))
+        if self._closes:
+            self._out.extend(encode(Close(tuple(self._closes))))
+            self._closes.clear()
         for req in self._stats:  # re-sent after a reconnect
             if req.state is ReqState.QUEUED and not req.abandoned:
                 self._out.extend(encode(Stats()))
@@ -696,6 +715,9 @@ class Engine:
         tickets = [e.ticket for e in msg.entries]
         self._acks.extend(tickets)
         self._received.extend(tickets)
+        if self._unparks:
+            for t in tickets:
+                self._unparks.pop(t, None)
         self._events.append(Woke(msg.entries))
 
     def _on_parked(self, msg: Parked) -> None:
@@ -716,6 +738,8 @@ class Engine:
             sock.close()  # the container has it now: one owner
         else:
             req.results[index] = ParkRefused(refusal)
+            if req.handback:
+                sock.close()  # a wake we could not hand back: nobody is left to own it
         req.answered = index + 1
         if req.answered == len(req.entries):
             req.state = ReqState.DONE
@@ -723,19 +747,21 @@ class Engine:
                 self._events.append(Settled(req))
 
     def _on_stats(self, msg: StatsReply) -> None:
-        while self._stats:
-            req = self._stats.popleft()
-            if req.state is not ReqState.SENT:
-                continue
-            req.state = ReqState.DONE
-            if req.abandoned:
-                return
-            try:
-                req.result = ContainerStats.from_json(msg.body)
-            except (ValueError, TypeError, KeyError) as exc:
-                req.error = ContainerLost(f"bad statistics from the container: {exc}")
-            self._events.append(Settled(req))
+        """Replies come in the order requests were sent: the oldest SENT one is answered."""
+        stats = self._stats
+        while stats and stats[0].state is ReqState.DONE:
+            stats.popleft()  # withdrawn before it was sent
+        if not stats or stats[0].state is not ReqState.SENT:
+            return  # nothing asked on this session: dropped
+        req = stats.popleft()
+        req.state = ReqState.DONE
+        if req.abandoned:
             return
+        try:
+            req.result = ContainerStats.from_json(msg.body)
+        except (ValueError, TypeError, KeyError) as exc:
+            req.error = ContainerLost(f"bad statistics from the container: {exc}")
+        self._events.append(Settled(req))
 
     def _lose(self, error: ConnparkError) -> None:
         """The session is over; keep what can be re-sent, fail the rest."""
@@ -772,7 +798,8 @@ class Engine:
         self._batch[:0] = [r for r in requeue if r.state is ReqState.QUEUED]
         for sreq in self._stats:
             if sreq.state is ReqState.SENT:
-                sreq.state = ReqState.QUEUED
+                # Asked again on the next session, unless nobody waits any more.
+                sreq.state = ReqState.DONE if sreq.abandoned else ReqState.QUEUED
 
     def _settle_error(self, req: Request, error: ConnparkError) -> None:
         if req.state is ReqState.DONE:

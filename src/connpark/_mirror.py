@@ -1,0 +1,231 @@
+"""The mirror: a second copy of every parked fd and its record, outside the shard.
+
+A shard sends its supervisor one message per batch, never one per fd:
+
+- ADD: the connections one PARK frame admitted (records + their fds), sent
+  before the PARKED answer, so the worker never closes its copy of a
+  connection that only a crashing shard held;
+- WOKEN: tickets handed to a session (sent before the WAKE is written): after
+  a crash they may be in a worker's hands, so they are *quarantined*, not
+  re-parked at once;
+- DEL: tickets whose fd the shard closed (ACKed, closed, notice sent).
+
+When a shard dies, its replacement gets every record back (RESTORE frames,
+then DONE) with the fds, and the same tickets. The supervisor trusts its
+shards (its own children); still, nothing here is ever unpickled or evaluated.
+
+Frame: ``!IBH`` (body length, kind, nfds) then the body; a frame's fds go
+with its first byte (``_fdpass``). ADD/RESTORE body: per fd, ``!QqBBBHI``
+(ticket, deadline in wall-clock ms, flags, woken, pool length, token length,
+pending length) then pool, token and pending. WOKEN body: ``!QB`` (ticket,
+reason) pairs. DEL body: u64 tickets.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections import deque
+from collections.abc import Iterable, Iterator
+
+import attrs
+
+from ._errors import RemoteProtocolError
+from ._wire import MAX_FDS_PER_FRAME, Frame, close_fds
+
+HEADER = struct.Struct("!IBH")
+_ENTRY = struct.Struct(
+    "!QqBBBHI"
+)  # ticket, deadline_ms, flags, woken, pool len, token len, pending len
+_U64 = struct.Struct("!Q")
+_WOKEN = struct.Struct("!QB")
+#: Body bytes per frame before a batch is split (fds split at 253 anyway).
+_MAX_BODY = 1 << 20
+
+
+class Kind(enum.IntEnum):
+    ADD = 1
+    WOKEN = 2
+    DEL = 3
+    RESTORE = 4
+    DONE = 5
+
+
+@attrs.frozen
+class Record:
+    """One parked connection as the mirror keeps it (``fd`` is the holder's copy)."""
+
+    ticket: int
+    fd: int
+    deadline_ms: int
+    flags: int
+    pool: str
+    token: bytes
+    pending: bytes
+    #: Handed to a session at some point (the wake's ``Reason``; 0: never): maybe
+    #: in a worker's hands.
+    woken: int = 0
+
+
+def encode_records(kind: Kind, records: Iterable[Record]) -> list[Frame]:
+    """ADD or RESTORE frames, at most 253 fds and ~1 MiB each."""
+    frames: list[Frame] = []
+    body = bytearray()
+    fds: list[int] = []
+
+    def cut() -> None:
+        if fds:
+            frames.append(Frame(HEADER.pack(len(body), kind, len(fds)) + bytes(body), tuple(fds)))
+            body.clear()
+            fds.clear()
+
+    for r in records:
+        pool = r.pool.encode()
+        body += _ENTRY.pack(
+            r.ticket, r.deadline_ms, r.flags, r.woken, len(pool), len(r.token), len(r.pending)
+        )
+        body += pool + r.token + r.pending
+        fds.append(r.fd)
+        if len(fds) == MAX_FDS_PER_FRAME or len(body) > _MAX_BODY:
+            cut()
+    cut()
+    return frames
+
+
+def encode_tickets(kind: Kind, tickets: Iterable[int]) -> list[Frame]:
+    """DEL frames."""
+    return _encode_items(kind, [_U64.pack(t) for t in tickets])
+
+
+def encode_woken(woken: Iterable[tuple[int, int]]) -> list[Frame]:
+    """WOKEN frames: (ticket, reason) pairs."""
+    return _encode_items(Kind.WOKEN, [_WOKEN.pack(t, r) for t, r in woken])
+
+
+def _encode_items(kind: Kind, items: list[bytes]) -> list[Frame]:
+    out: list[Frame] = []
+    step = _MAX_BODY // 16
+    for i in range(0, len(items), step):
+        body = b"".join(items[i : i + step])
+        out.append(Frame(HEADER.pack(len(body), kind, 0) + body))
+    return out
+
+
+def encode_done() -> list[Frame]:
+    return [Frame(HEADER.pack(0, Kind.DONE, 0))]
+
+
+@attrs.frozen
+class Message:
+    kind: Kind
+    records: tuple[Record, ...] = ()
+    tickets: tuple[int, ...] = ()
+    #: WOKEN: the reason of each ticket's wake.
+    reasons: tuple[int, ...] = ()
+
+
+class Decoder:
+    """Bytes + fds in, ``Message`` out; owns the fds until it hands them out."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._fds: deque[int] = deque()
+
+    def receive_data(self, data: bytes, fds: Iterable[int] = ()) -> None:
+        self._fds.extend(fds)
+        self._buf += data
+
+    def __iter__(self) -> Iterator[Message]:
+        while (msg := self.next_message()) is not None:
+            yield msg
+
+    def next_message(self) -> Message | None:
+        buf = self._buf
+        if len(buf) < HEADER.size:
+            return None
+        length, raw, nfds = HEADER.unpack_from(buf)
+        if len(buf) < HEADER.size + length:
+            return None
+        try:
+            kind = Kind(raw)
+        except ValueError:
+            raise RemoteProtocolError(f"unknown mirror message {raw}") from None
+        if len(self._fds) < nfds:
+            raise RemoteProtocolError(f"mirror frame needs {nfds} fds, {len(self._fds)} arrived")
+        body = bytes(buf[HEADER.size : HEADER.size + length])
+        del buf[: HEADER.size + length]
+        fds = [self._fds.popleft() for _ in range(nfds)]
+        if kind in (Kind.ADD, Kind.RESTORE):
+            return Message(kind, records=_records(body, fds))
+        if fds:
+            close_fds(fds)
+            raise RemoteProtocolError(f"mirror {kind.name} frame cannot carry fds")
+        if kind is Kind.DONE:
+            return Message(kind)
+        if kind is Kind.WOKEN:
+            pairs = list(_WOKEN.iter_unpack(body))
+            return Message(
+                kind, tickets=tuple(t for t, _ in pairs), reasons=tuple(r for _, r in pairs)
+            )
+        return Message(kind, tickets=tuple(t for (t,) in _U64.iter_unpack(body)))
+
+    def close(self) -> None:
+        close_fds(list(self._fds))
+        self._fds.clear()
+        self._buf.clear()
+
+
+def _records(body: bytes, fds: list[int]) -> tuple[Record, ...]:
+    out = []
+    pos = 0
+    try:
+        for fd in fds:
+            ticket, deadline, flags, woken, plen, tlen, nlen = _ENTRY.unpack_from(body, pos)
+            pos += _ENTRY.size
+            pool = body[pos : pos + plen].decode()
+            pos += plen
+            token = body[pos : pos + tlen]
+            pos += tlen
+            pending = body[pos : pos + nlen]
+            pos += nlen
+            out.append(Record(ticket, fd, deadline, flags, pool, token, pending, woken))
+    except (struct.error, UnicodeDecodeError) as exc:
+        close_fds(fds)
+        raise RemoteProtocolError(f"bad mirror record: {exc}") from exc
+    if pos != len(body):
+        close_fds(fds)
+        raise RemoteProtocolError("mirror frame has trailing bytes")
+    return tuple(out)
+
+
+class Store:
+    """The holder's side: ticket -> Record (and the fd it owns), no I/O."""
+
+    def __init__(self) -> None:
+        self.records: dict[int, Record] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def apply(self, msg: Message) -> None:
+        records = self.records
+        if msg.kind is Kind.ADD:
+            for r in msg.records:
+                old = records.pop(r.ticket, None)
+                if old is not None:
+                    close_fds((old.fd,))
+                records[r.ticket] = r
+        elif msg.kind is Kind.WOKEN:
+            for t, reason in zip(msg.tickets, msg.reasons, strict=True):
+                found = records.get(t)
+                if found is not None and found.woken != reason:
+                    records[t] = attrs.evolve(found, woken=reason)
+        elif msg.kind is Kind.DEL:
+            gone = [found.fd for t in msg.tickets if (found := records.pop(t, None)) is not None]
+            close_fds(gone)
+        else:
+            raise RemoteProtocolError(f"a shard does not send {msg.kind.name}")
+
+    def close(self) -> None:
+        close_fds([r.fd for r in self.records.values()])
+        self.records.clear()

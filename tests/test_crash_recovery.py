@@ -20,7 +20,7 @@ import pytest
 
 import connpark
 
-from ._procs import ServeProcess, tcp_pairs
+from ._procs import CONNPARK, ServeProcess, tcp_pairs
 from .conftest import open_fd_count
 
 pytestmark = pytest.mark.linux
@@ -87,7 +87,8 @@ class Cycler(threading.Thread):
             self.error = exc
 
 
-def test_sigkill_of_the_shard_under_load_loses_nothing(sockdir: Path) -> None:
+@pytest.mark.parametrize("disruption", ["sigkill", "upgrade"])
+def test_shard_killed_or_upgraded_under_load_loses_nothing(sockdir: Path, disruption: str) -> None:
     n, early = 2000, 500
     path = sockdir / "c.sock"
     serve = ServeProcess(path, ["--crash-recovery", "--restore-grace", "1"])
@@ -107,10 +108,30 @@ def test_sigkill_of_the_shard_under_load_loses_nothing(sockdir: Path) -> None:
             cycler.start()
             started = time.monotonic()
             time.sleep(0.5)
-            os.kill(shard, signal.SIGKILL)
-            for i in range(early):  # clients speak while no shard is up
+            upgrade = None
+            if disruption == "sigkill":
+                os.kill(shard, signal.SIGKILL)
+            else:  # as an operator does: the command, while the load goes on
+                upgrade = subprocess.Popen(
+                    [*CONNPARK, "upgrade", "--socket", str(path)],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            for i in range(early):  # clients speak while the shard is replaced
                 clients[i].sendall(b"during %d\n" % i)
+            if upgrade is not None:
+                out, err = upgrade.communicate(timeout=60)
+                assert upgrade.returncode == 0, err
+                assert out.startswith(
+                    f"upgraded: supervisor {serve.pid} generation 2, shard {shard} ->"
+                )
             new_shard = _shard_pid(serve.pid, not_=shard)
+            processes = serve.stats().processes
+            assert [(p.role, p.pid) for p in processes] == [
+                ("supervisor", serve.pid),
+                ("shard", new_shard),
+            ]
             for i in range(early, n):
                 clients[i].sendall(b"after %d\n" % i)
             seen: Counter[bytes] = Counter()

@@ -165,8 +165,27 @@ def _add_shard(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("--listen-fd", type=int, required=True)
     p.add_argument("--mirror-fd", type=int, required=True)
     p.add_argument("--epoch", type=int, default=0)
+    p.add_argument("--generation", type=int, default=1)
     p.add_argument("--config-json", required=True)
     _add_log_flags(p)
+
+
+def _add_upgrade(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "upgrade",
+        help="replace a --crash-recovery container's processes with the code on disk",
+        description="Hot upgrade: the supervisor re-executes itself keeping every fd, then a"
+        " new shard takes every parked connection from the mirror. Nothing is lost or"
+        " delivered twice; workers reconnect by themselves. Same as SIGHUP to the supervisor.",
+    )
+    p.add_argument("--socket", help="control socket path (default as for serve)")
+    p.add_argument("--timeout", type=_positive_float, default=30.0, help="seconds (30)")
+
+
+def _add_resume(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """An upgrading supervisor re-executes into this (not for people)."""
+    p = sub.add_parser("_resume")
+    p.add_argument("--state-fd", type=int, required=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_stats(sub)
     _add_demo(sub)
+    _add_upgrade(sub)
     _add_shard(sub)
+    _add_resume(sub)
     return parser
 
 
@@ -250,8 +271,63 @@ def _run_shard(args: argparse.Namespace) -> int:
 
     _setup_logging(args.log_level, args.log_format)
     config = ContainerConfig.from_mapping(json.loads(args.config_json))
-    run_shard(config, listen_fd=args.listen_fd, mirror_fd=args.mirror_fd, epoch=args.epoch)
+    run_shard(
+        config,
+        listen_fd=args.listen_fd,
+        mirror_fd=args.mirror_fd,
+        epoch=args.epoch,
+        generation=args.generation,
+    )
     return 0
+
+
+def _run_resume(args: argparse.Namespace) -> int:
+    import trio
+
+    from ._supervisor import resume_supervisor
+
+    supervisor = resume_supervisor(args.state_fd)
+    log = supervisor.log_args
+    _setup_logging(log[log.index("--log-level") + 1], log[log.index("--log-format") + 1])
+    trio.run(supervisor.run)
+    return 0
+
+
+def _run_upgrade(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    from ._stats_client import fetch_stats
+    from ._unixsock import default_socket_path
+
+    path = args.socket or str(default_socket_path())
+    before = fetch_stats(path)
+    sup = [p for p in before.processes if p.role == "supervisor"]
+    if not sup:
+        raise ConnparkError(
+            f"the container at {path} has no supervisor (start it with --crash-recovery):"
+            " it cannot be upgraded in place"
+        )
+    old = {p.pid for p in before.processes if p.role == "shard"}
+    os.kill(sup[0].pid, signal.SIGHUP)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            now = fetch_stats(path, timeout=2)
+        except ConnparkError:
+            continue  # between shards: try again
+        shards = {p.pid for p in now.processes if p.role == "shard"}
+        if shards and not shards & old:
+            gen = [p.generation for p in now.processes if p.role == "supervisor"]
+            held = now.parked + now.queued + now.unacked
+            print(
+                f"upgraded: supervisor {sup[0].pid} generation {gen[0] if gen else '?'},"
+                f" shard {' '.join(map(str, sorted(old)))} ->"
+                f" {' '.join(map(str, sorted(shards)))}; {held:,} connections held"
+            )
+            return 0
+    raise ConnparkError(f"the upgrade did not finish within {args.timeout:g} s")
 
 
 def _run_stats(args: argparse.Namespace) -> int:
@@ -305,6 +381,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_demo(args)
         if args.command == "_shard":
             return _run_shard(args)
+        if args.command == "_resume":
+            return _run_resume(args)
+        if args.command == "upgrade":
+            return _run_upgrade(args)
     except ConnparkError as exc:
         print(f"connpark {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -56,7 +56,7 @@ from ._fdpass import Outbox, recv_fdless, recv_fds, unread_by_peer
 from ._lot import HANGUP_RETURNS, INET6, TIMEOUT_RETURNS, Lot, Pool, SessionState, Slot, State
 from ._mirror import Kind as MirrorKind
 from ._mirror import Record, encode_records, encode_tickets, encode_woken
-from ._stats import ContainerStats, LatencySummary
+from ._stats import ContainerStats, LatencySummary, ProcessInfo
 from ._unixsock import listen_unix, peer_uid
 from ._watcher import ERR, HUP, make_watcher
 from ._wire import (
@@ -205,6 +205,7 @@ class Container:
         mirror: socket.socket | None = None,
         epoch: int = 0,
         restore: Sequence[Record] = (),
+        supervisor_generation: int = 1,
     ) -> None:
         self.config = config
         self.lot = Lot(
@@ -220,6 +221,13 @@ class Container:
         self._mirror_out = Outbox(own_fds=False)
         self._mirror_del: list[int] = []
         self._restore = list(restore)
+        me = ProcessInfo("shard", os.getpid(), 0)
+        #: Who serves this socket: us, and the supervisor that mirrors us (if any).
+        self._processes = (
+            (ProcessInfo("supervisor", os.getppid(), generation=supervisor_generation), me)
+            if mirror is not None
+            else (me,)
+        )
         #: Restored connections that may be in a worker's hands: ticket -> record.
         self._quarantine: dict[int, Record] = {}
         #: Restored sockets by inode -> ticket: a park the worker re-sends because
@@ -466,9 +474,7 @@ class Container:
         """Send sessions their new output (or wake their writers); re-aim the timer."""
         if self._tearing_down:
             return  # a dying session's wakes must not bounce to one dying next
-        if self._mirror_del:
-            self._mirror_send(encode_tickets(MirrorKind.DEL, self._mirror_del))
-            self._mirror_del = []
+        self._flush_mirror()
         dirty = self.lot.dirty
         while dirty:
             self._pump(dirty.pop())  # type: ignore[arg-type]
@@ -745,6 +751,19 @@ class Container:
             LOGGER.error("lost the supervisor's mirror (%s): no crash recovery from now", exc)
             out.close()
             self._mirror = None
+
+    def hand_over(self) -> None:
+        """An upgrade: our successor gets everything from the mirror. Tell the mirror
+        what we closed, then leave at once: no SHUTDOWN wakes, nothing closed."""
+        self._flush_mirror()
+        LOGGER.info("handing over to the next shard (%d connections)", self._held)
+        logging.shutdown()
+        os._exit(0)
+
+    def _flush_mirror(self) -> None:
+        if self._mirror_del:
+            self._mirror_send(encode_tickets(MirrorKind.DEL, self._mirror_del))
+            self._mirror_del = []
 
     def _adopt_restored(self) -> None:
         """Take back what a crashed predecessor parked: same tickets, same deadlines.
@@ -1155,6 +1174,7 @@ class Container:
             wake_latency=LatencySummary.of(self._latencies),
             uptime_s=round(trio.current_time() - self._started, 3),
             shutting_down=self._shutting_down,
+            processes=self._processes,
         )
 
 

@@ -169,6 +169,13 @@ class Decoder:
             )
         return Message(kind, tickets=tuple(t for (t,) in _U64.iter_unpack(body)))
 
+    def detach(self) -> tuple[bytes, list[int]]:
+        """What is buffered (a frame not complete yet) and its fds: the caller owns them now."""
+        out = (bytes(self._buf), list(self._fds))
+        self._buf.clear()
+        self._fds.clear()
+        return out
+
     def close(self) -> None:
         close_fds(list(self._fds))
         self._fds.clear()

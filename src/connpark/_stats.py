@@ -35,6 +35,17 @@ class LatencySummary:
 
 
 @attrs.frozen
+class ProcessInfo:
+    """One process of the container: the supervisor, or a shard (with its index)."""
+
+    role: str
+    pid: int
+    shard: int | None = None
+    #: The supervisor: how many times it was executed (1, plus one per upgrade).
+    generation: int | None = None
+
+
+@attrs.frozen
 class ContainerStats:
     """What ``connpark stats`` prints."""
 
@@ -67,6 +78,8 @@ class ContainerStats:
     wake_latency: LatencySummary
     uptime_s: float
     shutting_down: bool
+    #: The processes that serve this socket (``--crash-recovery``: the supervisor too).
+    processes: tuple[ProcessInfo, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(attrs.asdict(self), sort_keys=True)
@@ -75,6 +88,7 @@ class ContainerStats:
     def from_json(cls, text: str | bytes) -> ContainerStats:
         data: dict[str, Any] = json.loads(text)
         data["wake_latency"] = LatencySummary(**data["wake_latency"])
+        data["processes"] = tuple(ProcessInfo(**p) for p in data.get("processes", ()))
         return cls(**data)
 
 

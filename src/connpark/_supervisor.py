@@ -18,6 +18,7 @@ lost while they are up) and the machine's.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -41,6 +42,12 @@ from ._unixsock import listen_unix
 LOGGER = logging.getLogger(__name__)
 #: A shard that dies sooner than this after its start makes the next start wait.
 _QUICK_DEATH = 5.0
+#: ``_run_shard``'s answer when the supervisor must re-exec itself now.
+_EXEC = -1000
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
 
 class Supervisor:
@@ -54,8 +61,18 @@ class Supervisor:
         self.restarts = 0
         self.stopping = False
         self._signals = 0
-        self._proc: trio.Process | None = None
+        self._shard_pid: int | None = None
         self._listener: socket.socket | None = None
+        #: A shard that outlived our re-exec: (pid, our end of its mirror, decoder leftovers).
+        self._adopted: tuple[int, socket.socket, bytes, list[int]] | None = None
+        #: SIGHUP: re-exec with the code on disk, then hand the shard over to a new one.
+        self._upgrade = trio.Event()
+        self._handover = False
+        self._mirror_decoder: Decoder | None = None
+        self._mirror_sock: socket.socket | None = None
+        self._exec_pid = 0
+        #: How many times this supervisor was executed (1 + upgrades).
+        self.generation = 1
 
     def listen(self) -> None:
         """Bind the control socket now: start-up errors surface before any task runs."""
@@ -68,18 +85,41 @@ class Supervisor:
         listener = self._listener
         assert listener is not None
         delay = 0.0
+        execed = False
         try:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            sigs = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+            with trio.open_signal_receiver(*sigs) as signals:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._on_signals, signals)
+                    if self._adopted is not None:  # we were re-executed: finish the upgrade
+                        LOGGER.info(
+                            "upgrade: supervisor re-executed (generation %d), %d connections"
+                            " mirrored; handing the shard over",
+                            self.generation,
+                            len(self.store),
+                        )
+                        self._handover = True
                     while not self.stopping:
                         started = time.monotonic()
                         code = await self._run_shard(listener)
+                        if code == _EXEC:
+                            execed = True
+                            self._exec(listener)  # returns only if exec failed
+                            execed = False
+                            continue
                         if self.stopping:
                             LOGGER.info("shard stopped (exit %s)", code)
                             break
-                        self.restarts += 1
                         self.epoch = (self.epoch + 1) & 0xFF
+                        if self._handover:
+                            self._handover = False
+                            LOGGER.info(
+                                "upgrade: starting a new shard with the %d connections"
+                                " the mirror holds",
+                                len(self.store),
+                            )
+                            continue
+                        self.restarts += 1
                         quick = time.monotonic() - started < _QUICK_DEATH
                         delay = min(5.0, max(0.1, delay * 2)) if quick else 0.0
                         LOGGER.error(
@@ -92,23 +132,90 @@ class Supervisor:
                         await trio.sleep(delay)
                     nursery.cancel_scope.cancel()
         finally:
-            self.store.close()
-            listener.close()
-            try:
-                os.unlink(self.config.path)
-            except OSError:
-                pass
+            if not execed:
+                self.store.close()
+                listener.close()
+                try:
+                    os.unlink(self.config.path)
+                except OSError:
+                    pass
 
     async def _on_signals(self, signals: Any) -> None:
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                if self.stopping or self._upgrade.is_set() or self._handover:
+                    LOGGER.warning("got SIGHUP: an upgrade or a stop is under way; ignored")
+                    continue
+                LOGGER.info("got SIGHUP: upgrading (re-exec, then a new shard)")
+                self._upgrade.set()
+                continue
             self.stopping = True
             self._signals += 1
             LOGGER.info("got %s: stopping the shard", signal.Signals(signum).name)
-            if self._proc is not None and self._proc.returncode is None:
-                self._proc.send_signal(signal.SIGTERM)
+            self._signal_shard(signal.SIGTERM)
+
+    def _signal_shard(self, sig: int) -> None:
+        if self._shard_pid is not None:
+            try:
+                os.kill(self._shard_pid, sig)
+            except ProcessLookupError:
+                pass
 
     async def _run_shard(self, listener: socket.socket) -> int | None:
-        """Start a shard, give it the mirror's records, keep the mirror until it exits."""
+        """Start (or adopt) a shard, keep its mirror until it exits; its exit code.
+
+        ``_EXEC`` instead: SIGHUP came, the mirror is quiet, re-exec now.
+        """
+        if self._adopted is not None:
+            pid, ours, leftover, fds = self._adopted
+            self._adopted = None
+            decoder = Decoder()
+            decoder.receive_data(leftover, fds)
+        else:
+            pid, ours = await self._spawn(listener)
+            decoder = Decoder()
+        self._shard_pid = pid
+        if self.stopping:
+            self._signal_shard(signal.SIGTERM)
+        elif self._handover:
+            self._signal_shard(signal.SIGUSR1)  # the old shard: exit, the mirror has it all
+        pidfd = os.pidfd_open(pid)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._keep_mirror, ours, decoder)
+                nursery.start_soon(self._upgrade_when_asked, nursery.cancel_scope)
+                await trio.lowlevel.wait_readable(pidfd)
+                nursery.cancel_scope.cancel()
+            if self._upgrade.is_set() and not self.stopping and self._reap(pid, wait=False) is None:
+                self._mirror_sock, self._mirror_decoder = ours, decoder
+                self._exec_pid = pid
+                return _EXEC
+            # The shard is gone: the reader goes on to EOF, what it wrote before counts.
+            await self._drain_mirror(ours, decoder)
+            return self._reap(pid, wait=True)
+        finally:
+            os.close(pidfd)
+            if self._mirror_sock is not ours:
+                ours.close()
+                decoder.close()
+            self._shard_pid = None
+
+    async def _upgrade_when_asked(self, scope: trio.CancelScope) -> None:
+        await self._upgrade.wait()
+        scope.cancel()
+
+    @staticmethod
+    def _reap(pid: int, *, wait: bool) -> int | None:
+        """The shard's exit code (negative: killed by that signal), or None if it runs."""
+        try:
+            got, status = os.waitpid(pid, 0 if wait else os.WNOHANG)
+        except ChildProcessError:
+            return None
+        if got == 0:
+            return None
+        return os.waitstatus_to_exitcode(status)
+
+    async def _spawn(self, listener: socket.socket) -> tuple[int, socket.socket]:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         config = json.dumps(attrs.asdict(self.config))
         argv = [
@@ -122,12 +229,14 @@ class Supervisor:
             str(theirs.fileno()),
             "--epoch",
             str(self.epoch),
+            "--generation",
+            str(self.generation),
             "--config-json",
             config,
             *self.log_args,
         ]
         try:
-            proc = await trio.lowlevel.open_process(
+            proc = subprocess.Popen(  # noqa: ASYNC220 - it returns at once; we wait on a pidfd
                 argv,
                 pass_fds=(listener.fileno(), theirs.fileno()),
                 stdin=subprocess.DEVNULL,
@@ -135,20 +244,63 @@ class Supervisor:
             )
         finally:
             theirs.close()
-        self._proc = proc
-        if self.stopping:
-            proc.send_signal(signal.SIGTERM)
         ours.setblocking(False)
+        await self._give_back(ours)
+        return proc.pid, ours
+
+    async def _drain_mirror(self, sock: socket.socket, decoder: Decoder) -> None:
+        with trio.move_on_after(10):
+            await self._keep_mirror(sock, decoder)
+
+    def _exec(self, listener: socket.socket) -> None:
+        """Replace this process with the code on disk, keeping every fd and the shard."""
+        sock, decoder = self._mirror_sock, self._mirror_decoder
+        assert sock is not None
+        assert decoder is not None
+        leftover, pending_fds = decoder.detach()
+        records = list(self.store.records.values())
+        state = {
+            "config": attrs.asdict(self.config),
+            "log_args": self.log_args,
+            "epoch": self.epoch,
+            "restarts": self.restarts,
+            "listen_fd": listener.fileno(),
+            "mirror_fd": sock.fileno(),
+            "shard_pid": self._exec_pid,
+            "generation": self.generation + 1,
+            "leftover": base64.b64encode(leftover).decode(),
+            "pending_fds": pending_fds,
+            "records": [
+                [
+                    r.ticket,
+                    r.fd,
+                    r.deadline_ms,
+                    r.flags,
+                    r.pool,
+                    _b64(r.token),
+                    _b64(r.pending),
+                    r.woken,
+                ]
+                for r in records
+            ],
+        }
+        blob = os.memfd_create("connpark-upgrade", 0)
+        os.write(blob, json.dumps(state).encode())
+        os.lseek(blob, 0, os.SEEK_SET)
+        keep = [listener.fileno(), sock.fileno(), blob, *pending_fds, *(r.fd for r in records)]
+        for fd in keep:
+            os.set_inheritable(fd, True)
+        argv = [sys.executable, "-m", "connpark", "_resume", "--state-fd", str(blob)]
+        LOGGER.info("upgrade: re-executing the supervisor (%d connections mirrored)", len(records))
+        for handler in logging.getLogger("connpark").handlers:
+            handler.flush()
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._keep_mirror, ours)
-                await self._give_back(ours)
-                await proc.wait()
-                # The reader goes on to EOF: what the shard wrote before it died counts.
-        finally:
-            ours.close()
-            self._proc = None
-        return proc.returncode
+            os.execv(sys.executable, argv)
+        except OSError as exc:
+            LOGGER.error("upgrade failed: cannot re-exec (%s); carrying on", exc)
+            os.close(blob)
+            decoder.receive_data(leftover, pending_fds)
+            self._upgrade = trio.Event()
 
     async def _give_back(self, sock: socket.socket) -> None:
         """RESTORE every record (its fd goes too; the mirror keeps its own copy), then DONE."""
@@ -165,8 +317,7 @@ class Supervisor:
                 LOGGER.error("could not hand the mirror to the shard: %s", exc)
                 return
 
-    async def _keep_mirror(self, sock: socket.socket) -> None:
-        decoder = Decoder()
+    async def _keep_mirror(self, sock: socket.socket, decoder: Decoder) -> None:
         try:
             while True:
                 try:
@@ -181,8 +332,30 @@ class Supervisor:
                     self.store.apply(msg)
         except (OSError, Exception) as exc:  # a broken mirror must not end the supervisor
             LOGGER.error("mirror stream from the shard broke: %s", exc)
-        finally:
-            decoder.close()
+
+
+def resume_supervisor(state_fd: int) -> Supervisor:
+    """The new image after an upgrade's re-exec: the old one's state, fds and shard."""
+    with os.fdopen(state_fd, "rb") as f:
+        state = json.loads(f.read())
+    sup = Supervisor(ContainerConfig.from_mapping(state["config"]), log_args=state["log_args"])
+    sup.epoch = state["epoch"]
+    sup.restarts = state["restarts"]
+    sup.generation = state["generation"]
+    sup._listener = socket.socket(fileno=state["listen_fd"])
+    mirror = socket.socket(fileno=state["mirror_fd"])
+    mirror.setblocking(False)
+    for ticket, fd, deadline, flags, pool, token, pending, woken in state["records"]:
+        token_b, pending_b = base64.b64decode(token), base64.b64decode(pending)
+        record = Record(ticket, fd, deadline, flags, pool, token_b, pending_b, woken)
+        sup.store.records[ticket] = record
+    fds = [sup._listener.fileno(), mirror.fileno(), *state["pending_fds"]]
+    fds += [r.fd for r in sup.store.records.values()]
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    leftover = base64.b64decode(state["leftover"])
+    sup._adopted = (state["shard_pid"], mirror, leftover, list(state["pending_fds"]))
+    return sup
 
 
 def receive_restore(sock: socket.socket, timeout: float = 60.0) -> list[Record]:
@@ -205,13 +378,22 @@ def receive_restore(sock: socket.socket, timeout: float = 60.0) -> list[Record]:
         decoder.close()
 
 
-def run_shard(config: ContainerConfig, *, listen_fd: int, mirror_fd: int, epoch: int) -> None:
+def run_shard(
+    config: ContainerConfig, *, listen_fd: int, mirror_fd: int, epoch: int, generation: int = 1
+) -> None:
     """The shard process: restore, then serve until SIGTERM (or the supervisor is gone)."""
     from ._container import Container
 
     mirror = socket.socket(fileno=mirror_fd)
     restore = receive_restore(mirror)
-    container = Container(config, listen_fd=listen_fd, mirror=mirror, epoch=epoch, restore=restore)
+    container = Container(
+        config,
+        listen_fd=listen_fd,
+        mirror=mirror,
+        epoch=epoch,
+        restore=restore,
+        supervisor_generation=generation,
+    )
     container.listen()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
 
@@ -221,11 +403,13 @@ def run_shard(config: ContainerConfig, *, listen_fd: int, mirror_fd: int, epoch:
         container.request_shutdown()
 
     async def main() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGUSR1) as signals:
             async with trio.open_nursery() as nursery:
 
                 async def on_signal() -> None:
-                    async for _ in signals:
+                    async for signum in signals:
+                        if signum == signal.SIGUSR1:  # an upgrade: our successor takes over
+                            container.hand_over()
                         container.request_shutdown()
 
                 nursery.start_soon(on_signal)

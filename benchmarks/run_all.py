@@ -21,7 +21,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-ORDER = ["throughput", "memory", "latency", "scale", "heavy"]
+ORDER = ["throughput", "memory", "latency", "scale", "heavy", "recovery"]
 
 
 def _load(name: str) -> dict[str, Any] | None:
@@ -121,6 +121,35 @@ def summary_rows() -> list[tuple[str, str, str, str]]:
                 "",
             )
         )
+    r = _load("recovery")
+    if r:
+        cpu = r.get("cpu_us_per_cycle", {})
+        mem = r.get("rss_bytes_per_conn", {})
+        plain_cpu, plain_mem = cpu.get("plain") or 0, mem.get("plain") or 0
+        both_cpu = (cpu.get("shard") or 0) + (cpu.get("supervisor") or 0)
+        both_mem = (mem.get("shard") or 0) + (mem.get("supervisor") or 0)
+        rows.append(
+            (
+                "recovery",
+                f"--crash-recovery cost, batch {r.get('batch')}, N={r.get('n'):,}",
+                f"CPU {_f(both_cpu)} vs {_f(plain_cpu)} us/cycle"
+                f" (**{_f(both_cpu / plain_cpu if plain_cpu else None, '.2f')}x**);"
+                f" RSS {_f(both_mem, '.0f')} vs {_f(plain_mem, '.0f')} B/conn",
+                "",
+            )
+        )
+        for how in ("sigkill", "upgrade"):
+            h = r.get(how, {})
+            rows.append(
+                (
+                    "recovery",
+                    f"{'SIGKILL of the shard' if how == 'sigkill' else 'connpark upgrade'},"
+                    f" N={r.get('n'):,}",
+                    f"all back in **{_f(h.get('seconds_to_all_back'), '.2f')} s**;"
+                    f" 1% wake {h.get('sample_correct')}/{h.get('sample')} correct",
+                    "nothing lost",
+                )
+            )
     return rows
 
 

@@ -8,7 +8,6 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from . import __version__
 from ._errors import ConnparkError
@@ -50,6 +49,18 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be an integer > 0, got {text!r}")
     return value
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (every interface)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"want HOST:PORT, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise argparse.ArgumentTypeError(f"write an IPv6 address in brackets, [{host}]:{port}")
+    return host or "0.0.0.0", int(port)
 
 
 def _add_demo(sub: argparse._SubParsersAction[_Parser]) -> None:
@@ -135,6 +146,12 @@ def _add_serve(sub: argparse._SubParsersAction[_Parser]) -> None:
         action="store_true",
         help="run the container as a shard under a supervisor that mirrors every parked fd:"
         " a killed shard is restarted with every connection",
+    )
+    p.add_argument(
+        "--metrics",
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (needs prometheus_client)",
     )
     p.add_argument("--config", help="TOML file with the same keys ([connpark] table)")
     _add_log_flags(p)
@@ -228,41 +245,32 @@ def _setup_logging(level: str, fmt: str) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    import trio
-
     from ._config import ContainerConfig
-    from ._container import Container
 
     _setup_logging(args.log_level, args.log_format)
     config = ContainerConfig.from_args(args)
+    if args.metrics is not None:
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            raise ConnparkError(
+                "--metrics needs prometheus_client: pip install 'connpark[metrics]'"
+            ) from None
     if args.crash_recovery:
+        import trio
+
         from ._supervisor import Supervisor
 
+        if args.metrics is not None:
+            raise ConnparkError("--metrics does not work with --crash-recovery yet")
         log_args = ["--log-level", args.log_level, "--log-format", args.log_format]
         supervisor = Supervisor(config, log_args=log_args)
         supervisor.listen()
         trio.run(supervisor.run)
         return 0
-    container = Container(config)
-    container.listen()  # start-up errors: one line from main(), no trio traceback
+    from ._service import run_serve
 
-    async def run() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_stop_on_signal, signals, container)
-                await container.run()
-                nursery.cancel_scope.cancel()
-
-    trio.run(run)
-    return 0
-
-
-async def _stop_on_signal(signals: Any, container: Any) -> None:
-    async for signum in signals:
-        LOGGER.info(
-            "got %s: draining (again to stop waiting for ACKs)", signal.Signals(signum).name
-        )
-        container.request_shutdown()
+    return run_serve(config, metrics=args.metrics)
 
 
 def _run_shard(args: argparse.Namespace) -> int:

@@ -56,7 +56,7 @@ from ._fdpass import Outbox, recv_fdless, recv_fds, unread_by_peer
 from ._lot import HANGUP_RETURNS, INET6, TIMEOUT_RETURNS, Lot, Pool, SessionState, Slot, State
 from ._mirror import Kind as MirrorKind
 from ._mirror import Record, encode_records, encode_tickets, encode_woken
-from ._stats import ContainerStats, LatencySummary, ProcessInfo
+from ._stats import ContainerStats, LatencyBuckets, LatencySummary, ProcessInfo
 from ._unixsock import listen_unix, peer_uid
 from ._watcher import ERR, HUP, make_watcher
 from ._wire import (
@@ -238,6 +238,7 @@ class Container:
         self._next_session = 1
         self._refused: Counter[str] = Counter()
         self._latencies: deque[float] = deque(maxlen=4096)
+        self._latency_buckets = LatencyBuckets()
         self._parks_total = 0
         self._acks_total = 0
         self._closed_total = 0
@@ -262,6 +263,8 @@ class Container:
         self._timer_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self._listener: socket.socket | None = None
+        #: We made the socket file (not systemd): we unlink it when we stop.
+        self._owns_path = True
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -274,12 +277,19 @@ class Container:
             self._drain_scope.cancel()
         self._shutdown_requested.set()
 
-    def listen(self) -> None:
+    def listen(self, inherited: socket.socket | None = None) -> None:
         """Create the control socket now (``run`` does it if not done): start-up
-        errors (``ConnparkError``) surface here, before any task starts."""
+        errors (``ConnparkError``) surface here, before any task starts.
+
+        ``inherited``: a listening socket to serve instead (systemd socket
+        activation); its file is not ours, so it is never unlinked.
+        """
         if self._listener is None:
             if self._listen_fd is not None:
                 self._listener = socket.socket(fileno=self._listen_fd)
+            elif inherited is not None:
+                self._owns_path = False
+                self._listener = inherited
             else:
                 self._listener = listen_unix(self.config.path, mode=self.config.socket_mode)
             self._listener.setblocking(False)
@@ -313,7 +323,7 @@ class Container:
             self._tearing_down = True
             trio.lowlevel.notify_closing(listener)
             listener.close()
-            if self._listen_fd is None:
+            if self._listen_fd is None and self._owns_path:
                 try:
                     os.unlink(self.config.path)
                 except OSError:
@@ -968,7 +978,9 @@ class Container:
             now = trio.current_time()
             for group in sent:
                 self.lot.written(group)  # type: ignore[arg-type]
-                self._latencies.extend(now - float(x.key) for x in group)  # type: ignore[attr-defined]
+                latencies = [now - float(x.key) for x in group]  # type: ignore[attr-defined]
+                self._latencies.extend(latencies)
+                self._latency_buckets.observe(latencies)
 
     async def _writer(self, s: _Session) -> None:
         """Sends what ``_pump`` could not: when the worker is slow to read."""
@@ -1175,6 +1187,7 @@ class Container:
             uptime_s=round(trio.current_time() - self._started, 3),
             shutting_down=self._shutting_down,
             processes=self._processes,
+            wake_latency_histogram=self._latency_buckets.snapshot(),
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 import time
 from collections.abc import Iterable, Mapping
@@ -32,6 +33,67 @@ class LatencySummary:
             return round(xs[min(len(xs) - 1, int(p * len(xs)))] * 1000, 3)
 
         return cls(len(xs), pct(0.50), pct(0.99), round(xs[-1] * 1000, 3))
+
+
+#: Upper bounds (seconds) of the wake-latency histogram's buckets; +Inf is implied.
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+
+
+def _floats(xs: Iterable[float]) -> tuple[float, ...]:
+    return tuple(float(x) for x in xs)
+
+
+def _ints(xs: Iterable[int]) -> tuple[int, ...]:
+    return tuple(int(x) for x in xs)
+
+
+@attrs.frozen
+class LatencyHistogram:
+    """Every wake's latency since start, in buckets (what Prometheus histograms want)."""
+
+    #: Upper bounds in seconds, increasing (+Inf is implied).
+    bounds: tuple[float, ...] = attrs.field(default=LATENCY_BUCKETS, converter=_floats)
+    #: Wakes per bucket, not cumulative; one more entry than ``bounds`` (the +Inf bucket).
+    counts: tuple[int, ...] = attrs.field(
+        default=(0,) * (len(LATENCY_BUCKETS) + 1), converter=_ints
+    )
+    #: Sum of all latencies, seconds.
+    sum_s: float = 0.0
+
+
+class LatencyBuckets:
+    """The container's running histogram of wake latencies (cheap per wake: one bisect)."""
+
+    __slots__ = ("bounds", "counts", "sum_s")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum_s = 0.0
+
+    def observe(self, seconds: Iterable[float]) -> None:
+        where, bounds, counts = bisect.bisect_left, self.bounds, self.counts
+        for x in seconds:
+            counts[where(bounds, x)] += 1
+            self.sum_s += x
+
+    def snapshot(self) -> LatencyHistogram:
+        return LatencyHistogram(self.bounds, tuple(self.counts), round(self.sum_s, 9))
 
 
 @attrs.frozen
@@ -80,6 +142,8 @@ class ContainerStats:
     shutting_down: bool
     #: The processes that serve this socket (``--crash-recovery``: the supervisor too).
     processes: tuple[ProcessInfo, ...] = ()
+    #: Every wake's latency since start, bucketed (``wake_latency`` covers the recent ones).
+    wake_latency_histogram: LatencyHistogram = attrs.field(factory=LatencyHistogram)
 
     def to_json(self) -> str:
         return json.dumps(attrs.asdict(self), sort_keys=True)
@@ -89,6 +153,8 @@ class ContainerStats:
         data: dict[str, Any] = json.loads(text)
         data["wake_latency"] = LatencySummary(**data["wake_latency"])
         data["processes"] = tuple(ProcessInfo(**p) for p in data.get("processes", ()))
+        if "wake_latency_histogram" in data:
+            data["wake_latency_histogram"] = LatencyHistogram(**data["wake_latency_histogram"])
         return cls(**data)
 
 

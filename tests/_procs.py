@@ -50,14 +50,25 @@ class ServeProcess:
                 probe = socket.socket(socket.AF_UNIX)
                 try:
                     probe.connect(str(self.path))
-                    return
                 except OSError:
                     pass
+                else:
+                    probe.close()
+                    self._settle()
+                    return
                 finally:
                     probe.close()
             if time.monotonic() > deadline:
                 raise RuntimeError(f"connpark serve not ready:\n{self.log_text()}")
             time.sleep(0.02)
+
+    def _settle(self, timeout: float = 5.0) -> None:
+        """Until the probe's session is gone: tests take fd baselines right after start."""
+        deadline = time.monotonic() + timeout
+        seen = [self.fd_count()]
+        while time.monotonic() < deadline and (len(seen) < 3 or len(set(seen[-3:])) > 1):
+            time.sleep(0.02)
+            seen.append(self.fd_count())
 
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))

@@ -41,6 +41,18 @@ pytestmark = pytest.mark.linux
 HERE = Path(__file__).parent
 
 
+def _settled_fd_count(proc: ServeProcess, timeout: float = 10.0) -> int:
+    """The process's fd count once it holds still (three equal reads 50 ms apart)."""
+    deadline = time.monotonic() + timeout
+    seen = [proc.fd_count()]
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        seen.append(proc.fd_count())
+        if len(set(seen[-3:])) == 1 and len(seen) >= 3:
+            return seen[-1]
+    return seen[-1]
+
+
 def _wait(cond, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -156,7 +168,7 @@ def test_partial_frames_at_the_fd_limit_do_not_hurt_a_legitimate_worker(sockdir:
         resource.setrlimit(resource.RLIMIT_NOFILE, (1600, 1600))
 
     proc = ServeProcess(sockdir / "lim.sock", preexec_fn=low_fd_limit)
-    baseline = proc.fd_count()
+    baseline = _settled_fd_count(proc)  # not while the readiness probe is being closed
     hostile: list[socket.socket] = []
     clients, servers = tcp_pairs(4 * 253)
     try:

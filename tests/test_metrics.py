@@ -108,8 +108,9 @@ def _scrape(url: str) -> str:
 
 
 @pytest.mark.linux
-def test_scrape_after_parks_and_wakes(sockdir: Path) -> None:
-    serve = ServeProcess(sockdir / "cp.sock", ["--metrics", "127.0.0.1:0"])
+@pytest.mark.parametrize("flags", [[], ["--crash-recovery"]], ids=["plain", "crash-recovery"])
+def test_scrape_after_parks_and_wakes(sockdir: Path, flags: list[str]) -> None:
+    serve = ServeProcess(sockdir / "cp.sock", ["--metrics", "127.0.0.1:0", *flags])
     clients, servers = tcp_pairs(3)
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:

@@ -247,6 +247,47 @@ def test_serve_tells_systemd(sockdir: Path) -> None:
             s.close()
 
 
+def test_crash_recovery_tells_systemd_and_reloads_as_an_upgrade(sockdir: Path) -> None:
+    """With a supervisor: READY once the shard answers, RELOADING + READY around
+    the upgrade SIGHUP starts (a new shard), STOPPING on SIGTERM."""
+    m = FakeManager(f"@connpark-test-{uuid.uuid4().hex}")
+    path = sockdir / "cp.sock"
+    proc = _start(
+        [sys.executable, "-m", "connpark", "serve", "--socket", str(path), "--crash-recovery"],
+        {"NOTIFY_SOCKET": m.address, "WATCHDOG_USEC": "1000000"},
+        sockdir / "serve.log",
+    )
+    clients, servers = tcp_pairs(1)
+    try:
+        assert m.wait_for("READY")["STATUS"].startswith("parked 0,")
+        with connpark.BlockingParking(str(path), pool="web") as parking:
+            parking.park(servers[0], token=b"t")
+            while not m.wait_for("STATUS")["STATUS"].startswith("parked 1,"):
+                pass  # wait_for raises after its timeout
+            m.wait_for("WATCHDOG")
+            shard = [p.pid for p in parking.stats().processes if p.role == "shard"]
+            proc.send_signal(signal.SIGHUP)
+            assert int(m.wait_for("RELOADING")["MONOTONIC_USEC"]) > 0
+            assert m.wait_for("READY", timeout=20)["STATUS"].startswith("parked 1,")
+            after = parking.stats().processes
+            assert [p.pid for p in after if p.role == "shard"] != shard
+            assert [p.generation for p in after if p.role == "supervisor"] == [2]
+            clients[0].sendall(b"still here")
+            woken = parking.next_wake(timeout=10)
+            assert woken is not None
+            assert woken.socket is not None
+            assert woken.socket.recv(100) == b"still here"
+            woken.socket.close()
+            proc.send_signal(signal.SIGTERM)
+            m.wait_for("STOPPING")
+        assert proc.wait(timeout=20) == 0
+    finally:
+        _stop(proc)
+        m.close()
+        for s in clients + servers:
+            s.close()
+
+
 def test_serve_takes_the_control_socket_from_systemd(sockdir: Path) -> None:
     """LISTEN_FDS: serve uses the socket at fd 3 (no bind), makes it CLOEXEC,
     and leaves the socket file in place when it stops."""

@@ -257,16 +257,22 @@ def _run_serve(args: argparse.Namespace) -> int:
                 "--metrics needs prometheus_client: pip install 'connpark[metrics]'"
             ) from None
     if args.crash_recovery:
-        import trio
+        import os
 
-        from ._supervisor import Supervisor
+        import attrs
 
-        if args.metrics is not None:
-            raise ConnparkError("--metrics does not work with --crash-recovery yet")
+        from ._service import control_socket
+        from ._supervisor import Supervisor, run_supervisor
+        from ._systemd import Notifier, listen_fds
+
         log_args = ["--log-level", args.log_level, "--log-format", args.log_format]
-        supervisor = Supervisor(config, log_args=log_args)
-        supervisor.listen()
-        trio.run(supervisor.run)
+        notifier = Notifier.from_environ()
+        inherited = control_socket(listen_fds())
+        if inherited is not None:
+            config = attrs.evolve(config, path=os.fsdecode(inherited.getsockname()))
+        supervisor = Supervisor(config, log_args=log_args, notifier=notifier, metrics=args.metrics)
+        supervisor.listen(inherited)  # start-up errors: one line, no trio traceback
+        run_supervisor(supervisor)
         return 0
     from ._service import run_serve
 
@@ -290,14 +296,12 @@ def _run_shard(args: argparse.Namespace) -> int:
 
 
 def _run_resume(args: argparse.Namespace) -> int:
-    import trio
-
-    from ._supervisor import resume_supervisor
+    from ._supervisor import resume_supervisor, run_supervisor
 
     supervisor = resume_supervisor(args.state_fd)
     log = supervisor.log_args
     _setup_logging(log[log.index("--log-level") + 1], log[log.index("--log-format") + 1])
-    trio.run(supervisor.run)
+    run_supervisor(supervisor)
     return 0
 
 

@@ -40,9 +40,10 @@ CONTROL_FD_NAME = "control"
 
 def status_line(stats: ContainerStats) -> str:
     """What ``systemctl status`` shows on its Status: line."""
+    workers = stats.sessions - stats.pools.get("_stats", 0)  # not the askers, us included
     text = (
         f"parked {stats.parked}, queued {stats.queued}, un-ACKed {stats.unacked}, "
-        f"sessions {stats.sessions}"
+        f"sessions {workers}"
     )
     return "draining: " + text if stats.shutting_down else text
 

@@ -35,8 +35,13 @@ import trio
 
 from ._config import ContainerConfig
 from ._container import raise_nofile_limit
+from ._errors import ConnparkError
 from ._fdpass import Outbox, recv_fds
 from ._mirror import Decoder, Kind, Record, Store, encode_done, encode_records
+from ._service import keep_systemd_informed, status_line
+from ._stats import ContainerStats
+from ._stats_client import fetch_stats
+from ._systemd import Notifier
 from ._unixsock import listen_unix
 
 LOGGER = logging.getLogger(__name__)
@@ -53,9 +58,22 @@ def _b64(data: bytes) -> str:
 class Supervisor:
     """Runs one shard at a time and restarts it with everything the mirror holds."""
 
-    def __init__(self, config: ContainerConfig, *, log_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        config: ContainerConfig,
+        *,
+        log_args: Sequence[str] = (),
+        notifier: Notifier | None = None,
+        metrics: tuple[str, int] | None = None,
+    ) -> None:
         self.config = config
         self.log_args = list(log_args)
+        #: systemd (Type=notify): READY once the shard answers, STATUS and WATCHDOG
+        #: while it does, RELOADING during an upgrade, STOPPING on a stop.
+        self.notifier = notifier or Notifier(None)
+        self.metrics = metrics
+        #: The control socket came from systemd (socket activation): never unlinked.
+        self._owns_path = True
         self.store = Store()
         self.epoch = 0
         self.restarts = 0
@@ -74,10 +92,14 @@ class Supervisor:
         #: How many times this supervisor was executed (1 + upgrades).
         self.generation = 1
 
-    def listen(self) -> None:
-        """Bind the control socket now: start-up errors surface before any task runs."""
+    def listen(self, inherited: socket.socket | None = None) -> None:
+        """Bind the control socket now (or take systemd's): start-up errors surface here."""
         raise_nofile_limit()
-        self._listener = listen_unix(self.config.path, mode=self.config.socket_mode)
+        if inherited is not None:
+            self._listener = inherited
+            self._owns_path = False
+        else:
+            self._listener = listen_unix(self.config.path, mode=self.config.socket_mode)
 
     async def run(self) -> None:
         if self._listener is None:
@@ -91,6 +113,7 @@ class Supervisor:
             with trio.open_signal_receiver(*sigs) as signals:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._on_signals, signals)
+                    nursery.start_soon(self._tell_systemd)
                     if self._adopted is not None:  # we were re-executed: finish the upgrade
                         LOGGER.info(
                             "upgrade: supervisor re-executed (generation %d), %d connections"
@@ -135,10 +158,11 @@ class Supervisor:
             if not execed:
                 self.store.close()
                 listener.close()
-                try:
-                    os.unlink(self.config.path)
-                except OSError:
-                    pass
+                if self._owns_path:
+                    try:
+                        os.unlink(self.config.path)
+                    except OSError:
+                        pass
 
     async def _on_signals(self, signals: Any) -> None:
         async for signum in signals:
@@ -147,12 +171,40 @@ class Supervisor:
                     LOGGER.warning("got SIGHUP: an upgrade or a stop is under way; ignored")
                     continue
                 LOGGER.info("got SIGHUP: upgrading (re-exec, then a new shard)")
+                self.notifier.reloading()
                 self._upgrade.set()
                 continue
+            if not self.stopping:
+                self.notifier.stopping("draining: the shard hands every connection back")
             self.stopping = True
             self._signals += 1
             LOGGER.info("got %s: stopping the shard", signal.Signals(signum).name)
             self._signal_shard(signal.SIGTERM)
+
+    async def _check(self) -> ContainerStats | None:
+        """Healthy: the shard answered STATS in time (the watchdog's condition)."""
+        try:
+            return await trio.to_thread.run_sync(
+                lambda: fetch_stats(self.config.path, timeout=2.0), abandon_on_cancel=True
+            )
+        except (ConnparkError, OSError):
+            return None
+
+    async def _tell_systemd(self) -> None:
+        """READY=1 once the shard answers (again, after an upgrade), then STATUS/WATCHDOG."""
+        if not self.notifier.enabled:
+            return
+        while (stats := await self._check()) is None:  # noqa: ASYNC110 - polls another process
+            await trio.sleep(0.05)
+        self.notifier.ready(status_line(stats))
+        await keep_systemd_informed(self.notifier, self._check)
+
+    def snapshots(self) -> list[tuple[str, ContainerStats]]:
+        """For ``/metrics`` (called from its HTTP thread): the shard's statistics."""
+        try:
+            return [("0", fetch_stats(self.config.path, timeout=2.0))]
+        except (ConnparkError, OSError):
+            return []
 
     def _signal_shard(self, sig: int) -> None:
         if self._shard_pid is not None:
@@ -260,6 +312,10 @@ class Supervisor:
         leftover, pending_fds = decoder.detach()
         records = list(self.store.records.values())
         state = {
+            "notify_socket": self.notifier.address,
+            "watchdog": self.notifier.watchdog_interval(),
+            "owns_path": self._owns_path,
+            "metrics": self.metrics,
             "config": attrs.asdict(self.config),
             "log_args": self.log_args,
             "epoch": self.epoch,
@@ -338,7 +394,14 @@ def resume_supervisor(state_fd: int) -> Supervisor:
     """The new image after an upgrade's re-exec: the old one's state, fds and shard."""
     with os.fdopen(state_fd, "rb") as f:
         state = json.loads(f.read())
-    sup = Supervisor(ContainerConfig.from_mapping(state["config"]), log_args=state["log_args"])
+    metrics = tuple(state["metrics"]) if state["metrics"] else None
+    sup = Supervisor(
+        ContainerConfig.from_mapping(state["config"]),
+        log_args=state["log_args"],
+        notifier=Notifier(state["notify_socket"], state["watchdog"]),
+        metrics=metrics,
+    )
+    sup._owns_path = state["owns_path"]
     sup.epoch = state["epoch"]
     sup.restarts = state["restarts"]
     sup.generation = state["generation"]
@@ -356,6 +419,20 @@ def resume_supervisor(state_fd: int) -> Supervisor:
     leftover = base64.b64decode(state["leftover"])
     sup._adopted = (state["shard_pid"], mirror, leftover, list(state["pending_fds"]))
     return sup
+
+
+def run_supervisor(supervisor: Supervisor) -> None:
+    """Serve ``/metrics`` (if asked) and run the supervisor until it stops."""
+    server = None
+    if supervisor.metrics is not None:
+        from ._metrics import MetricsServer
+
+        server = MetricsServer(*supervisor.metrics, supervisor.snapshots)
+    try:
+        trio.run(supervisor.run)
+    finally:
+        if server is not None:
+            server.close()
 
 
 def receive_restore(sock: socket.socket, timeout: float = 60.0) -> list[Record]:

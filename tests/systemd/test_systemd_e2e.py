@@ -10,6 +10,7 @@ by a restart, and the watchdog kills a service that stops answering.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +48,7 @@ ListenStream={sock}
 DefaultDependencies=no
 [Service]
 ExecStart=
-ExecStart={sys.executable} -m connpark serve --socket {sock} --log-level debug
+ExecStart={sys.executable} -m connpark serve --socket {sock} --log-level debug --crash-recovery
 Environment=PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 WatchdogSec=1
 RestartSec=100ms
@@ -108,9 +109,9 @@ def test_contrib_units_under_systemd(sandbox: Sandbox) -> None:
     assert path.stat().st_mode & 0o777 == 0o600
 
     # The first worker connect starts it; Type=notify: active once READY=1 came.
-    clients, servers = tcp_pairs(1)
+    clients, servers = tcp_pairs(2)
     try:
-        with connpark.BlockingParking(str(path), pool="web", reconnect=False) as parking:
+        with connpark.BlockingParking(str(path), pool="web") as parking:
             parking.park(servers[0], token=b"via-systemd")
             assert box.systemctl("is-active", svc).stdout.strip() == "active"
             _until(
@@ -122,18 +123,43 @@ def test_contrib_units_under_systemd(sandbox: Sandbox) -> None:
             assert woken.reason is connpark.Reason.READABLE
             assert woken.socket is not None
             woken.socket.close()
+
+            # One stays parked through what follows.
+            parking.park(servers[1], token=b"kept")
+            pid = box.show(svc, "MainPID")
+            log = box.work / "service.log"
+            assert f"container listening on {path}" in log.read_text()
+
+            def shard() -> int:
+                procs = fetch_stats(str(path)).processes
+                return next(p.pid for p in procs if p.role == "shard")
+
+            # Reload (ExecReload= sends SIGHUP): an upgrade. Same main process
+            # (re-executed), a new shard, the parked connection still parked.
+            old = shard()
+            box.systemctl("reload", svc)  # returns once READY=1 came again
+            _until("a new shard", lambda: shard() != old, box)
+            assert box.show(svc, "ActiveState") == "active"
+            assert box.show(svc, "MainPID") == pid
+            assert "upgrade: supervisor re-executed (generation 2)" in log.read_text()
+
+            # A killed shard is recovered by the supervisor: the unit never notices.
+            old = shard()  # a pid inside the sandbox's PID namespace
+            subprocess.run([*box.nsenter, "kill", "-KILL", str(old)], check=True)
+            _until("shard recovered", lambda: shard() != old, box)
+            assert box.show(svc, "NRestarts") == "0"
+            assert fetch_stats(str(path)).parked == 1
+
+            clients[1].sendall(b"still here")
+            woken = parking.next_wake(timeout=10)
+            assert woken is not None
+            assert woken.token == b"kept"
+            assert woken.socket is not None
+            assert woken.socket.recv(100) == b"still here"
+            woken.socket.close()
     finally:
         for s in clients + servers:
             s.close()
-    pid = box.show(svc, "MainPID")
-    log = box.work / "service.log"
-    assert f"container listening on {path}" in log.read_text()
-
-    # Reload (ExecReload= sends SIGHUP): still active, same process.
-    box.systemctl("reload", svc)
-    _until("reloaded", lambda: "got SIGHUP" in log.read_text(), box)
-    _until("active after reload", lambda: box.show(svc, "ActiveState") == "active", box)
-    assert box.show(svc, "MainPID") == pid
 
     # SIGKILL: Restart=on-failure brings it back, on the socket systemd kept.
     box.systemctl("kill", "--kill-who=main", "--signal=SIGKILL", svc)

@@ -310,7 +310,7 @@ class Supervisor:
         assert sock is not None
         assert decoder is not None
         leftover, pending_fds = decoder.detach()
-        records = list(self.store.records.values())
+        records = self.store.records()
         state = {
             "notify_socket": self.notifier.address,
             "watchdog": self.notifier.watchdog_interval(),
@@ -360,7 +360,7 @@ class Supervisor:
 
     async def _give_back(self, sock: socket.socket) -> None:
         """RESTORE every record (its fd goes too; the mirror keeps its own copy), then DONE."""
-        records: list[Record] = list(self.store.records.values())
+        records: list[Record] = self.store.records()
         out = Outbox(own_fds=False)
         out.add(encode_records(Kind.RESTORE, records))
         out.add(encode_done())
@@ -411,9 +411,9 @@ def resume_supervisor(state_fd: int) -> Supervisor:
     for ticket, fd, deadline, flags, pool, token, pending, woken in state["records"]:
         token_b, pending_b = base64.b64decode(token), base64.b64decode(pending)
         record = Record(ticket, fd, deadline, flags, pool, token_b, pending_b, woken)
-        sup.store.records[ticket] = record
+        sup.store.add(record)
     fds = [sup._listener.fileno(), mirror.fileno(), *state["pending_fds"]]
-    fds += [r.fd for r in sup.store.records.values()]
+    fds += [r.fd for r in sup.store.records()]
     for fd in fds:
         os.set_inheritable(fd, False)
     leftover = base64.b64decode(state["leftover"])

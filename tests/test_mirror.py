@@ -1,0 +1,85 @@
+"""The mirror's codec and store, socket-free: what a shard sends is what comes back."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from connpark._errors import RemoteProtocolError
+from connpark._mirror import (
+    HEADER,
+    Decoder,
+    Kind,
+    Record,
+    Store,
+    encode_done,
+    encode_records,
+    encode_tickets,
+    encode_woken,
+)
+
+from .conftest import open_fd_count
+
+
+def _fds(n: int) -> list[int]:
+    r, w = os.pipe()
+    out = [os.dup(r) for _ in range(n)]
+    os.close(r)
+    os.close(w)
+    return out
+
+
+def _feed(dec: Decoder, frames: list) -> list:  # type: ignore[type-arg]
+    out = []
+    for f in frames:
+        dec.receive_data(f.data, [os.dup(fd) for fd in f.fds])  # as SCM_RIGHTS would
+        out.extend(dec)
+    return out
+
+
+def test_records_round_trip_through_frames_and_the_store() -> None:
+    before = open_fd_count()
+    fds = _fds(300)  # more than one frame's 253
+    records = [
+        Record(1 << 56 | i, fd, 1_700_000_000_000 + i, i % 8, "pool-é", b"t%d" % i, b"p" * (i % 3))
+        for i, fd in enumerate(fds)
+    ]
+    frames = encode_records(Kind.ADD, records)
+    assert [len(f.fds) for f in frames] == [253, 47]
+    dec = Decoder()
+    store = Store()
+    for msg in _feed(dec, frames):
+        store.apply(msg)
+    assert len(store) == 300
+    got = store.records()
+    assert [(r.ticket, r.deadline_ms, r.flags, r.pool, r.token, r.pending) for r in got] == [
+        (r.ticket, r.deadline_ms, r.flags, r.pool, r.token, r.pending) for r in records
+    ]
+    assert all(r.woken == 0 for r in got)
+    # WOKEN marks the reason, DEL closes the store's copy of the fd.
+    for msg in _feed(dec, encode_woken([(records[5].ticket, 4), (12345, 1)])):
+        store.apply(msg)
+    assert {r.ticket: r.woken for r in store.records()}[records[5].ticket] == 4
+    for msg in _feed(dec, encode_tickets(Kind.DEL, [r.ticket for r in records[:100]])):
+        store.apply(msg)
+    assert len(store) == 200
+    (done,) = _feed(dec, encode_done())
+    assert done.kind is Kind.DONE
+    for fd in fds:
+        os.close(fd)
+    store.close()
+    assert open_fd_count() == before
+
+
+def test_a_broken_mirror_frame_is_an_error_and_closes_its_fds() -> None:
+    before = open_fd_count()
+    dec = Decoder()
+    (frame,) = encode_records(Kind.ADD, [Record(7, 0, 0, 0, "p", b"", b"")])
+    fds = _fds(1)
+    body = frame.data[HEADER.size :] + b"\x00"  # a byte past the record: trailing
+    dec.receive_data(HEADER.pack(len(body), Kind.ADD, 1) + body, fds)
+    with pytest.raises(RemoteProtocolError):
+        dec.next_message()
+    dec.close()
+    assert open_fd_count() == before

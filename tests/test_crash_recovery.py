@@ -153,6 +153,8 @@ def test_shard_killed_or_upgraded_under_load_loses_nothing(sockdir: Path, disrup
                 assert _recv_exactly(c, 3) == b"ok\n"
             cycler.stop.set()
             cycler.join(30)
+            if cycler.error is not None:
+                Path("/tmp/cr_serve.log").write_text(serve.log_text())
             assert cycler.error is None, cycler.error
             # The live load went on through the outage (its parks were re-sent).
             rate = cycler.cycles / (time.monotonic() - started)

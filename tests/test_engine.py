@@ -824,6 +824,8 @@ def test_a_lost_session_requeues_what_was_not_answered(lose: Any) -> None:
     assert again.request_id != park.request_id
     # Only what was not answered, in the original order, then the newer park.
     assert [e.fd for e in again.entries] == [s.fd for s in [*half[1:], *unanswered, late]]
+    # Sent again: marked so, the container may have taken them before it died.
+    assert [e.resent for e in again.entries] == [True, True, True, False]
     peer.send(Parked(again.request_id, (ParkResult(Refusal.FULL), *ok(4, 5, 6))))
     assert settled(peer.events()) == [r_half, r_none, r_late]
     got = r_half.outcome()

@@ -8,6 +8,7 @@ import pytest
 
 from connpark._errors import RemoteProtocolError
 from connpark._mirror import (
+    FLAG_CONFIRMED,
     HEADER,
     Decoder,
     Kind,
@@ -61,6 +62,12 @@ def test_records_round_trip_through_frames_and_the_store() -> None:
     for msg in _feed(dec, encode_woken([(records[5].ticket, 4), (12345, 1)])):
         store.apply(msg)
     assert {r.ticket: r.woken for r in store.records()}[records[5].ticket] == 4
+    # CONFIRMED: the worker got its PARKED; the flag survives a later WOKEN.
+    for msg in _feed(dec, encode_tickets(Kind.CONFIRMED, [records[6].ticket])):
+        store.apply(msg)
+    flags = {r.ticket: r.flags for r in store.records()}
+    assert flags[records[6].ticket] == records[6].flags | FLAG_CONFIRMED
+    assert flags[records[7].ticket] == records[7].flags
     for msg in _feed(dec, encode_tickets(Kind.DEL, [r.ticket for r in records[:100]])):
         store.apply(msg)
     assert len(store) == 200

@@ -254,6 +254,7 @@ park_entries = st.builds(
     idle_timeout_ms=u32,
     hangup_returns=st.booleans(),
     timeout_returns=st.booleans(),
+    resent=st.booleans(),
 )
 parks = st.builds(Park, request_id=u32, entries=tuples_of(park_entries, 8))
 parkeds = st.builds(
@@ -1062,10 +1063,10 @@ def test_bad_parked_code(code: int) -> None:
         (frame(MessageType.ERROR, p("H", 1), flags=FLAG_MORE), 0, "bad ERROR frame flags 0x1"),
         (
             frame(
-                3, p("I", 1) + p("H", 1) + p("I", 0) + p("B", 0x04) + p("H", 0) + p("I", 0), nfds=1
+                3, p("I", 1) + p("H", 1) + p("I", 0) + p("B", 0x08) + p("H", 0) + p("I", 0), nfds=1
             ),
             1,
-            "bad PARK field flags: 0x4",
+            "bad PARK field flags: 0x8",
         ),
         (frame(5, wake_body(1, 0x04)), 0, "bad WAKE field flags: 0x4"),
         (frame(5, wake_body(1, 0x05), nfds=1), 1, "bad WAKE field flags: 0x5"),

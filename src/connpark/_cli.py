@@ -321,10 +321,21 @@ def _run_upgrade(args: argparse.Namespace) -> int:
             " it cannot be upgraded in place"
         )
     old = {p.pid for p in before.processes if p.role == "shard"}
+    from ._supervisor import preflight
+
+    problem = preflight()
+    if problem:
+        raise ConnparkError(f"not upgrading: {problem}")
     os.kill(sup[0].pid, signal.SIGHUP)
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         time.sleep(0.2)
+        try:
+            os.kill(sup[0].pid, 0)
+        except ProcessLookupError:
+            raise ConnparkError(
+                f"the supervisor (pid {sup[0].pid}) exited during the upgrade: see its log"
+            ) from None
         try:
             now = fetch_stats(path, timeout=2)
         except ConnparkError:

@@ -47,15 +47,26 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from typing import Any
 
+import attrs
 import trio
 
 from ._admit import inspect, peek_has_data, same_open_file, send_goodbye
 from ._config import ContainerConfig
 from ._errors import ProtocolError, RemoteProtocolError
 from ._fdpass import Outbox, recv_fdless, recv_fds, unread_by_peer
-from ._lot import HANGUP_RETURNS, INET6, TIMEOUT_RETURNS, Lot, Pool, SessionState, Slot, State
+from ._lot import (
+    HANGUP_RETURNS,
+    INET6,
+    TIMEOUT_RETURNS,
+    UNCONFIRMED,
+    Lot,
+    Pool,
+    SessionState,
+    Slot,
+    State,
+)
+from ._mirror import FLAG_CONFIRMED, Record, encode_records, encode_tickets, encode_woken
 from ._mirror import Kind as MirrorKind
-from ._mirror import Record, encode_records, encode_tickets, encode_woken
 from ._stats import ContainerStats, LatencyBuckets, LatencySummary, ProcessInfo
 from ._unixsock import listen_unix, peer_uid
 from ._watcher import ERR, HUP, make_watcher
@@ -90,6 +101,9 @@ LOGGER = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT = 10.0
 #: The pool ``connpark stats`` uses: its sessions are logged at DEBUG.
 STATS_POOL = "_stats"
+#: How long a socket may come back as a re-sent park (a worker reconnecting
+#: within its hook's backoff, 60 s by default) and still get its old ticket.
+TWIN_MEMORY = 300.0
 #: WAKE body bytes per frame, leaving room for the count.
 _WAKE_BODY = DEFAULT_MAX_BODY - 64
 # The hot path's own encoders (WAKE, PARKED): the layouts of docs/protocol.md
@@ -152,6 +166,15 @@ def count_open_fds() -> int:
     return 32
 
 
+class _Confirm:
+    """The outbox tag of a PARKED frame: once it is written, its slots are confirmed."""
+
+    __slots__ = ("slots",)
+
+    def __init__(self, slots: list[Slot]) -> None:
+        self.slots = slots
+
+
 class _Session(SessionState):
     __slots__ = (
         "decoder",
@@ -165,6 +188,7 @@ class _Session(SessionState):
         "quiet",
         "read_scope",
         "sock",
+        "unconfirmed",
         "wakeup",
         "writer_scope",
     )
@@ -192,6 +216,8 @@ class _Session(SessionState):
         self.read_scope = trio.CancelScope()
         self.writer_scope = trio.CancelScope()
         self.quiet = pool.name == STATS_POOL
+        #: Parked by this session, PARKED not written yet: ticket -> slot.
+        self.unconfirmed: dict[int, Slot] = {}
 
 
 class Container:
@@ -230,9 +256,10 @@ class Container:
         )
         #: Restored connections that may be in a worker's hands: ticket -> record.
         self._quarantine: dict[int, Record] = {}
-        #: Restored sockets by inode -> ticket: a park the worker re-sends because
-        #: the crashed shard never answered it gets the ticket it already has.
-        self._restored_ino: dict[int, int] = {}
+        #: Sockets a worker may send again, marked ``resent`` (its session ended
+        #: before our PARKED reached it, or we restarted): inode -> (ticket, when).
+        #: Such a park gets the ticket we gave; the connection keeps one owner.
+        self._twins: dict[int, tuple[int, float]] = {}
         self.watcher = make_watcher()
         self._sessions: dict[int, _Session] = {}
         self._next_session = 1
@@ -696,10 +723,11 @@ class Container:
         mirrored: list[Record] | None = [] if self._mirror is not None else None
         wall = time.time() - now
         twins = 0
+        admitted_slots: list[Slot] = []
         for entry in msg.entries:
             fd = entry.fd
-            if self._restored_ino and (twin := self._restored_twin(fd, now)) is not None:
-                close_fds((fd,))  # we hold this connection already, under its old ticket
+            if entry.resent and self._twins and (twin := self._twin(fd, now)) is not None:
+                close_fds((fd,))  # we took this connection already, under this ticket
                 results.append((Refusal.OK, twin))
                 twins += 1
                 continue
@@ -723,10 +751,11 @@ class Container:
                 fd,
                 token=entry.token,
                 pending=entry.pending,
-                flags=flags,
+                flags=flags | UNCONFIRMED,
                 session=s,
                 deadline=now + idle,
             )
+            admitted_slots.append(slot)
             room -= 1
             results.append((Refusal.OK, slot.ticket))
             if mirrored is not None:
@@ -742,8 +771,12 @@ class Container:
         self._held += admitted
         self._parks_total += admitted
         if s.ending is None:
-            s.outbox.add((parked_frame(msg.request_id, results),))
+            s.outbox.add((parked_frame(msg.request_id, results),), (_Confirm(admitted_slots),))
+            for slot in admitted_slots:
+                s.unconfirmed[slot.ticket] = slot
             lot.dirty.add(s)
+        else:
+            Lot.confirm(admitted_slots)  # no PARKED will go: the worker sends them again
 
     # -- the mirror (crash recovery) -------------------------------------------------------
 
@@ -789,10 +822,8 @@ class Container:
         parked = 0
         for r in self._restore:
             self._held += 1
-            try:
-                self._restored_ino[os.fstat(r.fd).st_ino] = r.ticket
-            except OSError:
-                pass
+            if not r.flags & FLAG_CONFIRMED:  # the parker may still hold it: it re-sends
+                self._remember_twin(r.fd, r.ticket, now)
             if r.woken:
                 self._quarantine[r.ticket] = r
                 continue
@@ -823,7 +854,7 @@ class Container:
             r.fd,
             token=r.token,
             pending=r.pending,
-            flags=r.flags,
+            flags=r.flags & ~FLAG_CONFIRMED,
             pool=r.pool,
             deadline=max(now, r.deadline_ms / 1000 + offset),
         )
@@ -841,28 +872,46 @@ class Container:
                 self._wake(slot, Reason(r.woken), now)
         self._quarantine.clear()
         self._flush()
-        await trio.sleep(self.config.restore_grace)
-        self._restored_ino.clear()  # every worker has reconnected or given up by now
 
-    def _restored_twin(self, fd: int, now: float) -> int | None:
-        """The ticket of a restored connection that ``fd`` is another copy of, if any."""
+    def _remember_twin(self, fd: int, ticket: int, now: float) -> None:
         try:
-            ticket = self._restored_ino.get(os.fstat(fd).st_ino)
+            self._twins[os.fstat(fd).st_ino] = (ticket, now)
+        except OSError:
+            return
+        if len(self._twins) > 2 * (self.lot.parked + self.lot.queued + self.lot.sent) + 1024:
+            self._twins = {k: v for k, v in self._twins.items() if now - v[1] < TWIN_MEMORY}
+
+    def _twin(self, fd: int, now: float) -> int | None:
+        """A re-sent park of a socket we took already: its ticket, else None.
+
+        Whatever became of that connection since (still parked, woken to
+        another worker, closed), the sender's copy must go: the answer is OK.
+        """
+        try:
+            found = self._twins.get(os.fstat(fd).st_ino)
         except OSError:
             return None
-        if ticket is None:
+        if found is None or now - found[1] > TWIN_MEMORY:
             return None
+        ticket = found[0]
         r = self._quarantine.pop(ticket, None)
-        if r is not None:  # its wake never reached the worker: parked again
-            slot = self._readmit(r, now, now - time.time())
-            return None if slot is None else ticket
-        return ticket if self.lot.find(ticket) is not None else None
+        if r is not None:  # its wake never reached the worker: parked again, not woken
+            r = attrs.evolve(r, woken=0)
+            if self._readmit(r, now, now - time.time()) is not None:
+                self._mirror_send(encode_records(MirrorKind.ADD, [r]))
+        return ticket
 
     def _claimed(self, tickets: Sequence[int]) -> None:
         """A reconnecting worker has these (HELLO resume): drop our restored copies."""
         for t in tickets:
             r = self._quarantine.pop(t, None)
             if r is not None:
+                # The worker has this connection: a park of it from now on is
+                # a new one, not a copy of ours.
+                try:
+                    self._twins.pop(os.fstat(r.fd).st_ino, None)
+                except OSError:
+                    pass
                 os.close(r.fd)
                 self._held -= 1
                 self._mirror_del.append(t)
@@ -977,6 +1026,14 @@ class Container:
         if sent:
             now = trio.current_time()
             for group in sent:
+                if isinstance(group, _Confirm):
+                    Lot.confirm(group.slots)
+                    for slot in group.slots:
+                        s.unconfirmed.pop(slot.ticket, None)
+                    if self._mirror is not None and group.slots:
+                        tickets = [x.ticket for x in group.slots]
+                        self._mirror_send(encode_tickets(MirrorKind.CONFIRMED, tickets))
+                    continue
                 self.lot.written(group)  # type: ignore[arg-type]
                 latencies = [now - float(x.key) for x in group]  # type: ignore[attr-defined]
                 self._latencies.extend(latencies)
@@ -1082,6 +1139,13 @@ class Container:
 
     def _forget_session(self, s: _Session) -> None:
         s.writer_scope.cancel()
+        if s.unconfirmed:  # its worker never saw these PARKED: it will send them again
+            now = trio.current_time()
+            for slot in s.unconfirmed.values():
+                if slot.state is not State.GONE and slot.fd >= 0:
+                    self._remember_twin(slot.fd, slot.ticket, now)
+            Lot.confirm(s.unconfirmed.values())
+            s.unconfirmed.clear()
         self._sessions.pop(s.id, None)
         if s.alive or s.inflight:  # cancelled (teardown) before settling
             self.lot.remove_session(s, now=trio.current_time())
@@ -1135,6 +1199,7 @@ class Container:
                 return None
             if hello.resume_tickets:
                 self._claimed(hello.resume_tickets)
+                self._flush_mirror()  # before WELCOME: the worker forgets them after it
             pool = self.lot.pool(hello.pool)
             session = _Session(self._next_session, pool, hello.name, conn, decoder)
             self._next_session += 1

@@ -82,6 +82,10 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 HANGUP_RETURNS = 1
 TIMEOUT_RETURNS = 2
 INET6 = 4
+#: Its PARKED answer has not been written yet: its wake may only go to its
+#: parker (stream order then puts PARKED first), or the parker, never told,
+#: would send it again while another worker has it.
+UNCONFIRMED = 8
 
 
 class Slot:
@@ -344,6 +348,9 @@ class Lot:
     def _route(self, slot: Slot, now: float) -> None:
         """QUEUED slot: its own session if alive with room and not frozen, else the best."""
         target = slot.session
+        if slot.flags & UNCONFIRMED and target is not None and target.alive:
+            self._assign(slot, target, now)
+            return
         if (
             target is None
             or not target.alive
@@ -409,6 +416,12 @@ class Lot:
         out = outq[:n]
         del outq[:n]
         return out
+
+    @staticmethod
+    def confirm(slots: Iterable[Slot]) -> None:
+        """Their PARKED went out: their wakes may go to any worker of the pool now."""
+        for slot in slots:
+            slot.flags &= ~UNCONFIRMED
 
     def written(self, slots: Iterable[Slot]) -> None:
         """Their fds went out to the session (SENT -> WRITTEN): an ACK may now free them."""

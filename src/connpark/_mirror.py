@@ -8,6 +8,7 @@ A shard sends its supervisor one message per batch, never one per fd:
 - WOKEN: tickets handed to a session (sent before the WAKE is written): after
   a crash they may be in a worker's hands, so they are *quarantined*, not
   re-parked at once;
+- CONFIRMED: tickets whose PARKED answer was written (one per PARKED frame);
 - DEL: tickets whose fd the shard closed (ACKed, closed, notice sent).
 
 When a shard dies, its replacement gets every record back (RESTORE frames,
@@ -49,6 +50,13 @@ class Kind(enum.IntEnum):
     DEL = 3
     RESTORE = 4
     DONE = 5
+    #: Their PARKED went out to the worker: it holds no copy of its own any more.
+    CONFIRMED = 6
+
+
+#: In a record's flags: its PARKED was written (CONFIRMED). Without it, after a
+#: restart, the parker may still hold the socket and send its park again.
+FLAG_CONFIRMED = 0x80
 
 
 @attrs.frozen
@@ -239,6 +247,12 @@ class Store:
                 blob = packed.get(t)
                 if blob is not None and blob[_WOKEN_AT] != reason:
                     packed[t] = blob[:_WOKEN_AT] + bytes((reason,)) + blob[_WOKEN_AT + 1 :]
+        elif msg.kind is Kind.CONFIRMED:
+            for t in msg.tickets:
+                blob = packed.get(t)
+                if blob is not None and not blob[_FLAGS_AT] & FLAG_CONFIRMED:
+                    flags = bytes((blob[_FLAGS_AT] | FLAG_CONFIRMED,))
+                    packed[t] = blob[:_FLAGS_AT] + flags + blob[_FLAGS_AT + 1 :]
         elif msg.kind is Kind.DEL:
             gone = [_FD.unpack_from(b)[0] for t in msg.tickets if (b := packed.pop(t, None))]
             close_fds(gone)
@@ -251,8 +265,9 @@ class Store:
 
 
 _FD = struct.Struct("!i")
-#: Where a packed record keeps its ``woken`` byte (after fd, ticket, deadline, flags).
-_WOKEN_AT = _FD.size + 8 + 8 + 1
+#: Where a packed record keeps its flags and ``woken`` bytes (after fd, ticket, deadline).
+_FLAGS_AT = _FD.size + 8 + 8
+_WOKEN_AT = _FLAGS_AT + 1
 
 
 def _pack_entry(r: Record) -> bytes:

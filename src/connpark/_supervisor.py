@@ -37,6 +37,7 @@ from ._config import ContainerConfig
 from ._container import raise_nofile_limit
 from ._errors import ConnparkError
 from ._fdpass import Outbox, recv_fds
+from ._lot import EPOCH_SHIFT
 from ._mirror import Decoder, Kind, Record, Store, encode_done, encode_records
 from ._service import keep_systemd_informed, status_line
 from ._stats import ContainerStats
@@ -49,6 +50,25 @@ LOGGER = logging.getLogger(__name__)
 _QUICK_DEATH = 5.0
 #: ``_run_shard``'s answer when the supervisor must re-exec itself now.
 _EXEC = -1000
+
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_SHARD_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def preflight() -> str | None:
+    """Does the code on disk start? None if so, else the reason (one line)."""
+    check = "import connpark._cli, connpark._supervisor, connpark._container"
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", check], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"the code on disk does not start: {exc}"
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["?"])[-1]
+        return f"the code on disk does not start: {last}"
+    return None
 
 
 def _b64(data: bytes) -> str:
@@ -89,6 +109,7 @@ class Supervisor:
         self._mirror_decoder: Decoder | None = None
         self._mirror_sock: socket.socket | None = None
         self._exec_pid = 0
+        self._stop_requested = trio.Event()
         #: How many times this supervisor was executed (1 + upgrades).
         self.generation = 1
 
@@ -109,8 +130,10 @@ class Supervisor:
         delay = 0.0
         execed = False
         try:
-            sigs = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-            with trio.open_signal_receiver(*sigs) as signals:
+            with trio.open_signal_receiver(*_SIGNALS) as signals:
+                # Blocked across an upgrade's exec (a signal in that window must
+                # not kill us): delivered to the receiver now.
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._on_signals, signals)
                     nursery.start_soon(self._tell_systemd)
@@ -122,7 +145,8 @@ class Supervisor:
                             len(self.store),
                         )
                         self._handover = True
-                    while not self.stopping:
+                    drains = 0
+                    while True:
                         started = time.monotonic()
                         code = await self._run_shard(listener)
                         if code == _EXEC:
@@ -130,10 +154,21 @@ class Supervisor:
                             self._exec(listener)  # returns only if exec failed
                             execed = False
                             continue
+                        self.epoch = self._next_epoch()
                         if self.stopping:
-                            LOGGER.info("shard stopped (exit %s)", code)
-                            break
-                        self.epoch = (self.epoch + 1) & 0xFF
+                            # A shard that died before it drained leaves connections
+                            # in the mirror: a new one drains them (SHUTDOWN wakes).
+                            if not len(self.store) or drains >= 3:
+                                LOGGER.info("shard stopped (exit %s)", code)
+                                break
+                            drains += 1
+                            LOGGER.warning(
+                                "shard exited (%s) before it drained; a new one hands back"
+                                " the %d connections the mirror holds",
+                                code,
+                                len(self.store),
+                            )
+                            continue
                         if self._handover:
                             self._handover = False
                             LOGGER.info(
@@ -152,7 +187,8 @@ class Supervisor:
                             len(self.store),
                             f" in {delay:g}s" if delay else "",
                         )
-                        await trio.sleep(delay)
+                        with trio.move_on_after(delay):
+                            await self._stop_requested.wait()  # a stop drains at once
                     nursery.cancel_scope.cancel()
         finally:
             if not execed:
@@ -163,6 +199,15 @@ class Supervisor:
                         os.unlink(self.config.path)
                     except OSError:
                         pass
+
+    def _next_epoch(self) -> int:
+        """The next shard's ticket epoch: one no mirrored ticket uses (tickets stay unique)."""
+        used = {r.ticket >> EPOCH_SHIFT for r in self.store.records()}
+        for step in range(1, 257):
+            epoch = (self.epoch + step) & 0xFF
+            if epoch not in used:
+                return epoch
+        raise ConnparkError("every ticket epoch is in use")  # 256 generations parked at once
 
     async def _on_signals(self, signals: Any) -> None:
         async for signum in signals:
@@ -177,6 +222,7 @@ class Supervisor:
             if not self.stopping:
                 self.notifier.stopping("draining: the shard hands every connection back")
             self.stopping = True
+            self._stop_requested.set()
             self._signals += 1
             LOGGER.info("got %s: stopping the shard", signal.Signals(signum).name)
             self._signal_shard(signal.SIGTERM)
@@ -287,6 +333,10 @@ class Supervisor:
             config,
             *self.log_args,
         ]
+        # The shard starts with SIGTERM/SIGUSR1 blocked (the mask survives exec) and
+        # unblocks them once it can handle them: a stop or a hand-over sent while
+        # it starts waits for it instead of killing it.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SHARD_SIGNALS)
         try:
             proc = subprocess.Popen(  # noqa: ASYNC220 - it returns at once; we wait on a pidfd
                 argv,
@@ -295,6 +345,7 @@ class Supervisor:
                 start_new_session=True,  # a terminal's Ctrl-C reaches us; we tell the shard
             )
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             theirs.close()
         ours.setblocking(False)
         await self._give_back(ours)
@@ -340,22 +391,33 @@ class Supervisor:
                 for r in records
             ],
         }
-        blob = os.memfd_create("connpark-upgrade", 0)
-        os.write(blob, json.dumps(state).encode())
-        os.lseek(blob, 0, os.SEEK_SET)
-        keep = [listener.fileno(), sock.fileno(), blob, *pending_fds, *(r.fd for r in records)]
-        for fd in keep:
-            os.set_inheritable(fd, True)
-        argv = [sys.executable, "-m", "connpark", "_resume", "--state-fd", str(blob)]
-        LOGGER.info("upgrade: re-executing the supervisor (%d connections mirrored)", len(records))
-        for handler in logging.getLogger("connpark").handlers:
-            handler.flush()
+        keep = [listener.fileno(), sock.fileno(), *pending_fds, *(r.fd for r in records)]
+        blob = -1
         try:
+            problem = preflight()
+            if problem:
+                raise OSError(problem)
+            blob = os.memfd_create("connpark-upgrade", 0)
+            os.write(blob, json.dumps(state).encode())
+            os.lseek(blob, 0, os.SEEK_SET)
+            for fd in (*keep, blob):
+                os.set_inheritable(fd, True)
+            argv = [sys.executable, "-m", "connpark", "_resume", "--state-fd", str(blob)]
+            LOGGER.info("upgrade: re-executing the supervisor (%d mirrored)", len(records))
+            for handler in logging.getLogger("connpark").handlers:
+                handler.flush()
+            signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)  # until the new image listens
             os.execv(sys.executable, argv)
         except OSError as exc:
-            LOGGER.error("upgrade failed: cannot re-exec (%s); carrying on", exc)
-            os.close(blob)
-            decoder.receive_data(leftover, pending_fds)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+            LOGGER.error("upgrade failed, the running code carries on: %s", exc)
+            if blob >= 0:
+                os.close(blob)
+            for fd in keep:
+                os.set_inheritable(fd, False)
+            # The same shard goes on, with the same mirror stream.
+            self._adopted = (self._exec_pid, sock, leftover, pending_fds)
+            self._mirror_sock = self._mirror_decoder = None
             self._upgrade = trio.Event()
 
     async def _give_back(self, sock: socket.socket) -> None:
@@ -481,6 +543,7 @@ def run_shard(
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGUSR1) as signals:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SHARD_SIGNALS)
             async with trio.open_nursery() as nursery:
 
                 async def on_signal() -> None:

@@ -71,6 +71,8 @@ _ERROR = struct.Struct("!H")
 
 _PARK_HANGUP_RETURNS = 0x01
 _PARK_TIMEOUT_RETURNS = 0x02
+#: v2: the worker sends this park again (its session was lost before PARKED came).
+_PARK_RESENT = 0x04
 _WAKE_HAS_FD = 0x01
 _WAKE_INET6 = 0x02
 
@@ -191,6 +193,8 @@ class ParkEntry:
     idle_timeout_ms: int = 0
     hangup_returns: bool = False
     timeout_returns: bool = False
+    #: Sent again after a lost session: the container may hold this socket already.
+    resent: bool = False
 
 
 @attrs.frozen
@@ -312,8 +316,10 @@ def _str_field(value: str, what: str) -> bytes:
 
 
 def _park_entry(e: ParkEntry) -> bytes:
-    flags = (_PARK_HANGUP_RETURNS if e.hangup_returns else 0) | (
-        _PARK_TIMEOUT_RETURNS if e.timeout_returns else 0
+    flags = (
+        (_PARK_HANGUP_RETURNS if e.hangup_returns else 0)
+        | (_PARK_TIMEOUT_RETURNS if e.timeout_returns else 0)
+        | (_PARK_RESENT if e.resent else 0)
     )
     return _PARK_ENTRY.pack(e.idle_timeout_ms, flags, len(e.token), len(e.pending)) + (
         e.token + e.pending
@@ -539,7 +545,7 @@ def _decode_entries_untrusted(
             raise RemoteProtocolError(f"PARK has {count} entries but {len(fds)} fds")
         for _ in range(count):
             idle, flags, tlen, plen = body.unpack(_PARK_ENTRY)
-            if flags & ~(_PARK_HANGUP_RETURNS | _PARK_TIMEOUT_RETURNS):
+            if flags & ~(_PARK_HANGUP_RETURNS | _PARK_TIMEOUT_RETURNS | _PARK_RESENT):
                 raise RemoteProtocolError(f"bad PARK field flags: {flags:#x}")
             token = body.take(tlen)
             pending = body.take(plen)
@@ -551,6 +557,7 @@ def _decode_entries_untrusted(
                     idle,
                     bool(flags & _PARK_HANGUP_RETURNS),
                     bool(flags & _PARK_TIMEOUT_RETURNS),
+                    bool(flags & _PARK_RESENT),
                 )
             )
     elif mtype is MessageType.WAKE:

@@ -795,6 +795,11 @@ class Engine:
                 req.error = error
             else:
                 req.state = ReqState.QUEUED
+                # The container may have taken them and died before PARKED (or
+                # not written PARKED yet): it matches the socket to its ticket.
+                done = req.entries[: req.answered]
+                rest = [attrs.evolve(e, resent=True) for e in req.entries[req.answered :]]
+                req.entries = done + rest
         self._batch[:0] = [r for r in requeue if r.state is ReqState.QUEUED]
         for sreq in self._stats:
             if sreq.state is ReqState.SENT:

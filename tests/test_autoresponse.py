@@ -135,3 +135,21 @@ def test_consumes_all_or_nothing(parts: list[bytes]) -> None:
         assert got.count == len(parts)
     else:
         assert got is None
+
+
+def test_tag_index_singletons_sets_and_removal() -> None:
+    from connpark._tags import TagIndex
+
+    index = TagIndex()
+    a, b = object(), object()
+    assert index.add("p", (b"room", b"user:a"), a) == (b"room", b"user:a")
+    shared = index.add("p", (b"room", b"user:b"), b)
+    assert index.members("p", b"room") in ([a, b], [b, a])
+    assert index.members("p", b"user:b") == [b]
+    assert index.members("q", b"room") == []
+    assert (index.tags, index.tagged) == (3, 2)
+    index.discard("p", shared, b)
+    assert index.members("p", b"room") == [a]
+    assert index.members("p", b"user:b") == []
+    index.discard("p", (b"room", b"user:a"), a)
+    assert (index.tags, index.tagged) == (0, 0)

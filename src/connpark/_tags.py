@@ -28,24 +28,36 @@ class _Members(set[Any]):
 
 
 class TagIndex:
-    """Per pool name: tag -> parked slots. Slots keep their tags in ``slot.extra.tags``."""
+    """Per pool name: tag -> parked slots. Slots keep their tags in ``slot.extra.tags``.
+
+    A tag only one connection carries (``user:17``) maps to the slot itself,
+    not to a set: a set costs about 200 B, which would double the price of a
+    parked connection with a per-user tag.
+    """
 
     def __init__(self) -> None:
-        self._pools: dict[str, dict[bytes, _Members]] = {}
+        self._pools: dict[str, dict[bytes, Any]] = {}
         #: Parked slots with at least one tag.
         self.tagged = 0
 
     def add(self, pool: str, tags: tuple[bytes, ...], slot: Any) -> tuple[bytes, ...]:
-        """Index ``slot`` under ``tags``; returns the tags as the index's shared objects."""
+        """Index ``slot`` under ``tags``; returns the tags as shared objects where a set
+        already holds one (a tag of one connection stays that connection's object)."""
         index = self._pools.setdefault(pool, {})
         self.tagged += bool(tags)
         shared = []
         for tag in tags:
             members = index.get(tag)
             if members is None:
-                members = index[tag] = _Members(tag)
-            members.add(slot)
-            shared.append(members.tag)
+                index[tag] = slot
+            elif isinstance(members, _Members):
+                members.add(slot)
+                tag = members.tag
+            else:  # the second connection with this tag: now a set
+                both = index[tag] = _Members(tag)
+                both.add(members)
+                both.add(slot)
+            shared.append(tag)
         return tuple(shared)
 
     def discard(self, pool: str, tags: tuple[bytes, ...], slot: Any) -> None:
@@ -55,7 +67,9 @@ class TagIndex:
         self.tagged -= bool(tags)
         for tag in tags:
             members = index.get(tag)
-            if members is not None:
+            if members is slot:
+                del index[tag]
+            elif isinstance(members, _Members):
                 members.discard(slot)
                 if not members:
                     del index[tag]
@@ -64,7 +78,10 @@ class TagIndex:
 
     def members(self, pool: str, tag: bytes) -> list[Any]:
         """A copy (the caller wakes or closes them, which changes the index)."""
-        return list(self._pools.get(pool, {}).get(tag, ()))
+        members = self._pools.get(pool, {}).get(tag)
+        if members is None:
+            return []
+        return list(members) if isinstance(members, _Members) else [members]
 
     @property
     def tags(self) -> int:

@@ -24,8 +24,10 @@ from websockets.protocol import State
 import connpark
 from connpark import Reason, Rule
 from connpark._stats_client import fetch_stats
+from connpark._wire import Ack, Wake
 
 from ._procs import ServeProcess, tcp_pairs
+from ._raw import RawPeer
 from .conftest import open_fd_count
 from .test_examples import ExampleProcess
 
@@ -184,6 +186,31 @@ def test_publish_to_a_stalled_receiver_wakes_it_with_the_unsent_rest(
         assert stats.publish_woken_total == 1
         assert stats.publishes_total == 1
     slow.close()
+    assert open_fd_count() == before
+
+
+def test_an_older_worker_gets_plain_wakes_from_a_served_connection(serve: ServeProcess) -> None:
+    """A v2 worker in the pool keeps working: its WAKE entries carry no v3 extension."""
+    before = open_fd_count()
+    clients, servers = tcp_pairs(1)
+    with connpark.BlockingParking(serve.path, pool="mixed") as parking:
+        parking.set_rules(1, [Rule.exact(PINGREQ, PINGRESP)], pool_wide=True)
+        parking.park(servers[0], rules=1, tags=["t"])
+    old = RawPeer(serve.path, pool="mixed", version=2)  # the pool's only session now
+    try:
+        clients[0].sendall(PINGREQ)
+        assert _recv_exactly(clients[0], 2) == PINGRESP
+        clients[0].sendall(b"data")
+        msg = old.receive()
+        assert isinstance(msg, Wake)
+        (entry,) = msg.entries
+        assert (entry.reason, entry.autoresponses, entry.unsent) == (Reason.READABLE, 0, b"")
+        old.send(Ack((entry.ticket,)))
+        assert entry.fd is not None
+        os.close(entry.fd)
+    finally:
+        old.close()
+    clients[0].close()
     assert open_fd_count() == before
 
 

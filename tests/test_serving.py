@@ -258,6 +258,7 @@ def test_websockets_clients_pings_messages_and_a_room_of_1000(
     serve: ServeProcess, ws_server: ExampleProcess
 ) -> None:
     _raise_nofile()
+    before = open_fd_count()
     host, port = ws_server.addr
     url = f"ws://{host}:{port}"
 
@@ -301,11 +302,13 @@ def test_websockets_clients_pings_messages_and_a_room_of_1000(
         await asyncio.gather(*(c.close() for c in [*pingers, *members, poster]))
 
     asyncio.run(main())
+    assert open_fd_count() == before
 
 
 def test_websockets_member_with_a_stalled_receive_side_gets_every_message(
     serve: ServeProcess, ws_server: ExampleProcess
 ) -> None:
+    before = open_fd_count()
     host, port = ws_server.addr
     url = f"ws://{host}:{port}"
 
@@ -334,3 +337,4 @@ def test_websockets_member_with_a_stalled_receive_side_gets_every_message(
         await poster.close()
 
     asyncio.run(main())
+    assert open_fd_count() == before

@@ -21,7 +21,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-ORDER = ["throughput", "memory", "latency", "scale", "heavy", "recovery"]
+ORDER = ["throughput", "memory", "latency", "scale", "heavy", "recovery", "serving"]
 
 
 def _load(name: str) -> dict[str, Any] | None:
@@ -184,6 +184,37 @@ def _latency_rows(lat: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                     "<= 1.5x" if str(size) == "10000" else "",
                 )
             )
+    sv = _load("serving")
+    if sv:
+        r = sv.get("ratios", {})
+        pings = sv.get("pings", {})
+        rates = {k: [x["pings_per_s"] for x in v] for k, v in pings.items()}
+        med = {k: sorted(v)[len(v) // 2] if v else None for k, v in rates.items()}
+        rows.append(
+            (
+                "serving",
+                f"pings answered/s, {sv.get('clients')} clients",
+                f"{_f(med.get('container'), ',.0f')} by the container vs"
+                f" {_f(med.get('wake'), ',.0f')} waking the worker"
+                f" = **{_f(r.get('pings_container_over_wake'), '.2f')}x**",
+                "",
+            )
+        )
+        mem = sv.get("memory_bytes_per_conn", {})
+        tags = sorted(mem.get("2 tags", []))
+        plain = sorted(mem.get("no tags", []))
+        rows.append(
+            (
+                "serving",
+                f"publish to {sv.get('n'):,} parked, all delivered",
+                "send(tag) vs waking them: "
+                f"**{_f(r.get('publish_wake_over_send_delivered'), '.1f')}x**"
+                f" faster ({_f(r.get('publish_wake_over_send_settled'), '.1f')}x until re-parked);"
+                f" RSS/conn {_f(plain[len(plain) // 2] if plain else None, '.0f')} B,"
+                f" with 2 tags {_f(tags[len(tags) // 2] if tags else None, '.0f')} B",
+                "",
+            )
+        )
     return rows
 
 

@@ -34,10 +34,12 @@ from connpark._wire import (
 class RawPeer:
     """One session: HELLO/WELCOME done in ``__init__``; then send and receive messages."""
 
-    def __init__(self, path: Path | str, pool: str = "default", name: str = "raw") -> None:
+    def __init__(
+        self, path: Path | str, pool: str = "default", name: str = "raw", version: int = 0
+    ) -> None:
         self.chan = BlockingChannel(connect_unix(path))
         self.decoder = Decoder()
-        self.send(Hello(pool=pool, name=name))
+        self.send(Hello(version, pool=pool, name=name) if version else Hello(pool=pool, name=name))
         welcome = self.receive()
         assert isinstance(welcome, Welcome), welcome
         self.welcome = welcome

@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.linux
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-SCRIPTS = ["throughput", "memory", "latency", "heavy", "scale", "recovery"]
+SCRIPTS = ["throughput", "memory", "latency", "heavy", "scale", "recovery", "serving"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -22,6 +22,7 @@ from pathlib import Path
 from socket import send_fds
 from typing import Any, Protocol
 
+import attrs
 import pytest
 import trio
 
@@ -69,6 +70,10 @@ class Driver(Protocol):
     def stats(self) -> connpark.ContainerStats: ...
     def sessions(self) -> int: ...
     def shutdown(self) -> None: ...
+    def set_rules(self, set_id: int, rules: Sequence[connpark.Rule], **kw: Any) -> None: ...
+    def send(self, data: bytes, **kw: Any) -> connpark.SendResult: ...
+    def unpark_tag(self, tag: str) -> None: ...
+    def close_tag(self, tag: str, goodbye: bytes) -> None: ...
 
 
 class BlockingDriver:
@@ -114,6 +119,18 @@ class BlockingDriver:
 
     def shutdown(self) -> None:
         self.parking.shutdown()
+
+    def set_rules(self, set_id: int, rules: Sequence[connpark.Rule], **kw: Any) -> None:
+        self.parking.set_rules(set_id, rules, **kw)
+
+    def send(self, data: bytes, **kw: Any) -> connpark.SendResult:
+        return self.parking.send(data, **kw)
+
+    def unpark_tag(self, tag: str) -> None:
+        self.parking.unpark(tag=tag)
+
+    def close_tag(self, tag: str, goodbye: bytes) -> None:
+        self.parking.close(tag=tag, goodbye=goodbye)
 
 
 class AsyncioDriver:
@@ -171,6 +188,18 @@ class AsyncioDriver:
 
     def stats(self) -> connpark.ContainerStats:
         return self._run(self.parking.stats())  # type: ignore[no-any-return]
+
+    def set_rules(self, set_id: int, rules: Sequence[connpark.Rule], **kw: Any) -> None:
+        self._run(self.parking.set_rules(set_id, rules, **kw))
+
+    def send(self, data: bytes, **kw: Any) -> connpark.SendResult:
+        return self._run(self.parking.send(data, **kw))  # type: ignore[no-any-return]
+
+    def unpark_tag(self, tag: str) -> None:
+        self._run(self.parking.unpark(tag=tag))
+
+    def close_tag(self, tag: str, goodbye: bytes) -> None:
+        self._run(self.parking.close(tag=tag, goodbye=goodbye))
 
     def sessions(self) -> int:
         return self.parking.sessions
@@ -255,7 +284,7 @@ class TrioDriver:
             sock = None
             if w.socket is not None:
                 sock = socket.socket(w.socket.family, w.socket.type, fileno=w.socket.detach())
-            return connpark.Woken(w.ticket, w.reason, w.token, w.pending, sock)
+            return attrs.evolve(w, socket=sock)  # type: ignore[return-value]
 
         return self._run(one)  # type: ignore[no-any-return]
 
@@ -267,6 +296,18 @@ class TrioDriver:
 
     def stats(self) -> connpark.ContainerStats:
         return self._run(self.parking.stats)  # type: ignore[no-any-return]
+
+    def set_rules(self, set_id: int, rules: Sequence[connpark.Rule], **kw: Any) -> None:
+        self._run(functools.partial(self.parking.set_rules, set_id, rules, **kw))
+
+    def send(self, data: bytes, **kw: Any) -> connpark.SendResult:
+        return self._run(functools.partial(self.parking.send, data, **kw))  # type: ignore[no-any-return]
+
+    def unpark_tag(self, tag: str) -> None:
+        self._run(functools.partial(self.parking.unpark, tag=tag))
+
+    def close_tag(self, tag: str, goodbye: bytes) -> None:
+        self._run(functools.partial(self.parking.close, tag=tag, goodbye=goodbye))
 
     def sessions(self) -> int:
         return self.parking.sessions
@@ -425,6 +466,50 @@ def test_park_many_tickets_and_refusals(hook: Driver) -> None:
     woken.socket.close()
     for s in (*clients, udp):
         s.close()
+
+
+def test_rules_tags_and_send_without_waking(hook: Driver) -> None:
+    """The v3 API, the same through every hook: ping rules, tags, publish, by-tag ops."""
+    hook.set_rules(1, [connpark.Rule.exact(b"\xc0\x00", b"\xd0\x00")])
+    hook.set_rules(2, [connpark.Rule.exact(b"PING\r\n", b"PONG\r\n")], pool_wide=True)
+    with pytest.raises(connpark.Refused) as refused:
+        hook.set_rules(3, [connpark.Rule.exact(b"x" * 2000, b"")])
+    assert refused.value.reason is connpark.Refusal.BAD_RULE
+    clients, servers = tcp_pairs(4)
+    tickets = [
+        hook.park(servers[0], rules=1, tags=["room:1"]),
+        hook.park(servers[1], rules=2, tags=["room:1", "vip"]),
+        hook.park(servers[2], tags=["room:2"]),
+    ]
+    with pytest.raises(connpark.ParkRefused) as bad:
+        hook.park(servers[3], rules=9)
+    assert bad.value.reason is connpark.Refusal.UNKNOWN_RULES
+    for _ in range(3):  # pings answered by the container, the worker sleeps on
+        clients[0].sendall(b"\xc0\x00")
+        assert _recv_exactly(clients[0], 2) == b"\xd0\x00"
+        clients[1].sendall(b"PING\r\n")
+        assert _recv_exactly(clients[1], 6) == b"PONG\r\n"
+    assert hook.send(b"to room 1\n", tag="room:1") == connpark.SendResult(2, 0, 0)
+    assert hook.send(b"direct\n", tickets=[tickets[2], 12345]) == connpark.SendResult(1, 0, 1)
+    assert _recv_exactly(clients[0], 10) == b"to room 1\n"
+    assert _recv_exactly(clients[1], 10) == b"to room 1\n"
+    assert _recv_exactly(clients[2], 7) == b"direct\n"
+    stats = hook.stats()
+    assert stats.autoresponses_total >= 6
+    assert stats.tagged >= 3
+    hook.unpark_tag("vip")
+    woken = hook.next_wake()
+    assert (woken.ticket, woken.reason, woken.autoresponses) == (tickets[1], Reason.REQUESTED, 3)
+    assert woken.last_autoresponse is not None
+    assert abs(woken.last_autoresponse - time.time()) < 60
+    assert woken.socket is not None
+    woken.socket.close()
+    hook.close_tag("room:1", b"bye\n")  # ticket 0 only: ticket 1 is not parked any more
+    assert _recv_exactly(clients[0], 4) == b"bye\n"
+    assert clients[0].recv(1) == b""
+    hook.close(tickets[2], b"")
+    for c in [*clients, servers[3]]:
+        c.close()
 
 
 def test_stats_and_session_info(hook: Driver) -> None:

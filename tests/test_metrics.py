@@ -152,6 +152,7 @@ def test_scrape_after_parks_and_wakes(sockdir: Path, flags: list[str]) -> None:
                 "TIMEOUT": 0,
                 "REQUESTED": 1,
                 "SHUTDOWN": 0,
+                "UNSENT": 0,
             }
             refused = (("code", "not-a-tcp-stream"), *shard)
             assert values[("connpark_refusals_total", refused)] == 1

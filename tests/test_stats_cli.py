@@ -59,12 +59,16 @@ def test_table_layout() -> None:
             "un-ACKed                3",
             "orphaned                0",
             "sessions                3   web 2, _stats 1",
-            "wakes                  12   READABLE 10, HANGUP 0, TIMEOUT 2, REQUESTED 0, SHUTDOWN 0",
+            "wakes                  12   READABLE 10, HANGUP 0, TIMEOUT 2, REQUESTED 0, SHUTDOWN 0,"
+            " UNSENT 0",
             "refusals                5   not-a-tcp-stream 4, full 1",
             "parks               1,250",
             "ACKs                   12",
             "closed                  1   orphans closed 0",
             "protocol errors         0",
+            "auto-responses          0   reply bytes 0",
+            "publishes               0   written 0, woken 0, bytes 0",
+            "tagged                  0   tags 0",
             "wake latency    p50 0.250 ms, p99 0.500 ms, max 1.125 ms (last 12 wakes)",
             "fd budget       1,236 of 19,690 used (6.3%)",
         ]

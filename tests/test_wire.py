@@ -59,8 +59,15 @@ from connpark._wire import (
     ParkResult,
     Reason,
     Refusal,
+    Result,
+    Rule,
+    RuleKind,
+    Rules,
+    Send,
     Stats,
     StatsReply,
+    Tagged,
+    TagOp,
     Unpark,
     Wake,
     WakeEntry,
@@ -254,6 +261,8 @@ park_entries = st.builds(
     idle_timeout_ms=u32,
     hangup_returns=st.booleans(),
     timeout_returns=st.booleans(),
+    rules=st.sampled_from([0, 0, 1, 0xFFFF]),
+    tags=tuples_of(st.binary(max_size=8), 2),
     resent=st.booleans(),
 )
 parks = st.builds(Park, request_id=u32, entries=tuples_of(park_entries, 8))
@@ -269,6 +278,9 @@ wake_entries = st.builds(
     token=small_bytes,
     pending=small_bytes,
     fd=st.sampled_from([None, FD]),
+    autoresponses=st.sampled_from([0, 0, 1, 0xFFFF_FFFF]),
+    last_autoresponse_ms=st.sampled_from([0, 0, 1_700_000_000_000]),
+    unsent=st.binary(max_size=8),
 )
 wakes = st.builds(Wake, entries=tuples_of(wake_entries, 8))
 acks = st.builds(Ack, tickets=tuples_of(u64, 50))
@@ -280,9 +292,47 @@ stats = st.just(Stats())
 stats_replies = st.builds(StatsReply, body=st.binary(max_size=200))
 errors = st.builds(Error, code=st.sampled_from(ErrorCode) | u16, text=st.text(max_size=60))
 
+rules_msgs = st.builds(
+    Rules,
+    request_id=u32,
+    set_id=u16,
+    rules=tuples_of(
+        st.builds(
+            Rule,
+            kind=st.sampled_from(RuleKind),
+            match=small_bytes,
+            reply=small_bytes,
+            resets_idle=st.booleans(),
+        ),
+        4,
+    ),
+    pool_scope=st.booleans(),
+)
+results = st.builds(
+    Result, request_id=u32, refusal=st.sampled_from(Refusal), written=u32, woken=u32, missed=u32
+)
+sends = st.builds(
+    Send, request_id=u32, data=small_bytes, tickets=tuples_of(u64, 5), tag=small_bytes
+)
+taggeds = st.builds(Tagged, op=st.sampled_from(TagOp), tag=small_bytes, goodbye=small_bytes)
+
 list_messages = st.one_of(parks, parkeds, wakes, acks, unparks, closes)
 messages = st.one_of(
-    hellos, welcomes, parks, parkeds, wakes, acks, unparks, closes, stats, stats_replies, errors
+    hellos,
+    welcomes,
+    parks,
+    parkeds,
+    wakes,
+    acks,
+    unparks,
+    closes,
+    stats,
+    stats_replies,
+    errors,
+    rules_msgs,
+    results,
+    sends,
+    taggeds,
 )
 
 
@@ -313,8 +363,8 @@ def big_wakes(draw: st.DrawFn) -> Wake:
 
 def test_wire_constants_are_pinned() -> None:
     # docs/protocol.md states these numbers; changing one is a protocol change.
-    assert PROTOCOL_VERSION == 2
-    assert SUPPORTED_VERSIONS == {1, 2}
+    assert PROTOCOL_VERSION == 3
+    assert SUPPORTED_VERSIONS == {1, 2, 3}
     assert MAX_RESUME_TICKETS == 4096
     assert HEADER.format == "!IBBH"
     assert HEADER.size == 8
@@ -335,6 +385,10 @@ def test_wire_constants_are_pinned() -> None:
         "STATS": 9,
         "STATS_REPLY": 10,
         "ERROR": 11,
+        "RULES": 12,
+        "RESULT": 13,
+        "SEND": 14,
+        "TAGGED": 15,
     }
     assert {r.name: r.value for r in Reason} == {
         "READABLE": 1,
@@ -342,6 +396,7 @@ def test_wire_constants_are_pinned() -> None:
         "TIMEOUT": 3,
         "REQUESTED": 4,
         "SHUTDOWN": 5,
+        "UNSENT": 6,
     }
     assert {r.label: r.value for r in Refusal} == {
         "ok": 0,
@@ -360,7 +415,15 @@ def test_wire_constants_are_pinned() -> None:
         "shut-down": 13,
         "uninspectable": 14,
         "duplicate": 15,
+        "too-many-tags": 16,
+        "tag-too-large": 17,
+        "unknown-rules": 18,
+        "too-many-rules": 19,
+        "bad-rule": 20,
+        "too-large": 21,
     }
+    assert {k.name: k.value for k in RuleKind} == {"EXACT": 1, "WS_PING": 2, "WS_TEXT": 3}
+    assert {o.name: o.value for o in TagOp} == {"UNPARK": 1, "CLOSE": 2}
     assert {c.name: c.value for c in ErrorCode} == {
         "PROTOCOL": 1,
         "VERSION": 2,
@@ -446,6 +509,63 @@ def golden_cases(fd_a: int, fd_b: int) -> list[tuple[Message, bytes, tuple[int, 
             frame(11, p("H", 2) + "v\u00e9".encode()),
             (),
         ),
+        # v3: a PARK entry with rules and tags, a WAKE entry with its extension.
+        (
+            Park(6, (ParkEntry(fd_a, b"t", rules=2, tags=(b"room:1", b"x")),)),
+            frame(
+                3,
+                p("I", 6)
+                + p("H", 1)
+                + (p("I", 0) + p("B", 0x04) + p("H", 1) + p("I", 0) + b"t")
+                + (p("H", 2) + p("B", 2) + b"\x06room:1" + b"\x01x"),
+                nfds=1,
+            ),
+            (fd_a,),
+        ),
+        (
+            Wake((WakeEntry(11, Reason.UNSENT, b"", b"", fd_b, False, 3, 1000, b"rest"),)),
+            frame(
+                5,
+                p("H", 1)
+                + (p("Q", 11) + p("B", 6) + p("B", 0x05) + p("H", 0) + p("I", 0))
+                + (p("I", 3) + p("Q", 1000) + p("I", 4) + b"rest"),
+                nfds=1,
+            ),
+            (fd_b,),
+        ),
+        (
+            Rules(
+                8,
+                1,
+                (Rule(RuleKind.EXACT, b"\xc0\x00", b"\xd0\x00", True), Rule(RuleKind.WS_PING)),
+                pool_scope=True,
+            ),
+            frame(
+                12,
+                p("I", 8)
+                + p("H", 1)
+                + p("B", 1)
+                + p("H", 2)
+                + (p("B", 1) + p("B", 1) + p("H", 2) + p("H", 2) + b"\xc0\x00\xd0\x00")
+                + (p("B", 2) + p("B", 0) + p("H", 0) + p("H", 0)),
+            ),
+            (),
+        ),
+        (
+            Result(8, Refusal.TOO_LARGE, 1, 2, 3),
+            frame(13, p("I", 8) + p("B", 21) + p("I", 1) + p("I", 2) + p("I", 3)),
+            (),
+        ),
+        (
+            Send(9, b"hi", (5,), b"r"),
+            frame(14, p("I", 9) + b"\x01r" + p("I", 1) + p("Q", 5) + p("I", 2) + b"hi"),
+            (),
+        ),
+        (
+            Tagged(TagOp.CLOSE, b"r", b"bye"),
+            frame(15, p("B", 2) + p("B", 1) + b"r" + p("I", 3) + b"bye"),
+            (),
+        ),
     ]
 
 
@@ -464,6 +584,10 @@ def test_golden_bytes_every_type() -> None:
             Stats,
             StatsReply,
             Error,
+            Rules,
+            Result,
+            Send,
+            Tagged,
         }
         for msg, data, fds in cases:
             assert encode(msg) == [Frame(data, fds)], msg
@@ -712,7 +836,7 @@ _field = st.one_of(
 )
 
 
-_raw_type = st.sampled_from([*map(int, MessageType), 0, 12, 255])
+_raw_type = st.sampled_from([*map(int, MessageType), 0, 16, 255])
 _raw_flags = st.sampled_from([0, 0, 0, FLAG_MORE, 0x02, 0xFF])
 _raw_body = st.lists(_field, max_size=8).map(b"".join)
 _raw_nfds = st.sampled_from([0, 0, 1, 2, 3, MAX_FDS_PER_FRAME, MAX_FDS_PER_FRAME + 1])
@@ -914,7 +1038,7 @@ def park_bytes(n: int, request_id: int = 1, **kw: object) -> bytes:
     return f.data
 
 
-@pytest.mark.parametrize("mtype", [0, 12, 200, 255])
+@pytest.mark.parametrize("mtype", [0, 16, 200, 255])
 def test_unknown_type(mtype: int) -> None:
     reject([(frame(mtype, b""), 0)], f"unknown message type {mtype}$")
 
@@ -1031,14 +1155,14 @@ def wake_body(reason: int, flags: int) -> bytes:
     return p("H", 1) + p("Q", 7) + p("B", reason) + p("B", flags) + p("H", 0) + p("I", 0)
 
 
-@pytest.mark.parametrize("reason", [0, 6, 255])
+@pytest.mark.parametrize("reason", [0, 7, 255])
 def test_bad_wake_reason(reason: int) -> None:
     reject([(frame(5, wake_body(reason, 0)), 0)], f"bad WAKE field reason: {reason}$")
     # With an fd on the entry: the fd is closed too.
     reject([(frame(5, wake_body(reason, 1), nfds=1), 1)], f"bad WAKE field reason: {reason}$")
 
 
-@pytest.mark.parametrize("code", [16, 200, 255])
+@pytest.mark.parametrize("code", [22, 200, 255])
 def test_bad_parked_code(code: int) -> None:
     body = p("I", 1) + p("I", 2) + p("B", 0) + p("Q", 5) + p("B", code) + p("Q", 0)
     reject([(frame(4, body), 0)], f"bad PARKED field code: {code}$")
@@ -1063,13 +1187,13 @@ def test_bad_parked_code(code: int) -> None:
         (frame(MessageType.ERROR, p("H", 1), flags=FLAG_MORE), 0, "bad ERROR frame flags 0x1"),
         (
             frame(
-                3, p("I", 1) + p("H", 1) + p("I", 0) + p("B", 0x08) + p("H", 0) + p("I", 0), nfds=1
+                3, p("I", 1) + p("H", 1) + p("I", 0) + p("B", 0x10) + p("H", 0) + p("I", 0), nfds=1
             ),
             1,
-            "bad PARK field flags: 0x8",
+            "bad PARK field flags: 0x10",
         ),
-        (frame(5, wake_body(1, 0x04)), 0, "bad WAKE field flags: 0x4"),
-        (frame(5, wake_body(1, 0x05), nfds=1), 1, "bad WAKE field flags: 0x5"),
+        (frame(5, wake_body(1, 0x08)), 0, "bad WAKE field flags: 0x8"),
+        (frame(5, wake_body(1, 0x09), nfds=1), 1, "bad WAKE field flags: 0x9"),
     ],
 )
 def test_bad_flags(data: bytes, nfds: int, match: str) -> None:

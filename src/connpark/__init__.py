@@ -4,7 +4,9 @@ Layers, each importing only those below it:
   _cli / _demo                 command line and the basic line demo
   _container                   the trio daemon (sessions, routing, deadlines)
   _hook_* / aio / _worker      worker hooks (trio, threads, asyncio) over one sans-IO core
-  _lot                         the parking table: states, routing, deadlines (no I/O)
+  _serving                     auto-responses and publish on parked sockets (non-blocking I/O)
+  _lot / _tags                 the parking table: states, routing, deadlines, tags (no I/O)
+  _autoresponse                the ping matcher over peeked bytes (no I/O)
   _watcher                     one epoll/kqueue instance for every parked fd
   _fdpass / _unixsock          SCM_RIGHTS send/recv; the control socket file
   _wire                        sans-IO protocol codec
@@ -22,6 +24,7 @@ from ._errors import LocalProtocolError as LocalProtocolError
 from ._errors import ParkingClosed as ParkingClosed
 from ._errors import ParkRefused as ParkRefused
 from ._errors import ProtocolError as ProtocolError
+from ._errors import Refused as Refused
 from ._errors import RemoteProtocolError as RemoteProtocolError
 from ._hook_blocking import BlockingParking as BlockingParking
 from ._hook_trio import Parking as Parking
@@ -31,7 +34,10 @@ from ._stats import ContainerStats as ContainerStats
 from ._stats import LatencySummary as LatencySummary
 from ._wire import Reason as Reason
 from ._wire import Refusal as Refusal
+from ._wire import Rule as Rule
+from ._wire import RuleKind as RuleKind
 from ._worker import Backoff as Backoff
+from ._worker import SendResult as SendResult
 from ._worker import Woken as Woken
 
 __version__ = "0.1.0"
@@ -54,7 +60,11 @@ __all__ = [
     "ProtocolError",
     "Reason",
     "Refusal",
+    "Refused",
     "RemoteProtocolError",
+    "Rule",
+    "RuleKind",
+    "SendResult",
     "WakeStream",
     "Woken",
     "__version__",

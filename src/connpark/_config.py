@@ -121,6 +121,15 @@ class ContainerConfig:
     #: were on their way to a worker wait for it to reconnect and claim them
     #: before they are woken again for any worker of their pool (seconds).
     restore_grace: float = _seconds(10.0)
+    #: Auto-response rule sets one session (or one pool) may register (RULES).
+    max_rule_sets: int = _count(16)
+    #: Tags per park, and bytes per tag (PARK refusals ``too-many-tags``, ``tag-too-large``).
+    max_tags: int = _count(8, attrs.validators.ge(0), attrs.validators.le(255))
+    max_tag_len: int = _count(64, attrs.validators.ge(1), attrs.validators.le(255))
+    #: Bytes one SEND may publish (RESULT ``too-large`` past it).
+    max_publish: int = _count(
+        65536, attrs.validators.ge(1), attrs.validators.le(DEFAULT_MAX_BODY - 4096)
+    )
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> ContainerConfig:

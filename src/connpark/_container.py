@@ -67,6 +67,7 @@ from ._lot import (
 )
 from ._mirror import FLAG_CONFIRMED, Record, encode_records, encode_tickets, encode_woken
 from ._mirror import Kind as MirrorKind
+from ._serving import Serving
 from ._stats import ContainerStats, LatencyBuckets, LatencySummary, ProcessInfo
 from ._unixsock import listen_unix, peer_uid
 from ._watcher import ERR, HUP, make_watcher
@@ -88,8 +89,13 @@ from ._wire import (
     ParkEntry,
     Reason,
     Refusal,
+    Result,
+    Rules,
+    Send,
     Stats,
     StatsReply,
+    Tagged,
+    TagOp,
     Unpark,
     Welcome,
     close_fds,
@@ -115,10 +121,15 @@ _PARKED_HEAD = struct.Struct("!II")
 _RESULT = struct.Struct("!BQ")
 _HAS_FD = 1
 _WAKE_INET6 = 2
+_WAKE_EXT = 4
 
 
-def wake_frame(slots: list[Slot]) -> Frame:
-    """One WAKE frame for these slots (the caller keeps it within one frame)."""
+def wake_frame(slots: list[Slot], ext: bool = True) -> Frame:
+    """One WAKE frame for these slots (the caller keeps it within one frame).
+
+    ``ext``: the session speaks v3, so entries may carry auto-response counts
+    and unsent bytes (``Extra.wake_ext``).
+    """
     pack = _WAKE_ENTRY.pack
     parts = [_U16.pack(len(slots))]
     fds = []
@@ -127,9 +138,14 @@ def wake_frame(slots: list[Slot]) -> Frame:
         if x.fd >= 0:
             flags |= _HAS_FD
             fds.append(x.fd)
+        tail = x.extra.wake_ext() if ext and x.extra is not None else None
+        if tail is not None:
+            flags |= _WAKE_EXT
         parts.append(pack(x.ticket, x.reason, flags, len(x.token), len(x.pending)))
         parts.append(x.token)
         parts.append(x.pending)
+        if tail is not None:
+            parts.append(tail)
     body = b"".join(parts)
     return Frame(HEADER.pack(len(body), MessageType.WAKE, 0, len(fds)) + body, tuple(fds))
 
@@ -189,6 +205,7 @@ class _Session(SessionState):
         "read_scope",
         "sock",
         "unconfirmed",
+        "version",
         "wakeup",
         "writer_scope",
     )
@@ -218,6 +235,8 @@ class _Session(SessionState):
         self.quiet = pool.name == STATS_POOL
         #: Parked by this session, PARKED not written yet: ticket -> slot.
         self.unconfirmed: dict[int, Slot] = {}
+        #: The HELLO's protocol version: v3 and later get WAKE extensions.
+        self.version = 1
 
 
 class Container:
@@ -261,6 +280,11 @@ class Container:
         #: Such a park gets the ticket we gave; the connection keeps one owner.
         self._twins: dict[int, tuple[int, float]] = {}
         self.watcher = make_watcher()
+        self.serving = Serving(
+            max_rule_sets=config.max_rule_sets,
+            max_tags=config.max_tags,
+            max_tag_len=config.max_tag_len,
+        )
         self._sessions: dict[int, _Session] = {}
         self._next_session = 1
         self._refused: Counter[str] = Counter()
@@ -464,6 +488,12 @@ class Container:
                         reason = Reason.HANGUP
                     elif bits & HUP:
                         reason = Reason.READABLE if peek_has_data(fd) else Reason.HANGUP
+                    elif slot.extra is not None and slot.extra.rules is not None:
+                        why = self.serving.autorespond(self.lot, slot, now)
+                        if why is None:  # answered without waking: watch it again
+                            self.watcher.rearm(fd)
+                            continue
+                        reason = why
                     else:
                         reason = Reason.READABLE
                     self._wake(slot, reason, now)
@@ -695,9 +725,59 @@ class Container:
                         self._closed_total += 1
         elif isinstance(msg, Stats):
             self._reply(s, StatsReply(self.stats().to_json().encode()))
+        elif isinstance(msg, Rules):
+            code = self.serving.register(s.id, s.pool.name, msg)
+            self._reply(s, Result(msg.request_id, code))
+        elif isinstance(msg, Send):
+            self._on_send(s, msg)
+        elif isinstance(msg, Tagged):
+            self._on_tagged(s, msg)
         else:
             close_fds(message_fds(msg))
             raise RemoteProtocolError(f"{type(msg).__name__} is not a worker message")
+
+    def _on_send(self, s: _Session, msg: Send) -> None:
+        """Publish to parked connections of the session's pool; RESULT says what happened."""
+        if len(msg.data) > self.config.max_publish:
+            self._reply(s, Result(msg.request_id, Refusal.TOO_LARGE))
+            return
+        lot = self.lot
+        missed = 0
+        if msg.tag:
+            targets = lot.tags.members(s.pool.name, msg.tag)
+        else:
+            targets = []
+            for ticket in dict.fromkeys(msg.tickets):
+                found = lot.find(ticket)
+                if found is not None and found.state is State.PARKED and found.pool is s.pool:
+                    targets.append(found)
+                else:
+                    missed += 1
+        self.serving.counts["publishes_total"] += 1
+        now = trio.current_time()
+        written = woken = 0
+        for slot in targets:
+            why = self.serving.publish(slot, msg.data) if msg.data else None
+            if why is None:
+                written += 1
+            else:
+                woken += 1
+                self._wake(slot, why, now)
+        self._reply(s, Result(msg.request_id, Refusal.OK, written, woken, missed))
+
+    def _on_tagged(self, s: _Session, msg: Tagged) -> None:
+        """UNPARK or CLOSE every parked connection of the pool that has the tag."""
+        now = trio.current_time()
+        for slot in self.lot.tags.members(s.pool.name, msg.tag):
+            if slot.state is not State.PARKED:
+                continue
+            if msg.op is TagOp.UNPARK:
+                self._wake(slot, Reason.REQUESTED, now, to=s)
+            else:
+                self.watcher.unregister(slot.fd)
+                send_goodbye(slot.fd, msg.goodbye)
+                self._close_slot(slot)
+                self._closed_total += 1
 
     def _take_fds(self, s: _Session, n: int) -> None:
         """n fds left the decoder in a message: the caller parks or closes them now."""
@@ -731,8 +811,14 @@ class Container:
                 results.append((Refusal.OK, twin))
                 twins += 1
                 continue
+            rules = None
             try:
-                code, family = self._admit(entry, peers, room)
+                if entry.rules or entry.tags:  # v3: checked first, before the fd
+                    rules = self.serving.check_park(s.id, s.pool.name, entry)
+                if isinstance(rules, Refusal):
+                    code, family = rules, 0
+                else:
+                    code, family = self._admit(entry, peers, room)
             except Exception:  # one entry must never end the session
                 LOGGER.exception("session %d: admitting fd %d failed", s.id, fd)
                 code, family = Refusal.UNINSPECTABLE, 0
@@ -756,6 +842,8 @@ class Container:
                 deadline=now + idle,
             )
             admitted_slots.append(slot)
+            if entry.rules or entry.tags:
+                self.serving.attach(lot, slot, entry, rules, idle)  # type: ignore[arg-type]
             room -= 1
             results.append((Refusal.OK, slot.ticket))
             if mirrored is not None:
@@ -984,11 +1072,13 @@ class Container:
                 while end < len(slots) and end - start < MAX_FDS_PER_FRAME:
                     slot = slots[end]
                     size += 16 + len(slot.token) + len(slot.pending)
+                    if slot.extra is not None:
+                        size += slot.extra.ext_size()
                     if size > _WAKE_BODY and end > start:
                         break
                     end += 1
                 group = slots[start:end]
-                ob.add((wake_frame(group),), (group,))
+                ob.add((wake_frame(group, s.version >= 3),), (group,))
                 start = end
 
     def _pump(self, s: _Session) -> None:
@@ -1147,6 +1237,7 @@ class Container:
             Lot.confirm(s.unconfirmed.values())
             s.unconfirmed.clear()
         self._sessions.pop(s.id, None)
+        self.serving.forget_session(s.id)
         if s.alive or s.inflight:  # cancelled (teardown) before settling
             self.lot.remove_session(s, now=trio.current_time())
         self._fds_in -= s.fds_in
@@ -1202,6 +1293,7 @@ class Container:
                 self._flush_mirror()  # before WELCOME: the worker forgets them after it
             pool = self.lot.pool(hello.pool)
             session = _Session(self._next_session, pool, hello.name, conn, decoder)
+            session.version = hello.version
             self._next_session += 1
             await _send_now(
                 conn,
@@ -1253,6 +1345,9 @@ class Container:
             shutting_down=self._shutting_down,
             processes=self._processes,
             wake_latency_histogram=self._latency_buckets.snapshot(),
+            **attrs.asdict(self.serving.stats()),
+            tagged=lot.tags.tagged,
+            tags=lot.tags.tags,
         )
 
 

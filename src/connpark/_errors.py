@@ -47,6 +47,15 @@ class ParkRefused(ConnparkError):
         self.reason = reason
 
 
+class Refused(ConnparkError):
+    """The container refused a request that is not a park: rules past their bounds,
+    a publish too large (``.reason``, a ``Refusal``)."""
+
+    def __init__(self, reason: Refusal, what: str = "request") -> None:
+        super().__init__(f"{what} refused: {reason.label}")
+        self.reason = reason
+
+
 class ContainerError(ConnparkError):
     """The container will not have us: uid not allowed, protocol version, not trusted.
 

@@ -21,14 +21,17 @@ from ._errors import ConnparkError, ContainerLost, ContainerTimeout, ParkRefused
 from ._fdpass import BlockingChannel, recv_fds, wait_readable_blocking
 from ._stats import ContainerStats
 from ._unixsock import connect_unix, peer_uid
+from ._wire import Result, Rule
 from ._worker import (
     DEFAULT_BACKOFF,
     Backoff,
+    ControlRequest,
     Engine,
     HandleInfo,
     Phase,
     Policy,
     Request,
+    SendResult,
     Settled,
     Woke,
     Woken,
@@ -93,6 +96,8 @@ class BlockingParking(HandleInfo):
         idle_timeout: float | None = None,
         on_hangup: Policy = "close",
         on_timeout: Policy = "close",
+        rules: int = 0,
+        tags: Sequence[str | bytes] = (),
         timeout: float | None = None,
     ) -> int:
         """Give ``sock`` to the container; returns its ticket and closes your copy.
@@ -109,6 +114,8 @@ class BlockingParking(HandleInfo):
             idle_timeout=idle_timeout,
             on_hangup=on_hangup,
             on_timeout=on_timeout,
+            rules=rules,
+            tags=tags,
         )
         (result,) = self._park([sock], [entry], timeout)
         if isinstance(result, ParkRefused):
@@ -124,6 +131,8 @@ class BlockingParking(HandleInfo):
         idle_timeout: float | None = None,
         on_hangup: Policy = "close",
         on_timeout: Policy = "close",
+        rules: int = 0,
+        tags: Sequence[str | bytes] = (),
         timeout: float | None = None,
     ) -> list[int | ParkRefused]:
         """Park many sockets in one request: a ticket or a ``ParkRefused`` per socket."""
@@ -136,6 +145,8 @@ class BlockingParking(HandleInfo):
             idle_timeout=idle_timeout,
             on_hangup=on_hangup,
             on_timeout=on_timeout,
+            rules=rules,
+            tags=tags,
         )
         return self._park(list(socks), entries, timeout)
 
@@ -161,17 +172,54 @@ class BlockingParking(HandleInfo):
         while (woken := self.next_wake()) is not None:
             yield woken
 
-    def unpark(self, *tickets: int) -> None:
-        """Ask for these connections back now (REQUESTED); gone tickets are ignored."""
+    def unpark(self, *tickets: int, tag: str | bytes | None = None) -> None:
+        """Ask for these connections (and those with ``tag``) back now (REQUESTED);
+        gone tickets are ignored."""
         with self._lock:
-            self._engine.unpark(tickets)
+            self._engine.unpark(tickets, tag)
         self._flush()
 
-    def close(self, ticket: int, *, goodbye: bytes = b"") -> None:
-        """Have the container write ``goodbye`` and close a parked connection."""
+    def close(
+        self, ticket: int | None = None, *, tag: str | bytes | None = None, goodbye: bytes = b""
+    ) -> None:
+        """Have the container write ``goodbye`` and close a parked connection (or all
+        with ``tag``)."""
         with self._lock:
-            self._engine.close_ticket(ticket, goodbye)
+            self._engine.close_ticket(ticket, goodbye, tag)
         self._flush()
+
+    def set_rules(
+        self,
+        set_id: int,
+        rules: Sequence[Rule],
+        *,
+        pool_wide: bool = False,
+        timeout: float | None = 10.0,
+    ) -> None:
+        """Register auto-response rules; ``park(..., rules=set_id)`` uses them (``Refused``)."""
+        with self._lock:
+            req = self._engine.set_rules(set_id, rules, threading.Event(), pool_wide=pool_wide)
+        self._control(req, timeout)
+
+    def send(
+        self,
+        data: bytes,
+        *,
+        tickets: Sequence[int] = (),
+        tag: str | bytes | None = None,
+        timeout: float | None = 10.0,
+    ) -> SendResult:
+        """Write ``data`` to parked connections without waking them; those whose socket
+        does not take it all are woken (reason UNSENT, the rest in ``woken.unsent``)."""
+        with self._lock:
+            req = self._engine.send(data, threading.Event(), tickets=tickets, tag=tag)
+        result = self._control(req, timeout)
+        return SendResult(result.written, result.woken, result.missed)
+
+    def _control(self, req: ControlRequest, timeout: float | None) -> Result:
+        self._flush()
+        self._wait(req, timeout)
+        return req.outcome()
 
     def stats(self, timeout: float | None = 10.0) -> ContainerStats:
         """The container's statistics snapshot (``ContainerTimeout`` after ``timeout`` s)."""
@@ -259,7 +307,7 @@ class BlockingParking(HandleInfo):
                     sock = wrap_woken_fd(e)
                     if sock is not None:
                         sock.setblocking(True)
-                    self._wakes.put(Woken(e.ticket, e.reason, e.token, e.pending, sock))
+                    self._wakes.put(Woken.of(e, sock))
 
     def _flush(self) -> None:
         with self._send_lock:

@@ -22,15 +22,18 @@ from ._errors import ConnparkError, ContainerLost, ContainerTimeout, ParkRefused
 from ._fdpass import TrioChannel
 from ._stats import ContainerStats
 from ._unixsock import connect_unix, peer_uid
+from ._wire import Result, Rule
 from ._worker import (
     DEFAULT_BACKOFF,
     Backoff,
+    ControlRequest,
     Engine,
     HandleInfo,
     Phase,
     Policy,
     Ready,
     Request,
+    SendResult,
     Settled,
     Woke,
     Woken,
@@ -113,6 +116,8 @@ class Parking(HandleInfo):
         idle_timeout: float | None = None,
         on_hangup: Policy = "close",
         on_timeout: Policy = "close",
+        rules: int = 0,
+        tags: Sequence[str | bytes] = (),
     ) -> int:
         """Give ``sock`` to the container; returns its ticket and closes your copy.
 
@@ -128,6 +133,8 @@ class Parking(HandleInfo):
             idle_timeout=idle_timeout,
             on_hangup=on_hangup,
             on_timeout=on_timeout,
+            rules=rules,
+            tags=tags,
         )
         (result,) = await self._park([raw], [entry])
         if isinstance(result, ParkRefused):
@@ -143,6 +150,8 @@ class Parking(HandleInfo):
         idle_timeout: float | None = None,
         on_hangup: Policy = "close",
         on_timeout: Policy = "close",
+        rules: int = 0,
+        tags: Sequence[str | bytes] = (),
     ) -> list[int | ParkRefused]:
         """Park many sockets in one request: a ticket or a ``ParkRefused`` per socket."""
         raws = [_raw_socket(s) for s in socks]
@@ -153,6 +162,8 @@ class Parking(HandleInfo):
             idle_timeout=idle_timeout,
             on_hangup=on_hangup,
             on_timeout=on_timeout,
+            rules=rules,
+            tags=tags,
         )
         return await self._park(raws, entries)
 
@@ -160,15 +171,40 @@ class Parking(HandleInfo):
         """Woken connections; each ``woken.socket`` is a non-blocking trio socket, yours."""
         return WakeStream(self)
 
-    async def unpark(self, *tickets: int) -> None:
-        """Ask for these parked connections back now (reason REQUESTED); gone ones are ignored."""
-        self._engine.unpark(tickets)
+    async def unpark(self, *tickets: int, tag: str | bytes | None = None) -> None:
+        """Ask for these parked connections (and those with ``tag``) back now (reason
+        REQUESTED); gone ones are ignored."""
+        self._engine.unpark(tickets, tag)
         await self._flush()
 
-    async def close(self, ticket: int, *, goodbye: bytes = b"") -> None:
-        """Have the container close a parked connection, writing ``goodbye`` first."""
-        self._engine.close_ticket(ticket, goodbye)
+    async def close(
+        self, ticket: int | None = None, *, tag: str | bytes | None = None, goodbye: bytes = b""
+    ) -> None:
+        """Have the container close a parked connection (or all with ``tag``), writing
+        ``goodbye`` first."""
+        self._engine.close_ticket(ticket, goodbye, tag)
         await self._flush()
+
+    async def set_rules(
+        self, set_id: int, rules: Sequence[Rule], *, pool_wide: bool = False
+    ) -> None:
+        """Register auto-response rules; ``park(..., rules=set_id)`` uses them (``Refused``)."""
+        req = self._engine.set_rules(set_id, rules, trio.Event(), pool_wide=pool_wide)
+        await self._control(req)
+
+    async def send(
+        self, data: bytes, *, tickets: Sequence[int] = (), tag: str | bytes | None = None
+    ) -> SendResult:
+        """Write ``data`` to parked connections without waking them; those whose socket
+        does not take it all are woken (reason UNSENT, the rest in ``woken.unsent``)."""
+        req = self._engine.send(data, trio.Event(), tickets=tickets, tag=tag)
+        result = await self._control(req)
+        return SendResult(result.written, result.woken, result.missed)
+
+    async def _control(self, req: ControlRequest) -> Result:
+        self._write_needed.set()
+        await self._wait(req)
+        return req.outcome()
 
     async def stats(self) -> ContainerStats:
         """The container's statistics snapshot."""
@@ -208,7 +244,7 @@ class Parking(HandleInfo):
                 for e in ev.entries:
                     raw = wrap_woken_fd(e)
                     sock = None if raw is None else trio.socket.from_stdlib_socket(raw)
-                    self._wake_send.send_nowait(Woken(e.ticket, e.reason, e.token, e.pending, sock))
+                    self._wake_send.send_nowait(Woken.of(e, sock))
             elif isinstance(ev, Ready):
                 self._write_needed.set()
 

@@ -41,8 +41,10 @@ import itertools
 import math
 from collections import Counter, deque
 from collections.abc import Iterable
+from typing import Any
 
 from ._errors import ConnparkError
+from ._tags import TagIndex
 from ._wire import Reason
 
 FD_BITS = 24
@@ -92,6 +94,7 @@ class Slot:
     """One parked connection. ``fd`` is -1 once the container closed it (a notice)."""
 
     __slots__ = (
+        "extra",
         "fd",
         "flags",
         "key",
@@ -119,6 +122,9 @@ class Slot:
         self.reason = Reason.READABLE
         #: The session this slot's wake should go to first (its parker, or its asker).
         self.session: SessionState | None = None
+        #: ``_serving.Extra`` for a park with rules or tags (or bytes left unsent), else
+        #: None: a plain park pays one pointer for the feature.
+        self.extra: Any = None
 
     def data(self) -> tuple[bytes, bytes]:
         """(token, pending): what goes back with the connection."""
@@ -195,6 +201,8 @@ class Lot:
         self._counts = [0] * (max(State) + 1)
         self.woken_total: Counter[str] = Counter()
         self.orphans_closed = 0
+        #: Tags of PARKED slots (a slot leaves it when it leaves PARKED).
+        self.tags = TagIndex()
 
     # -- lookups -----------------------------------------------------------
 
@@ -301,6 +309,7 @@ class Lot:
         """
         if slot.state is not State.PARKED:
             return False
+        self._untag(slot)
         self._move(slot, State.QUEUED)
         self._drop_deadline(slot)
         slot.reason = reason
@@ -328,11 +337,31 @@ class Lot:
     def remove(self, slot: Slot) -> None:
         """Drop a slot (closed by request, ACKed, or orphaned); caller closed its fd."""
         if slot.state is State.PARKED:
+            self._untag(slot)
             self._drop_deadline(slot)
         self.forget_fd(slot)
         self._move(slot, State.GONE)
         if self._alias:
             self._alias.pop(slot.ticket, None)
+
+    def tag(self, slot: Slot, tags: tuple[bytes, ...]) -> tuple[bytes, ...]:
+        """Index a PARKED slot's tags; returns them as shared objects to keep in the slot."""
+        return self.tags.add(slot.pool.name, tags, slot)
+
+    def _untag(self, slot: Slot) -> None:
+        extra = slot.extra
+        if extra is not None and extra.tags:
+            self.tags.discard(slot.pool.name, extra.tags, slot)
+
+    def touch(self, slot: Slot, deadline: float) -> None:
+        """Push a PARKED slot's idle deadline to ``deadline`` (an auto-response resets it)."""
+        if slot.state is State.PARKED:
+            if slot.key:
+                self._stale += 1  # the old heap entry
+            slot.key = math.ceil(deadline * 1000) << 64 | slot.ticket
+            heapq.heappush(self._heap, slot.key)
+            if self._stale > 1024 and self._stale > len(self._heap) // 2:
+                self._compact()
 
     def stale(self, session: SessionState, now: float) -> bool:
         """The session's oldest un-ACKed wake is older than the ACK deadline (frozen?)."""

@@ -52,6 +52,8 @@ _GAUGES = (
     ("connpark_fd_budget", "Most connection fds the container will hold.", "fd_budget"),
     ("connpark_uptime_seconds", "Seconds since the container started.", "uptime_s"),
     ("connpark_shutting_down", "1 while draining (SIGTERM), else 0.", "shutting_down"),
+    ("connpark_tagged", "Parked connections with at least one tag.", "tagged"),
+    ("connpark_tags", "Distinct tags among parked connections.", "tags"),
 )
 # name without _total, help, ContainerStats attribute: the plain counters.
 _COUNTERS = (
@@ -60,6 +62,20 @@ _COUNTERS = (
     ("connpark_closed", "Parked connections closed by CLOSE requests.", "closed_total"),
     ("connpark_orphans_closed", "Orphans closed after the orphan timeout.", "orphans_closed_total"),
     ("connpark_protocol_errors", "Sessions ended for a protocol error.", "protocol_errors_total"),
+    ("connpark_autoresponses", "Pings answered by auto-response rules.", "autoresponses_total"),
+    (
+        "connpark_autoresponse_bytes",
+        "Auto-response reply bytes written.",
+        "autoresponse_bytes_total",
+    ),
+    ("connpark_publishes", "SEND requests (publish without waking).", "publishes_total"),
+    ("connpark_published", "Parked connections that took a whole SEND.", "published_total"),
+    (
+        "connpark_publish_woken",
+        "Connections woken by a SEND (UNSENT, dead).",
+        "publish_woken_total",
+    ),
+    ("connpark_publish_bytes", "Bytes written to parked sockets by SEND.", "publish_bytes_total"),
 )
 
 

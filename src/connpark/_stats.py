@@ -144,6 +144,19 @@ class ContainerStats:
     processes: tuple[ProcessInfo, ...] = ()
     #: Every wake's latency since start, bucketed (``wake_latency`` covers the recent ones).
     wake_latency_histogram: LatencyHistogram = attrs.field(factory=LatencyHistogram)
+    #: v3 serving counters (0 from an older container). Pings answered by
+    #: auto-response rules, and the reply bytes written.
+    autoresponses_total: int = 0
+    autoresponse_bytes_total: int = 0
+    #: SEND requests; connections that took a whole message; those woken
+    #: (UNSENT or dead); bytes written to parked sockets.
+    publishes_total: int = 0
+    published_total: int = 0
+    publish_woken_total: int = 0
+    publish_bytes_total: int = 0
+    #: Parked connections with tags, and distinct tags among them.
+    tagged: int = 0
+    tags: int = 0
 
     def to_json(self) -> str:
         return json.dumps(attrs.asdict(self), sort_keys=True)
@@ -201,6 +214,18 @@ def format_table(stats: ContainerStats, *, source: str = "", at: float | None = 
         ("ACKs", stats.acks_total, ""),
         ("closed", stats.closed_total, f"orphans closed {stats.orphans_closed_total:,}"),
         ("protocol errors", stats.protocol_errors_total, ""),
+        (
+            "auto-responses",
+            stats.autoresponses_total,
+            f"reply bytes {stats.autoresponse_bytes_total:,}",
+        ),
+        (
+            "publishes",
+            stats.publishes_total,
+            f"written {stats.published_total:,}, woken {stats.publish_woken_total:,},"
+            f" bytes {stats.publish_bytes_total:,}",
+        ),
+        ("tagged", stats.tagged, f"tags {stats.tags:,}"),
         ("wake latency", None, latency),
         ("fd budget", None, f"{stats.fds_held:,} of {stats.fd_budget:,} used ({share:.1f}%)"),
     ]

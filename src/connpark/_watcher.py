@@ -32,6 +32,9 @@ class Watcher(Protocol):
     def unregister(self, fd: int) -> None:
         """Forget ``fd`` (armed or already fired); never raises for a gone fd."""
 
+    def rearm(self, fd: int) -> None:
+        """Arm a fired one-shot watch again (after an auto-response kept it parked)."""
+
     def poll(self, max_events: int) -> list[tuple[int, int]]:
         """Ready (fd, READ|HUP|ERR bits) pairs, without blocking."""
         ...
@@ -57,6 +60,9 @@ class EpollWatcher:
 
     def register(self, fd: int) -> None:
         self._ep.register(fd, self._MASK)
+
+    def rearm(self, fd: int) -> None:
+        self._ep.modify(fd, self._MASK)  # level check at MOD: bytes already there fire again
 
     def unregister(self, fd: int) -> None:
         try:
@@ -96,6 +102,9 @@ if not sys.platform.startswith("linux"):  # kqueue: macOS and the BSDs
         def register(self, fd: int) -> None:
             ev = select.kevent(fd, select.KQ_FILTER_READ, select.KQ_EV_ADD | select.KQ_EV_ONESHOT)
             self._kq.control([ev], 0, 0)
+
+        def rearm(self, fd: int) -> None:
+            self.register(fd)
 
         def unregister(self, fd: int) -> None:
             ev = select.kevent(fd, select.KQ_FILTER_READ, select.KQ_EV_DELETE)

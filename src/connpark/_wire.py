@@ -38,9 +38,9 @@ import attrs
 
 from ._errors import LocalProtocolError, RemoteProtocolError
 
-PROTOCOL_VERSION: Final = 2
-#: Versions a container accepts: v1 workers keep working during a rolling deploy.
-SUPPORTED_VERSIONS: Final = frozenset({1, 2})
+PROTOCOL_VERSION: Final = 3
+#: Versions a container accepts: v1 and v2 workers keep working during a rolling deploy.
+SUPPORTED_VERSIONS: Final = frozenset({1, 2, 3})
 #: The most tickets a HELLO v2 may report from the previous session.
 MAX_RESUME_TICKETS: Final = 4096
 HEADER: Final = struct.Struct("!IBBH")
@@ -68,13 +68,22 @@ _PARKED_ENTRY = struct.Struct("!BQ")
 _WAKE_ENTRY = struct.Struct("!QBBHI")
 _CLOSE_ENTRY = struct.Struct("!QI")
 _ERROR = struct.Struct("!H")
+# v3: serving parked connections without waking them (docs/protocol.md).
+_PARK_EXT_HEAD = struct.Struct("!HB")
+_WAKE_EXT_HEAD = struct.Struct("!IQI")
+_RULES_HEAD = struct.Struct("!IHBH")
+_RULE = struct.Struct("!BBHH")
+_RESULT = struct.Struct("!IBIII")
+_TAGGED = struct.Struct("!BB")
 
 _PARK_HANGUP_RETURNS = 0x01
 _PARK_TIMEOUT_RETURNS = 0x02
+_PARK_EXT = 0x04
 #: v2: the worker sends this park again (its session was lost before PARKED came).
-_PARK_RESENT = 0x04
+_PARK_RESENT = 0x08
 _WAKE_HAS_FD = 0x01
 _WAKE_INET6 = 0x02
+_WAKE_EXT = 0x04
 
 
 class MessageType(enum.IntEnum):
@@ -89,6 +98,11 @@ class MessageType(enum.IntEnum):
     STATS = 9
     STATS_REPLY = 10
     ERROR = 11
+    #: v3: serving parked connections without waking them.
+    RULES = 12
+    RESULT = 13
+    SEND = 14
+    TAGGED = 15
 
 
 class Reason(enum.IntEnum):
@@ -99,6 +113,9 @@ class Reason(enum.IntEnum):
     TIMEOUT = 3  #: the idle deadline passed
     REQUESTED = 4  #: a worker asked for it with UNPARK
     SHUTDOWN = 5  #: the container is stopping
+    #: v3: bytes sent to it (publish, auto-reply) did not fit the socket's send
+    #: buffer; the rest is in ``unsent``, for the worker to finish in order
+    UNSENT = 6
 
     def __str__(self) -> str:
         return self.name
@@ -124,6 +141,13 @@ class Refusal(enum.IntEnum):
     SHUT_DOWN = 13
     UNINSPECTABLE = 14
     DUPLICATE = 15
+    #: v3: tags, rules and publishes, each bounded by the container.
+    TOO_MANY_TAGS = 16
+    TAG_TOO_LARGE = 17
+    UNKNOWN_RULES = 18
+    TOO_MANY_RULES = 19
+    BAD_RULE = 20
+    TOO_LARGE = 21
 
     @property
     def label(self) -> str:
@@ -193,6 +217,10 @@ class ParkEntry:
     idle_timeout_ms: int = 0
     hangup_returns: bool = False
     timeout_returns: bool = False
+    #: v3: the rule set (``Rules.set_id``) that answers this connection's pings; 0: none.
+    rules: int = 0
+    #: v3: tags for ``Send``/``Tagged`` (UTF-8 bytes, at most 255 each).
+    tags: tuple[bytes, ...] = ()
     #: Sent again after a lost session: the container may hold this socket already.
     resent: bool = False
 
@@ -228,6 +256,12 @@ class WakeEntry:
     fd: int | None = None
     #: The socket is AF_INET6 (else AF_INET): lets the worker wrap it without syscalls.
     inet6: bool = False
+    #: v3: auto-responses the container sent while it was parked.
+    autoresponses: int = 0
+    #: v3: when the last one was sent (Unix time, ms; 0: never).
+    last_autoresponse_ms: int = 0
+    #: v3: bytes the container was asked to send but the socket did not take.
+    unsent: bytes = b""
 
 
 @attrs.frozen
@@ -282,8 +316,104 @@ class Error:
     text: str
 
 
+class RuleKind(enum.IntEnum):
+    """What an auto-response rule matches (``_autoresponse`` implements them)."""
+
+    EXACT = 1  #: these exact bytes -> the reply bytes
+    WS_PING = 2  #: a masked WebSocket ping (payload <= 125) -> a pong with its payload
+    WS_TEXT = 3  #: a masked WebSocket text message equal to ``match`` -> text ``reply``
+
+
+@attrs.frozen
+class Rule:
+    kind: RuleKind
+    match: bytes = b""
+    reply: bytes = b""
+    #: An auto-response also pushes the idle deadline back.
+    resets_idle: bool = False
+
+    @classmethod
+    def exact(cls, match: bytes, reply: bytes, *, resets_idle: bool = False) -> Rule:
+        """These exact bytes (``b"\\xc0\\x00"``, an MQTT PINGREQ) -> these (PINGRESP)."""
+        return cls(RuleKind.EXACT, bytes(match), bytes(reply), resets_idle)
+
+    @classmethod
+    def ws_ping(cls, *, resets_idle: bool = False) -> Rule:
+        """A WebSocket client ping -> a pong with the same payload (RFC 6455)."""
+        return cls(RuleKind.WS_PING, b"", b"", resets_idle)
+
+    @classmethod
+    def ws_text(cls, match: str | bytes, reply: str | bytes, *, resets_idle: bool = False) -> Rule:
+        """A WebSocket text message equal to ``match`` -> a text message ``reply``."""
+        m = match.encode() if isinstance(match, str) else bytes(match)
+        r = reply.encode() if isinstance(reply, str) else bytes(reply)
+        return cls(RuleKind.WS_TEXT, m, r, resets_idle)
+
+
+@attrs.frozen
+class Rules:
+    """Register rule set ``set_id`` for this session (scope 0) or its whole pool (1)."""
+
+    request_id: int
+    set_id: int
+    rules: tuple[Rule, ...]
+    pool_scope: bool = False
+
+
+@attrs.frozen
+class Result:
+    """Answer to RULES or SEND: a refusal code, and what a SEND did."""
+
+    request_id: int
+    refusal: Refusal = Refusal.OK
+    #: SEND: connections that took the whole message.
+    written: int = 0
+    #: SEND: connections woken (reason UNSENT, or HANGUP for a dead one).
+    woken: int = 0
+    #: SEND: tickets that were not parked (woken already, gone, another pool's).
+    missed: int = 0
+
+
+@attrs.frozen
+class Send:
+    """Write ``data`` to parked connections (the tag's, else ``tickets``) without waking them."""
+
+    request_id: int
+    data: bytes
+    tickets: tuple[int, ...] = ()
+    tag: bytes = b""
+
+
+class TagOp(enum.IntEnum):
+    UNPARK = 1
+    CLOSE = 2
+
+
+@attrs.frozen
+class Tagged:
+    """UNPARK or CLOSE every parked connection of the pool with this tag."""
+
+    op: TagOp
+    tag: bytes
+    goodbye: bytes = b""
+
+
 Message: TypeAlias = (
-    Hello | Welcome | Park | Parked | Wake | Ack | Unpark | Close | Stats | StatsReply | Error
+    Hello
+    | Welcome
+    | Park
+    | Parked
+    | Wake
+    | Ack
+    | Unpark
+    | Close
+    | Stats
+    | StatsReply
+    | Error
+    | Rules
+    | Result
+    | Send
+    | Tagged
 )
 
 
@@ -308,6 +438,12 @@ def close_fds(fds: Iterable[int]) -> None:
 # ----------------------------------------------------------------- encoding
 
 
+def _str_bytes(raw: bytes, what: str) -> bytes:
+    if len(raw) > 0xFF:
+        raise LocalProtocolError(f"{what} is {len(raw)} bytes, the limit is 255")
+    return _U8.pack(len(raw)) + raw
+
+
 def _str_field(value: str, what: str) -> bytes:
     raw = value.encode("utf-8")
     if len(raw) > 0xFF:
@@ -316,21 +452,40 @@ def _str_field(value: str, what: str) -> bytes:
 
 
 def _park_entry(e: ParkEntry) -> bytes:
+    ext = bool(e.rules or e.tags)
     flags = (
         (_PARK_HANGUP_RETURNS if e.hangup_returns else 0)
         | (_PARK_TIMEOUT_RETURNS if e.timeout_returns else 0)
+        | (_PARK_EXT if ext else 0)
         | (_PARK_RESENT if e.resent else 0)
     )
-    return _PARK_ENTRY.pack(e.idle_timeout_ms, flags, len(e.token), len(e.pending)) + (
+    out = _PARK_ENTRY.pack(e.idle_timeout_ms, flags, len(e.token), len(e.pending)) + (
         e.token + e.pending
     )
+    if ext:
+        out += _PARK_EXT_HEAD.pack(e.rules, len(e.tags))
+        out += b"".join(_U8.pack(len(t)) + t for t in e.tags)
+    return out
+
+
+def wake_ext(autoresponses: int, last_ms: int, unsent: bytes) -> bytes:
+    """The v3 tail of a WAKE entry (flag ``EXT``); the container's encoder uses it too."""
+    return _WAKE_EXT_HEAD.pack(autoresponses, last_ms, len(unsent)) + unsent
 
 
 def _wake_entry(e: WakeEntry) -> bytes:
-    flags = (_WAKE_HAS_FD if e.fd is not None else 0) | (_WAKE_INET6 if e.inet6 else 0)
-    return _WAKE_ENTRY.pack(e.ticket, e.reason, flags, len(e.token), len(e.pending)) + (
+    ext = bool(e.autoresponses or e.last_autoresponse_ms or e.unsent)
+    flags = (
+        (_WAKE_HAS_FD if e.fd is not None else 0)
+        | (_WAKE_INET6 if e.inet6 else 0)
+        | (_WAKE_EXT if ext else 0)
+    )
+    out = _WAKE_ENTRY.pack(e.ticket, e.reason, flags, len(e.token), len(e.pending)) + (
         e.token + e.pending
     )
+    if ext:
+        out += wake_ext(e.autoresponses, e.last_autoresponse_ms, e.unsent)
+    return out
 
 
 def _close_entry(e: CloseEntry) -> bytes:
@@ -478,6 +633,25 @@ def _encode(msg: Message, max_body: int, max_fds: int) -> list[Frame]:
         return _single(MessageType.STATS_REPLY, msg.body, max_body)
     if isinstance(msg, Error):
         return _single(MessageType.ERROR, _ERROR.pack(msg.code) + msg.text.encode(), max_body)
+    if isinstance(msg, Rules):
+        body = _RULES_HEAD.pack(msg.request_id, msg.set_id, int(msg.pool_scope), len(msg.rules))
+        body += b"".join(
+            _RULE.pack(r.kind, int(r.resets_idle), len(r.match), len(r.reply)) + r.match + r.reply
+            for r in msg.rules
+        )
+        return _single(MessageType.RULES, body, max_body)
+    if isinstance(msg, Result):
+        body = _RESULT.pack(msg.request_id, msg.refusal, msg.written, msg.woken, msg.missed)
+        return _single(MessageType.RESULT, body, max_body)
+    if isinstance(msg, Send):
+        body = _U32.pack(msg.request_id) + _str_bytes(msg.tag, "tag")
+        body += _U32.pack(len(msg.tickets)) + b"".join(_U64.pack(t) for t in msg.tickets)
+        body += _U32.pack(len(msg.data)) + msg.data
+        return _single(MessageType.SEND, body, max_body)
+    if isinstance(msg, Tagged):
+        body = _TAGGED.pack(msg.op, len(msg.tag)) + msg.tag
+        body += _U32.pack(len(msg.goodbye)) + msg.goodbye
+        return _single(MessageType.TAGGED, body, max_body)
     raise LocalProtocolError(f"not a connpark message: {msg!r}")
 
 
@@ -545,10 +719,14 @@ def _decode_entries_untrusted(
             raise RemoteProtocolError(f"PARK has {count} entries but {len(fds)} fds")
         for _ in range(count):
             idle, flags, tlen, plen = body.unpack(_PARK_ENTRY)
-            if flags & ~(_PARK_HANGUP_RETURNS | _PARK_TIMEOUT_RETURNS | _PARK_RESENT):
+            if flags & ~(_PARK_HANGUP_RETURNS | _PARK_TIMEOUT_RETURNS | _PARK_EXT | _PARK_RESENT):
                 raise RemoteProtocolError(f"bad PARK field flags: {flags:#x}")
             token = body.take(tlen)
             pending = body.take(plen)
+            rules, tags = 0, tuple[bytes, ...]()
+            if flags & _PARK_EXT:
+                rules, ntags = body.unpack(_PARK_EXT_HEAD)
+                tags = tuple(body.take(body.unpack(_U8)[0]) for _ in range(ntags))
             entries.append(
                 ParkEntry(
                     fds.popleft(),
@@ -557,6 +735,8 @@ def _decode_entries_untrusted(
                     idle,
                     bool(flags & _PARK_HANGUP_RETURNS),
                     bool(flags & _PARK_TIMEOUT_RETURNS),
+                    rules,
+                    tags,
                     bool(flags & _PARK_RESENT),
                 )
             )
@@ -565,7 +745,7 @@ def _decode_entries_untrusted(
         with_fd = 0
         for _ in range(count):
             ticket, reason, flags, tlen, plen = body.unpack(_WAKE_ENTRY)
-            if flags & ~(_WAKE_HAS_FD | _WAKE_INET6):
+            if flags & ~(_WAKE_HAS_FD | _WAKE_INET6 | _WAKE_EXT):
                 raise RemoteProtocolError(f"bad WAKE field flags: {flags:#x}")
             try:
                 why = Reason(reason)
@@ -573,13 +753,30 @@ def _decode_entries_untrusted(
                 raise RemoteProtocolError(f"bad WAKE field reason: {reason}") from None
             token = body.take(tlen)
             pending = body.take(plen)
-            fd: int | None = None
+            count_ar = last_ms = 0
+            unsent = b""
+            if flags & _WAKE_EXT:
+                count_ar, last_ms, ulen = body.unpack(_WAKE_EXT_HEAD)
+                unsent = body.take(ulen)
+            fd: int | None = None  # taken last: nothing can fail while we hold it
             if flags & _WAKE_HAS_FD:
                 with_fd += 1
                 if not fds:
                     raise RemoteProtocolError("WAKE has more fd entries than fds")
                 fd = fds.popleft()
-            entries.append(WakeEntry(ticket, why, token, pending, fd, bool(flags & _WAKE_INET6)))
+            entries.append(
+                WakeEntry(
+                    ticket,
+                    why,
+                    token,
+                    pending,
+                    fd,
+                    bool(flags & _WAKE_INET6),
+                    count_ar,
+                    last_ms,
+                    unsent,
+                )
+            )
         if fds:
             raise RemoteProtocolError(f"WAKE has {with_fd} fd entries but {with_fd + len(fds)} fds")
     elif mtype is MessageType.PARKED:
@@ -656,6 +853,46 @@ def _decode_single_untrusted(mtype: MessageType, body: _Body) -> Message:
         msg = Stats()
     elif mtype is MessageType.STATS_REPLY:
         msg = StatsReply(body.take(len(body.data)))
+    elif mtype is MessageType.RULES:
+        request_id, set_id, scope, count = body.unpack(_RULES_HEAD)
+        if scope > 1:
+            raise RemoteProtocolError(f"bad RULES field scope: {scope}")
+        rules = []
+        for _ in range(count):
+            kind, flags, mlen, rlen = body.unpack(_RULE)
+            if flags & ~1:
+                raise RemoteProtocolError(f"bad RULES field flags: {flags:#x}")
+            try:
+                rkind = RuleKind(kind)
+            except ValueError:
+                raise RemoteProtocolError(f"bad RULES field kind: {kind}") from None
+            rules.append(Rule(rkind, body.take(mlen), body.take(rlen), bool(flags)))
+        msg = Rules(request_id, set_id, tuple(rules), bool(scope))
+    elif mtype is MessageType.RESULT:
+        request_id, code, written, woken, missed = body.unpack(_RESULT)
+        try:
+            refusal = Refusal(code)
+        except ValueError:
+            raise RemoteProtocolError(f"bad RESULT field refusal: {code}") from None
+        msg = Result(request_id, refusal, written, woken, missed)
+    elif mtype is MessageType.SEND:
+        (request_id,) = body.unpack(_U32)
+        tag = body.take(body.unpack(_U8)[0])
+        (count,) = body.unpack(_U32)
+        if count * 8 > len(body.data) - body.pos:
+            raise RemoteProtocolError("truncated SEND body")
+        tickets = tuple(body.unpack(_U64)[0] for _ in range(count))
+        data = body.take(body.unpack(_U32)[0])
+        msg = Send(request_id, data, tickets, tag)
+    elif mtype is MessageType.TAGGED:
+        op, tlen = body.unpack(_TAGGED)
+        try:
+            top = TagOp(op)
+        except ValueError:
+            raise RemoteProtocolError(f"bad TAGGED field op: {op}") from None
+        tag = body.take(tlen)
+        goodbye = body.take(body.unpack(_U32)[0])
+        msg = Tagged(top, tag, goodbye)
     else:  # ERROR
         (code,) = body.unpack(_ERROR)
         msg = Error(code, body.text(len(body.data) - body.pos, "text"))

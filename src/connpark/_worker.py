@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import logging
 import math
 import os
 import socket
@@ -64,6 +65,7 @@ from ._errors import (
     ParkingClosed,
     ParkRefused,
     ProtocolError,
+    Refused,
     RemoteProtocolError,
 )
 from ._stats import ContainerStats
@@ -86,8 +88,14 @@ from ._wire import (
     ParkEntry,
     Reason,
     Refusal,
+    Result,
+    Rule,
+    Rules,
+    Send,
     Stats,
     StatsReply,
+    Tagged,
+    TagOp,
     Unpark,
     Wake,
     WakeEntry,
@@ -97,6 +105,7 @@ from ._wire import (
     message_fds,
 )
 
+LOGGER = logging.getLogger(__name__)
 S = TypeVar("S")
 Policy = Literal["close", "return"]
 _POLICIES = ("close", "return")
@@ -117,9 +126,52 @@ class Woken(Generic[S]):
     #: The connection (in your world's socket type), or None for a notice: the
     #: container closed it (hang-up or timeout with policy "close").
     socket: S | None
+    #: Pings the container answered for you while it was parked (the client was alive).
+    autoresponses: int = 0
+    #: When the last of them was answered (Unix time, s), or None.
+    last_autoresponse: float | None = None
+    #: Bytes you asked the container to send (``send``) that the socket did not
+    #: take (reason UNSENT): write them first, then carry on.
+    unsent: bytes = b""
+
+    @classmethod
+    def of(cls, entry: WakeEntry, sock: S | None) -> Woken[S]:
+        """From a decoded WAKE entry and the hook's socket for its fd."""
+        last = entry.last_autoresponse_ms / 1000 if entry.last_autoresponse_ms else None
+        return cls(
+            entry.ticket,
+            entry.reason,
+            entry.token,
+            entry.pending,
+            sock,
+            entry.autoresponses,
+            last,
+            entry.unsent,
+        )
+
+
+@attrs.frozen
+class SendResult:
+    """What ``send`` did: connections that took the whole message, woken ones, misses."""
+
+    #: Parked connections whose socket took every byte (they stay parked).
+    written: int
+    #: Connections woken instead: reason UNSENT (the rest in ``Woken.unsent``),
+    #: or HANGUP when the socket was dead.
+    woken: int
+    #: Tickets that were not parked (already woken, gone, another pool's).
+    missed: int
 
 
 # ------------------------------------------------------------- arguments
+
+
+def tag_bytes(tag: str | bytes) -> bytes:
+    """A tag as the wire carries it (UTF-8, 1..255 bytes; the container may allow fewer)."""
+    raw = tag.encode() if isinstance(tag, str) else bytes(tag)
+    if not 0 < len(raw) <= 255:
+        raise ValueError(f"a tag is 1 to 255 bytes, not {len(raw)}")
+    return raw
 
 
 def make_park_entry(
@@ -130,6 +182,8 @@ def make_park_entry(
     idle_timeout: float | None = None,
     on_hangup: Policy = "close",
     on_timeout: Policy = "close",
+    rules: int = 0,
+    tags: Sequence[str | bytes] = (),
 ) -> ParkEntry:
     """Validate ``park()``'s arguments (ValueError/TypeError, before anything is sent)."""
     if fd < 0:
@@ -155,6 +209,10 @@ def make_park_entry(
                 f"idle_timeout must be a positive number of seconds, not {idle_timeout!r}"
             )
         ms = min(_MAX_MS, max(1, math.ceil(idle_timeout * 1000)))
+    if isinstance(tags, (str, bytes)):
+        raise TypeError("tags must be a sequence of tags, not one tag")
+    if not 0 <= rules <= 0xFFFF:
+        raise ValueError(f"rules must be a rule set id (0 for none, up to 65535), not {rules}")
     return ParkEntry(
         fd,
         bytes(token),
@@ -162,6 +220,8 @@ def make_park_entry(
         ms,
         hangup_returns=on_hangup == "return",
         timeout_returns=on_timeout == "return",
+        rules=rules,
+        tags=tuple(tag_bytes(t) for t in tags),
     )
 
 
@@ -265,7 +325,28 @@ class StatsRequest:
         return self.result
 
 
-Request = ParkRequest | StatsRequest
+@attrs.define(eq=False)
+class ControlRequest:
+    """A RULES or SEND request, answered by RESULT."""
+
+    waiter: Any
+    msg: Rules | Send
+    state: ReqState = ReqState.QUEUED
+    abandoned: bool = False
+    result: Result | None = None
+    error: ConnparkError | None = None
+
+    def outcome(self) -> Result:
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        if self.result.refusal is not Refusal.OK:
+            what = "rules" if isinstance(self.msg, Rules) else "send"
+            raise Refused(self.result.refusal, what)
+        return self.result
+
+
+Request = ParkRequest | StatsRequest | ControlRequest
 
 
 # ------------------------------------------------------------- events
@@ -386,6 +467,10 @@ class Engine:
         self._unparks: dict[int, None] = {}
         #: CLOSEs of this session: re-sent on reconnect (the container may not have read them).
         self._closes: deque[CloseEntry] = deque(maxlen=1024)
+        #: RULES and SEND requests by request id, until RESULT answers them.
+        self._control_reqs: dict[int, ControlRequest] = {}
+        #: Rule sets the container accepted: registered again in every new session.
+        self._rule_sets: dict[int, Rules] = {}
         #: Tickets woken in this session (bounded): reported by the next HELLO.
         self._received: deque[int] = deque(maxlen=MAX_RESUME_TICKETS)
         self._resume: tuple[int, tuple[int, ...]] = (0, ())
@@ -433,7 +518,11 @@ class Engine:
     @property
     def busy(self) -> bool:
         """Parks or stats requests are waiting for an answer (``begin_close`` waits for them)."""
-        return bool(self._sent) or any(not s.abandoned for s in self._stats)
+        return (
+            bool(self._sent)
+            or any(not s.abandoned for s in self._stats)
+            or any(not c.abandoned for c in self._control_reqs.values())
+        )
 
     def receive_data(self, data: bytes, fds: Iterable[int] = ()) -> None:
         """Feed what the control socket gave; b"" means EOF."""
@@ -557,10 +646,12 @@ class Engine:
         """The caller stopped waiting (cancelled, timed out): keep one owner all the same."""
         if req.state is ReqState.DONE:
             return
-        if isinstance(req, StatsRequest):
+        if isinstance(req, (StatsRequest, ControlRequest)):
             req.abandoned = True  # its reply, when it comes, is dropped
             if req.state is ReqState.QUEUED:
                 req.state = ReqState.DONE
+                if isinstance(req, ControlRequest):
+                    self._control_reqs.pop(req.msg.request_id, None)
             return
         if req.state is ReqState.QUEUED:
             self._batch.remove(req)
@@ -578,25 +669,78 @@ class Engine:
             req.state = ReqState.SENT
         return req
 
-    def unpark(self, tickets: Iterable[int]) -> None:
-        """Wake these now. Remembered until their WAKE comes (bounded): a container
-        that restarts before it read the UNPARK gets it again (it is idempotent)."""
+    def unpark(self, tickets: Iterable[int], tag: str | bytes | None = None) -> None:
+        """Wake these now (and every parked connection of the pool with ``tag``).
+        Tickets are remembered until their WAKE comes (bounded): a container that
+        restarts before it read the UNPARK gets it again (it is idempotent)."""
         self._check_open()
         tickets = tuple(tickets)
         for t in tickets:
             self._unparks[t] = None
         while len(self._unparks) > MAX_RESUME_TICKETS:
             del self._unparks[next(iter(self._unparks))]
-        self._control(Unpark(tickets))
+        if tickets or tag is None:
+            self._control(Unpark(tickets))
+        if tag is not None:
+            self._control(Tagged(TagOp.UNPARK, tag_bytes(tag)))
 
-    def close_ticket(self, ticket: int, goodbye: bytes = b"") -> None:
-        """Close a parked connection; repeated after a reconnect, like UNPARK."""
+    def close_ticket(
+        self, ticket: int | None, goodbye: bytes = b"", tag: str | bytes | None = None
+    ) -> None:
+        """Close a parked connection (repeated after a reconnect, like UNPARK), and/or
+        every parked connection of the pool with ``tag``."""
         if not isinstance(goodbye, (bytes, bytearray, memoryview)):
             raise TypeError(f"goodbye must be bytes, not {type(goodbye).__name__}")
+        if ticket is None and tag is None:
+            raise TypeError("close() needs a ticket or a tag")
         self._check_open()
-        entry = CloseEntry(ticket, bytes(goodbye))
-        self._closes.append(entry)
-        self._control(Close((entry,)))
+        if ticket is not None:
+            entry = CloseEntry(ticket, bytes(goodbye))
+            self._closes.append(entry)
+            self._control(Close((entry,)))
+        if tag is not None:
+            self._control(Tagged(TagOp.CLOSE, tag_bytes(tag), bytes(goodbye)))
+
+    def set_rules(
+        self, set_id: int, rules: Sequence[Rule], waiter: Any, *, pool_wide: bool = False
+    ) -> ControlRequest:
+        """Register auto-response rule set ``set_id`` (1..65535) for this worker (again
+        after every reconnect), or for its whole pool: parks name it with ``rules=``."""
+        if not 0 < set_id <= 0xFFFF:
+            raise ValueError(f"set_id must be 1..65535, not {set_id}")
+        if not rules or not all(isinstance(r, Rule) for r in rules):
+            raise TypeError("rules must be a non-empty sequence of connpark.Rule")
+        msg = Rules(next(self._ids) & 0xFFFFFFFF, set_id, tuple(rules), pool_wide)
+        encode(msg)  # LocalProtocolError now, not at send time
+        return self._queue_control(msg, waiter)
+
+    def send(
+        self,
+        data: bytes,
+        waiter: Any,
+        *,
+        tickets: Iterable[int] = (),
+        tag: str | bytes | None = None,
+    ) -> ControlRequest:
+        """Publish ``data`` to parked connections (``tag``'s, else ``tickets``) unwoken."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data must be bytes, not {type(data).__name__}")
+        tickets = tuple(tickets)
+        if (tag is None) == (not tickets):
+            raise TypeError("send() needs tickets or a tag (one of them)")
+        raw_tag = tag_bytes(tag) if tag is not None else b""
+        msg = Send(next(self._ids) & 0xFFFFFFFF, bytes(data), tickets, raw_tag)
+        encode(msg)  # LocalProtocolError now (over one frame), not at send time
+        return self._queue_control(msg, waiter)
+
+    def _queue_control(self, msg: Rules | Send, waiter: Any) -> ControlRequest:
+        self._check_open()
+        req = ControlRequest(waiter, msg)
+        self._control_reqs[msg.request_id] = req
+        if self.phase is Phase.READY:
+            self._out.extend(encode(msg))
+            req.state = ReqState.SENT
+        return req
 
     # -- closing ---------------------------------------------------------------------
 
@@ -618,6 +762,9 @@ class Engine:
         live = self.phase is Phase.READY
         self.phase = Phase.CLOSING if live else Phase.CLOSED
         socks = [w.socket for w in untaken if w.socket is not None]
+        for w in untaken:
+            if w.unsent and w.socket is not None:
+                _write_unsent_nowait(w.socket, w.unsent)
         if not live:
             for s in socks:
                 s.close()  # no session to hand them to: nobody else can own them
@@ -669,6 +816,8 @@ class Engine:
             self._on_parked(msg)
         elif isinstance(msg, StatsReply):
             self._on_stats(msg)
+        elif isinstance(msg, Result):
+            self._on_result(msg)
         elif isinstance(msg, Welcome):
             if self.phase is not Phase.HANDSHAKE:
                 self._lose(ContainerLost("the container sent WELCOME twice"))
@@ -705,6 +854,24 @@ class Engine:
             if req.state is ReqState.QUEUED and not req.abandoned:
                 self._out.extend(encode(Stats()))
                 req.state = ReqState.SENT
+        # Rule sets live as long as a session: register them again before any park.
+        for rules in self._rule_sets.values():
+            self._out.extend(encode(rules))
+        for creq in self._control_reqs.values():
+            if creq.state is ReqState.QUEUED and not creq.abandoned:
+                self._out.extend(encode(creq.msg))
+                creq.state = ReqState.SENT
+
+    def _on_result(self, msg: Result) -> None:
+        req = self._control_reqs.pop(msg.request_id, None)
+        if req is None:
+            return  # a rule set registered again after a reconnect: nobody waits
+        req.state = ReqState.DONE
+        req.result = msg
+        if isinstance(req.msg, Rules) and msg.refusal is Refusal.OK:
+            self._rule_sets[req.msg.set_id] = req.msg
+        if not req.abandoned:
+            self._events.append(Settled(req))
 
     def _on_wake(self, msg: Wake) -> None:
         if self.phase is not Phase.READY:
@@ -805,6 +972,20 @@ class Engine:
             if sreq.state is ReqState.SENT:
                 # Asked again on the next session, unless nobody waits any more.
                 sreq.state = ReqState.DONE if sreq.abandoned else ReqState.QUEUED
+        for creq in list(self._control_reqs.values()):
+            if creq.state is not ReqState.SENT:
+                continue
+            if isinstance(creq.msg, Rules):
+                creq.state = ReqState.QUEUED  # registering twice is harmless: re-sent
+            else:  # written to some sockets or not: sending it twice could duplicate
+                del self._control_reqs[creq.msg.request_id]
+                self._settle_error(
+                    creq,
+                    ContainerLost(
+                        f"{error}; the container did not answer send(): the message may"
+                        " have reached some connections"
+                    ),
+                )
 
     def _settle_error(self, req: Request, error: ConnparkError) -> None:
         if req.state is ReqState.DONE:
@@ -827,6 +1008,9 @@ class Engine:
         self._batch = []
         while self._stats:
             self._settle_error(self._stats.popleft(), error)
+        while self._control_reqs:
+            _, creq = self._control_reqs.popitem()
+            self._settle_error(creq, error)
 
 
 class _Batch:
@@ -856,6 +1040,26 @@ class _Batch:
         return [r for r in self.reqs[self.pos :] if r.state is not ReqState.DONE]
 
 
+def _write_unsent_nowait(sock: Any, data: bytes) -> None:
+    """Best effort for a wake handed back unread: what its socket takes now is not lost."""
+    try:
+        raw = socket.socket(fileno=sock.fileno())
+    except OSError:
+        return
+    try:
+        sent = raw.send(data, socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0))
+    except OSError:
+        sent = 0
+    finally:
+        raw.detach()
+    if sent < len(data):
+        LOGGER.warning(
+            "handing back an UNSENT wake: %d of %d bytes could not be written",
+            len(data) - sent,
+            len(data),
+        )
+
+
 def closed_error(error: BaseException | None) -> ConnparkError:
     """The error a call on a finished engine raises."""
     if isinstance(error, ConnparkError):
@@ -865,10 +1069,12 @@ def closed_error(error: BaseException | None) -> ConnparkError:
 
 __all__ = [
     "Backoff",
+    "ControlRequest",
     "Engine",
     "ParkRequest",
     "ProtocolError",
     "Ready",
+    "SendResult",
     "SessionLost",
     "Settled",
     "StatsRequest",

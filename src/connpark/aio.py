@@ -19,14 +19,17 @@ from ._errors import ConnparkError, ContainerLost, ContainerTimeout, ParkRefused
 from ._fdpass import Outbox, recv_fds
 from ._stats import ContainerStats
 from ._unixsock import connect_unix, peer_uid
+from ._wire import Result, Rule
 from ._worker import (
     DEFAULT_BACKOFF,
     Backoff,
+    ControlRequest,
     Engine,
     HandleInfo,
     Phase,
     Policy,
     Request,
+    SendResult,
     Settled,
     Woke,
     Woken,
@@ -124,6 +127,8 @@ class AsyncioParking(HandleInfo):
         idle_timeout: float | None = None,
         on_hangup: Policy = "close",
         on_timeout: Policy = "close",
+        rules: int = 0,
+        tags: Sequence[str | bytes] = (),
     ) -> int:
         """Give ``sock`` to the container; returns its ticket and closes your copy.
 
@@ -139,6 +144,8 @@ class AsyncioParking(HandleInfo):
             idle_timeout=idle_timeout,
             on_hangup=on_hangup,
             on_timeout=on_timeout,
+            rules=rules,
+            tags=tags,
         )
         (result,) = await self._park([sock], [entry])
         if isinstance(result, ParkRefused):
@@ -154,6 +161,8 @@ class AsyncioParking(HandleInfo):
         idle_timeout: float | None = None,
         on_hangup: Policy = "close",
         on_timeout: Policy = "close",
+        rules: int = 0,
+        tags: Sequence[str | bytes] = (),
     ) -> list[int | ParkRefused]:
         """Park many sockets in one request: a ticket or a ``ParkRefused`` per socket."""
         for s in socks:
@@ -165,6 +174,8 @@ class AsyncioParking(HandleInfo):
             idle_timeout=idle_timeout,
             on_hangup=on_hangup,
             on_timeout=on_timeout,
+            rules=rules,
+            tags=tags,
         )
         return await self._park(list(socks), entries)
 
@@ -183,15 +194,40 @@ class AsyncioParking(HandleInfo):
             assert isinstance(item, Woken)
             yield item
 
-    async def unpark(self, *tickets: int) -> None:
-        """Ask for these connections back now (REQUESTED); gone tickets are ignored."""
-        self._engine.unpark(tickets)
+    async def unpark(self, *tickets: int, tag: str | bytes | None = None) -> None:
+        """Ask for these connections (and those with ``tag``) back now (REQUESTED);
+        gone tickets are ignored."""
+        self._engine.unpark(tickets, tag)
         await self._flush()
 
-    async def close(self, ticket: int, *, goodbye: bytes = b"") -> None:
-        """Have the container write ``goodbye`` and close a parked connection."""
-        self._engine.close_ticket(ticket, goodbye)
+    async def close(
+        self, ticket: int | None = None, *, tag: str | bytes | None = None, goodbye: bytes = b""
+    ) -> None:
+        """Have the container write ``goodbye`` and close a parked connection (or all
+        with ``tag``)."""
+        self._engine.close_ticket(ticket, goodbye, tag)
         await self._flush()
+
+    async def set_rules(
+        self, set_id: int, rules: Sequence[Rule], *, pool_wide: bool = False
+    ) -> None:
+        """Register auto-response rules; ``park(..., rules=set_id)`` uses them (``Refused``)."""
+        req = self._engine.set_rules(set_id, rules, self._loop.create_future(), pool_wide=pool_wide)
+        await self._control(req)
+
+    async def send(
+        self, data: bytes, *, tickets: Sequence[int] = (), tag: str | bytes | None = None
+    ) -> SendResult:
+        """Write ``data`` to parked connections without waking them; those whose socket
+        does not take it all are woken (reason UNSENT, the rest in ``woken.unsent``)."""
+        req = self._engine.send(data, self._loop.create_future(), tickets=tickets, tag=tag)
+        result = await self._control(req)
+        return SendResult(result.written, result.woken, result.missed)
+
+    async def _control(self, req: ControlRequest) -> Result:
+        self._schedule_flush()
+        await self._wait(req)
+        return req.outcome()
 
     async def stats(self) -> ContainerStats:
         """The container's statistics snapshot."""
@@ -228,7 +264,7 @@ class AsyncioParking(HandleInfo):
                     sock = wrap_woken_fd(e)
                     if sock is not None:
                         sock.setblocking(False)
-                    self._wakes.put_nowait(Woken(e.ticket, e.reason, e.token, e.pending, sock))
+                    self._wakes.put_nowait(Woken.of(e, sock))
 
     def _schedule_flush(self) -> None:
         """Flush once this loop turn is over: parks of the same turn share a request."""

@@ -241,10 +241,14 @@ class Parking(HandleInfo):
             if isinstance(ev, Settled):
                 ev.request.waiter.set()
             elif isinstance(ev, Woke):
+                send, wrap, of = (
+                    self._wake_send.send_nowait,
+                    trio.socket.from_stdlib_socket,
+                    Woken.of,
+                )
                 for e in ev.entries:
                     raw = wrap_woken_fd(e)
-                    sock = None if raw is None else trio.socket.from_stdlib_socket(raw)
-                    self._wake_send.send_nowait(Woken.of(e, sock))
+                    send(of(e, None if raw is None else wrap(raw)))
             elif isinstance(ev, Ready):
                 self._write_needed.set()
 

@@ -121,6 +121,9 @@ class Reason(enum.IntEnum):
         return self.name
 
 
+_REASONS: Final = {int(r): r for r in Reason}
+
+
 class Refusal(enum.IntEnum):
     """Per-entry answer to PARK; ``OK`` means a ticket was issued."""
 
@@ -153,6 +156,9 @@ class Refusal(enum.IntEnum):
     def label(self) -> str:
         """The name used in errors, stats and docs, e.g. ``"not-a-tcp-stream"``."""
         return self.name.lower().replace("_", "-")
+
+
+_REFUSALS: Final = {int(r): r for r in Refusal}
 
 
 class ErrorCode(enum.IntEnum):
@@ -717,12 +723,14 @@ def _decode_entries_untrusted(
         head, count = body.unpack(_PARK_HEAD)
         if count != len(fds):
             raise RemoteProtocolError(f"PARK has {count} entries but {len(fds)} fds")
+        unpack_entry = body.unpack
+        take = body.take
         for _ in range(count):
-            idle, flags, tlen, plen = body.unpack(_PARK_ENTRY)
+            idle, flags, tlen, plen = unpack_entry(_PARK_ENTRY)
             if flags & ~(_PARK_HANGUP_RETURNS | _PARK_TIMEOUT_RETURNS | _PARK_EXT | _PARK_RESENT):
                 raise RemoteProtocolError(f"bad PARK field flags: {flags:#x}")
-            token = body.take(tlen)
-            pending = body.take(plen)
+            token = take(tlen) if tlen else b""
+            pending = take(plen) if plen else b""
             rules, tags = 0, tuple[bytes, ...]()
             if flags & _PARK_EXT:
                 rules, ntags = body.unpack(_PARK_EXT_HEAD)
@@ -743,16 +751,17 @@ def _decode_entries_untrusted(
     elif mtype is MessageType.WAKE:
         (count,) = body.unpack(_U16)
         with_fd = 0
+        unpack_entry = body.unpack
+        take = body.take
         for _ in range(count):
-            ticket, reason, flags, tlen, plen = body.unpack(_WAKE_ENTRY)
+            ticket, reason, flags, tlen, plen = unpack_entry(_WAKE_ENTRY)
             if flags & ~(_WAKE_HAS_FD | _WAKE_INET6 | _WAKE_EXT):
                 raise RemoteProtocolError(f"bad WAKE field flags: {flags:#x}")
-            try:
-                why = Reason(reason)
-            except ValueError:
-                raise RemoteProtocolError(f"bad WAKE field reason: {reason}") from None
-            token = body.take(tlen)
-            pending = body.take(plen)
+            why = _REASONS.get(reason)  # a dict, not Reason(): this loop is the hot path
+            if why is None:
+                raise RemoteProtocolError(f"bad WAKE field reason: {reason}")
+            token = take(tlen) if tlen else b""
+            pending = take(plen) if plen else b""
             count_ar = last_ms = 0
             unsent = b""
             if flags & _WAKE_EXT:
@@ -781,12 +790,13 @@ def _decode_entries_untrusted(
             raise RemoteProtocolError(f"WAKE has {with_fd} fd entries but {with_fd + len(fds)} fds")
     elif mtype is MessageType.PARKED:
         head, count = body.unpack(_PARKED_HEAD)
+        unpack_entry = body.unpack
         for _ in range(count):
-            code, ticket = body.unpack(_PARKED_ENTRY)
-            try:
-                entries.append(ParkResult(Refusal(code), ticket))
-            except ValueError:
-                raise RemoteProtocolError(f"bad PARKED field code: {code}") from None
+            code, ticket = unpack_entry(_PARKED_ENTRY)
+            refusal = _REFUSALS.get(code)  # a dict, not Refusal(): the hot path
+            if refusal is None:
+                raise RemoteProtocolError(f"bad PARKED field code: {code}")
+            entries.append(ParkResult(refusal, ticket))
     elif mtype in (MessageType.ACK, MessageType.UNPARK):
         (count,) = body.unpack(_U32)
         if count * 8 != len(body.data) - body.pos:

@@ -236,6 +236,13 @@ def park_entries(
         raise ValueError("tokens must pair up with socks")
     if pendings is not None and len(pendings) != len(fds):
         raise ValueError("pendings must pair up with socks")
+    if tokens is None and pendings is None and fds:
+        # One policy for all: checked once, then one cheap entry per socket.
+        first = make_park_entry(fds[0], **policy)
+        if min(fds) < 0:
+            raise ValueError("cannot park a closed socket")
+        ms, hup, tmo = first.idle_timeout_ms, first.hangup_returns, first.timeout_returns
+        return [ParkEntry(fd, b"", b"", ms, hup, tmo) for fd in fds]
     return [
         make_park_entry(
             fd,

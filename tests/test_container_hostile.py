@@ -21,9 +21,11 @@ from pathlib import Path
 
 import pytest
 
+import connpark
 from connpark._wire import (
     Error,
     ErrorCode,
+    Park,
     ParkEntry,
     Reason,
     Refusal,
@@ -386,3 +388,32 @@ def test_an_ended_session_never_makes_a_second_owner(sockdir: Path, worker_close
         w2.close()
         assert proc.stop() == 0
         client.close()
+
+
+def test_a_session_ending_with_its_parked_unsent_hurts_nobody(serve: ServeProcess) -> None:
+    """A worker that reads nothing, parks, and leaves: its queued PARKED is no reason
+    to fail, and every other pool's connections stay parked."""
+    clients, servers = tcp_pairs(20)
+    with connpark.BlockingParking(serve.path, pool="innocent") as other:
+        other.park_many(servers[:19], tokens=[b"o%d" % i for i in range(19)])
+        slow = RawPeer(serve.path, pool="slow", name="slow")
+        for _ in range(400):
+            slow.send(Stats())  # the replies fill its socket: PARKED will queue behind them
+        time.sleep(0.3)
+        slow.send(Park(7, (ParkEntry(servers[19].fileno(), token=b"C"),)))
+        time.sleep(0.3)
+        slow.close()
+        assert _wait(lambda: serve.stats().parked == 20)  # the container lives
+        for i, c in enumerate(clients[:19]):
+            c.sendall(b"still %d" % i)
+        got = {}
+        for _ in range(19):
+            w = other.next_wake(timeout=10)
+            assert w is not None
+            assert w.socket is not None
+            got[w.token] = w.socket.recv(20)
+            w.socket.close()
+        assert got == {b"o%d" % i: b"still %d" % i for i in range(19)}
+    assert "Traceback" not in serve.log_text()
+    for s in (*clients, *servers):
+        s.close()

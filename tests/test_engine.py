@@ -1644,3 +1644,17 @@ TestEngineMachine.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+def test_park_entries_share_one_policy_whole() -> None:
+    from connpark._worker import park_entries
+
+    entries = park_entries(
+        [7, 8], None, None, idle_timeout=2.5, on_hangup="return", rules=3, tags=(b"room:1",)
+    )
+    assert [e.fd for e in entries] == [7, 8]
+    for e in entries:
+        assert (e.idle_timeout_ms, e.hangup_returns, e.timeout_returns) == (2500, True, False)
+        assert (e.rules, e.tags, e.token, e.pending) == (3, (b"room:1",), b"", b"")
+    with pytest.raises(ValueError, match="closed socket"):
+        park_entries([7, -1], None, None)

@@ -288,6 +288,48 @@ def test_crash_recovery_tells_systemd_and_reloads_as_an_upgrade(sockdir: Path) -
             s.close()
 
 
+def test_a_hung_shard_is_restarted_before_the_watchdog_fires(sockdir: Path) -> None:
+    """SIGSTOP of the shard: the supervisor kills and restarts it (half the watchdog
+    interval), the pings go on, the parked connection is kept."""
+    m = FakeManager(f"@connpark-test-{uuid.uuid4().hex}")
+    path = sockdir / "cp.sock"
+    proc = _start(
+        [sys.executable, "-m", "connpark", "serve", "--socket", str(path), "--crash-recovery"],
+        {"NOTIFY_SOCKET": m.address, "WATCHDOG_USEC": "1000000"},
+        sockdir / "serve.log",
+    )
+    clients, servers = tcp_pairs(1)
+    try:
+        m.wait_for("READY")
+        with connpark.BlockingParking(str(path), pool="web") as parking:
+            parking.park(servers[0], token=b"t")
+            shard = next(p.pid for p in parking.stats().processes if p.role == "shard")
+            os.kill(shard, signal.SIGSTOP)
+            deadline = time.monotonic() + 15
+            while True:
+                assert time.monotonic() < deadline, "the hung shard was not replaced"
+                try:
+                    procs = parking.stats(timeout=1).processes
+                except connpark.ConnparkError:
+                    continue
+                if next(p.pid for p in procs if p.role == "shard") != shard:
+                    break
+            m.drain()
+            m.wait_for("WATCHDOG", timeout=2)  # pings go on: systemd never saw a hang
+            clients[0].sendall(b"kept")
+            woken = parking.next_wake(timeout=10)
+            assert woken is not None
+            assert woken.socket is not None
+            assert woken.socket.recv(10) == b"kept"
+            woken.socket.close()
+        assert "has not answered for 0.5s: killing it" in (sockdir / "serve.log").read_text()
+    finally:
+        _stop(proc)
+        m.close()
+        for s in clients + servers:
+            s.close()
+
+
 def test_serve_takes_the_control_socket_from_systemd(sockdir: Path) -> None:
     """LISTEN_FDS: serve uses the socket at fd 3 (no bind), makes it CLOEXEC,
     and leaves the socket file in place when it stops."""

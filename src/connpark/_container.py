@@ -273,6 +273,8 @@ class Container:
             if mirror is not None
             else (me,)
         )
+        #: When this shard took its predecessor's connections back (0: it did not).
+        self._restored_at = 0.0
         #: Restored connections that may be in a worker's hands: ticket -> record.
         self._quarantine: dict[int, Record] = {}
         #: Sockets a worker may send again, marked ``resent`` (its session ended
@@ -389,6 +391,7 @@ class Container:
                     "closing %d woken connections no worker took", self.lot.queued + self.lot.sent
                 )
             self._close_everything()
+            self._flush_mirror()  # what we closed, the mirror must not keep (or give back)
             self.watcher.close()
             LOGGER.info("container stopped")
 
@@ -411,10 +414,17 @@ class Container:
             )
 
     def _undelivered(self) -> bool:
-        """Wakes still on their way to a live session (orphans cannot progress: skip them)."""
+        """Wakes still on their way to a live session (orphans cannot progress: skip them).
+
+        A shard restored from the mirror waits for sessionless pools too, for
+        ``restore_grace`` after its start: their workers are reconnecting.
+        """
         if self.lot.sent:
             return True
-        return any(p.waiting and p.sessions for p in self.lot.pools.values())
+        reconnecting = bool(self._restored_at) and (
+            trio.current_time() - self._restored_at < self.config.restore_grace
+        )
+        return any(p.waiting and (p.sessions or reconnecting) for p in self.lot.pools.values())
 
     def _close_everything(self) -> None:
         for slot in self.lot.slots():
@@ -906,6 +916,7 @@ class Container:
         if not self._restore:
             return
         now = trio.current_time()
+        self._restored_at = now
         offset = now - time.time()
         parked = 0
         for r in self._restore:
@@ -1184,7 +1195,9 @@ class Container:
         """No new wakes; those never written (queued or encoded, not begun) go elsewhere."""
         # PARKED replies still go out (an entry answered OK is the container's);
         # WAKEs not begun are dropped and their slots handed to other workers.
-        _, tags = s.outbox.take_unstarted(only_tagged=True)
+        _, tags = s.outbox.take_unstarted(
+            only_tagged=True, keep_tag=lambda tag: isinstance(tag, _Confirm)
+        )
         unwritten = [slot for group in tags for slot in group]  # type: ignore[attr-defined]
         return self.lot.retire(s, trio.current_time(), unwritten)
 

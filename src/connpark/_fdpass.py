@@ -28,7 +28,7 @@ import termios
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import trio
 
@@ -231,11 +231,14 @@ class Outbox:
         """Drop every chunk not yet begun (closing their fds); False if one is half sent."""
         return self.take_unstarted()[0]
 
-    def take_unstarted(self, *, only_tagged: bool = False) -> tuple[bool, list[object]]:
+    def take_unstarted(
+        self, *, only_tagged: bool = False, keep_tag: Callable[[object], bool] | None = None
+    ) -> tuple[bool, list[object]]:
         """``discard_unstarted``, also returning the dropped frames' tags.
 
         ``only_tagged`` keeps untagged frames (they never share a chunk with a
-        tagged one): the container drops its WAKEs but still sends its PARKED.
+        tagged one), and ``keep_tag`` the tagged ones it says yes to: the
+        container drops its WAKEs but still sends its PARKED.
         """
         head_started = self._started and bool(self._chunks)
         keep = [self._chunks.popleft()] if head_started else []
@@ -243,7 +246,7 @@ class Outbox:
         tags: list[object] = []
         while self._chunks:
             data, fds, tag = self._chunks.popleft()
-            if only_tagged and tag is None:
+            if (only_tagged and tag is None) or (keep_tag is not None and keep_tag(tag)):
                 keep.append((data, fds, tag))
                 keep_frames.append(self._chunk_frames.popleft())
                 continue

@@ -53,6 +53,10 @@ _EXEC = -1000
 
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: How long a starting shard counts as healthy without answering (see ``_check``).
+START_GRACE = 15.0
+#: A shard silent this long (or half the systemd watchdog interval) is killed and restarted.
+SHARD_HANG = 10.0
 _SHARD_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -109,6 +113,11 @@ class Supervisor:
         self._mirror_decoder: Decoder | None = None
         self._mirror_sock: socket.socket | None = None
         self._exec_pid = 0
+        #: When the current shard was started (``_check``'s start-up grace).
+        self._spawned_at = time.monotonic()
+        self._last_stats: ContainerStats | None = None
+        #: The current shard has answered since it was started.
+        self._up = False
         self._stop_requested = trio.Event()
         #: How many times this supervisor was executed (1 + upgrades).
         self.generation = 1
@@ -137,6 +146,7 @@ class Supervisor:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._on_signals, signals)
                     nursery.start_soon(self._tell_systemd)
+                    nursery.start_soon(self._watch_shard)
                     if self._adopted is not None:  # we were re-executed: finish the upgrade
                         LOGGER.info(
                             "upgrade: supervisor re-executed (generation %d), %d connections"
@@ -228,19 +238,48 @@ class Supervisor:
             self._signal_shard(signal.SIGTERM)
 
     async def _check(self) -> ContainerStats | None:
-        """Healthy: the shard answered STATS in time (the watchdog's condition)."""
+        """Healthy: the shard answered STATS in time (the watchdog's condition).
+
+        While a shard starts (at most ``START_GRACE`` s after its spawn) the last
+        answer stands in: a restart is not a hang, and must not make systemd's
+        watchdog kill the supervisor that holds every connection.
+        """
         try:
-            return await trio.to_thread.run_sync(
+            stats = await trio.to_thread.run_sync(
                 lambda: fetch_stats(self.config.path, timeout=2.0), abandon_on_cancel=True
             )
         except (ConnparkError, OSError):
-            return None
+            starting = not self._up and time.monotonic() - self._spawned_at < START_GRACE
+            return self._last_stats if starting else None
+        self._last_stats = stats
+        self._up = True
+        return stats
+
+    async def _watch_shard(self) -> None:
+        """A shard that stops answering (hung, stopped) is killed, and so restarted
+        from the mirror: before systemd's watchdog would take everything down."""
+        interval = self.notifier.watchdog_interval()
+        limit = min(SHARD_HANG, interval / 2) if interval else SHARD_HANG
+        answered = time.monotonic()
+        while True:
+            await trio.sleep(min(1.0, limit / 4))
+            if await self._check() is not None:
+                answered = time.monotonic()
+            elif time.monotonic() - answered > limit and self._shard_pid is not None:
+                if not (self.stopping or self._upgrade.is_set() or self._handover):
+                    LOGGER.error("the shard has not answered for %gs: killing it", limit)
+                    self._signal_shard(signal.SIGKILL)
+                answered = time.monotonic()
 
     async def _tell_systemd(self) -> None:
         """READY=1 once the shard answers (again, after an upgrade), then STATUS/WATCHDOG."""
         if not self.notifier.enabled:
             return
-        while (stats := await self._check()) is None:  # noqa: ASYNC110 - polls another process
+        # Until the first shard answers, our own pings (the start is bounded by
+        # systemd's TimeoutStartSec) keep a short WatchdogSec from firing.
+        while (stats := await self._check()) is None:
+            if self.notifier.watchdog_interval():
+                self.notifier.watchdog()
             await trio.sleep(0.05)
         self.notifier.ready(status_line(stats))
         await keep_systemd_informed(self.notifier, self._check)
@@ -347,6 +386,8 @@ class Supervisor:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             theirs.close()
+        self._spawned_at = time.monotonic()
+        self._up = False
         ours.setblocking(False)
         await self._give_back(ours)
         return proc.pid, ours
@@ -393,6 +434,8 @@ class Supervisor:
         }
         keep = [listener.fileno(), sock.fileno(), *pending_fds, *(r.fd for r in records)]
         blob = -1
+        # From here a stop waits (pending) for the new image, or for us if exec fails.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         try:
             problem = preflight()
             if problem:
@@ -406,8 +449,7 @@ class Supervisor:
             LOGGER.info("upgrade: re-executing the supervisor (%d mirrored)", len(records))
             for handler in logging.getLogger("connpark").handlers:
                 handler.flush()
-            signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)  # until the new image listens
-            os.execv(sys.executable, argv)
+            os.execv(sys.executable, argv)  # signals stay blocked until the new image listens
         except OSError as exc:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
             LOGGER.error("upgrade failed, the running code carries on: %s", exc)

@@ -242,7 +242,8 @@ def park_entries(
         if min(fds) < 0:
             raise ValueError("cannot park a closed socket")
         ms, hup, tmo = first.idle_timeout_ms, first.hangup_returns, first.timeout_returns
-        return [ParkEntry(fd, b"", b"", ms, hup, tmo) for fd in fds]
+        rules, tags = first.rules, first.tags
+        return [ParkEntry(fd, b"", b"", ms, hup, tmo, rules, tags) for fd in fds]
     return [
         make_park_entry(
             fd,

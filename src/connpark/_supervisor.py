@@ -244,6 +244,8 @@ class Supervisor:
         answer stands in: a restart is not a hang, and must not make systemd's
         watchdog kill the supervisor that holds every connection.
         """
+        if self.stopping:  # a connection now would socket-activate us again under systemd
+            return self._last_stats
         try:
             stats = await trio.to_thread.run_sync(
                 lambda: fetch_stats(self.config.path, timeout=2.0), abandon_on_cancel=True

@@ -102,7 +102,6 @@ class Supervisor:
         self.epoch = 0
         self.restarts = 0
         self.stopping = False
-        self._signals = 0
         self._shard_pid: int | None = None
         self._listener: socket.socket | None = None
         #: A shard that outlived our re-exec: (pid, our end of its mirror, decoder leftovers).
@@ -233,7 +232,6 @@ class Supervisor:
                 self.notifier.stopping("draining: the shard hands every connection back")
             self.stopping = True
             self._stop_requested.set()
-            self._signals += 1
             LOGGER.info("got %s: stopping the shard", signal.Signals(signum).name)
             self._signal_shard(signal.SIGTERM)
 

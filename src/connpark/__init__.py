@@ -2,7 +2,10 @@
 
 Layers, each importing only those below it:
   _cli / _demo                 command line and the basic line demo
+  _service / _systemd / _metrics   serve as a service: sd_notify, socket activation, /metrics
+  _supervisor                  --crash-recovery: one shard, its mirror, restarts, hot upgrade
   _container                   the trio daemon (sessions, routing, deadlines)
+  _admit / _mirror             per-entry admission of parked fds; the mirror's codec and store
   _hook_* / aio / _worker      worker hooks (trio, threads, asyncio) over one sans-IO core
   _serving                     auto-responses and publish on parked sockets (non-blocking I/O)
   _lot / _tags                 the parking table: states, routing, deadlines, tags (no I/O)

@@ -540,25 +540,34 @@ def test_withdraw_a_sent_park_abandons_it(answer: Refusal) -> None:
     assert not engine.busy
 
 
-def test_an_abandoned_park_is_not_resent_after_a_lost_session() -> None:
+def test_an_abandoned_park_is_sent_again_after_a_lost_session() -> None:
+    """The dead session's container may have taken it: sent again (RESENT), an OK
+    closes the caller's copy, so the socket never has two owners."""
     engine, peer = started()
-    sock, kept = FakeSock(), FakeSock()
+    sock, kept, third = FakeSock(), FakeSock(), FakeSock()
     req = engine.park([sock], [entry(sock)], None)
     other = engine.park([kept], [entry(kept)], None)
     peer.recv()
     engine.withdraw(req)
     engine.receive_eof()
     assert [type(e) for e in peer.events()] == [SessionLost]
-    assert req.state is ReqState.DONE
-    with pytest.raises(ContainerLost):
-        req.outcome()
-    assert not sock.closed  # the caller's again
+    assert req.state is ReqState.QUEUED
+    assert not sock.closed
     peer.connect()
     peer.welcome()
     (park,) = parks(peer.recv())
-    assert [e.fd for e in park.entries] == [kept.fd]
-    peer.send(Parked(park.request_id, ok(3)))
-    assert settled(peer.events()) == [other]
+    assert [e.fd for e in park.entries] == [sock.fd, kept.fd]
+    assert [e.resent for e in park.entries] == [True, True]
+    peer.send(Parked(park.request_id, ok(3, 4)))
+    assert settled(peer.events()) == [other]  # nobody waits for the abandoned one
+    assert sock.closes == 1  # the container has it: our copy goes
+    # A refused abandoned park leaves the socket the caller's.
+    req3 = engine.park([third], [entry(third)], None)
+    (park3,) = parks(peer.recv())
+    engine.withdraw(req3)
+    peer.send(Parked(park3.request_id, (ParkResult(Refusal.FULL),)))
+    assert peer.events() == []
+    assert not third.closed
 
 
 def test_withdraw_stats() -> None:

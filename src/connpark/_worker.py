@@ -32,9 +32,11 @@ Ownership rules, kept here once for every hook:
   wake queue outlives sessions; ``begin_close`` re-parks what nobody took).
   After ``begin_close``, wakes are no longer ACKed and their fds are closed:
   the container re-routes them once this session's socket is gone.
-- **A lost session** (EOF, reset, ERROR): parks not yet answered go back to
-  QUEUED and are re-sent on the next session (the worker still holds those
-  sockets: the container that did not answer did not keep them); stats
+- **A lost session** (EOF, reset, ERROR): parks not yet answered, abandoned
+  ones included, go back to QUEUED and are re-sent on the next session marked
+  ``resent`` (the worker still holds those sockets; a container that took one
+  anyway, then died or answered too late, matches it to the ticket it gave
+  and answers OK, so the copy here is closed); UNPARK, CLOSE and stats
   requests are re-sent too. The next HELLO (v2) reports the previous session
   and the tickets received in it, which may be un-ACKed.
 - **Failure.** ``give_up`` fails every waiter with one error.
@@ -964,17 +966,15 @@ class Engine:
             requeue.extend(batch.unanswered())
         self._sent.clear()
         for req in requeue:
-            if req.abandoned:
-                # Nobody waits: the socket is the caller's again (documented).
-                req.state = ReqState.DONE
-                req.error = error
-            else:
-                req.state = ReqState.QUEUED
-                # The container may have taken them and died before PARKED (or
-                # not written PARKED yet): it matches the socket to its ticket.
-                done = req.entries[: req.answered]
-                rest = [attrs.evolve(e, resent=True) for e in req.entries[req.answered :]]
-                req.entries = done + rest
+            # The container may have taken them and died before PARKED (or not
+            # written PARKED yet, or restored them from its mirror): sent again,
+            # marked, it matches each socket to the ticket it gave. Abandoned
+            # ones too, nobody waiting: an OK closes the socket, a refusal leaves
+            # it the caller's, as when the answer comes in time.
+            req.state = ReqState.QUEUED
+            done = req.entries[: req.answered]
+            rest = [attrs.evolve(e, resent=True) for e in req.entries[req.answered :]]
+            req.entries = done + rest
         self._batch[:0] = [r for r in requeue if r.state is ReqState.QUEUED]
         for sreq in self._stats:
             if sreq.state is ReqState.SENT:

@@ -115,6 +115,8 @@ class Supervisor:
         #: When the current shard was started (``_check``'s start-up grace).
         self._spawned_at = time.monotonic()
         self._last_stats: ContainerStats | None = None
+        #: When ``_check`` last had a healthy answer (shared by its callers).
+        self._answered_at = 0.0
         #: The current shard has answered since it was started.
         self._up = False
         self._stop_requested = trio.Event()
@@ -250,9 +252,13 @@ class Supervisor:
             )
         except (ConnparkError, OSError):
             starting = not self._up and time.monotonic() - self._spawned_at < START_GRACE
-            return self._last_stats if starting else None
+            if starting and self._last_stats is not None:
+                self._answered_at = time.monotonic()
+                return self._last_stats
+            return None
         self._last_stats = stats
         self._up = True
+        self._answered_at = time.monotonic()
         return stats
 
     async def _watch_shard(self) -> None:
@@ -260,10 +266,13 @@ class Supervisor:
         from the mirror: before systemd's watchdog would take everything down."""
         interval = self.notifier.watchdog_interval()
         limit = min(SHARD_HANG, interval / 2) if interval else SHARD_HANG
+        tick = min(1.0, limit / 4)
         answered = time.monotonic()
         while True:
-            await trio.sleep(min(1.0, limit / 4))
-            if await self._check() is not None:
+            await trio.sleep(tick)
+            if time.monotonic() - self._answered_at < tick:
+                answered = self._answered_at  # the systemd task asked just now: no 2nd STATS
+            elif await self._check() is not None:
                 answered = time.monotonic()
             elif time.monotonic() - answered > limit and self._shard_pid is not None:
                 if not (self.stopping or self._upgrade.is_set() or self._handover):

@@ -286,7 +286,8 @@ class Supervisor:
             return
         # Until the first shard answers, our own pings (the start is bounded by
         # systemd's TimeoutStartSec) keep a short WatchdogSec from firing.
-        while (stats := await self._check()) is None:
+        # After an upgrade's re-exec: READY only once the new shard answers, not the old.
+        while self._handover or (stats := await self._check()) is None:
             if self.notifier.watchdog_interval():
                 self.notifier.watchdog()
             await trio.sleep(0.05)

@@ -106,3 +106,12 @@ def tcp_pairs(n: int) -> tuple[list[socket.socket], list[socket.socket]]:
     finally:
         listener.close()
     return clients, servers
+
+
+def recv_exactly(sock: socket.socket, n: int, timeout: float = 10) -> bytes:
+    """Read exactly ``n`` bytes, or fewer at EOF; ``timeout`` per read."""
+    sock.settimeout(timeout)
+    buf = b""
+    while len(buf) < n and (chunk := sock.recv(n - len(buf))):
+        buf += chunk
+    return buf

@@ -26,13 +26,17 @@ from .conftest import open_fd_count
 pytestmark = pytest.mark.linux
 
 
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
+    return [int(p) for p in out.stdout.split()]
+
+
 def _shard_pid(supervisor: int, not_: int = 0, timeout: float = 15) -> int:
+    """The shard: the supervisor's grandchild (its mirror's child)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        out = subprocess.run(
-            ["pgrep", "-P", str(supervisor)], capture_output=True, text=True, check=False
-        ).stdout.split()
-        pids = [int(p) for p in out if int(p) != not_]
+        shards = [s for mirror in _children(supervisor) for s in _children(mirror)]
+        pids = [p for p in shards if p != not_]
         if pids:
             return pids[0]
         time.sleep(0.05)
@@ -97,14 +101,15 @@ def test_shard_killed_or_upgraded_under_load_loses_nothing(sockdir: Path, disrup
         shard = _shard_pid(serve.pid)
         serve.stats()  # the shard is up and serving
         shard_base = open_fd_count(shard)
-        sup_base = open_fd_count(serve.pid)
+        (mirror,) = _children(serve.pid)  # the shard's mirror, the supervisor's child
+        sup_base = open_fd_count(mirror)
         clients, servers = tcp_pairs(n)
         with connpark.BlockingParking(path, pool="main") as parking:
             serve_fds = open_fd_count(shard)  # + our session
             out = parking.park_many(servers, tokens=[b"%d" % i for i in range(n)])
             assert all(isinstance(t, int) for t in out)
             assert open_fd_count(shard) == serve_fds + n
-            _until(lambda: open_fd_count(serve.pid) == sup_base + n, "the mirror holds every fd")
+            _until(lambda: open_fd_count(mirror) == sup_base + n, "the mirror holds every fd")
             cycler.start()
             started = time.monotonic()
             time.sleep(0.5)
@@ -124,11 +129,11 @@ def test_shard_killed_or_upgraded_under_load_loses_nothing(sockdir: Path, disrup
                 out, err = upgrade.communicate(timeout=60)
                 assert upgrade.returncode == 0, err
                 assert out.startswith(
-                    f"upgraded: supervisor {serve.pid} generation 2, shard {shard} ->"
+                    f"upgraded: supervisor {serve.pid}, mirrors at generation 2, shard {shard} ->"
                 )
             new_shard = _shard_pid(serve.pid, not_=shard)
             processes = serve.stats().processes
-            assert [(p.role, p.pid) for p in processes] == [
+            assert [(p.role, p.pid) for p in processes if p.role != "mirror"] == [
                 ("supervisor", serve.pid),
                 ("shard", new_shard),
             ]
@@ -163,7 +168,7 @@ def test_shard_killed_or_upgraded_under_load_loses_nothing(sockdir: Path, disrup
             c.close()
         # The cycler's connections are the test's again; nothing else is held.
         assert open_fd_count(new_shard) <= shard_base
-        _until(lambda: open_fd_count(serve.pid) == sup_base, "the mirror let go")
+        _until(lambda: open_fd_count(mirror) == sup_base, "the mirror let go")
     finally:
         cycler.stop.set()
         for s in (*cycler.clients, *cycler.servers):

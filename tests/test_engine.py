@@ -249,7 +249,7 @@ def test_hello_v2_on_the_first_session() -> None:
     peer = FakeContainer(engine)
     hello = peer.connect()
     assert hello == Hello(PROTOCOL_VERSION, "pool-a", "worker-7", 0, ())
-    assert hello.version == 3
+    assert hello.version == 4
     assert phase(engine) is Phase.HANDSHAKE
     assert not engine.ready
     assert peer.recv() == []  # HELLO goes once
@@ -290,22 +290,22 @@ def test_hello_after_a_reconnect_reports_the_previous_session_and_its_tickets() 
     assert isinstance(lost.error, ContainerLost)
     assert engine.phase is Phase.LOST
 
-    assert peer.connect() == Hello(3, "pool", "w1", first, (11, 12))
+    assert peer.connect() == Hello(PROTOCOL_VERSION, "pool", "w1", first, (11, 12))
     # A session lost during its handshake does not replace what HELLO reports.
     engine.receive_eof()
     assert [type(e) for e in peer.events()] == [SessionLost]
-    assert peer.connect() == Hello(3, "pool", "w1", first, (11, 12))
+    assert peer.connect() == Hello(PROTOCOL_VERSION, "pool", "w1", first, (11, 12))
     peer.welcome(77)
     assert engine.sessions == 2
     peer.send(Wake((WakeEntry(13, Reason.HANGUP),)))
     peer.events()
     engine.receive_data(b"")  # b"" is EOF too
     assert [type(e) for e in peer.events()] == [SessionLost]
-    assert peer.connect() == Hello(3, "pool", "w1", 77, (13,))
+    assert peer.connect() == Hello(PROTOCOL_VERSION, "pool", "w1", 77, (13,))
     peer.welcome(78)
     engine.receive_eof()
     peer.events()
-    assert peer.connect() == Hello(3, "pool", "w1", 78, ())  # nothing woken in 78
+    assert peer.connect() == Hello(PROTOCOL_VERSION, "pool", "w1", 78, ())  # nothing woken in 78
 
 
 def test_resume_tickets_are_bounded() -> None:
@@ -856,7 +856,9 @@ def test_acks_pending_when_a_session_ends_are_its_last_words() -> None:
     assert [type(e) for e in peer.events()] == [Woke, SessionLost]
     assert peer.recv() == [Ack((61,))]  # the container that ended it still reads them
     assert peer.recv() == []  # once
-    assert peer.connect() == Hello(3, "pool", "w1", first, (61,))  # reported all the same
+    assert peer.connect() == Hello(
+        PROTOCOL_VERSION, "pool", "w1", first, (61,)
+    )  # reported all the same
 
 
 def test_acks_not_written_before_the_next_session_are_dropped() -> None:
@@ -867,7 +869,7 @@ def test_acks_not_written_before_the_next_session_are_dropped() -> None:
     engine.receive_eof()
     peer.events()
     # The hook reconnects without writing them: HELLO alone, and it reports 62.
-    assert peer.connect() == Hello(3, "pool", "w1", first, (62,))
+    assert peer.connect() == Hello(PROTOCOL_VERSION, "pool", "w1", first, (62,))
     assert peer.recv() == []
     peer.welcome()
     assert peer.recv() == []  # not ACKed to the new session
@@ -950,7 +952,7 @@ def test_a_non_fatal_error_during_the_handshake_can_be_retried() -> None:
     assert "busy" in str(lost.error)
     assert engine.phase is Phase.LOST
     assert engine.retry_delay(0.0) is not None
-    assert peer.connect() == Hello(3, "default", "", 0, ())
+    assert peer.connect() == Hello(PROTOCOL_VERSION, "default", "", 0, ())
 
 
 def test_without_reconnect_every_waiter_fails_with_container_lost() -> None:

@@ -49,7 +49,7 @@ from connpark._wire import (
     message_fds,
 )
 
-from ._procs import ServeProcess, tcp_pairs
+from ._procs import ServeProcess, recv_exactly, tcp_pairs
 from .conftest import open_fd_count
 
 pytestmark = pytest.mark.linux
@@ -352,18 +352,27 @@ def make(request: pytest.FixtureRequest) -> Iterator[Factory]:
     assert open_fd_count() == before
 
 
+@pytest.fixture(scope="module")
+def sharded() -> Iterator[ServeProcess]:
+    """``serve --shards 3``: the hook keeps a session per shard and routes each call."""
+    with tempfile.TemporaryDirectory(prefix="cp-") as d:
+        proc = ServeProcess(Path(d) / "c.sock", ["--shards", "3"])
+        yield proc
+        assert proc.stop() == 0
+
+
+@pytest.fixture(params=["one", "sharded"])
+def container(
+    request: pytest.FixtureRequest, serve: ServeProcess, sharded: ServeProcess
+) -> ServeProcess:
+    """Every behaviour test runs against one container and against three shards."""
+    return serve if request.param == "one" else sharded
+
+
 @pytest.fixture
-def hook(make: Factory, serve: ServeProcess, request: pytest.FixtureRequest) -> Driver:
+def hook(make: Factory, container: ServeProcess, request: pytest.FixtureRequest) -> Driver:
     # A pool per test: connections a test leaves parked cannot wake into the next one.
-    return make(serve.path, pool=f"p-{request.node.name}")
-
-
-def _recv_exactly(sock: socket.socket, n: int, timeout: float = 10) -> bytes:
-    sock.settimeout(timeout)
-    buf = b""
-    while len(buf) < n and (chunk := sock.recv(n - len(buf))):
-        buf += chunk
-    return buf
+    return make(container.path, pool=f"p-{request.node.name}")
 
 
 def _wait_until(cond: Callable[[], bool], timeout: float = 10) -> bool:
@@ -394,9 +403,9 @@ def test_park_then_readable_wake_with_bytes_intact(hook: Driver) -> None:
     assert woken.socket is not None
     # Threads get blocking sockets; trio and asyncio get non-blocking ones.
     assert os.get_blocking(woken.socket.fileno()) is (hook.kind == "blocking")
-    assert _recv_exactly(woken.socket, len(payload)) == payload
+    assert recv_exactly(woken.socket, len(payload)) == payload
     woken.socket.sendall(b"back")
-    assert _recv_exactly(client, 4) == b"back"
+    assert recv_exactly(client, 4) == b"back"
     woken.socket.close()
     client.close()
 
@@ -414,7 +423,7 @@ def test_hangup_notice_and_return(hook: Driver) -> None:
     returned = got[t_return].socket
     assert got[t_return].reason is Reason.HANGUP
     assert returned is not None
-    assert _recv_exactly(returned, 10) == b""
+    assert recv_exactly(returned, 10) == b""
     returned.close()
 
 
@@ -429,7 +438,7 @@ def test_unpark_and_close_with_goodbye(hook: Driver) -> None:
     woken.socket.close()
     hook.unpark(t1)  # already gone: no error
     hook.close(t2, b"bye\n")
-    assert _recv_exactly(clients[1], 100) == b"bye\n"
+    assert recv_exactly(clients[1], 100) == b"bye\n"
     for c in clients:
         c.close()
 
@@ -443,7 +452,7 @@ def test_refusal_leaves_socket_usable(hook: Driver) -> None:
     with pytest.raises(connpark.ParkRefused, match="not-a-tcp-stream"):
         hook.park(udp)
     server.sendall(b"still mine")
-    assert _recv_exactly(client, 10) == b"still mine"
+    assert recv_exactly(client, 10) == b"still mine"
     for s in (client, server, udp):
         s.close()
 
@@ -486,14 +495,14 @@ def test_rules_tags_and_send_without_waking(hook: Driver) -> None:
     assert bad.value.reason is connpark.Refusal.UNKNOWN_RULES
     for _ in range(3):  # pings answered by the container, the worker sleeps on
         clients[0].sendall(b"\xc0\x00")
-        assert _recv_exactly(clients[0], 2) == b"\xd0\x00"
+        assert recv_exactly(clients[0], 2) == b"\xd0\x00"
         clients[1].sendall(b"PING\r\n")
-        assert _recv_exactly(clients[1], 6) == b"PONG\r\n"
+        assert recv_exactly(clients[1], 6) == b"PONG\r\n"
     assert hook.send(b"to room 1\n", tag="room:1") == connpark.SendResult(2, 0, 0)
     assert hook.send(b"direct\n", tickets=[tickets[2], 12345]) == connpark.SendResult(1, 0, 1)
-    assert _recv_exactly(clients[0], 10) == b"to room 1\n"
-    assert _recv_exactly(clients[1], 10) == b"to room 1\n"
-    assert _recv_exactly(clients[2], 7) == b"direct\n"
+    assert recv_exactly(clients[0], 10) == b"to room 1\n"
+    assert recv_exactly(clients[1], 10) == b"to room 1\n"
+    assert recv_exactly(clients[2], 7) == b"direct\n"
     stats = hook.stats()
     assert stats.autoresponses_total >= 6
     assert stats.tagged >= 3
@@ -505,7 +514,7 @@ def test_rules_tags_and_send_without_waking(hook: Driver) -> None:
     assert woken.socket is not None
     woken.socket.close()
     hook.close_tag("room:1", b"bye\n")  # ticket 0 only: ticket 1 is not parked any more
-    assert _recv_exactly(clients[0], 4) == b"bye\n"
+    assert recv_exactly(clients[0], 4) == b"bye\n"
     assert clients[0].recv(1) == b""
     hook.close(tickets[2], b"")
     for c in [*clients, servers[3]]:
@@ -616,7 +625,7 @@ def test_cancel_park_and_stats_against_a_silent_container(
     # Never answered: the socket is still the caller's, and usable.
     assert server.fileno() != -1
     server.sendall(b"mine")
-    assert _recv_exactly(client, 4) == b"mine"
+    assert recv_exactly(client, 4) == b"mine"
     server.close()
     client.close()
 
@@ -678,13 +687,13 @@ def test_40_sessions_each_take_one_wake_and_leave_nothing_delivered_twice(
         delivered.append(woken.token)
         assert woken.socket is not None
         want = b"hello " + woken.token + b"\n"
-        assert _recv_exactly(woken.socket, len(want)) == want
+        assert recv_exactly(woken.socket, len(want)) == want
         woken.socket.sendall(b"served\n")
         woken.socket.close()
         d.shutdown()  # at once: untaken wakes go back to the container
     assert sorted(delivered) == sorted(b"%d" % i for i in range(n)), "lost or delivered twice"
     for c in clients:
-        assert _recv_exactly(c, 7) == b"served\n"
+        assert recv_exactly(c, 7) == b"served\n"
         c.close()
     assert _wait_until(lambda: serve.stats().parked == 0 and serve.stats().unacked == 0)
 
@@ -718,11 +727,11 @@ def test_container_killed_and_restarted_mid_traffic(make: Factory, sockdir: Path
         assert got[b"in-flight"].ticket == ticket
         for w in got.values():
             assert w.socket is not None
-            assert _recv_exactly(w.socket, 4) == b"ping"
+            assert recv_exactly(w.socket, 4) == b"ping"
             w.socket.close()
         # The first container's parked connection died with it (crash recovery is
         # the container's own job); its client sees the close.
-        assert _recv_exactly(clients[0], 1) == b""
+        assert recv_exactly(clients[0], 1) == b""
         for c in clients:
             c.close()
     finally:
@@ -790,7 +799,7 @@ def test_asyncio_woken_socket_works_with_open_connection(serve: ServeProcess) ->
         raise AssertionError("no wake")
 
     assert asyncio.run(main()) == b"ping\n"
-    assert _recv_exactly(client, 5) == b"pong\n"
+    assert recv_exactly(client, 5) == b"pong\n"
     client.close()
 
 
@@ -819,7 +828,7 @@ def test_blocking_many_threads_park_and_take_wakes_at_once(serve: ServeProcess) 
                 assert woken.socket is not None
                 assert woken.socket.getblocking()
                 want = len(b"msg-" + woken.token)
-                out.append((woken.token, _recv_exactly(woken.socket, want)))
+                out.append((woken.token, recv_exactly(woken.socket, want)))
                 woken.socket.close()
             return out
 

@@ -26,7 +26,7 @@ from connpark import Reason, Rule
 from connpark._stats_client import fetch_stats
 from connpark._wire import Ack, Wake
 
-from ._procs import ServeProcess, tcp_pairs
+from ._procs import ServeProcess, recv_exactly, tcp_pairs
 from ._raw import RawPeer
 from .conftest import open_fd_count
 from .test_examples import ExampleProcess
@@ -45,14 +45,6 @@ def serve(sockdir: Path) -> Iterator[ServeProcess]:
 
 def _wakes(path: Path) -> int:
     return sum(fetch_stats(path).woken_total.values())
-
-
-def _recv_exactly(sock: socket.socket, n: int, timeout: float = 10) -> bytes:
-    sock.settimeout(timeout)
-    buf = b""
-    while len(buf) < n and (chunk := sock.recv(n - len(buf))):
-        buf += chunk
-    return buf
 
 
 def _nothing_to_read(sock: socket.socket) -> bool:
@@ -86,9 +78,9 @@ def test_mqtt_pings_answered_and_everything_else_wakes_with_every_byte(
         wakes0 = _wakes(serve.path)
         for _ in range(20):  # each ping answered by the container, nothing consumed else
             clients[0].sendall(PINGREQ)
-            assert _recv_exactly(clients[0], 2) == PINGRESP
+            assert recv_exactly(clients[0], 2) == PINGRESP
         clients[0].sendall(PINGREQ * 3)  # three at once: three answers
-        assert _recv_exactly(clients[0], 6) == PINGRESP * 3
+        assert recv_exactly(clients[0], 6) == PINGRESP * 3
         assert _wakes(serve.path) == wakes0  # the worker slept through 23 pings
 
         cases = {
@@ -105,7 +97,7 @@ def test_mqtt_pings_answered_and_everything_else_wakes_with_every_byte(
             assert woken.reason is Reason.READABLE
             client, data = cases[woken.ticket]
             assert woken.socket is not None
-            assert _recv_exactly(woken.socket, len(data)) == data  # every byte still there
+            assert recv_exactly(woken.socket, len(data)) == data  # every byte still there
             assert _nothing_to_read(client)  # and no reply was written
             woken.socket.close()
         stats = parking.stats()
@@ -176,7 +168,7 @@ def test_publish_to_a_stalled_receiver_wakes_it_with_the_unsent_rest(
         assert data.endswith(w.unsent)
         assert w.socket is not None
         with ThreadPoolExecutor(1) as reader:  # the client reads again
-            got = reader.submit(_recv_exactly, slow, len(data))
+            got = reader.submit(recv_exactly, slow, len(data))
             w.socket.sendall(w.unsent)  # the worker finishes it, in order
             w.socket.close()
             assert got.result(20) == data
@@ -199,7 +191,7 @@ def test_an_older_worker_gets_plain_wakes_from_a_served_connection(serve: ServeP
     old = RawPeer(serve.path, pool="mixed", version=2)  # the pool's only session now
     try:
         clients[0].sendall(PINGREQ)
-        assert _recv_exactly(clients[0], 2) == PINGRESP
+        assert recv_exactly(clients[0], 2) == PINGRESP
         clients[0].sendall(b"data")
         msg = old.receive()
         assert isinstance(msg, Wake)

@@ -271,7 +271,7 @@ def test_crash_recovery_tells_systemd_and_reloads_as_an_upgrade(sockdir: Path) -
             assert m.wait_for("READY", timeout=20)["STATUS"].startswith("parked 1,")
             after = parking.stats().processes
             assert [p.pid for p in after if p.role == "shard"] != shard
-            assert [p.generation for p in after if p.role == "supervisor"] == [2]
+            assert [p.generation for p in after if p.role == "mirror"] == [2]
             clients[0].sendall(b"still here")
             woken = parking.next_wake(timeout=10)
             assert woken is not None

@@ -363,8 +363,8 @@ def big_wakes(draw: st.DrawFn) -> Wake:
 
 def test_wire_constants_are_pinned() -> None:
     # docs/protocol.md states these numbers; changing one is a protocol change.
-    assert PROTOCOL_VERSION == 3
-    assert SUPPORTED_VERSIONS == {1, 2, 3}
+    assert PROTOCOL_VERSION == 4
+    assert SUPPORTED_VERSIONS == {1, 2, 3, 4}
     assert MAX_RESUME_TICKETS == 4096
     assert HEADER.format == "!IBBH"
     assert HEADER.size == 8
@@ -454,6 +454,20 @@ def golden_cases(fd_a: int, fd_b: int) -> list[tuple[Message, bytes, tuple[int, 
         (
             Welcome(7, 1024, 65536, 253, 512),
             frame(2, p("Q", 7) + p("I", 1024) + p("I", 65536) + p("H", 253) + p("I", 512)),
+            (),
+        ),
+        (  # v4: shard 2 of 3 (sent only to a v4 worker)
+            Welcome(7, 1024, 65536, 253, 512, 2, 3),
+            frame(
+                2,
+                p("Q", 7)
+                + p("I", 1024)
+                + p("I", 65536)
+                + p("H", 253)
+                + p("I", 512)
+                + p("H", 2)
+                + p("H", 3),
+            ),
             (),
         ),
         (
@@ -1089,6 +1103,7 @@ def test_frame_whose_fds_are_missing() -> None:
         (frame(1, p("H", 1) + b"\xc8abc"), 0, "truncated HELLO body"),
         (frame(1, p("H", 1)), 0, "truncated HELLO body"),
         (frame(2, b"\x00" * 21), 0, "truncated WELCOME body"),
+        (frame(2, struct.pack("!QIIHIHH", 1, 2, 3, 253, 9, 3, 3)), 0, "names shard 3 of 3"),
         (
             frame(3, p("I", 1) + p("H", 1) + p("I", 0) + p("B", 0) + p("H", 9), nfds=1),
             1,
@@ -1122,6 +1137,12 @@ def body_of(msg: Message) -> bytes:
         (MessageType.STATS, b"x", 0, "1 trailing bytes in STATS body"),
         (MessageType.HELLO, body_of(Hello()) + b"zz", 0, "2 trailing bytes in HELLO body"),
         (MessageType.WELCOME, body_of(Welcome(1, 2, 3)) + b"z", 0, "1 trailing bytes in WELCOME"),
+        (
+            MessageType.WELCOME,
+            body_of(Welcome(1, 2, 3, shard=1, shards=2)) + b"z",
+            0,
+            "1 trailing bytes in WELCOME",
+        ),
         (MessageType.PARK, park_bytes(2)[8:] + b"zzz", 2, "3 trailing bytes in PARK body"),
         (
             MessageType.PARKED,

@@ -51,6 +51,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _shards(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or 'auto': {text!r}") from None
+    if not 1 <= value <= 255:
+        raise argparse.ArgumentTypeError(f"must be 1 to 255: {value}")
+    return value
+
+
 def _host_port(text: str) -> tuple[str, int]:
     """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (every interface)."""
     host, sep, port = text.rpartition(":")
@@ -148,6 +160,14 @@ def _add_serve(sub: argparse._SubParsersAction[_Parser]) -> None:
         " a killed shard is restarted with every connection",
     )
     p.add_argument(
+        "--shards",
+        type=_shards,
+        metavar="N|auto",
+        help="run N container processes (shards), each with its mirror (implies"
+        " --crash-recovery); auto: one per core, and enough for --max-parked within the"
+        " per-process fd limit (default 1)",
+    )
+    p.add_argument(
         "--metrics",
         type=_host_port,
         metavar="HOST:PORT",
@@ -183,6 +203,16 @@ def _add_shard(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("--mirror-fd", type=int, required=True)
     p.add_argument("--epoch", type=int, default=0)
     p.add_argument("--generation", type=int, default=1)
+    p.add_argument("--place-json", default="{}")
+    p.add_argument("--config-json", required=True)
+    _add_log_flags(p)
+
+
+def _add_mirror(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """The fleet starts each shard's mirror with this (not for people)."""
+    p = sub.add_parser("_mirror")
+    p.add_argument("--listen-fd", type=int, required=True)
+    p.add_argument("--place-json", required=True)
     p.add_argument("--config-json", required=True)
     _add_log_flags(p)
 
@@ -196,13 +226,18 @@ def _add_upgrade(sub: argparse._SubParsersAction[_Parser]) -> None:
         " delivered twice; workers reconnect by themselves. Same as SIGHUP to the supervisor.",
     )
     p.add_argument("--socket", help="control socket path (default as for serve)")
-    p.add_argument("--timeout", type=_positive_float, default=30.0, help="seconds (30)")
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        help="seconds (default 30, and 10 more per shard past the third)",
+    )
 
 
 def _add_resume(sub: argparse._SubParsersAction[_Parser]) -> None:
     """An upgrading supervisor re-executes into this (not for people)."""
     p = sub.add_parser("_resume")
     p.add_argument("--state-fd", type=int, required=True)
+    p.add_argument("--fleet", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_upgrade(sub)
     _add_shard(sub)
+    _add_mirror(sub)
     _add_resume(sub)
     return parser
 
@@ -256,23 +292,24 @@ def _run_serve(args: argparse.Namespace) -> int:
             raise ConnparkError(
                 "--metrics needs prometheus_client: pip install 'connpark[metrics]'"
             ) from None
-    if args.crash_recovery:
+    if args.crash_recovery or args.shards not in (None, 1):
         import os
 
         import attrs
 
+        from ._fleet import Fleet, auto_shards, run_fleet
         from ._service import control_socket
-        from ._supervisor import Supervisor, run_supervisor
         from ._systemd import Notifier, listen_fds
 
+        shards = auto_shards(config) if args.shards == "auto" else int(args.shards or 1)
         log_args = ["--log-level", args.log_level, "--log-format", args.log_format]
         notifier = Notifier.from_environ()
         inherited = control_socket(listen_fds())
         if inherited is not None:
             config = attrs.evolve(config, path=os.fsdecode(inherited.getsockname()))
-        supervisor = Supervisor(config, log_args=log_args, notifier=notifier, metrics=args.metrics)
-        supervisor.listen(inherited)  # start-up errors: one line, no trio traceback
-        run_supervisor(supervisor)
+        fleet = Fleet(config, shards, log_args=log_args, notifier=notifier, metrics=args.metrics)
+        fleet.listen(inherited)  # start-up errors: one line, no trio traceback
+        run_fleet(fleet)
         return 0
     from ._service import run_serve
 
@@ -281,7 +318,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 def _run_shard(args: argparse.Namespace) -> int:
     from ._config import ContainerConfig
-    from ._supervisor import run_shard
+    from ._supervisor import ShardPlace, run_shard
 
     _setup_logging(args.log_level, args.log_format)
     config = ContainerConfig.from_mapping(json.loads(args.config_json))
@@ -291,13 +328,36 @@ def _run_shard(args: argparse.Namespace) -> int:
         mirror_fd=args.mirror_fd,
         epoch=args.epoch,
         generation=args.generation,
+        place=ShardPlace(**json.loads(args.place_json)),
     )
     return 0
 
 
+def _run_mirror(args: argparse.Namespace) -> int:
+    import socket
+
+    from ._config import ContainerConfig
+    from ._supervisor import ShardPlace, Supervisor, run_supervisor
+
+    _setup_logging(args.log_level, args.log_format)
+    config = ContainerConfig.from_mapping(json.loads(args.config_json))
+    log_args = ["--log-level", args.log_level, "--log-format", args.log_format]
+    listener = socket.socket(fileno=args.listen_fd)
+    place = ShardPlace(**json.loads(args.place_json))
+    run_supervisor(Supervisor(config, listener, place=place, log_args=log_args))
+    return 0
+
+
 def _run_resume(args: argparse.Namespace) -> int:
+    from ._fleet import resume_fleet, run_fleet
     from ._supervisor import resume_supervisor, run_supervisor
 
+    if args.fleet:
+        fleet = resume_fleet(args.state_fd)
+        log = fleet.log_args
+        _setup_logging(log[log.index("--log-level") + 1], log[log.index("--log-format") + 1])
+        run_fleet(fleet)
+        return 0
     supervisor = resume_supervisor(args.state_fd)
     log = supervisor.log_args
     _setup_logging(log[log.index("--log-level") + 1], log[log.index("--log-format") + 1])
@@ -321,13 +381,14 @@ def _run_upgrade(args: argparse.Namespace) -> int:
             " it cannot be upgraded in place"
         )
     old = {p.pid for p in before.processes if p.role == "shard"}
+    timeout = args.timeout or 30.0 + 10.0 * max(0, len(old) - 3)
     from ._supervisor import preflight
 
     problem = preflight()
     if problem:
         raise ConnparkError(f"not upgrading: {problem}")
     os.kill(sup[0].pid, signal.SIGHUP)
-    deadline = time.monotonic() + args.timeout
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(0.2)
         try:
@@ -341,16 +402,16 @@ def _run_upgrade(args: argparse.Namespace) -> int:
         except ConnparkError:
             continue  # between shards: try again
         shards = {p.pid for p in now.processes if p.role == "shard"}
-        if shards and not shards & old:
-            gen = [p.generation for p in now.processes if p.role == "supervisor"]
+        if len(shards) >= len(old) and not shards & old:
+            gen = [p.generation or 0 for p in now.processes if p.role == "mirror"]
             held = now.parked + now.queued + now.unacked
             print(
-                f"upgraded: supervisor {sup[0].pid} generation {gen[0] if gen else '?'},"
-                f" shard {' '.join(map(str, sorted(old)))} ->"
+                f"upgraded: supervisor {sup[0].pid}, mirrors at generation"
+                f" {min(gen) if gen else '?'}, shard {' '.join(map(str, sorted(old)))} ->"
                 f" {' '.join(map(str, sorted(shards)))}; {held:,} connections held"
             )
             return 0
-    raise ConnparkError(f"the upgrade did not finish within {args.timeout:g} s")
+    raise ConnparkError(f"the upgrade did not finish within {timeout:g} s")
 
 
 def _run_stats(args: argparse.Namespace) -> int:
@@ -404,6 +465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_demo(args)
         if args.command == "_shard":
             return _run_shard(args)
+        if args.command == "_mirror":
+            return _run_mirror(args)
         if args.command == "_resume":
             return _run_resume(args)
         if args.command == "upgrade":

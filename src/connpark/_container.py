@@ -250,7 +250,9 @@ class Container:
         mirror: socket.socket | None = None,
         epoch: int = 0,
         restore: Sequence[Record] = (),
-        supervisor_generation: int = 1,
+        shard: int = 0,
+        shards: int = 1,
+        keepers: Sequence[ProcessInfo] = (),
     ) -> None:
         self.config = config
         self.lot = Lot(
@@ -258,7 +260,10 @@ class Container:
             orphan_timeout=config.orphan_timeout,
             ack_deadline=config.ack_deadline,
             epoch=epoch,
+            shard=shard,
         )
+        #: Our index among the shards that serve the path, and how many there are.
+        self.shard, self.shards = shard, shards
         #: A listening socket inherited from a supervisor (then we do not own the path).
         self._listen_fd = listen_fd
         #: The supervisor's mirror of every parked fd (None: no crash recovery).
@@ -266,13 +271,8 @@ class Container:
         self._mirror_out = Outbox(own_fds=False)
         self._mirror_del: list[int] = []
         self._restore = list(restore)
-        me = ProcessInfo("shard", os.getpid(), 0)
-        #: Who serves this socket: us, and the supervisor that mirrors us (if any).
-        self._processes = (
-            (ProcessInfo("supervisor", os.getppid(), generation=supervisor_generation), me)
-            if mirror is not None
-            else (me,)
-        )
+        #: Who serves this socket: the supervisor and our mirror (if any), and us.
+        self._processes = (*keepers, ProcessInfo("shard", os.getpid(), shard))
         #: When this shard took its predecessor's connections back (0: it did not).
         self._restored_at = 0.0
         #: Restored connections that may be in a worker's hands: ticket -> record.
@@ -1315,6 +1315,8 @@ class Container:
                     self.config.max_token,
                     self.config.max_pending,
                     window=self.config.window,
+                    shard=self.shard if hello.version >= 4 else 0,
+                    shards=self.shards if hello.version >= 4 else 0,
                 ),
             )
             self._sessions[session.id] = session

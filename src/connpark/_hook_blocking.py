@@ -19,7 +19,8 @@ from typing import Any
 
 from ._errors import ConnparkError, ContainerLost, ContainerTimeout, ParkRefused, lost_from_os_error
 from ._fdpass import BlockingChannel, recv_fds, wait_readable_blocking
-from ._stats import ContainerStats
+from ._shards import Spread, by_shard, merge_send, other_shards, shard_of
+from ._stats import ContainerStats, merge_stats
 from ._unixsock import connect_unix, peer_uid
 from ._wire import Result, Rule
 from ._worker import (
@@ -51,7 +52,13 @@ class BlockingParking(HandleInfo):
     The first connection must succeed (``ContainerLost``, ``ContainerError``,
     ``ContainerTimeout`` otherwise); after that the hook reconnects by itself
     unless ``reconnect=False``, and gives up after ``backoff.give_up_after`` s.
+
+    Against a multi-shard container it keeps one session per shard: this
+    handle is shard 0's, ``_shards`` lists every shard's (the others share our
+    wake queue), and the public methods route each request (``_shards``).
     """
+
+    _spread: Spread | None
 
     def __init__(
         self,
@@ -64,21 +71,63 @@ class BlockingParking(HandleInfo):
         connect_timeout: float = 10.0,
         backoff: Backoff = DEFAULT_BACKOFF,
     ) -> None:
-        self._path = os.fspath(path)
-        self._engine = Engine(
+        engine = Engine(
             pool,
             name or f"threads-{os.getpid()}",
             reconnect=reconnect,
             backoff=backoff,
             container_uid=container_uid,
-            path=self._path,
+            path=os.fspath(path),
         )
+        self._setup(os.fspath(path), engine, connect_timeout, queue.SimpleQueue())
+        self._start()
+        try:
+            for other in other_shards(engine):  # one session per shard
+                shard = BlockingParking.__new__(BlockingParking)
+                shard._setup(other.path, other, connect_timeout, self._wakes, primary=False)
+                shard._start()
+                self._shards.append(shard)
+        except BaseException:
+            self.shutdown()
+            raise
+        if len(self._shards) > 1:
+            self._spread = Spread(len(self._shards))
+
+    @classmethod
+    def _one_shard(
+        cls, path: str | os.PathLike[str], *, pool: str, name: str, connect_timeout: float
+    ) -> BlockingParking:
+        """A handle on the shard at ``path`` only (a health check of that shard)."""
+        self = cls.__new__(cls)
+        engine = Engine(pool, name, reconnect=False, path=os.fspath(path))
+        self._setup(os.fspath(path), engine, connect_timeout, queue.SimpleQueue())
+        self._start()
+        return self
+
+    def _setup(
+        self,
+        path: str,
+        engine: Engine,
+        connect_timeout: float,
+        wakes: queue.SimpleQueue[object],
+        *,
+        primary: bool = True,
+    ) -> None:
+        self._path = path
+        self._engine = engine
         self._connect_timeout = connect_timeout
         self._lock = threading.Lock()  # the engine
         self._send_lock = threading.Lock()  # the order of writes
         self._chan: BlockingChannel | None = None
-        self._wakes: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._wakes = wakes
+        #: Shard 0's handle ends the shared wake queue; the other shards' do not.
+        self._primary = primary
         self._stop = threading.Event()
+        #: Every shard's handle, by shard index (ours first); one unless sharded.
+        self._shards: list[BlockingParking] = [self]
+        self._spread = None
+
+    def _start(self) -> None:
         chan = self._connect()  # raises: nothing to clean up but the channel
         self._reader = threading.Thread(
             target=self._run, args=(chan,), name="connpark-session", daemon=True
@@ -161,10 +210,13 @@ class BlockingParking(HandleInfo):
             return None
         if item is _END:
             self._wakes.put(_END)  # for every other waiting thread
-            if isinstance(self._engine.error, ContainerLost):
-                raise self._engine.error
+            for shard in self._shards:
+                if isinstance(shard._engine.error, ContainerLost):
+                    raise shard._engine.error
             return None
         assert isinstance(item, Woken)
+        if self._spread is not None:
+            self._spread.woke(item.ticket)
         return item
 
     def __iter__(self) -> Iterator[Woken[socket.socket]]:
@@ -175,18 +227,23 @@ class BlockingParking(HandleInfo):
     def unpark(self, *tickets: int, tag: str | bytes | None = None) -> None:
         """Ask for these connections (and those with ``tag``) back now (REQUESTED);
         gone tickets are ignored."""
-        with self._lock:
-            self._engine.unpark(tickets, tag)
-        self._flush()
+        for i, ts in by_shard(len(self._shards), tickets, tag):
+            shard = self._shards[i]
+            with shard._lock:
+                shard._engine.unpark(ts, tag)
+            shard._flush()
 
     def close(
         self, ticket: int | None = None, *, tag: str | bytes | None = None, goodbye: bytes = b""
     ) -> None:
         """Have the container write ``goodbye`` and close a parked connection (or all
         with ``tag``)."""
-        with self._lock:
-            self._engine.close_ticket(ticket, goodbye, tag)
-        self._flush()
+        tickets = () if ticket is None else (ticket,)
+        for i, ts in by_shard(len(self._shards), tickets, tag) or [(0, ())]:
+            shard = self._shards[i]
+            with shard._lock:
+                shard._engine.close_ticket(ts[0] if ts else None, goodbye, tag)
+            shard._flush()
 
     def set_rules(
         self,
@@ -197,9 +254,10 @@ class BlockingParking(HandleInfo):
         timeout: float | None = 10.0,
     ) -> None:
         """Register auto-response rules; ``park(..., rules=set_id)`` uses them (``Refused``)."""
-        with self._lock:
-            req = self._engine.set_rules(set_id, rules, threading.Event(), pool_wide=pool_wide)
-        self._control(req, timeout)
+        for shard in self._shards:
+            with shard._lock:
+                req = shard._engine.set_rules(set_id, rules, threading.Event(), pool_wide=pool_wide)
+            shard._control(req, timeout)
 
     def send(
         self,
@@ -211,10 +269,14 @@ class BlockingParking(HandleInfo):
     ) -> SendResult:
         """Write ``data`` to parked connections without waking them; those whose socket
         does not take it all are woken (reason UNSENT, the rest in ``woken.unsent``)."""
-        with self._lock:
-            req = self._engine.send(data, threading.Event(), tickets=tickets, tag=tag)
-        result = self._control(req, timeout)
-        return SendResult(result.written, result.woken, result.missed)
+        results = []
+        for i, ts in by_shard(len(self._shards), tickets, tag):
+            shard = self._shards[i]
+            with shard._lock:
+                req = shard._engine.send(data, threading.Event(), tickets=ts, tag=tag)
+            r = shard._control(req, timeout)
+            results.append(SendResult(r.written, r.woken, r.missed))
+        return merge_send(results)
 
     def _control(self, req: ControlRequest, timeout: float | None) -> Result:
         self._flush()
@@ -222,22 +284,49 @@ class BlockingParking(HandleInfo):
         return req.outcome()
 
     def stats(self, timeout: float | None = 10.0) -> ContainerStats:
-        """The container's statistics snapshot (``ContainerTimeout`` after ``timeout`` s)."""
-        with self._lock:
-            req = self._engine.stats(threading.Event())
-        self._flush()
-        self._wait(req, timeout)
-        return req.outcome()
+        """The container's statistics snapshot (``ContainerTimeout`` after ``timeout`` s):
+        totals over its shards, and each one's."""
+        parts = []
+        for shard in self._shards:
+            with shard._lock:
+                req = shard._engine.stats(threading.Event())
+            shard._flush()
+            shard._wait(req, timeout)
+            parts.append(req.outcome())
+        return merge_stats(parts)
 
     def shutdown(self) -> None:
-        """End the session: wakes nobody took go back to the container first."""
+        """End the sessions: wakes nobody took go back to their shard first."""
         if self._stop.is_set():
             return
-        with self._lock:  # the reader queues wakes under it: none can slip past
-            req = self._engine.begin_close(self._take_untaken(), threading.Event())
-        self._flush()  # every wake anyone could take is ACKed before the socket goes
-        if req is not None:
-            req.waiter.wait(CLOSE_TIMEOUT)
+        locks = [shard._lock for shard in self._shards]
+        for lock in locks:  # the readers queue wakes under them: none can slip past
+            lock.acquire()
+        try:
+            untaken: list[list[Woken[Any]]] = [[] for _ in self._shards]
+            for woken in self._take_untaken():
+                untaken[min(shard_of(woken.ticket), len(self._shards) - 1)].append(woken)
+            reqs = [
+                shard._engine.begin_close(theirs, threading.Event())
+                for shard, theirs in zip(self._shards, untaken, strict=True)
+            ]
+        finally:
+            for lock in locks:
+                lock.release()
+        for shard in self._shards:
+            shard._flush()  # every wake anyone could take is ACKed before the socket goes
+        deadline = time.monotonic() + CLOSE_TIMEOUT
+        for req in reqs:
+            if req is not None:
+                req.waiter.wait(max(0.0, deadline - time.monotonic()))
+        for shard in self._shards:
+            shard._end()
+        for woken in self._take_untaken():  # none, unless a reader could not stop
+            if woken.socket is not None:
+                woken.socket.close()
+        self._wakes.put(_END)
+
+    def _end(self) -> None:
         with self._lock:
             self._engine.finish_close()
             self._pump()
@@ -250,10 +339,6 @@ class BlockingParking(HandleInfo):
                 pass
         if threading.current_thread() is not self._reader:
             self._reader.join(timeout=10)
-        for woken in self._take_untaken():  # none, unless the reader could not stop
-            if woken.socket is not None:
-                woken.socket.close()
-        self._wakes.put(_END)
 
     def _take_untaken(self) -> list[Woken[Any]]:
         untaken: list[Woken[Any]] = []
@@ -279,6 +364,18 @@ class BlockingParking(HandleInfo):
     # -- waiting ----------------------------------------------------------------
 
     def _park(
+        self, socks: list[Any], entries: list[Any], timeout: float | None
+    ) -> list[int | ParkRefused]:
+        spread = self._spread
+        if spread is None:
+            return self._park_here(socks, entries, timeout)
+        up = [s._engine.phase is Phase.READY for s in self._shards]
+        i = spread.pick(up, time.monotonic())
+        results = self._shards[i]._park_here(socks, entries, timeout)
+        spread.parked(i, results, time.monotonic())
+        return results
+
+    def _park_here(
         self, socks: list[Any], entries: list[Any], timeout: float | None
     ) -> list[int | ParkRefused]:
         with self._lock:
@@ -379,7 +476,8 @@ class BlockingParking(HandleInfo):
         finally:
             with self._lock:
                 self._pump()
-            self._wakes.put(_END)
+            if self._primary:
+                self._wakes.put(_END)
 
     def _reconnect(self) -> BlockingChannel | None:
         engine = self._engine

@@ -20,7 +20,8 @@ import trio
 
 from ._errors import ConnparkError, ContainerLost, ContainerTimeout, ParkRefused, lost_from_os_error
 from ._fdpass import TrioChannel
-from ._stats import ContainerStats
+from ._shards import Spread, by_shard, merge_send, other_shards, shard_of
+from ._stats import ContainerStats, merge_stats
 from ._unixsock import connect_unix, peer_uid
 from ._wire import Result, Rule
 from ._worker import (
@@ -79,31 +80,59 @@ class WakeStream:
             raise StopAsyncIteration from None
 
     async def receive(self) -> Woken[TrioSocket]:
+        parking = self._parking
         try:
-            return await self._parking._wake_recv.receive()
+            woken = await parking._wake_recv.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
-            self._parking._raise_if_gave_up()
+            parking._raise_if_gave_up()
             raise trio.EndOfChannel from None
+        if parking._spread is not None:
+            parking._spread.woke(woken.ticket)
+        return woken
 
     def receive_nowait(self) -> Woken[TrioSocket]:
         """Raises ``trio.WouldBlock`` when none is waiting."""
+        parking = self._parking
         try:
-            return self._parking._wake_recv.receive_nowait()
+            woken = parking._wake_recv.receive_nowait()
         except (trio.EndOfChannel, trio.ClosedResourceError):
-            self._parking._raise_if_gave_up()
+            parking._raise_if_gave_up()
             raise trio.EndOfChannel from None
+        if parking._spread is not None:
+            parking._spread.woke(woken.ticket)
+        return woken
 
 
 class Parking(HandleInfo):
-    """A worker's parking handle. Get one from ``open_parking``."""
+    """A worker's parking handle. Get one from ``open_parking``.
 
-    def __init__(self, path: str, engine: Engine, connect_timeout: float) -> None:
+    Against a multi-shard container it keeps one session per shard: this
+    handle is shard 0's, ``_shards`` lists every shard's (the others share our
+    wake channel), and the public methods route each request (``_shards``).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        engine: Engine,
+        connect_timeout: float,
+        wakes: tuple[
+            trio.MemorySendChannel[Woken[TrioSocket]], trio.MemoryReceiveChannel[Woken[TrioSocket]]
+        ]
+        | None = None,
+    ) -> None:
         self._path = path
         self._engine = engine
         self._connect_timeout = connect_timeout
         self._chan: TrioChannel | None = None
         self._write_needed = trio.Event()
-        self._wake_send, self._wake_recv = trio.open_memory_channel[Woken[TrioSocket]](math.inf)
+        if wakes is None:
+            wakes = trio.open_memory_channel[Woken[TrioSocket]](math.inf)
+        self._wake_send: trio.MemorySendChannel[Woken[TrioSocket]] = wakes[0]
+        self._wake_recv: trio.MemoryReceiveChannel[Woken[TrioSocket]] = wakes[1]
+        #: Every shard's handle, by shard index (ours first); one unless sharded.
+        self._shards: list[Parking] = [self]
+        self._spread: Spread | None = None
 
     # -- public API ---------------------------------------------------------------
 
@@ -174,32 +203,42 @@ class Parking(HandleInfo):
     async def unpark(self, *tickets: int, tag: str | bytes | None = None) -> None:
         """Ask for these parked connections (and those with ``tag``) back now (reason
         REQUESTED); gone ones are ignored."""
-        self._engine.unpark(tickets, tag)
-        await self._flush()
+        for i, ts in by_shard(len(self._shards), tickets, tag):
+            self._shards[i]._engine.unpark(ts, tag)
+            self._shards[i]._flush_now()
+        await trio.lowlevel.checkpoint()
 
     async def close(
         self, ticket: int | None = None, *, tag: str | bytes | None = None, goodbye: bytes = b""
     ) -> None:
         """Have the container close a parked connection (or all with ``tag``), writing
         ``goodbye`` first."""
-        self._engine.close_ticket(ticket, goodbye, tag)
-        await self._flush()
+        tickets = () if ticket is None else (ticket,)
+        for i, ts in by_shard(len(self._shards), tickets, tag) or [(0, ())]:
+            self._shards[i]._engine.close_ticket(ts[0] if ts else None, goodbye, tag)
+            self._shards[i]._flush_now()
+        await trio.lowlevel.checkpoint()
 
     async def set_rules(
         self, set_id: int, rules: Sequence[Rule], *, pool_wide: bool = False
     ) -> None:
         """Register auto-response rules; ``park(..., rules=set_id)`` uses them (``Refused``)."""
-        req = self._engine.set_rules(set_id, rules, trio.Event(), pool_wide=pool_wide)
-        await self._control(req)
+        for shard in self._shards:
+            req = shard._engine.set_rules(set_id, rules, trio.Event(), pool_wide=pool_wide)
+            await shard._control(req)
 
     async def send(
         self, data: bytes, *, tickets: Sequence[int] = (), tag: str | bytes | None = None
     ) -> SendResult:
         """Write ``data`` to parked connections without waking them; those whose socket
         does not take it all are woken (reason UNSENT, the rest in ``woken.unsent``)."""
-        req = self._engine.send(data, trio.Event(), tickets=tickets, tag=tag)
-        result = await self._control(req)
-        return SendResult(result.written, result.woken, result.missed)
+        results = []
+        for i, ts in by_shard(len(self._shards), tickets, tag):
+            shard = self._shards[i]
+            req = shard._engine.send(data, trio.Event(), tickets=ts, tag=tag)
+            r = await shard._control(req)
+            results.append(SendResult(r.written, r.woken, r.missed))
+        return merge_send(results)
 
     async def _control(self, req: ControlRequest) -> Result:
         self._write_needed.set()
@@ -207,15 +246,28 @@ class Parking(HandleInfo):
         return req.outcome()
 
     async def stats(self) -> ContainerStats:
-        """The container's statistics snapshot."""
-        req = self._engine.stats(trio.Event())
-        self._write_needed.set()
-        await self._wait(req)
-        return req.outcome()
+        """The container's statistics snapshot (totals over its shards, and each one's)."""
+        parts = []
+        for shard in self._shards:
+            req = shard._engine.stats(trio.Event())
+            shard._write_needed.set()
+            await shard._wait(req)
+            parts.append(req.outcome())
+        return merge_stats(parts)
 
     # -- waiting ----------------------------------------------------------------------
 
     async def _park(self, socks: list[Any], entries: list[Any]) -> list[int | ParkRefused]:
+        spread = self._spread
+        if spread is None:
+            return await self._park_here(socks, entries)
+        up = [s._engine.phase is Phase.READY for s in self._shards]
+        i = spread.pick(up, trio.current_time())
+        results = await self._shards[i]._park_here(socks, entries)
+        spread.parked(i, results, trio.current_time())
+        return results
+
+    async def _park_here(self, socks: list[Any], entries: list[Any]) -> list[int | ParkRefused]:
         req = self._engine.park(socks, entries, trio.Event())
         self._pump()
         self._write_needed.set()
@@ -230,8 +282,9 @@ class Parking(HandleInfo):
             raise
 
     def _raise_if_gave_up(self) -> None:
-        if isinstance(self._engine.error, ContainerLost):
-            raise self._engine.error
+        for shard in self._shards:
+            if isinstance(shard._engine.error, ContainerLost):
+                raise shard._engine.error
 
     # -- I/O ----------------------------------------------------------------------------
 
@@ -264,10 +317,6 @@ class Parking(HandleInfo):
             self._broken(exc)
         if chan.flush_needed:
             self._write_needed.set()
-
-    async def _flush(self) -> None:
-        self._flush_now()
-        await trio.lowlevel.checkpoint()
 
     def _broken(self, exc: OSError) -> None:
         self._engine.connection_failed(lost_from_os_error(exc, "lost the container"))
@@ -358,13 +407,19 @@ class Parking(HandleInfo):
         self._wake_send.close()
 
     async def _close(self) -> None:
-        """Hand back what nobody took, wait for it (bounded), fail the rest."""
-        untaken = []
+        """Hand back what nobody took (each to its shard), wait for it (bounded)."""
+        untaken: list[list[Woken[Any]]] = [[] for _ in self._shards]
         while True:
             try:
-                untaken.append(self._wake_recv.receive_nowait())
+                woken = self._wake_recv.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
+            untaken[min(shard_of(woken.ticket), len(self._shards) - 1)].append(woken)
+        async with trio.open_nursery() as nursery:
+            for shard, theirs in zip(self._shards, untaken, strict=True):
+                nursery.start_soon(shard._close_here, theirs)
+
+    async def _close_here(self, untaken: list[Woken[Any]]) -> None:
         req = self._engine.begin_close(untaken, trio.Event())
         with trio.move_on_after(CLOSE_TIMEOUT):
             # Every wake anyone could take is ACKed before the socket goes.
@@ -377,7 +432,8 @@ class Parking(HandleInfo):
 
 
 def _close_stream(parking: Parking) -> None:
-    parking._wake_send.close()
+    for shard in parking._shards:
+        shard._wake_send.close()
     while True:
         try:
             w = parking._wake_recv.receive_nowait()
@@ -407,6 +463,7 @@ async def open_parking(
     reconnects by itself (unless ``reconnect=False``) and gives up, with
     ``ContainerLost``, after ``backoff.give_up_after`` seconds without one.
     """
+
     engine = Engine(
         pool,
         name or f"trio-{os.getpid()}",
@@ -420,6 +477,14 @@ async def open_parking(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(parking._writer)
             await nursery.start(parking._run)
+            for other in other_shards(engine):  # one session per shard
+                wakes = (parking._wake_send.clone(), parking._wake_recv)
+                shard = Parking(other.path, other, connect_timeout, wakes)
+                parking._shards.append(shard)
+                nursery.start_soon(shard._writer)
+                await nursery.start(shard._run)
+            if len(parking._shards) > 1:
+                parking._spread = Spread(len(parking._shards))
             try:
                 yield parking
                 await parking._close()
@@ -432,7 +497,8 @@ async def open_parking(
             raise exc from exc.__cause__
         raise
     finally:
-        engine.finish_close()
+        for shard in parking._shards:
+            shard._engine.finish_close()
         _close_stream(parking)
 
 

@@ -45,14 +45,16 @@ from typing import Any
 
 from ._errors import ConnparkError
 from ._tags import TagIndex
-from ._wire import Reason
+from ._wire import TICKET_SHARD_SHIFT, Reason
 
 FD_BITS = 24
 _FD_MASK = (1 << FD_BITS) - 1
-#: A ticket is ``epoch << 56 | seq << 24 | fd``: the epoch (how many times this
-#: shard was started) keeps tickets unique across restarts, restored ones valid.
+#: A ticket is ``epoch << 56 | shard << 48 | seq << 24 | fd``: the epoch (how
+#: many times this shard was started) keeps tickets unique across restarts,
+#: restored ones valid; the shard tells a worker where to send an UNPARK.
 EPOCH_SHIFT = 56
-_LOCAL_MASK = (1 << EPOCH_SHIFT) - 1
+SHARD_SHIFT = TICKET_SHARD_SHIFT
+_LOCAL_MASK = (1 << SHARD_SHIFT) - 1
 _TICKET_MASK = (1 << 64) - 1
 
 
@@ -182,9 +184,10 @@ class Lot:
         orphan_timeout: float = 60.0,
         ack_deadline: float = math.inf,
         epoch: int = 0,
+        shard: int = 0,
     ) -> None:
         self.window = window
-        self._epoch = (epoch & 0xFF) << EPOCH_SHIFT
+        self._epoch = (epoch & 0xFF) << EPOCH_SHIFT | (shard & 0xFF) << SHARD_SHIFT
         #: Restored tickets whose fd number changed with the process: ticket -> slot.
         self._alias: dict[int, Slot] = {}
         self.orphan_timeout = orphan_timeout

@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -108,6 +108,21 @@ class ProcessInfo:
 
 
 @attrs.frozen
+class ShardFigures:
+    """One shard's share, in the totals of a multi-shard container."""
+
+    shard: int
+    parked: int
+    queued: int
+    unacked: int
+    sessions: int
+    fds_held: int
+    fd_budget: int
+    parks_total: int
+    acks_total: int
+
+
+@attrs.frozen
 class ContainerStats:
     """What ``connpark stats`` prints."""
 
@@ -157,6 +172,8 @@ class ContainerStats:
     #: Parked connections with tags, and distinct tags among them.
     tagged: int = 0
     tags: int = 0
+    #: Several shards (``serve --shards``): each one's figures; the rest are totals.
+    shards: tuple[ShardFigures, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(attrs.asdict(self), sort_keys=True)
@@ -166,9 +183,97 @@ class ContainerStats:
         data: dict[str, Any] = json.loads(text)
         data["wake_latency"] = LatencySummary(**data["wake_latency"])
         data["processes"] = tuple(ProcessInfo(**p) for p in data.get("processes", ()))
+        data["shards"] = tuple(ShardFigures(**f) for f in data.get("shards", ()))
         if "wake_latency_histogram" in data:
             data["wake_latency_histogram"] = LatencyHistogram(**data["wake_latency_histogram"])
         return cls(**data)
+
+
+_SUMMED = (
+    "parked queued unacked orphaned sessions parks_total acks_total closed_total"
+    " orphans_closed_total protocol_errors_total fds_held fd_budget autoresponses_total"
+    " autoresponse_bytes_total publishes_total published_total publish_woken_total"
+    " publish_bytes_total tagged tags"
+).split()
+
+
+def _sum_maps(maps: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for m in maps:
+        for key, value in m.items():
+            out[key] = out.get(key, 0) + value
+    return out
+
+
+def _shard_of(stats: ContainerStats, default: int) -> int:
+    return next(
+        (p.shard for p in stats.processes if p.role == "shard" and p.shard is not None), default
+    )
+
+
+def merge_stats(parts: Sequence[ContainerStats]) -> ContainerStats:
+    """Totals over shards, with each shard's figures in ``shards``.
+
+    Counters, gauges and histograms add up exactly. The recent-latency summary
+    cannot: its p50 is the shards' median weighted by their counts, its p99 and
+    max the worst shard's (an upper bound). The supervisor and the mirrors
+    appear once each in ``processes``.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    summed = {name: sum(getattr(p, name) for p in parts) for name in _SUMMED}
+    lats = [p.wake_latency for p in parts if p.wake_latency.count]
+    count = sum(lat.count for lat in lats)
+    latency = LatencySummary()
+    if count:
+        ordered = sorted(lats, key=lambda lat: lat.p50_ms)
+        seen, p50 = 0, ordered[-1].p50_ms
+        for lat in ordered:
+            seen += lat.count
+            if seen * 2 >= count:
+                p50 = lat.p50_ms
+                break
+        latency = LatencySummary(
+            count, p50, max(lat.p99_ms for lat in lats), max(lat.max_ms for lat in lats)
+        )
+    hists = [p.wake_latency_histogram for p in parts]
+    histogram = LatencyHistogram(
+        hists[0].bounds,
+        tuple(map(sum, zip(*(h.counts for h in hists), strict=True))),
+        round(sum(h.sum_s for h in hists), 9),
+    )
+    processes: dict[tuple[str, int], ProcessInfo] = {}
+    for p in parts:
+        for proc in p.processes:
+            processes.setdefault((proc.role, proc.pid), proc)
+    figures = tuple(
+        ShardFigures(
+            _shard_of(p, i),
+            p.parked,
+            p.queued,
+            p.unacked,
+            p.sessions,
+            p.fds_held,
+            p.fd_budget,
+            p.parks_total,
+            p.acks_total,
+        )
+        for i, p in enumerate(parts)
+    )
+    return attrs.evolve(
+        first,
+        **summed,
+        woken_total=_sum_maps(p.woken_total for p in parts),
+        refused_total=_sum_maps(p.refused_total for p in parts),
+        pools=_sum_maps(p.pools for p in parts),
+        wake_latency=latency,
+        wake_latency_histogram=histogram,
+        uptime_s=max(p.uptime_s for p in parts),
+        shutting_down=any(p.shutting_down for p in parts),
+        processes=tuple(processes.values()),
+        shards=figures,
+    )
 
 
 def format_table(stats: ContainerStats, *, source: str = "", at: float | None = None) -> str:
@@ -229,6 +334,15 @@ def format_table(stats: ContainerStats, *, source: str = "", at: float | None = 
         ("wake latency", None, latency),
         ("fd budget", None, f"{stats.fds_held:,} of {stats.fd_budget:,} used ({share:.1f}%)"),
     ]
+    for f in stats.shards:
+        rows.append(
+            (
+                f"shard {f.shard}",
+                f.parked,
+                f"queued {f.queued:,}, un-ACKed {f.unacked:,}, sessions {f.sessions:,},"
+                f" fds {f.fds_held:,} of {f.fd_budget:,}",
+            )
+        )
     # At least as wide as 1,000,000: the column stays put while --watch counts up.
     width = max(9, *(len(f"{n:,}") for _, n, _ in rows if n is not None))
     lines = [header]

@@ -1,19 +1,21 @@
-"""``connpark serve --crash-recovery``: a small supervisor, one container shard, the mirror.
+"""The mirror process of one shard (``connpark serve --crash-recovery``, ``--shards``).
 
-The supervisor owns the control socket (the shard inherits the listening
-fd, so workers that connect while a shard restarts wait in the backlog),
-starts the shard, and holds the **mirror**: a second copy of every parked fd
-and its record (``_mirror``), fed by the shard one message per batch. When
-the shard dies (SIGKILL, a crash, the OOM killer), the supervisor starts a
+The fleet supervisor (``_fleet``) starts one of these per shard. It holds the
+**mirror**: a second copy of every parked fd of its shard and its record
+(``_mirror``), fed by the shard one message per batch, and runs the shard
+itself. The shard inherits the shard's listening fd from us (and we from the
+fleet), so workers that connect while a shard restarts wait in the backlog.
+When the shard dies (SIGKILL, a crash, the OOM killer), the mirror starts a
 new one and hands it every record and fd back: same tickets, same deadlines,
 nothing lost; connections that were on their way to a worker wait in
 quarantine until that worker reconnects and names them (HELLO v2 resume).
+SIGHUP upgrades: re-exec with the code on disk, then a new shard.
 
 It reads nothing from workers: only its own shard's mirror messages.
 
-What is not survived: the supervisor's own death (the shard then drains:
-every parked connection goes back to its workers with SHUTDOWN, nothing is
-lost while they are up) and the machine's.
+What is not survived: a mirror's own death (its shard then drains: every
+parked connection goes back to its workers with SHUTDOWN, nothing is lost
+while they are up) and the machine's.
 """
 
 from __future__ import annotations
@@ -39,11 +41,9 @@ from ._errors import ConnparkError
 from ._fdpass import Outbox, recv_fds
 from ._lot import EPOCH_SHIFT
 from ._mirror import Decoder, Kind, Record, Store, encode_done, encode_records
-from ._service import keep_systemd_informed, status_line
-from ._stats import ContainerStats
+from ._reexec import read_state, reexec
+from ._stats import ContainerStats, ProcessInfo
 from ._stats_client import fetch_stats
-from ._systemd import Notifier
-from ._unixsock import listen_unix
 
 LOGGER = logging.getLogger(__name__)
 #: A shard that dies sooner than this after its start makes the next start wait.
@@ -79,31 +79,39 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+@attrs.frozen
+class ShardPlace:
+    """Which shard a mirror runs, and what it tells its shard about the fleet."""
+
+    shard: int = 0
+    shards: int = 1
+    #: The fleet supervisor's pid (our parent), for ``stats``' process list.
+    fleet_pid: int = 0
+    #: A shard silent this long is killed (``SHARD_HANG``, or half systemd's watchdog).
+    hang_limit: float = SHARD_HANG
+
+
 class Supervisor:
     """Runs one shard at a time and restarts it with everything the mirror holds."""
 
     def __init__(
         self,
         config: ContainerConfig,
+        listener: socket.socket,
         *,
+        place: ShardPlace = ShardPlace(),
         log_args: Sequence[str] = (),
-        notifier: Notifier | None = None,
-        metrics: tuple[str, int] | None = None,
     ) -> None:
+        #: ``config.path`` is our shard's own path (``shard_path``).
         self.config = config
+        self.place = place
         self.log_args = list(log_args)
-        #: systemd (Type=notify): READY once the shard answers, STATUS and WATCHDOG
-        #: while it does, RELOADING during an upgrade, STOPPING on a stop.
-        self.notifier = notifier or Notifier(None)
-        self.metrics = metrics
-        #: The control socket came from systemd (socket activation): never unlinked.
-        self._owns_path = True
+        self._listener = listener
         self.store = Store()
         self.epoch = 0
         self.restarts = 0
         self.stopping = False
         self._shard_pid: int | None = None
-        self._listener: socket.socket | None = None
         #: A shard that outlived our re-exec: (pid, our end of its mirror, decoder leftovers).
         self._adopted: tuple[int, socket.socket, bytes, list[int]] | None = None
         #: SIGHUP: re-exec with the code on disk, then hand the shard over to a new one.
@@ -123,20 +131,9 @@ class Supervisor:
         #: How many times this supervisor was executed (1 + upgrades).
         self.generation = 1
 
-    def listen(self, inherited: socket.socket | None = None) -> None:
-        """Bind the control socket now (or take systemd's): start-up errors surface here."""
-        raise_nofile_limit()
-        if inherited is not None:
-            self._listener = inherited
-            self._owns_path = False
-        else:
-            self._listener = listen_unix(self.config.path, mode=self.config.socket_mode)
-
     async def run(self) -> None:
-        if self._listener is None:
-            self.listen()
+        raise_nofile_limit()
         listener = self._listener
-        assert listener is not None
         delay = 0.0
         execed = False
         try:
@@ -146,12 +143,12 @@ class Supervisor:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._on_signals, signals)
-                    nursery.start_soon(self._tell_systemd)
                     nursery.start_soon(self._watch_shard)
                     if self._adopted is not None:  # we were re-executed: finish the upgrade
                         LOGGER.info(
-                            "upgrade: supervisor re-executed (generation %d), %d connections"
-                            " mirrored; handing the shard over",
+                            "upgrade: mirror of shard %d re-executed (generation %d),"
+                            " %d connections mirrored; handing the shard over",
+                            self.place.shard,
                             self.generation,
                             len(self.store),
                         )
@@ -205,11 +202,6 @@ class Supervisor:
             if not execed:
                 self.store.close()
                 listener.close()
-                if self._owns_path:
-                    try:
-                        os.unlink(self.config.path)
-                    except OSError:
-                        pass
 
     def _next_epoch(self) -> int:
         """The next shard's ticket epoch: one no mirrored ticket uses (tickets stay unique)."""
@@ -227,11 +219,8 @@ class Supervisor:
                     LOGGER.warning("got SIGHUP: an upgrade or a stop is under way; ignored")
                     continue
                 LOGGER.info("got SIGHUP: upgrading (re-exec, then a new shard)")
-                self.notifier.reloading()
                 self._upgrade.set()
                 continue
-            if not self.stopping:
-                self.notifier.stopping("draining: the shard hands every connection back")
             self.stopping = True
             self._stop_requested.set()
             LOGGER.info("got %s: stopping the shard", signal.Signals(signum).name)
@@ -248,7 +237,8 @@ class Supervisor:
             return self._last_stats
         try:
             stats = await trio.to_thread.run_sync(
-                lambda: fetch_stats(self.config.path, timeout=2.0), abandon_on_cancel=True
+                lambda: fetch_stats(self.config.path, timeout=2.0, one_shard=True),
+                abandon_on_cancel=True,
             )
         except (ConnparkError, OSError):
             starting = not self._up and time.monotonic() - self._spawned_at < START_GRACE
@@ -264,8 +254,7 @@ class Supervisor:
     async def _watch_shard(self) -> None:
         """A shard that stops answering (hung, stopped) is killed, and so restarted
         from the mirror: before systemd's watchdog would take everything down."""
-        interval = self.notifier.watchdog_interval()
-        limit = min(SHARD_HANG, interval / 2) if interval else SHARD_HANG
+        limit = self.place.hang_limit
         tick = min(1.0, limit / 4)
         answered = time.monotonic()
         while True:
@@ -279,27 +268,6 @@ class Supervisor:
                     LOGGER.error("the shard has not answered for %gs: killing it", limit)
                     self._signal_shard(signal.SIGKILL)
                 answered = time.monotonic()
-
-    async def _tell_systemd(self) -> None:
-        """READY=1 once the shard answers (again, after an upgrade), then STATUS/WATCHDOG."""
-        if not self.notifier.enabled:
-            return
-        # Until the first shard answers, our own pings (the start is bounded by
-        # systemd's TimeoutStartSec) keep a short WatchdogSec from firing.
-        # After an upgrade's re-exec: READY only once the new shard answers, not the old.
-        while self._handover or (stats := await self._check()) is None:
-            if self.notifier.watchdog_interval():
-                self.notifier.watchdog()
-            await trio.sleep(0.05)
-        self.notifier.ready(status_line(stats))
-        await keep_systemd_informed(self.notifier, self._check)
-
-    def snapshots(self) -> list[tuple[str, ContainerStats]]:
-        """For ``/metrics`` (called from its HTTP thread): the shard's statistics."""
-        try:
-            return [("0", fetch_stats(self.config.path, timeout=2.0))]
-        except (ConnparkError, OSError):
-            return []
 
     def _signal_shard(self, sig: int) -> None:
         if self._shard_pid is not None:
@@ -378,6 +346,8 @@ class Supervisor:
             str(self.epoch),
             "--generation",
             str(self.generation),
+            "--place-json",
+            json.dumps(attrs.asdict(self.place)),
             "--config-json",
             config,
             *self.log_args,
@@ -414,10 +384,7 @@ class Supervisor:
         leftover, pending_fds = decoder.detach()
         records = self.store.records()
         state = {
-            "notify_socket": self.notifier.address,
-            "watchdog": self.notifier.watchdog_interval(),
-            "owns_path": self._owns_path,
-            "metrics": self.metrics,
+            "place": attrs.asdict(self.place),
             "config": attrs.asdict(self.config),
             "log_args": self.log_args,
             "epoch": self.epoch,
@@ -443,30 +410,17 @@ class Supervisor:
             ],
         }
         keep = [listener.fileno(), sock.fileno(), *pending_fds, *(r.fd for r in records)]
-        blob = -1
         # From here a stop waits (pending) for the new image, or for us if exec fails.
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         try:
             problem = preflight()
             if problem:
                 raise OSError(problem)
-            blob = os.memfd_create("connpark-upgrade", 0)
-            os.write(blob, json.dumps(state).encode())
-            os.lseek(blob, 0, os.SEEK_SET)
-            for fd in (*keep, blob):
-                os.set_inheritable(fd, True)
-            argv = [sys.executable, "-m", "connpark", "_resume", "--state-fd", str(blob)]
-            LOGGER.info("upgrade: re-executing the supervisor (%d mirrored)", len(records))
-            for handler in logging.getLogger("connpark").handlers:
-                handler.flush()
-            os.execv(sys.executable, argv)  # signals stay blocked until the new image listens
+            LOGGER.info("upgrade: re-executing the mirror (%d mirrored)", len(records))
+            reexec(state, keep, [])  # signals stay blocked until the new image listens
         except OSError as exc:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
             LOGGER.error("upgrade failed, the running code carries on: %s", exc)
-            if blob >= 0:
-                os.close(blob)
-            for fd in keep:
-                os.set_inheritable(fd, False)
             # The same shard goes on, with the same mirror stream.
             self._adopted = (self._exec_pid, sock, leftover, pending_fds)
             self._mirror_sock = self._mirror_decoder = None
@@ -506,20 +460,16 @@ class Supervisor:
 
 def resume_supervisor(state_fd: int) -> Supervisor:
     """The new image after an upgrade's re-exec: the old one's state, fds and shard."""
-    with os.fdopen(state_fd, "rb") as f:
-        state = json.loads(f.read())
-    metrics = tuple(state["metrics"]) if state["metrics"] else None
+    state = read_state(state_fd)
     sup = Supervisor(
         ContainerConfig.from_mapping(state["config"]),
+        socket.socket(fileno=state["listen_fd"]),
+        place=ShardPlace(**state["place"]),
         log_args=state["log_args"],
-        notifier=Notifier(state["notify_socket"], state["watchdog"]),
-        metrics=metrics,
     )
-    sup._owns_path = state["owns_path"]
     sup.epoch = state["epoch"]
     sup.restarts = state["restarts"]
     sup.generation = state["generation"]
-    sup._listener = socket.socket(fileno=state["listen_fd"])
     mirror = socket.socket(fileno=state["mirror_fd"])
     mirror.setblocking(False)
     for ticket, fd, deadline, flags, pool, token, pending, woken in state["records"]:
@@ -536,17 +486,9 @@ def resume_supervisor(state_fd: int) -> Supervisor:
 
 
 def run_supervisor(supervisor: Supervisor) -> None:
-    """Serve ``/metrics`` (if asked) and run the supervisor until it stops."""
-    server = None
-    if supervisor.metrics is not None:
-        from ._metrics import MetricsServer
-
-        server = MetricsServer(*supervisor.metrics, supervisor.snapshots)
-    try:
-        trio.run(supervisor.run)
-    finally:
-        if server is not None:
-            server.close()
+    """Run the mirror (and its shard) until it stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the fleet decides
+    trio.run(supervisor.run)
 
 
 def receive_restore(sock: socket.socket, timeout: float = 60.0) -> list[Record]:
@@ -570,27 +512,39 @@ def receive_restore(sock: socket.socket, timeout: float = 60.0) -> list[Record]:
 
 
 def run_shard(
-    config: ContainerConfig, *, listen_fd: int, mirror_fd: int, epoch: int, generation: int = 1
+    config: ContainerConfig,
+    *,
+    listen_fd: int,
+    mirror_fd: int,
+    epoch: int,
+    generation: int = 1,
+    place: ShardPlace = ShardPlace(),
 ) -> None:
-    """The shard process: restore, then serve until SIGTERM (or the supervisor is gone)."""
+    """The shard process: restore, then serve until SIGTERM (or its mirror is gone)."""
     from ._container import Container
 
     mirror = socket.socket(fileno=mirror_fd)
     restore = receive_restore(mirror)
+    keepers = (
+        ProcessInfo("supervisor", place.fleet_pid),
+        ProcessInfo("mirror", os.getppid(), place.shard, generation=generation),
+    )
     container = Container(
         config,
         listen_fd=listen_fd,
         mirror=mirror,
         epoch=epoch,
         restore=restore,
-        supervisor_generation=generation,
+        shard=place.shard,
+        shards=place.shards,
+        keepers=keepers,
     )
     container.listen()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
 
     async def watch_supervisor() -> None:
         await trio.lowlevel.wait_readable(mirror)  # it never writes again: EOF
-        LOGGER.error("the supervisor is gone: draining")
+        LOGGER.error("our mirror is gone: draining")
         container.request_shutdown()
 
     async def main() -> None:

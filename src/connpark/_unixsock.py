@@ -20,6 +20,11 @@ def default_socket_path(name: str = "connpark.sock") -> Path:
     return base / name
 
 
+def shard_path(path: str, shard: int) -> str:
+    """Where shard ``shard`` of the container at ``path`` listens (shard 0: ``path``)."""
+    return f"{path}.{shard}" if shard else path
+
+
 #: sun_path holds 108 bytes on Linux, 104 on macOS and the BSDs, NUL included.
 MAX_PATH = 107 if sys.platform.startswith("linux") else 103
 

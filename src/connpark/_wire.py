@@ -38,9 +38,11 @@ import attrs
 
 from ._errors import LocalProtocolError, RemoteProtocolError
 
-PROTOCOL_VERSION: Final = 3
-#: Versions a container accepts: v1 and v2 workers keep working during a rolling deploy.
-SUPPORTED_VERSIONS: Final = frozenset({1, 2, 3})
+PROTOCOL_VERSION: Final = 4
+#: Versions a container accepts: older workers keep working during a rolling deploy.
+SUPPORTED_VERSIONS: Final = frozenset({1, 2, 3, 4})
+#: Bits 48-55 of a ticket name the shard that issued it (see ``_lot``).
+TICKET_SHARD_SHIFT: Final = 48
 #: The most tickets a HELLO v2 may report from the previous session.
 MAX_RESUME_TICKETS: Final = 4096
 HEADER: Final = struct.Struct("!IBBH")
@@ -61,6 +63,7 @@ _U64 = struct.Struct("!Q")
 _HELLO = struct.Struct("!H")
 _HELLO_RESUME = struct.Struct("!QH")
 _WELCOME = struct.Struct("!QIIHI")
+_WELCOME_SHARDS = struct.Struct("!HH")
 _PARK_HEAD = struct.Struct("!IH")
 _PARK_ENTRY = struct.Struct("!IBHI")
 _PARKED_HEAD = struct.Struct("!II")
@@ -210,6 +213,11 @@ class Welcome:
     max_fds_per_frame: int = MAX_FDS_PER_FRAME
     #: Unacknowledged wakes the container sends this session before queueing.
     window: int = 1024
+    #: v4: this shard's index and how many shards serve the path (0: not stated,
+    #: an older container, i.e. one shard). Shard ``i > 0`` listens at
+    #: ``shard_path(path, i)``; shard 0 at the path itself.
+    shard: int = 0
+    shards: int = 0
 
 
 @attrs.frozen
@@ -632,6 +640,8 @@ def _encode(msg: Message, max_body: int, max_fds: int) -> list[Frame]:
         body = _WELCOME.pack(
             msg.session_id, msg.max_token, msg.max_pending, msg.max_fds_per_frame, msg.window
         )
+        if msg.shards:  # v4 only: an older worker would call the fields trailing bytes
+            body += _WELCOME_SHARDS.pack(msg.shard, msg.shards)
         return _single(MessageType.WELCOME, body, max_body)
     if isinstance(msg, Stats):
         return _single(MessageType.STATS, b"", max_body)
@@ -858,7 +868,12 @@ def _decode_single_untrusted(mtype: MessageType, body: _Body) -> Message:
             resume = tuple(body.unpack(_U64)[0] for _ in range(count))
         msg = Hello(version, pool, name, resume_session, resume)
     elif mtype is MessageType.WELCOME:
-        msg = Welcome(*body.unpack(_WELCOME))
+        head = body.unpack(_WELCOME)
+        v4 = len(body.data) >= _WELCOME.size + _WELCOME_SHARDS.size
+        shards = body.unpack(_WELCOME_SHARDS) if v4 else (0, 0)
+        msg = Welcome(*head, *shards)
+        if msg.shards and msg.shard >= msg.shards:
+            raise RemoteProtocolError(f"WELCOME names shard {msg.shard} of {msg.shards}")
     elif mtype is MessageType.STATS:
         msg = Stats()
     elif mtype is MessageType.STATS_REPLY:

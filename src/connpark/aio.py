@@ -17,7 +17,8 @@ from typing import Any
 
 from ._errors import ConnparkError, ContainerLost, ContainerTimeout, ParkRefused, lost_from_os_error
 from ._fdpass import Outbox, recv_fds
-from ._stats import ContainerStats
+from ._shards import Spread, by_shard, merge_send, other_shards, shard_of
+from ._stats import ContainerStats, merge_stats
 from ._unixsock import connect_unix, peer_uid
 from ._wire import Result, Rule
 from ._worker import (
@@ -105,16 +106,32 @@ class _Channel:
 
 
 class AsyncioParking(HandleInfo):
-    """A worker's parking handle for asyncio. Get one from ``connpark.aio.open_parking``."""
+    """A worker's parking handle for asyncio. Get one from ``connpark.aio.open_parking``.
 
-    def __init__(self, path: str, engine: Engine, connect_timeout: float) -> None:
+    Against a multi-shard container it keeps one session per shard: this
+    handle is shard 0's, ``_shards`` lists every shard's (the others share our
+    wake queue), and the public methods route each request (``_shards``).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        engine: Engine,
+        connect_timeout: float,
+        wakes: asyncio.Queue[object] | None = None,
+    ) -> None:
         self._path = path
         self._engine = engine
         self._connect_timeout = connect_timeout
         self._loop = asyncio.get_running_loop()
         self._chan: _Channel | None = None
-        self._wakes: asyncio.Queue[object] = asyncio.Queue()
+        #: Shard 0's handle ends the shared wake queue; the other shards' do not.
+        self._primary = wakes is None
+        self._wakes: asyncio.Queue[object] = asyncio.Queue() if wakes is None else wakes
         self._flush_scheduled = False
+        #: Every shard's handle, by shard index (ours first); one unless sharded.
+        self._shards: list[AsyncioParking] = [self]
+        self._spread: Spread | None = None
 
     # -- public API -------------------------------------------------------------
 
@@ -188,41 +205,54 @@ class AsyncioParking(HandleInfo):
             item = await self._wakes.get()
             if item is _END:
                 self._wakes.put_nowait(_END)
-                if isinstance(self._engine.error, ContainerLost):
-                    raise self._engine.error
+                for shard in self._shards:
+                    if isinstance(shard._engine.error, ContainerLost):
+                        raise shard._engine.error
                 return
             assert isinstance(item, Woken)
+            if self._spread is not None:
+                self._spread.woke(item.ticket)
             yield item
 
     async def unpark(self, *tickets: int, tag: str | bytes | None = None) -> None:
         """Ask for these connections (and those with ``tag``) back now (REQUESTED);
         gone tickets are ignored."""
-        self._engine.unpark(tickets, tag)
-        await self._flush()
+        for i, ts in by_shard(len(self._shards), tickets, tag):
+            self._shards[i]._engine.unpark(ts, tag)
+            await self._shards[i]._flush()
 
     async def close(
         self, ticket: int | None = None, *, tag: str | bytes | None = None, goodbye: bytes = b""
     ) -> None:
         """Have the container write ``goodbye`` and close a parked connection (or all
         with ``tag``)."""
-        self._engine.close_ticket(ticket, goodbye, tag)
-        await self._flush()
+        tickets = () if ticket is None else (ticket,)
+        for i, ts in by_shard(len(self._shards), tickets, tag) or [(0, ())]:
+            self._shards[i]._engine.close_ticket(ts[0] if ts else None, goodbye, tag)
+            await self._shards[i]._flush()
 
     async def set_rules(
         self, set_id: int, rules: Sequence[Rule], *, pool_wide: bool = False
     ) -> None:
         """Register auto-response rules; ``park(..., rules=set_id)`` uses them (``Refused``)."""
-        req = self._engine.set_rules(set_id, rules, self._loop.create_future(), pool_wide=pool_wide)
-        await self._control(req)
+        for shard in self._shards:
+            req = shard._engine.set_rules(
+                set_id, rules, self._loop.create_future(), pool_wide=pool_wide
+            )
+            await shard._control(req)
 
     async def send(
         self, data: bytes, *, tickets: Sequence[int] = (), tag: str | bytes | None = None
     ) -> SendResult:
         """Write ``data`` to parked connections without waking them; those whose socket
         does not take it all are woken (reason UNSENT, the rest in ``woken.unsent``)."""
-        req = self._engine.send(data, self._loop.create_future(), tickets=tickets, tag=tag)
-        result = await self._control(req)
-        return SendResult(result.written, result.woken, result.missed)
+        results = []
+        for i, ts in by_shard(len(self._shards), tickets, tag):
+            shard = self._shards[i]
+            req = shard._engine.send(data, self._loop.create_future(), tickets=ts, tag=tag)
+            r = await shard._control(req)
+            results.append(SendResult(r.written, r.woken, r.missed))
+        return merge_send(results)
 
     async def _control(self, req: ControlRequest) -> Result:
         self._schedule_flush()
@@ -230,15 +260,28 @@ class AsyncioParking(HandleInfo):
         return req.outcome()
 
     async def stats(self) -> ContainerStats:
-        """The container's statistics snapshot."""
-        req = self._engine.stats(self._loop.create_future())
-        self._schedule_flush()
-        await self._wait(req)
-        return req.outcome()
+        """The container's statistics snapshot (totals over its shards, and each one's)."""
+        parts = []
+        for shard in self._shards:
+            req = shard._engine.stats(self._loop.create_future())
+            shard._schedule_flush()
+            await shard._wait(req)
+            parts.append(req.outcome())
+        return merge_stats(parts)
 
     # -- waiting ----------------------------------------------------------------
 
     async def _park(self, socks: list[Any], entries: list[Any]) -> list[int | ParkRefused]:
+        spread = self._spread
+        if spread is None:
+            return await self._park_here(socks, entries)
+        up = [s._engine.phase is Phase.READY for s in self._shards]
+        i = spread.pick(up, self._loop.time())
+        results = await self._shards[i]._park_here(socks, entries)
+        spread.parked(i, results, self._loop.time())
+        return results
+
+    async def _park_here(self, socks: list[Any], entries: list[Any]) -> list[int | ParkRefused]:
         req = self._engine.park(socks, entries, self._loop.create_future())
         self._pump()
         self._schedule_flush()
@@ -352,14 +395,24 @@ class AsyncioParking(HandleInfo):
                     engine.reconnect_failed(exc)
         finally:
             self._pump()
-            self._wakes.put_nowait(_END)
+            if self._primary:
+                self._wakes.put_nowait(_END)
 
     async def _close(self) -> None:
-        untaken: list[Woken[Any]] = []
+        """Hand back what nobody took (each to its shard), wait for it (bounded)."""
+        untaken: list[list[Woken[Any]]] = [[] for _ in self._shards]
         while not self._wakes.empty():
             item = self._wakes.get_nowait()
             if isinstance(item, Woken):
-                untaken.append(item)
+                untaken[min(shard_of(item.ticket), len(self._shards) - 1)].append(item)
+        await asyncio.gather(
+            *(
+                shard._close_here(theirs)
+                for shard, theirs in zip(self._shards, untaken, strict=True)
+            )
+        )
+
+    async def _close_here(self, untaken: list[Woken[Any]]) -> None:
         req = self._engine.begin_close(untaken, self._loop.create_future())
 
         async def hand_back() -> None:
@@ -398,6 +451,7 @@ async def open_parking(
 
     The same contract as ``connpark.open_parking`` (trio).
     """
+
     engine = Engine(
         pool,
         name or f"asyncio-{os.getpid()}",
@@ -408,19 +462,32 @@ async def open_parking(
     )
     parking = AsyncioParking(os.fspath(path), engine, connect_timeout)
     loop = asyncio.get_running_loop()
-    started: asyncio.Future[None] = loop.create_future()
-    runner = loop.create_task(parking._run(started))
-    try:
+    runners: list[asyncio.Task[None]] = []
+
+    async def start(shard: AsyncioParking) -> None:
+        started: asyncio.Future[None] = loop.create_future()
+        runners.append(loop.create_task(shard._run(started)))
         await started
+
+    try:
+        await start(parking)
+        for other in other_shards(engine):  # one session per shard
+            shard = AsyncioParking(other.path, other, connect_timeout, parking._wakes)
+            parking._shards.append(shard)
+            await start(shard)
+        if len(parking._shards) > 1:
+            parking._spread = Spread(len(parking._shards))
         yield parking
         await parking._close()
     finally:
-        engine.finish_close()
-        runner.cancel()
-        try:
-            await runner
-        except (asyncio.CancelledError, ConnparkError):
-            pass
+        for shard in parking._shards:
+            shard._engine.finish_close()
+        for runner in runners:
+            runner.cancel()
+            try:
+                await runner
+            except (asyncio.CancelledError, ConnparkError):
+                pass
         while not parking._wakes.empty():
             item = parking._wakes.get_nowait()
             if isinstance(item, Woken) and item.socket is not None:

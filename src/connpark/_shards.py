@@ -1,0 +1,98 @@
+"""A worker's view of a multi-shard container, sans-IO: where each request goes.
+
+A container started with ``--shards N`` answers WELCOME on its path as shard 0
+of N (protocol v4); shard ``i`` listens at ``shard_path(path, i)``. A hook keeps
+one engine and session per shard; this module decides, for every hook alike:
+
+- which shard takes the next park (``Spread``: the one holding fewest of this
+  handle's connections among those connected and not recently full);
+- which shard a ticket belongs to (the ticket says: ``shard_of``);
+- how per-shard answers combine (``merge_send``; statistics: ``merge_stats``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from ._errors import ParkRefused
+from ._unixsock import shard_path
+from ._wire import TICKET_SHARD_SHIFT, Refusal
+from ._worker import Engine, SendResult
+
+#: A shard that refused a park for lack of room gets no parks for this long (s).
+FULL_PAUSE = 1.0
+_NO_ROOM = frozenset({Refusal.FULL, Refusal.OUT_OF_FDS})
+
+
+def other_shards(first: Engine) -> list[Engine]:
+    """After the first handshake: a new engine for each further shard, or none.
+
+    Only a handle on shard 0 (the control path itself) opens the others: one
+    pointed at ``PATH.i`` talks to that shard alone.
+    """
+    welcome = first.welcome
+    if welcome is None or welcome.shards < 2 or welcome.shard != 0:
+        return []
+    return [
+        Engine(
+            first.pool,
+            first.name,
+            reconnect=first.reconnect,
+            backoff=first.backoff,
+            container_uid=first.container_uid,
+            path=shard_path(first.path, i),
+        )
+        for i in range(1, welcome.shards)
+    ]
+
+
+def shard_of(ticket: int) -> int:
+    return (ticket >> TICKET_SHARD_SHIFT) & 0xFF
+
+
+class Spread:
+    """Spreads one handle's parks over the shards by the room it has seen in each."""
+
+    def __init__(self, shards: int) -> None:
+        #: Parks each shard accepted from us, minus our wakes from it.
+        self.held = [0] * shards
+        self._paused_until = [0.0] * shards
+
+    def pick(self, up: Sequence[bool], now: float) -> int:
+        """The shard for the next park: fewest held among connected, un-paused ones."""
+        best, best_key = 0, None
+        for i, is_up in enumerate(up):
+            key = (not is_up, self._paused_until[i] > now, self.held[i])
+            if best_key is None or key < best_key:
+                best, best_key = i, key
+        return best
+
+    def parked(self, shard: int, results: Iterable[int | ParkRefused], now: float) -> None:
+        for r in results:
+            if isinstance(r, ParkRefused):
+                if r.reason in _NO_ROOM:
+                    self._paused_until[shard] = now + FULL_PAUSE
+            else:
+                self.held[shard] += 1
+
+    def woke(self, ticket: int) -> None:
+        shard = shard_of(ticket)
+        if shard < len(self.held) and self.held[shard]:
+            self.held[shard] -= 1
+
+
+def by_shard(
+    shards: int, tickets: Iterable[int], tag: object = None
+) -> list[tuple[int, tuple[int, ...]]]:
+    """(shard, its tickets) for each shard a request must reach: every shard for a tag."""
+    groups: dict[int, list[int]] = {i: [] for i in range(shards)} if tag is not None else {}
+    for t in tickets:
+        groups.setdefault(min(shard_of(t), shards - 1), []).append(t)
+    return [(i, tuple(ts)) for i, ts in sorted(groups.items())]
+
+
+def merge_send(results: Iterable[SendResult]) -> SendResult:
+    rs = list(results)
+    return SendResult(
+        sum(r.written for r in rs), sum(r.woken for r in rs), sum(r.missed for r in rs)
+    )

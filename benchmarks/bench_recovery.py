@@ -3,9 +3,9 @@
 
 In one run, alternating the two containers:
 
-- **CPU per park+wake cycle** at batch 253, shard and supervisor (utime+stime
+- **CPU per park+wake cycle** at batch 253, shard and its mirror (utime+stime
   from /proc) against a plain ``connpark serve``: the mirror's price;
-- **memory per connection**: RSS slope of the supervisor (the mirror) and of
+- **memory per connection**: RSS slope of the mirror process and of
   the shard as N connections are parked, against a plain container;
 - **recovery**: SIGKILL of the shard with N parked, time until the new shard
   has every one back (a STATS round trip says ``parked == N``), and a 1%
@@ -53,7 +53,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def shard_pid(container: Container, not_: int = 0, timeout: float = 20) -> int:
+def shard_pid(container: Container, not_: int = 0, timeout: float = 20, role: str = "shard") -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -61,11 +61,16 @@ def shard_pid(container: Container, not_: int = 0, timeout: float = 20) -> int:
         except connpark.ConnparkError:
             time.sleep(0.05)
             continue
-        pids = [p.pid for p in procs if p.role == "shard" and p.pid != not_]
+        pids = [p.pid for p in procs if p.role == role and p.pid != not_]
         if pids:
             return pids[0]
         time.sleep(0.05)
-    raise RuntimeError("no shard")
+    raise RuntimeError(f"no {role}")
+
+
+def recovery_pids(container: Container) -> dict[str, int]:
+    """The processes that do the work: the shard and its mirror (the supervisor idles)."""
+    return {"shard": shard_pid(container), "mirror": shard_pid(container, role="mirror")}
 
 
 def cycle_cpu(container: Container, recovery: bool, seconds: float) -> dict[str, float]:
@@ -73,7 +78,7 @@ def cycle_cpu(container: Container, recovery: bool, seconds: float) -> dict[str,
     clients, servers = tcp_pairs(BATCH)
     pids = {"container": container.pid}
     if recovery:
-        pids = {"shard": shard_pid(container), "supervisor": container.pid}
+        pids = recovery_pids(container)
     socks: list[socket.socket] = servers
     with connpark.BlockingParking(container.path, pool="bench") as parking:
         before = {k: cpu_seconds(p) for k, p in pids.items()}
@@ -111,7 +116,7 @@ def park_n(container: Container, n: int) -> tuple[Any, list[socket.socket], Any]
 def memory(container: Container, recovery: bool, n: int) -> dict[str, float]:
     pids = {"container": container.pid}
     if recovery:
-        pids = {"shard": shard_pid(container), "supervisor": container.pid}
+        pids = recovery_pids(container)
     before = {k: rss(p) for k, p in pids.items()}
     parking, clients, _ = park_n(container, n)
     time.sleep(0.5)  # the mirror reads behind the shard
@@ -195,10 +200,10 @@ def main(argv: list[str] | None = None) -> int:
 
     plain_us = med(cpu["plain"], "container_us")
     shard_us = med(cpu["recovery"], "shard_us")
-    sup_us = med(cpu["recovery"], "supervisor_us")
+    sup_us = med(cpu["recovery"], "mirror_us")
     plain_b = med(mem["plain"], "container_bytes_per_conn")
     shard_b = med(mem["recovery"], "shard_bytes_per_conn")
-    sup_b = med(mem["recovery"], "supervisor_bytes_per_conn")
+    sup_b = med(mem["recovery"], "mirror_bytes_per_conn")
     with Container("--crash-recovery") as c:
         killed = recovery(c, args.n, "sigkill")
     with Container("--crash-recovery") as c:
@@ -232,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         {
             "n": args.n,
             "batch": BATCH,
-            "cpu_us_per_cycle": {"plain": plain_us, "shard": shard_us, "supervisor": sup_us},
-            "rss_bytes_per_conn": {"plain": plain_b, "shard": shard_b, "supervisor": sup_b},
+            "cpu_us_per_cycle": {"plain": plain_us, "shard": shard_us, "mirror": sup_us},
+            "rss_bytes_per_conn": {"plain": plain_b, "shard": shard_b, "mirror": sup_b},
             "sigkill": killed,
             "upgrade": upgraded,
             "raw": {"cpu": cpu, "memory": mem},

@@ -131,8 +131,8 @@ def summary_rows() -> list[tuple[str, str, str, str]]:
         cpu = r.get("cpu_us_per_cycle", {})
         mem = r.get("rss_bytes_per_conn", {})
         plain_cpu, plain_mem = cpu.get("plain") or 0, mem.get("plain") or 0
-        both_cpu = (cpu.get("shard") or 0) + (cpu.get("supervisor") or 0)
-        both_mem = (mem.get("shard") or 0) + (mem.get("supervisor") or 0)
+        both_cpu = (cpu.get("shard") or 0) + (cpu.get("mirror") or cpu.get("supervisor") or 0)
+        both_mem = (mem.get("shard") or 0) + (mem.get("mirror") or mem.get("supervisor") or 0)
         rows.append(
             (
                 "recovery",

@@ -169,6 +169,29 @@ def test_scrape_after_parks_and_wakes(sockdir: Path, flags: list[str]) -> None:
             s.close()
 
 
+@pytest.mark.linux
+def test_scrape_labels_every_shard(sockdir: Path) -> None:
+    serve = ServeProcess(sockdir / "cp.sock", ["--metrics", "127.0.0.1:0", "--shards", "2"])
+    clients, servers = tcp_pairs(4)
+    try:
+        url = _metrics_url(serve)
+        with connpark.BlockingParking(str(serve.path), pool="web", reconnect=False) as parking:
+            for s in servers:
+                parking.park(s)
+            values, _ = samples(_scrape(url))
+            parked = {
+                dict(k[1])["shard"]: v for k, v in values.items() if k[0] == "connpark_parked"
+            }
+            assert parked == {"0": 2, "1": 2}  # spread over both, each labelled
+            budgets = [v for k, v in values.items() if k[0] == "connpark_fd_budget"]
+            assert len(budgets) == 2
+            check_with_promtool(_scrape(url))
+    finally:
+        assert serve.stop() == 0
+        for s in [*clients, *servers]:
+            s.close()
+
+
 def test_metrics_without_prometheus_client_is_one_line(sockdir: Path) -> None:
     code = (
         "import sys; sys.modules['prometheus_client'] = None\n"

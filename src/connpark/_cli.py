@@ -338,13 +338,17 @@ def _run_mirror(args: argparse.Namespace) -> int:
 
     from ._config import ContainerConfig
     from ._supervisor import ShardPlace, Supervisor, run_supervisor
+    from ._zygote import Spawner
 
     _setup_logging(args.log_level, args.log_format)
     config = ContainerConfig.from_mapping(json.loads(args.config_json))
     log_args = ["--log-level", args.log_level, "--log-format", args.log_format]
     listener = socket.socket(fileno=args.listen_fd)
     place = ShardPlace(**json.loads(args.place_json))
-    run_supervisor(Supervisor(config, listener, place=place, log_args=log_args))
+    mirror = Supervisor(
+        config, listener, place=place, log_args=log_args, spawner=Spawner.from_environ()
+    )
+    run_supervisor(mirror)
     return 0
 
 

@@ -32,8 +32,6 @@ import os
 import resource
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -50,6 +48,7 @@ from ._stats_client import fetch_stats
 from ._supervisor import SHARD_HANG, START_GRACE, ShardPlace, preflight
 from ._systemd import Notifier
 from ._unixsock import check_path, listen_unix, shard_path
+from ._zygote import Spawner, open_pidfd, send_signal
 
 LOGGER = logging.getLogger(__name__)
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -82,6 +81,7 @@ class Fleet:
         log_args: Sequence[str] = (),
         notifier: Notifier | None = None,
         metrics: tuple[str, int] | None = None,
+        spawner: Spawner | None = None,
     ) -> None:
         if not 1 <= shards <= 255:
             raise ConnparkError(f"--shards must be 1 to 255, not {shards}")
@@ -90,12 +90,17 @@ class Fleet:
         self.log_args = list(log_args)
         self.notifier = notifier or Notifier(None)
         self.metrics = metrics
+        #: Starts the mirrors: forked from our zygote (``run_fleet`` forks it).
+        self.spawner = spawner or Spawner()
         self._listeners: list[socket.socket] = []
         #: The control socket came from systemd (socket activation): never unlinked.
         self._owns_path = True
         self._pids: list[int | None] = [None] * shards
-        #: Mirrors that outlived our re-exec: taken over instead of started.
-        self._adopt: list[int | None] = [None] * shards
+        #: Each mirror's pidfd, held from its start (across our exec): the zygote
+        #: reaps a mirror the moment it exits, so its pid alone may name another.
+        self._pidfds: list[int | None] = [None] * shards
+        #: Mirrors that outlived our re-exec, (pid, pidfd): taken over instead of started.
+        self._adopt: list[tuple[int, int | None] | None] = [None] * shards
         self.generation = 1
         self.restarts = 0
         self.stopping = False
@@ -106,6 +111,9 @@ class Fleet:
         self._last: list[ContainerStats | None] = [None] * shards
         self._answered: list[float] = [0.0] * shards
         self._started: list[float] = [time.monotonic()] * shards
+        #: Zygotes of our images before an upgrade: they exit once their mirrors
+        #: are upgraded, and we reap them.
+        self._old_zygotes: list[int] = []
 
     @property
     def paths(self) -> list[str]:
@@ -147,6 +155,7 @@ class Fleet:
                     async with trio.open_nursery() as aux:
                         aux.start_soon(self._on_signals, signals, aux)
                         aux.start_soon(self._tell_systemd)
+                        aux.start_soon(self._reap_old_zygotes)
                         if self._upgrading:  # we were re-executed: the mirrors' turn
                             aux.start_soon(self._upgrade_mirrors)
                         async with trio.open_nursery() as keepers:
@@ -170,20 +179,22 @@ class Fleet:
         """Run mirror ``i`` (start it, or take over the one that outlived our exec) for good."""
         delay = 0.0
         while True:
-            pid = self._adopt[i]
+            adopted = self._adopt[i]
             self._adopt[i] = None
-            if pid is None:
+            if adopted is None:
                 pid = self._spawn(i)
-            self._pids[i] = pid
+                pidfd = open_pidfd(pid)  # None: gone already (the zygote reaped it)
+            else:
+                pid, pidfd = adopted
+            self._pids[i], self._pidfds[i] = pid, pidfd
             started = time.monotonic()
-            pidfd = os.pidfd_open(pid)
-            try:
-                if self.stopping:
-                    self._signal(i, signal.SIGTERM)
-                await trio.lowlevel.wait_readable(pidfd)
-            finally:
+            if self.stopping:
+                self._signal(i, signal.SIGTERM)
+            if pidfd is not None:
+                await trio.lowlevel.wait_readable(pidfd)  # cancelled: our exec keeps it
                 os.close(pidfd)
-            code = _reap(pid)
+            self._pidfds[i] = None
+            code = self.spawner.reap(pid, wait=True)
             self._pids[i] = None
             if self.stopping:
                 LOGGER.info("mirror %d stopped (exit %s)", i, code)
@@ -211,41 +222,39 @@ class Fleet:
         )
         share = math.ceil(self.config.max_parked / self.shards) + SHARE_SLACK
         config = attrs.evolve(self.config, path=self.paths[i], max_parked=share)
-        argv = [
-            sys.executable,
-            "-m",
-            "connpark",
+        args = [
             "_mirror",
             "--listen-fd",
-            str(listener.fileno()),
+            "@fd0",
             "--place-json",
             json.dumps(attrs.asdict(place)),
             "--config-json",
             json.dumps(attrs.asdict(config)),
             *self.log_args,
         ]
-        # Started with our signals blocked (the mask survives exec): a stop sent
-        # while it starts waits for its handlers instead of killing it.
+        # Started with our signals blocked (the mask survives fork and exec): a stop
+        # sent while it starts waits for its handlers instead of killing it.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         try:
-            proc = subprocess.Popen(
-                argv,
-                pass_fds=(listener.fileno(),),
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # a terminal's Ctrl-C reaches us; we tell them
-            )
+            pid = self.spawner.spawn(args, [listener.fileno()])
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         self._started[i] = time.monotonic()
-        return proc.pid
+        return pid
 
     def _signal(self, i: int, sig: int) -> None:
-        pid = self._pids[i]
-        if pid is not None:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+        send_signal(self._pids[i], self._pidfds[i], sig)
+
+    async def _reap_old_zygotes(self) -> None:
+        while self._old_zygotes:
+            for pid in list(self._old_zygotes):
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG
+                except ChildProcessError:
+                    done = pid
+                if done:
+                    self._old_zygotes.remove(pid)
+            await trio.sleep(1.0)
 
     # -- signals, upgrade -----------------------------------------------------------
 
@@ -316,8 +325,11 @@ class Fleet:
             "restarts": self.restarts,
             "listen_fds": [s.fileno() for s in self._listeners],
             "pids": self._pids,
+            "pidfds": self._pidfds,
+            "zygotes": [*self._old_zygotes, self.spawner.zygote_pid],
         }
         keep = [s.fileno() for s in self._listeners]
+        keep += [fd for fd in self._pidfds if fd is not None]
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         try:
             LOGGER.info("upgrade: re-executing the supervisor")
@@ -325,7 +337,10 @@ class Fleet:
         except OSError as exc:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
             LOGGER.error("upgrade of the supervisor failed, the running code carries on: %s", exc)
-            self._adopt = list(self._pids)
+            self._adopt = [
+                None if pid is None else (pid, pidfd)
+                for pid, pidfd in zip(self._pids, self._pidfds, strict=True)
+            ]
 
     # -- health, systemd, metrics ---------------------------------------------------
 
@@ -394,14 +409,6 @@ class Fleet:
         return out
 
 
-def _reap(pid: int) -> int | None:
-    try:
-        _, status = os.waitpid(pid, 0)
-    except ChildProcessError:
-        return None
-    return os.waitstatus_to_exitcode(status)
-
-
 def resume_fleet(state_fd: int) -> Fleet:
     """The new image after an upgrade's re-exec: the old one's sockets and mirrors."""
     state = read_state(state_fd)
@@ -418,13 +425,22 @@ def resume_fleet(state_fd: int) -> Fleet:
     fleet._listeners = [socket.socket(fileno=fd) for fd in state["listen_fds"]]
     for sock in fleet._listeners:
         os.set_inheritable(sock.fileno(), False)
-    fleet._adopt = list(state["pids"])
+    pidfds = state.get("pidfds") or [None] * fleet.shards
+    for fd in pidfds:
+        if fd is not None:
+            os.set_inheritable(fd, False)
+    fleet._old_zygotes = [pid for pid in state.get("zygotes", ()) if pid]
+    fleet._adopt = [
+        None if pid is None else (pid, pidfd)
+        for pid, pidfd in zip(state["pids"], pidfds, strict=True)
+    ]
     fleet._upgrading = True
     return fleet
 
 
 def run_fleet(fleet: Fleet) -> None:
-    """Serve ``/metrics`` (if asked) and run the fleet until it stops."""
+    """Fork the zygote, serve ``/metrics`` (if asked), run the fleet until it stops."""
+    fleet.spawner = Spawner.start(close=[s.fileno() for s in fleet._listeners])
     server = None
     if fleet.metrics is not None:
         from ._metrics import MetricsServer

@@ -44,6 +44,7 @@ from ._mirror import Decoder, Kind, Record, Store, encode_done, encode_records
 from ._reexec import read_state, reexec
 from ._stats import ContainerStats, ProcessInfo
 from ._stats_client import fetch_stats
+from ._zygote import Spawner, has_exited, open_pidfd, send_signal
 
 LOGGER = logging.getLogger(__name__)
 #: A shard that dies sooner than this after its start makes the next start wait.
@@ -85,8 +86,9 @@ class ShardPlace:
 
     shard: int = 0
     shards: int = 1
-    #: The fleet supervisor's pid (our parent), for ``stats``' process list.
+    #: The fleet supervisor's pid, and the mirror's, for ``stats``' process list.
     fleet_pid: int = 0
+    mirror_pid: int = 0
     #: A shard silent this long is killed (``SHARD_HANG``, or half systemd's watchdog).
     hang_limit: float = SHARD_HANG
 
@@ -101,25 +103,31 @@ class Supervisor:
         *,
         place: ShardPlace = ShardPlace(),
         log_args: Sequence[str] = (),
+        spawner: Spawner | None = None,
     ) -> None:
         #: ``config.path`` is our shard's own path (``shard_path``).
         self.config = config
         self.place = place
         self.log_args = list(log_args)
         self._listener = listener
+        #: Starts our shard: forked from the zygote that forked us, if any.
+        self.spawner = spawner or Spawner()
         self.store = Store()
         self.epoch = 0
         self.restarts = 0
         self.stopping = False
         self._shard_pid: int | None = None
+        self._shard_pidfd: int | None = None
         #: A shard that outlived our re-exec: (pid, our end of its mirror, decoder leftovers).
-        self._adopted: tuple[int, socket.socket, bytes, list[int]] | None = None
+        #: (pid, pidfd, our end of its mirror, decoder leftovers, their fds).
+        self._adopted: tuple[int, int | None, socket.socket, bytes, list[int]] | None = None
         #: SIGHUP: re-exec with the code on disk, then hand the shard over to a new one.
         self._upgrade = trio.Event()
         self._handover = False
         self._mirror_decoder: Decoder | None = None
         self._mirror_sock: socket.socket | None = None
         self._exec_pid = 0
+        self._exec_pidfd: int | None = None
         #: When the current shard was started (``_check``'s start-up grace).
         self._spawned_at = time.monotonic()
         self._last_stats: ContainerStats | None = None
@@ -270,11 +278,7 @@ class Supervisor:
                 answered = time.monotonic()
 
     def _signal_shard(self, sig: int) -> None:
-        if self._shard_pid is not None:
-            try:
-                os.kill(self._shard_pid, sig)
-            except ProcessLookupError:
-                pass
+        send_signal(self._shard_pid, self._shard_pidfd, sig)
 
     async def _run_shard(self, listener: socket.socket) -> int | None:
         """Start (or adopt) a shard, keep its mirror until it exits; its exit code.
@@ -282,87 +286,77 @@ class Supervisor:
         ``_EXEC`` instead: SIGHUP came, the mirror is quiet, re-exec now.
         """
         if self._adopted is not None:
-            pid, ours, leftover, fds = self._adopted
+            pid, pidfd, ours, leftover, fds = self._adopted
             self._adopted = None
             decoder = Decoder()
             decoder.receive_data(leftover, fds)
         else:
-            pid, ours = await self._spawn(listener)
+            pid, pidfd, ours = await self._spawn(listener)
             decoder = Decoder()
-        self._shard_pid = pid
+        self._shard_pid, self._shard_pidfd = pid, pidfd
         if self.stopping:
             self._signal_shard(signal.SIGTERM)
         elif self._handover:
             self._signal_shard(signal.SIGUSR1)  # the old shard: exit, the mirror has it all
-        pidfd = os.pidfd_open(pid)
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._keep_mirror, ours, decoder)
-                nursery.start_soon(self._upgrade_when_asked, nursery.cancel_scope)
-                await trio.lowlevel.wait_readable(pidfd)
-                nursery.cancel_scope.cancel()
-            if self._upgrade.is_set() and not self.stopping and self._reap(pid, wait=False) is None:
+            if pidfd is not None:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._keep_mirror, ours, decoder)
+                    nursery.start_soon(self._upgrade_when_asked, nursery.cancel_scope)
+                    await trio.lowlevel.wait_readable(pidfd)
+                    nursery.cancel_scope.cancel()
+            running = pidfd is not None and not has_exited(pidfd)
+            if self._upgrade.is_set() and not self.stopping and running:
                 self._mirror_sock, self._mirror_decoder = ours, decoder
-                self._exec_pid = pid
+                self._exec_pid, self._exec_pidfd = pid, pidfd
                 return _EXEC
             # The shard is gone: the reader goes on to EOF, what it wrote before counts.
             await self._drain_mirror(ours, decoder)
             return self._reap(pid, wait=True)
         finally:
-            os.close(pidfd)
+            if pidfd is not None and self._exec_pidfd != pidfd:
+                os.close(pidfd)
             if self._mirror_sock is not ours:
                 ours.close()
                 decoder.close()
-            self._shard_pid = None
+            self._shard_pid = self._shard_pidfd = None
 
     async def _upgrade_when_asked(self, scope: trio.CancelScope) -> None:
         await self._upgrade.wait()
         scope.cancel()
 
-    @staticmethod
-    def _reap(pid: int, *, wait: bool) -> int | None:
+    def _reap(self, pid: int, *, wait: bool) -> int | None:
         """The shard's exit code (negative: killed by that signal), or None if it runs."""
-        try:
-            got, status = os.waitpid(pid, 0 if wait else os.WNOHANG)
-        except ChildProcessError:
-            return None
-        if got == 0:
-            return None
-        return os.waitstatus_to_exitcode(status)
+        return self.spawner.reap(pid, wait=wait)
 
-    async def _spawn(self, listener: socket.socket) -> tuple[int, socket.socket]:
+    async def _spawn(self, listener: socket.socket) -> tuple[int, int | None, socket.socket]:
+        """Start a shard: its pid, a pidfd (held from now on, across our upgrade's exec:
+        the zygote reaps it the moment it exits), our end of its mirror."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        config = json.dumps(attrs.asdict(self.config))
-        argv = [
-            sys.executable,
-            "-m",
-            "connpark",
+        place = attrs.evolve(self.place, mirror_pid=os.getpid())
+        args = [
             "_shard",
             "--listen-fd",
-            str(listener.fileno()),
+            "@fd0",
             "--mirror-fd",
-            str(theirs.fileno()),
+            "@fd1",
             "--epoch",
             str(self.epoch),
             "--generation",
             str(self.generation),
             "--place-json",
-            json.dumps(attrs.asdict(self.place)),
+            json.dumps(attrs.asdict(place)),
             "--config-json",
-            config,
+            json.dumps(attrs.asdict(self.config)),
             *self.log_args,
         ]
-        # The shard starts with SIGTERM/SIGUSR1 blocked (the mask survives exec) and
-        # unblocks them once it can handle them: a stop or a hand-over sent while
-        # it starts waits for it instead of killing it.
+        # The shard starts with SIGTERM/SIGUSR1 blocked (the mask survives fork and
+        # exec) and unblocks them once it can handle them: a stop or a hand-over
+        # sent while it starts waits for it instead of killing it.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SHARD_SIGNALS)
         try:
-            proc = subprocess.Popen(  # noqa: ASYNC220 - it returns at once; we wait on a pidfd
-                argv,
-                pass_fds=(listener.fileno(), theirs.fileno()),
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # a terminal's Ctrl-C reaches us; we tell the shard
-            )
+            pid = self.spawner.spawn(args, [listener.fileno(), theirs.fileno()])
+            pidfd = open_pidfd(pid)  # None: dead already
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             theirs.close()
@@ -370,7 +364,7 @@ class Supervisor:
         self._up = False
         ours.setblocking(False)
         await self._give_back(ours)
-        return proc.pid, ours
+        return pid, pidfd, ours
 
     async def _drain_mirror(self, sock: socket.socket, decoder: Decoder) -> None:
         with trio.move_on_after(10):
@@ -392,6 +386,7 @@ class Supervisor:
             "listen_fd": listener.fileno(),
             "mirror_fd": sock.fileno(),
             "shard_pid": self._exec_pid,
+            "shard_pidfd": self._exec_pidfd,
             "generation": self.generation + 1,
             "leftover": base64.b64encode(leftover).decode(),
             "pending_fds": pending_fds,
@@ -410,6 +405,8 @@ class Supervisor:
             ],
         }
         keep = [listener.fileno(), sock.fileno(), *pending_fds, *(r.fd for r in records)]
+        if self._exec_pidfd is not None:
+            keep.append(self._exec_pidfd)
         # From here a stop waits (pending) for the new image, or for us if exec fails.
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         try:
@@ -422,7 +419,8 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
             LOGGER.error("upgrade failed, the running code carries on: %s", exc)
             # The same shard goes on, with the same mirror stream.
-            self._adopted = (self._exec_pid, sock, leftover, pending_fds)
+            self._adopted = (self._exec_pid, self._exec_pidfd, sock, leftover, pending_fds)
+            self._exec_pidfd = None
             self._mirror_sock = self._mirror_decoder = None
             self._upgrade = trio.Event()
 
@@ -476,12 +474,14 @@ def resume_supervisor(state_fd: int) -> Supervisor:
         token_b, pending_b = base64.b64decode(token), base64.b64decode(pending)
         record = Record(ticket, fd, deadline, flags, pool, token_b, pending_b, woken)
         sup.store.add(record)
+    pidfd = state["shard_pidfd"]
     fds = [sup._listener.fileno(), mirror.fileno(), *state["pending_fds"]]
+    fds += [] if pidfd is None else [pidfd]
     fds += [r.fd for r in sup.store.records()]
     for fd in fds:
         os.set_inheritable(fd, False)
     leftover = base64.b64decode(state["leftover"])
-    sup._adopted = (state["shard_pid"], mirror, leftover, list(state["pending_fds"]))
+    sup._adopted = (state["shard_pid"], pidfd, mirror, leftover, list(state["pending_fds"]))
     return sup
 
 
@@ -527,7 +527,7 @@ def run_shard(
     restore = receive_restore(mirror)
     keepers = (
         ProcessInfo("supervisor", place.fleet_pid),
-        ProcessInfo("mirror", os.getppid(), place.shard, generation=generation),
+        ProcessInfo("mirror", place.mirror_pid or os.getppid(), place.shard, generation=generation),
     )
     container = Container(
         config,

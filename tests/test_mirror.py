@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import attrs
 import pytest
 
 from connpark._errors import RemoteProtocolError
@@ -89,4 +90,39 @@ def test_a_broken_mirror_frame_is_an_error_and_closes_its_fds() -> None:
     with pytest.raises(RemoteProtocolError):
         dec.next_message()
     dec.close()
+    assert open_fd_count() == before
+
+
+def test_store_keeps_aliases_replacements_and_data_apart() -> None:
+    """Two live tickets with the same fd bits (a restored one and a new one) both
+    stay; a record added again replaces (and closes) the old copy."""
+    before = open_fd_count()
+    fds = _fds(4)
+    store = Store()
+    old = Record(1 << 56 | 1 << 24 | 7, fds[0], 1, 0, "a", b"tok", b"")
+    new = Record(2 << 56 | 5 << 24 | 7, fds[1], 2, 0, "b", b"", b"pend")
+    plain = Record(2 << 56 | 6 << 24 | 9, fds[2], 3, 1, "a", b"", b"")
+    for r in (old, new, plain):
+        store.add(r)
+    assert len(store) == 3
+    assert {r.ticket: r for r in store.records()} == {r.ticket: r for r in (old, new, plain)}
+    again = attrs.evolve(plain, fd=fds[3], deadline_ms=4)
+    store.add(again)  # the same ticket: the first copy's fd is closed
+    assert len(store) == 3
+    assert again in store.records()
+    dec = Decoder()
+    for msg in _feed(dec, encode_woken([(new.ticket, 4), (old.ticket, 1)])):
+        store.apply(msg)
+    for msg in _feed(dec, encode_tickets(Kind.CONFIRMED, [new.ticket])):
+        store.apply(msg)
+    got = {r.ticket: r for r in store.records()}
+    assert (got[new.ticket].woken, got[new.ticket].flags) == (4, FLAG_CONFIRMED)
+    assert got[old.ticket].woken == 1
+    assert got[new.ticket].pending == b"pend"
+    assert got[old.ticket].token == b"tok"
+    for msg in _feed(dec, encode_tickets(Kind.DEL, [old.ticket, new.ticket])):
+        store.apply(msg)
+    assert [r.ticket for r in store.records()] == [plain.ticket]
+    store.close()
+    assert len(store) == 0
     assert open_fd_count() == before

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from array import array
 from collections import deque
 from collections.abc import Iterable, Iterator
 
@@ -212,62 +213,138 @@ def _records(body: bytes, fds: list[int]) -> tuple[Record, ...]:
 class Store:
     """The holder's side: ticket -> record and the fd it owns, no I/O.
 
-    Kept packed (the fd, then the record's wire entry: one bytes object per
-    connection, ~130 B with its dict slot, against ~330 B as objects): the
-    mirror is held for every parked connection, and read back only after a crash.
+    Kept in flat arrays indexed by the shard's fd number (a ticket's low 24
+    bits: unique among one shard's live tickets), about 24 B per connection,
+    against ~150 B as an object or a packed bytes in a dict: the mirror holds
+    a record for every parked connection and reads it back only after a
+    crash. Token and pending, when a park has them, sit in a dict beside; a
+    restored ticket whose fd bits another ticket uses goes to a spill dict.
     """
 
     def __init__(self) -> None:
-        self._packed: dict[int, bytes] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self._ticket = array("Q")  # 0: free
+        self._fd = array("i")
+        self._deadline = array("q")
+        self._flags = bytearray()
+        self._woken = bytearray()
+        self._pool = array("H")
+        self._pools: list[str] = []
+        self._pool_ids: dict[str, int] = {}
+        #: slot -> (token, pending), only where one is not empty.
+        self._data: dict[int, tuple[bytes, bytes]] = {}
+        #: Tickets whose slot another ticket holds: ticket -> record.
+        self._spill: dict[int, Record] = {}
+        self._count = 0
 
     def __len__(self) -> int:
-        return len(self._packed)
+        return self._count + len(self._spill)
+
+    def _grow(self, slot: int) -> None:
+        more = slot + 1 - len(self._ticket)
+        if more > 0:
+            more = max(more, len(self._ticket) // 2, 64)
+            self._ticket.extend(array("Q", bytes(8 * more)))
+            self._fd.extend(array("i", bytes(4 * more)))
+            self._deadline.extend(array("q", bytes(8 * more)))
+            self._flags.extend(bytes(more))
+            self._woken.extend(bytes(more))
+            self._pool.extend(array("H", bytes(2 * more)))
+
+    def _pool_id(self, pool: str) -> int:
+        pid = self._pool_ids.get(pool)
+        if pid is None:
+            pid = self._pool_ids[pool] = len(self._pools)
+            self._pools.append(pool)
+        return pid
 
     def add(self, r: Record) -> None:
-        old = self._packed.get(r.ticket)
-        if old is not None:
-            close_fds((_FD.unpack_from(old)[0],))
-        self._packed[r.ticket] = _FD.pack(r.fd) + _pack_entry(r)
+        slot = r.ticket & _SLOT_MASK
+        self._grow(slot)
+        held = self._ticket[slot]
+        if held and held != r.ticket:  # a restored alias: its fd bits are taken
+            old = self._spill.pop(r.ticket, None)
+            if old is not None:
+                close_fds((old.fd,))
+            self._spill[r.ticket] = r
+            return
+        if held:
+            close_fds((self._fd[slot],))
+        else:
+            self._count += 1
+        self._ticket[slot] = r.ticket
+        self._fd[slot] = r.fd
+        self._deadline[slot] = r.deadline_ms
+        self._flags[slot] = r.flags
+        self._woken[slot] = r.woken
+        self._pool[slot] = self._pool_id(r.pool)
+        if r.token or r.pending:
+            self._data[slot] = (r.token, r.pending)
+        else:
+            self._data.pop(slot, None)
+
+    def _slot(self, ticket: int) -> int:
+        slot = ticket & _SLOT_MASK
+        return slot if slot < len(self._ticket) and self._ticket[slot] == ticket else -1
+
+    def _record(self, slot: int) -> Record:
+        token, pending = self._data.get(slot, (b"", b""))
+        return Record(
+            self._ticket[slot],
+            self._fd[slot],
+            self._deadline[slot],
+            self._flags[slot],
+            self._pools[self._pool[slot]],
+            token,
+            pending,
+            self._woken[slot],
+        )
 
     def records(self) -> list[Record]:
-        """Every record (with the fd we hold), in the order they were added."""
-        out: list[Record] = []
-        for blob in self._packed.values():
-            (fd,) = _FD.unpack_from(blob)
-            out.extend(_records(blob[_FD.size :], [fd]))
-        return out
+        """Every record (with the fd we hold)."""
+        tickets = self._ticket
+        out = [self._record(slot) for slot in range(len(tickets)) if tickets[slot]]
+        return out + list(self._spill.values())
 
     def apply(self, msg: Message) -> None:
-        packed = self._packed
         if msg.kind is Kind.ADD:
             for r in msg.records:
                 self.add(r)
         elif msg.kind is Kind.WOKEN:
             for t, reason in zip(msg.tickets, msg.reasons, strict=True):
-                blob = packed.get(t)
-                if blob is not None and blob[_WOKEN_AT] != reason:
-                    packed[t] = blob[:_WOKEN_AT] + bytes((reason,)) + blob[_WOKEN_AT + 1 :]
+                if (slot := self._slot(t)) >= 0:
+                    self._woken[slot] = reason
+                elif (spilled := self._spill.get(t)) is not None:
+                    self._spill[t] = attrs.evolve(spilled, woken=reason)
         elif msg.kind is Kind.CONFIRMED:
             for t in msg.tickets:
-                blob = packed.get(t)
-                if blob is not None and not blob[_FLAGS_AT] & FLAG_CONFIRMED:
-                    flags = bytes((blob[_FLAGS_AT] | FLAG_CONFIRMED,))
-                    packed[t] = blob[:_FLAGS_AT] + flags + blob[_FLAGS_AT + 1 :]
+                if (slot := self._slot(t)) >= 0:
+                    self._flags[slot] |= FLAG_CONFIRMED
+                elif (spilled := self._spill.get(t)) is not None:
+                    self._spill[t] = attrs.evolve(spilled, flags=spilled.flags | FLAG_CONFIRMED)
         elif msg.kind is Kind.DEL:
-            gone = [_FD.unpack_from(b)[0] for t in msg.tickets if (b := packed.pop(t, None))]
+            gone = []
+            for t in msg.tickets:
+                if (slot := self._slot(t)) >= 0:
+                    gone.append(self._fd[slot])
+                    self._ticket[slot] = 0
+                    self._data.pop(slot, None)
+                    self._count -= 1
+                elif (spilled := self._spill.pop(t, None)) is not None:
+                    gone.append(spilled.fd)
             close_fds(gone)
         else:
             raise RemoteProtocolError(f"a shard does not send {msg.kind.name}")
 
     def close(self) -> None:
-        close_fds([_FD.unpack_from(b)[0] for b in self._packed.values()])
-        self._packed.clear()
+        close_fds([r.fd for r in self.records()])
+        self._reset()
 
 
-_FD = struct.Struct("!i")
-#: Where a packed record keeps its flags and ``woken`` bytes (after fd, ticket, deadline).
-_FLAGS_AT = _FD.size + 8 + 8
-_WOKEN_AT = _FLAGS_AT + 1
+#: A ticket's shard-local fd bits (``_lot.FD_BITS``): the store's slot.
+_SLOT_MASK = (1 << 24) - 1
 
 
 def _pack_entry(r: Record) -> bytes:

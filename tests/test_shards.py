@@ -350,3 +350,76 @@ def test_sixty_thousand_parked_beyond_one_process_fd_limit(sockdir: Path) -> Non
                 p.stdout.close()
         listener.close()
         assert serve.stop() == 0
+
+
+def test_a_new_mirror_issues_new_tickets_and_the_fleet_s_death_stops_everything(
+    sockdir: Path,
+) -> None:
+    """A mirror that dies takes its shard with it (drained); the one started in its
+    place must not issue the tickets the dead one did. SIGKILL of the supervisor
+    stops every mirror and shard (they drain), so that ``serve`` starts again."""
+    serve = ServeProcess(sockdir / "c.sock", ["--shards", "2"])
+    clients, servers = tcp_pairs(6)
+    try:
+        with connpark.BlockingParking(serve.path, pool="m") as parking:
+            before = [parking.park(s) for s in servers[:3]]
+            stats = parking.stats()
+            mirror = next(p.pid for p in stats.processes if p.role == "mirror" and p.shard == 0)
+            os.kill(mirror, signal.SIGKILL)
+            woken = []  # shard 0's connections come back (SHUTDOWN), nothing is lost
+            while len(woken) < sum(1 for t in before if shard_of(t) == 0):
+                w = parking.next_wake(timeout=10)
+                assert w is not None
+                assert w.reason is connpark.Reason.SHUTDOWN
+                woken.append(w)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                procs = parking.stats().processes
+                if any(p.role == "mirror" and p.shard == 0 and p.pid != mirror for p in procs):
+                    break
+                time.sleep(0.1)
+            after = [parking.park(s) for s in servers[3:]]
+            assert not set(before) & set(after)
+            for w in woken:
+                assert w.socket is not None
+                assert w.ticket not in after
+                w.socket.close()
+            pids = [p.pid for p in parking.stats().processes if p.role != "supervisor"]
+        assert serve.stop(signal.SIGKILL) == -signal.SIGKILL
+        deadline = time.monotonic() + 20
+        while any(os.path.exists(f"/proc/{pid}") for pid in pids):
+            assert time.monotonic() < deadline, "mirrors or shards outlived the supervisor"
+            time.sleep(0.1)
+        again = ServeProcess(sockdir / "c.sock", ["--shards", "2"])  # nothing in the way
+        assert again.stop() == 0
+    finally:
+        serve.stop()
+        for c in clients:
+            c.close()
+
+
+def test_bad_sends_fail_before_any_shard_publishes_and_upgrade_wants_the_control_path(
+    fleet: ServeProcess,
+) -> None:
+    clients, servers = tcp_pairs(6)
+    with connpark.BlockingParking(fleet.path, pool="b") as parking:
+        tickets = [parking.park(s, tags=["x"]) for s in servers]
+        assert len({shard_of(t) for t in tickets}) == 3
+        with pytest.raises(TypeError, match="tickets or a tag"):
+            parking.send(b"nothing")
+        with pytest.raises(TypeError, match="tickets or a tag"):
+            parking.send(b"both", tickets=tickets[:1], tag="x")
+        assert parking.send(b"all\n", tag="x") == connpark.SendResult(6, 0, 0)
+        for c in clients:
+            assert recv_exactly(c, 4) == b"all\n"  # and nothing before it
+    out = subprocess.run(
+        [*CONNPARK, "upgrade", "--socket", f"{fleet.path}.1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert "upgrade through the control socket" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    for c in clients:
+        c.close()

@@ -212,6 +212,7 @@ def _add_mirror(sub: argparse._SubParsersAction[_Parser]) -> None:
     """The fleet starts each shard's mirror with this (not for people)."""
     p = sub.add_parser("_mirror")
     p.add_argument("--listen-fd", type=int, required=True)
+    p.add_argument("--lifeline-fd", type=int, default=-1)
     p.add_argument("--place-json", required=True)
     p.add_argument("--config-json", required=True)
     _add_log_flags(p)
@@ -346,7 +347,12 @@ def _run_mirror(args: argparse.Namespace) -> int:
     listener = socket.socket(fileno=args.listen_fd)
     place = ShardPlace(**json.loads(args.place_json))
     mirror = Supervisor(
-        config, listener, place=place, log_args=log_args, spawner=Spawner.from_environ()
+        config,
+        listener,
+        place=place,
+        log_args=log_args,
+        spawner=Spawner.from_environ(),
+        lifeline=args.lifeline_fd,
     )
     run_supervisor(mirror)
     return 0
@@ -391,7 +397,19 @@ def _run_upgrade(args: argparse.Namespace) -> int:
     problem = preflight()
     if problem:
         raise ConnparkError(f"not upgrading: {problem}")
-    os.kill(sup[0].pid, signal.SIGHUP)
+    shard_ids = sorted(p.shard for p in before.processes if p.role == "shard" and p.shard)
+    if shard_ids and not before.shards:
+        raise ConnparkError(
+            f"{path} is the socket of shard {shard_ids[0]}:"
+            " upgrade through the control socket (shard 0's path)"
+        )
+    try:
+        os.kill(sup[0].pid, signal.SIGHUP)
+    except ProcessLookupError:
+        raise ConnparkError(
+            f"the supervisor (pid {sup[0].pid}) is gone: its shards are draining; start"
+            " connpark serve again"
+        ) from None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(0.2)

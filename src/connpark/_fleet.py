@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import resource
+import secrets
 import signal
 import socket
 import time
@@ -67,7 +68,14 @@ def auto_shards(config: ContainerConfig) -> int:
     if hard == resource.RLIM_INFINITY:
         hard = 1 << 20
     per_shard = max(1024, hard - SHARD_OVERHEAD)
-    return max(os.cpu_count() or 1, math.ceil(config.max_parked / per_shard))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    need = math.ceil(config.max_parked / per_shard)
+    if need > 255:
+        raise ConnparkError(
+            f"--shards auto: --max-parked {config.max_parked:,} needs {need} shards of"
+            f" {per_shard:,} (the fd limit), over the 255 one container can run"
+        )
+    return max(cores or 1, need)
 
 
 class Fleet:
@@ -114,6 +122,10 @@ class Fleet:
         #: Zygotes of our images before an upgrade: they exit once their mirrors
         #: are upgraded, and we reap them.
         self._old_zygotes: list[int] = []
+        #: A pipe only we write to (never, in fact): each mirror holds the read end
+        #: and stops when we are gone (EOF). Made after the zygote, which must not
+        #: hold the write end.
+        self._lifeline: tuple[int, int] | None = None
 
     @property
     def paths(self) -> list[str]:
@@ -219,13 +231,18 @@ class Fleet:
             shards=self.shards,
             fleet_pid=os.getpid(),
             hang_limit=min(SHARD_HANG, interval / 2) if interval else SHARD_HANG,
+            epoch=secrets.randbelow(256),  # not the tickets a previous mirror's shard issued
         )
+        if self._lifeline is None:
+            self._lifeline = os.pipe()
         share = math.ceil(self.config.max_parked / self.shards) + SHARE_SLACK
         config = attrs.evolve(self.config, path=self.paths[i], max_parked=share)
         args = [
             "_mirror",
             "--listen-fd",
             "@fd0",
+            "--lifeline-fd",
+            "@fd1",
             "--place-json",
             json.dumps(attrs.asdict(place)),
             "--config-json",
@@ -236,7 +253,7 @@ class Fleet:
         # sent while it starts waits for its handlers instead of killing it.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         try:
-            pid = self.spawner.spawn(args, [listener.fileno()])
+            pid = self.spawner.spawn(args, [listener.fileno(), self._lifeline[0]])
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         self._started[i] = time.monotonic()
@@ -327,9 +344,11 @@ class Fleet:
             "pids": self._pids,
             "pidfds": self._pidfds,
             "zygotes": [*self._old_zygotes, self.spawner.zygote_pid],
+            "lifeline": self._lifeline,
         }
         keep = [s.fileno() for s in self._listeners]
         keep += [fd for fd in self._pidfds if fd is not None]
+        keep += list(self._lifeline or ())
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         try:
             LOGGER.info("upgrade: re-executing the supervisor")
@@ -344,10 +363,10 @@ class Fleet:
 
     # -- health, systemd, metrics ---------------------------------------------------
 
-    async def _ask(self, i: int) -> ContainerStats | None:
+    async def _ask(self, i: int, within: float = 2.0) -> ContainerStats | None:
         try:
             stats = await trio.to_thread.run_sync(
-                lambda: fetch_stats(self.paths[i], timeout=2.0, one_shard=True),
+                lambda: fetch_stats(self.paths[i], timeout=within, one_shard=True),
                 abandon_on_cancel=True,
             )
         except (ConnparkError, OSError):
@@ -355,6 +374,21 @@ class Fleet:
         self._last[i] = stats
         self._answered[i] = time.monotonic()
         return stats
+
+    async def _ask_all(self) -> list[ContainerStats | None]:
+        """Every shard at once, each within half a health tick (one slow shard must not
+        use up the time the others need: ``keep_systemd_informed`` cancels at a tick)."""
+        interval = self.notifier.watchdog_interval()
+        within = min(2.0, interval / 4) if interval else 2.0
+        got: list[ContainerStats | None] = [None] * self.shards
+
+        async def one(i: int) -> None:
+            got[i] = await self._ask(i, within)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(self.shards):
+                nursery.start_soon(one, i)
+        return got
 
     async def _check(self) -> ContainerStats | None:
         """Healthy: every shard answered STATS, or is (re)starting (``START_GRACE``).
@@ -367,8 +401,7 @@ class Fleet:
             return None
         got: list[ContainerStats] = []
         now = time.monotonic()
-        for i in range(self.shards):
-            stats = await self._ask(i)
+        for i, stats in enumerate(await self._ask_all()):
             if stats is None:
                 last = self._last[i]
                 recent = max(self._answered[i], self._started[i])
@@ -390,13 +423,8 @@ class Fleet:
         await keep_systemd_informed(self.notifier, self._check)
 
     async def _all_up(self) -> ContainerStats | None:
-        got = []
-        for i in range(self.shards):
-            stats = await self._ask(i)
-            if stats is None:
-                return None
-            got.append(stats)
-        return merge_stats(got)
+        got = [stats for stats in await self._ask_all() if stats is not None]
+        return merge_stats(got) if len(got) == self.shards else None
 
     def snapshots(self) -> list[tuple[str, ContainerStats]]:
         """For ``/metrics`` (called from its HTTP thread): each shard's statistics."""
@@ -430,6 +458,11 @@ def resume_fleet(state_fd: int) -> Fleet:
         if fd is not None:
             os.set_inheritable(fd, False)
     fleet._old_zygotes = [pid for pid in state.get("zygotes", ()) if pid]
+    lifeline = state.get("lifeline")
+    if lifeline:
+        fleet._lifeline = (lifeline[0], lifeline[1])
+        for fd in lifeline:
+            os.set_inheritable(fd, False)
     fleet._adopt = [
         None if pid is None else (pid, pidfd)
         for pid, pidfd in zip(state["pids"], pidfds, strict=True)

@@ -19,7 +19,7 @@ from typing import Any
 
 from ._errors import ConnparkError, ContainerLost, ContainerTimeout, ParkRefused, lost_from_os_error
 from ._fdpass import BlockingChannel, recv_fds, wait_readable_blocking
-from ._shards import Spread, by_shard, merge_send, other_shards, shard_of
+from ._shards import Spread, by_shard, merge_send, other_shards, send_targets, shard_of
 from ._stats import ContainerStats, merge_stats
 from ._unixsock import connect_unix, peer_uid
 from ._wire import Result, Rule
@@ -270,7 +270,7 @@ class BlockingParking(HandleInfo):
         """Write ``data`` to parked connections without waking them; those whose socket
         does not take it all are woken (reason UNSENT, the rest in ``woken.unsent``)."""
         results = []
-        for i, ts in by_shard(len(self._shards), tickets, tag):
+        for i, ts in send_targets(len(self._shards), data, tuple(tickets), tag):
             shard = self._shards[i]
             with shard._lock:
                 req = shard._engine.send(data, threading.Event(), tickets=ts, tag=tag)

@@ -91,6 +91,18 @@ def by_shard(
     return [(i, tuple(ts)) for i, ts in sorted(groups.items())]
 
 
+def send_targets(
+    shards: int, data: object, tickets: Sequence[int], tag: object
+) -> list[tuple[int, tuple[int, ...]]]:
+    """``by_shard`` for SEND, after the engine's own argument checks: a bad call
+    must fail before any shard has published."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes, not {type(data).__name__}")
+    if (tag is None) == (not tickets):
+        raise TypeError("send() needs tickets or a tag (one of them)")
+    return by_shard(shards, tickets, tag)
+
+
 def merge_send(results: Iterable[SendResult]) -> SendResult:
     rs = list(results)
     return SendResult(

@@ -91,6 +91,9 @@ class ShardPlace:
     mirror_pid: int = 0
     #: A shard silent this long is killed (``SHARD_HANG``, or half systemd's watchdog).
     hang_limit: float = SHARD_HANG
+    #: The first ticket epoch (the fleet picks one per mirror it starts, so that a
+    #: new mirror's shard does not issue the tickets a dead one did).
+    epoch: int = 0
 
 
 class Supervisor:
@@ -104,6 +107,7 @@ class Supervisor:
         place: ShardPlace = ShardPlace(),
         log_args: Sequence[str] = (),
         spawner: Spawner | None = None,
+        lifeline: int = -1,
     ) -> None:
         #: ``config.path`` is our shard's own path (``shard_path``).
         self.config = config
@@ -112,8 +116,10 @@ class Supervisor:
         self._listener = listener
         #: Starts our shard: forked from the zygote that forked us, if any.
         self.spawner = spawner or Spawner()
+        #: The read end of a pipe only the fleet can write to: EOF when it is gone.
+        self.lifeline = lifeline
         self.store = Store()
-        self.epoch = 0
+        self.epoch = place.epoch & 0xFF
         self.restarts = 0
         self.stopping = False
         self._shard_pid: int | None = None
@@ -152,6 +158,8 @@ class Supervisor:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._on_signals, signals)
                     nursery.start_soon(self._watch_shard)
+                    if self.lifeline >= 0:
+                        nursery.start_soon(self._watch_fleet)
                     if self._adopted is not None:  # we were re-executed: finish the upgrade
                         LOGGER.info(
                             "upgrade: mirror of shard %d re-executed (generation %d),"
@@ -219,6 +227,17 @@ class Supervisor:
             if epoch not in used:
                 return epoch
         raise ConnparkError("every ticket epoch is in use")  # 256 generations parked at once
+
+    async def _watch_fleet(self) -> None:
+        """The fleet died (SIGKILL, a crash): stop, as on SIGTERM. Our shard hands every
+        connection back to its workers, and nothing is left behind that a new
+        ``connpark serve`` would have to find and kill."""
+        await trio.lowlevel.wait_readable(self.lifeline)
+        if not self.stopping:
+            LOGGER.error("the supervisor is gone: stopping the shard (it drains)")
+            self.stopping = True
+            self._stop_requested.set()
+            self._signal_shard(signal.SIGTERM)
 
     async def _on_signals(self, signals: Any) -> None:
         async for signum in signals:
@@ -379,6 +398,7 @@ class Supervisor:
         records = self.store.records()
         state = {
             "place": attrs.asdict(self.place),
+            "lifeline": self.lifeline,
             "config": attrs.asdict(self.config),
             "log_args": self.log_args,
             "epoch": self.epoch,
@@ -405,6 +425,8 @@ class Supervisor:
             ],
         }
         keep = [listener.fileno(), sock.fileno(), *pending_fds, *(r.fd for r in records)]
+        if self.lifeline >= 0:
+            keep.append(self.lifeline)
         if self._exec_pidfd is not None:
             keep.append(self._exec_pidfd)
         # From here a stop waits (pending) for the new image, or for us if exec fails.
@@ -464,6 +486,7 @@ def resume_supervisor(state_fd: int) -> Supervisor:
         socket.socket(fileno=state["listen_fd"]),
         place=ShardPlace(**state["place"]),
         log_args=state["log_args"],
+        lifeline=state.get("lifeline", -1),
     )
     sup.epoch = state["epoch"]
     sup.restarts = state["restarts"]
@@ -477,6 +500,7 @@ def resume_supervisor(state_fd: int) -> Supervisor:
     pidfd = state["shard_pidfd"]
     fds = [sup._listener.fileno(), mirror.fileno(), *state["pending_fds"]]
     fds += [] if pidfd is None else [pidfd]
+    fds += [] if sup.lifeline < 0 else [sup.lifeline]
     fds += [r.fd for r in sup.store.records()]
     for fd in fds:
         os.set_inheritable(fd, False)

@@ -19,7 +19,7 @@ from typing import Any
 
 from ._errors import ConnparkError, ContainerLost, ContainerTimeout, ParkRefused, lost_from_os_error
 from ._fdpass import BlockingChannel, recv_fds, wait_readable_blocking
-from ._shards import Spread, by_shard, merge_send, other_shards, send_targets, shard_of
+from ._shards import Spread, by_shard, hand_back_to, merge_send, other_shards, send_targets
 from ._stats import ContainerStats, merge_stats
 from ._unixsock import connect_unix, peer_uid
 from ._wire import Result, Rule
@@ -303,9 +303,8 @@ class BlockingParking(HandleInfo):
         for lock in locks:  # the readers queue wakes under them: none can slip past
             lock.acquire()
         try:
-            untaken: list[list[Woken[Any]]] = [[] for _ in self._shards]
-            for woken in self._take_untaken():
-                untaken[min(shard_of(woken.ticket), len(self._shards) - 1)].append(woken)
+            ready = [s._engine.phase is Phase.READY for s in self._shards]
+            untaken = hand_back_to(self._take_untaken(), ready)
             reqs = [
                 shard._engine.begin_close(theirs, threading.Event())
                 for shard, theirs in zip(self._shards, untaken, strict=True)

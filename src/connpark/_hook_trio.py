@@ -20,7 +20,7 @@ import trio
 
 from ._errors import ConnparkError, ContainerLost, ContainerTimeout, ParkRefused, lost_from_os_error
 from ._fdpass import TrioChannel
-from ._shards import Spread, by_shard, merge_send, other_shards, send_targets, shard_of
+from ._shards import Spread, by_shard, hand_back_to, merge_send, other_shards, send_targets
 from ._stats import ContainerStats, merge_stats
 from ._unixsock import connect_unix, peer_uid
 from ._wire import Result, Rule
@@ -408,13 +408,13 @@ class Parking(HandleInfo):
 
     async def _close(self) -> None:
         """Hand back what nobody took (each to its shard), wait for it (bounded)."""
-        untaken: list[list[Woken[Any]]] = [[] for _ in self._shards]
+        taken: list[Woken[Any]] = []
         while True:
             try:
-                woken = self._wake_recv.receive_nowait()
+                taken.append(self._wake_recv.receive_nowait())
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
-            untaken[min(shard_of(woken.ticket), len(self._shards) - 1)].append(woken)
+        untaken = hand_back_to(taken, [s._engine.phase is Phase.READY for s in self._shards])
         async with trio.open_nursery() as nursery:
             for shard, theirs in zip(self._shards, untaken, strict=True):
                 nursery.start_soon(shard._close_here, theirs)

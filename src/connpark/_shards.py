@@ -13,11 +13,14 @@ one engine and session per shard; this module decides, for every hook alike:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar
 
 from ._errors import ParkRefused
 from ._unixsock import shard_path
-from ._wire import TICKET_SHARD_SHIFT, Refusal
-from ._worker import Engine, SendResult
+from ._wire import TICKET_SHARD_SHIFT, Reason, Refusal
+from ._worker import Engine, SendResult, Woken
+
+W = TypeVar("W", bound=Woken[Any])
 
 #: A shard that refused a park for lack of room gets no parks for this long (s).
 FULL_PAUSE = 1.0
@@ -101,6 +104,22 @@ def send_targets(
     if (tag is None) == (not tickets):
         raise TypeError("send() needs tickets or a tag (one of them)")
     return by_shard(shards, tickets, tag)
+
+
+def hand_back_to(untaken: Sequence[W], ready: Sequence[bool]) -> list[list[W]]:
+    """Wakes nobody took, grouped by the shard each goes back to: its own, unless
+    that one is shutting down (the wake is a SHUTDOWN one) or not connected;
+    then one that is, so that a closing handle loses none of them."""
+    groups: list[list[W]] = [[] for _ in ready]
+    alive = [i for i, up in enumerate(ready) if up]
+    for k, w in enumerate(untaken):
+        home = min(shard_of(w.ticket), len(ready) - 1)
+        if ready[home] and w.reason is not Reason.SHUTDOWN:
+            groups[home].append(w)
+            continue
+        others = [i for i in alive if i != home]
+        groups[others[k % len(others)] if others else home].append(w)
+    return groups
 
 
 def merge_send(results: Iterable[SendResult]) -> SendResult:

@@ -17,7 +17,7 @@ from typing import Any
 
 from ._errors import ConnparkError, ContainerLost, ContainerTimeout, ParkRefused, lost_from_os_error
 from ._fdpass import Outbox, recv_fds
-from ._shards import Spread, by_shard, merge_send, other_shards, send_targets, shard_of
+from ._shards import Spread, by_shard, hand_back_to, merge_send, other_shards, send_targets
 from ._stats import ContainerStats, merge_stats
 from ._unixsock import connect_unix, peer_uid
 from ._wire import Result, Rule
@@ -400,11 +400,12 @@ class AsyncioParking(HandleInfo):
 
     async def _close(self) -> None:
         """Hand back what nobody took (each to its shard), wait for it (bounded)."""
-        untaken: list[list[Woken[Any]]] = [[] for _ in self._shards]
+        taken: list[Woken[Any]] = []
         while not self._wakes.empty():
             item = self._wakes.get_nowait()
             if isinstance(item, Woken):
-                untaken[min(shard_of(item.ticket), len(self._shards) - 1)].append(item)
+                taken.append(item)
+        untaken = hand_back_to(taken, [s._engine.phase is Phase.READY for s in self._shards])
         await asyncio.gather(
             *(
                 shard._close_here(theirs)

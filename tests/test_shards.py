@@ -29,6 +29,7 @@ import connpark
 from connpark._config import ContainerConfig
 from connpark._fleet import SHARD_OVERHEAD, auto_shards
 from connpark._shards import shard_of
+from connpark._stats_client import fetch_stats
 
 from ._procs import CONNPARK, ServeProcess, recv_exactly, tcp_pairs
 from .conftest import open_fd_count
@@ -421,5 +422,39 @@ def test_bad_sends_fail_before_any_shard_publishes_and_upgrade_wants_the_control
     assert out.returncode == 1
     assert "upgrade through the control socket" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+    for c in clients:
+        c.close()
+
+
+def test_wakes_left_untaken_on_a_draining_shard_go_to_a_live_one(fleet: ServeProcess) -> None:
+    """A mirror dies: its shard sends SHUTDOWN wakes back. A handle closed before
+    anyone takes them hands them to another shard, not to the draining one (which
+    would refuse them, and the clients would lose their connections)."""
+    clients, servers = tcp_pairs(12)
+    parking = connpark.BlockingParking(fleet.path, pool="h")
+    tickets = [parking.park(s) for s in servers]
+    on_2 = sum(1 for t in tickets if shard_of(t) == 2)
+    assert on_2 > 0
+    mirror = next(p.pid for p in parking.stats().processes if p.role == "mirror" and p.shard == 2)
+    os.kill(mirror, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while parking._wakes.qsize() < on_2:  # the SHUTDOWN wakes, untaken
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    parking.shutdown()
+    time.sleep(0.5)
+    for c in clients:  # every client still connected: nothing was closed
+        c.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            c.recv(10)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if fetch_stats(fleet.path).parked == 12:
+                break
+        except connpark.ConnparkError:
+            pass
+        assert time.monotonic() < deadline, "not every connection is parked again"
+        time.sleep(0.1)
     for c in clients:
         c.close()

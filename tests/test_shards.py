@@ -458,3 +458,48 @@ def test_wakes_left_untaken_on_a_draining_shard_go_to_a_live_one(fleet: ServePro
         time.sleep(0.1)
     for c in clients:
         c.close()
+
+
+def test_a_full_shard_sends_parks_to_the_others_and_max_parked_holds(sockdir: Path) -> None:
+    """--max-parked 40 over 2 shards: 20 each. Parks refused by a full shard are
+    tried on the other before the caller sees a refusal; past 40, ``full``."""
+    serve = ServeProcess(sockdir / "c.sock", ["--shards", "2", "--max-parked", "40"])
+    clients, servers = tcp_pairs(45)
+    try:
+        with connpark.BlockingParking(serve.path, pool="f") as a:
+            first = a.park_many(servers[:30])  # one request: 20 on one shard, 10 retried
+            assert all(isinstance(t, int) for t in first), first
+            rest = a.park_many(servers[30:])
+            assert sum(isinstance(t, int) for t in rest) == 10
+            refused = [t for t in rest if isinstance(t, connpark.ParkRefused)]
+            assert [r.reason for r in refused] == [connpark.Refusal.FULL] * 5
+            stats = a.stats()
+            assert stats.parked == 40
+            assert [f.parked for f in stats.shards] == [20, 20]
+        for s in servers[40:]:  # refused: still ours, and usable
+            assert s.fileno() != -1
+    finally:
+        assert serve.stop() == 0
+        for s in [*clients, *servers]:
+            s.close()
+
+
+def test_a_shard_that_does_not_answer_gets_no_parks_for_a_while(fleet: ServeProcess) -> None:
+    clients, servers = tcp_pairs(8)
+    with connpark.BlockingParking(fleet.path, pool="z") as parking:
+        shards = _shard_pids(parking.stats())
+        os.kill(shards[1], signal.SIGSTOP)
+        try:
+            got: list[object] = []
+            for s in servers[:6]:
+                try:
+                    got.append(parking.park(s, timeout=0.5))
+                except connpark.ContainerTimeout:
+                    got.append("timeout")
+            # At most one park waited on the stopped shard; the next went elsewhere.
+            assert got.count("timeout") <= 1, got
+            assert all(shard_of(t) != 1 for t in got if isinstance(t, int))
+        finally:
+            os.kill(shards[1], signal.SIGCONT)
+    for s in [*clients, *servers]:
+        s.close()

@@ -55,9 +55,6 @@ LOGGER = logging.getLogger(__name__)
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: How long one mirror's upgrade (re-exec + a new shard) may take.
 UPGRADE_TIMEOUT = 120.0
-#: Each shard holds ``max_parked / shards`` and this many more: workers spread
-#: their parks by what they see, not in lockstep.
-SHARE_SLACK = 1024
 #: fds a shard keeps beside its connections: sessions, frames in flight, its own.
 SHARD_OVERHEAD = 1024 + 64
 
@@ -235,7 +232,8 @@ class Fleet:
         )
         if self._lifeline is None:
             self._lifeline = os.pipe()
-        share = math.ceil(self.config.max_parked / self.shards) + SHARE_SLACK
+        # Its share of max_parked: a hook tries another shard when one is full.
+        share = math.ceil(self.config.max_parked / self.shards)
         config = attrs.evolve(self.config, path=self.paths[i], max_parked=share)
         args = [
             "_mirror",

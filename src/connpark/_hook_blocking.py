@@ -19,7 +19,15 @@ from typing import Any
 
 from ._errors import ConnparkError, ContainerLost, ContainerTimeout, ParkRefused, lost_from_os_error
 from ._fdpass import BlockingChannel, recv_fds, wait_readable_blocking
-from ._shards import Spread, by_shard, hand_back_to, merge_send, other_shards, send_targets
+from ._shards import (
+    ParkPlan,
+    Spread,
+    by_shard,
+    hand_back_to,
+    merge_send,
+    other_shards,
+    send_targets,
+)
 from ._stats import ContainerStats, merge_stats
 from ._unixsock import connect_unix, peer_uid
 from ._wire import Result, Rule
@@ -365,14 +373,25 @@ class BlockingParking(HandleInfo):
     def _park(
         self, socks: list[Any], entries: list[Any], timeout: float | None
     ) -> list[int | ParkRefused]:
-        spread = self._spread
-        if spread is None:
+        if self._spread is None:
             return self._park_here(socks, entries, timeout)
-        up = [s._engine.phase is Phase.READY for s in self._shards]
-        i = spread.pick(up, time.monotonic())
-        results = self._shards[i]._park_here(socks, entries, timeout)
-        spread.parked(i, results, time.monotonic())
-        return results
+        plan = ParkPlan(self._spread, len(socks))
+        ready = [s._engine.phase is Phase.READY for s in self._shards]
+        while step := plan.next(ready, time.monotonic()):
+            i, idx = step
+            some = len(idx) < len(socks)
+            try:
+                got = self._shards[i]._park_here(
+                    [socks[k] for k in idx] if some else socks,
+                    [entries[k] for k in idx] if some else entries,
+                    timeout,
+                )
+            except BaseException:
+                self._spread.failed(i, time.monotonic())  # no answer in time: not there next
+                raise
+            plan.answered(i, idx, got, time.monotonic())
+            ready = [s._engine.phase is Phase.READY for s in self._shards]
+        return plan.outcome()
 
     def _park_here(
         self, socks: list[Any], entries: list[Any], timeout: float | None

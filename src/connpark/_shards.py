@@ -22,9 +22,11 @@ from ._worker import Engine, SendResult, Woken
 
 W = TypeVar("W", bound=Woken[Any])
 
-#: A shard that refused a park for lack of room gets no parks for this long (s).
+#: A shard that refused a park for lack of room, or did not answer one, gets no
+#: parks for this long (s).
 FULL_PAUSE = 1.0
-_NO_ROOM = frozenset({Refusal.FULL, Refusal.OUT_OF_FDS})
+#: Refusals about the shard, not the socket: the park is tried on another shard.
+_NO_ROOM = frozenset({Refusal.FULL, Refusal.OUT_OF_FDS, Refusal.SHUTTING_DOWN})
 
 
 def other_shards(first: Engine) -> list[Engine]:
@@ -61,14 +63,22 @@ class Spread:
         self.held = [0] * shards
         self._paused_until = [0.0] * shards
 
-    def pick(self, up: Sequence[bool], now: float) -> int:
-        """The shard for the next park: fewest held among connected, un-paused ones."""
-        best, best_key = 0, None
+    def pick(self, up: Sequence[bool], now: float, tried: Iterable[int] = ()) -> int | None:
+        """The shard for the next park: fewest held among connected, un-paused ones
+        (any shard not ``tried`` yet, if none is); None once every shard was tried."""
+        skip = set(tried)
+        best, best_key = None, None
         for i, is_up in enumerate(up):
+            if i in skip:
+                continue
             key = (not is_up, self._paused_until[i] > now, self.held[i])
             if best_key is None or key < best_key:
                 best, best_key = i, key
         return best
+
+    def failed(self, shard: int, now: float) -> None:
+        """A park there raised (no answer in time, cancelled): try others first."""
+        self._paused_until[shard] = now + FULL_PAUSE
 
     def parked(self, shard: int, results: Iterable[int | ParkRefused], now: float) -> None:
         for r in results:
@@ -82,6 +92,45 @@ class Spread:
         shard = shard_of(ticket)
         if shard < len(self.held) and self.held[shard]:
             self.held[shard] -= 1
+
+
+class ParkPlan:
+    """One park request over the shards: the sockets a shard refuses for lack of
+    room (or because it is shutting down) are tried on the next one, so that a
+    full shard is not the caller's problem while another has room.
+
+    ``while (step := plan.next(up, now)) is not None``: park ``step[1]`` (indexes
+    into the request) on shard ``step[0]``, then ``plan.answered(...)``.
+    """
+
+    def __init__(self, spread: Spread, count: int) -> None:
+        self.spread = spread
+        self.results: list[int | ParkRefused | None] = [None] * count
+        self._todo = list(range(count))
+        self._tried: list[int] = []
+
+    def next(self, up: Sequence[bool], now: float) -> tuple[int, list[int]] | None:
+        if not self._todo:
+            return None
+        shard = self.spread.pick(up, now, self._tried)
+        if shard is None:
+            return None
+        self._tried.append(shard)
+        return shard, self._todo
+
+    def answered(
+        self, shard: int, indexes: Sequence[int], got: Sequence[int | ParkRefused], now: float
+    ) -> None:
+        self.spread.parked(shard, got, now)
+        retry = []
+        for k, r in zip(indexes, got, strict=True):
+            self.results[k] = r
+            if isinstance(r, ParkRefused) and r.reason in _NO_ROOM:
+                retry.append(k)
+        self._todo = retry
+
+    def outcome(self) -> list[int | ParkRefused]:
+        return [r for r in self.results if r is not None]
 
 
 def by_shard(

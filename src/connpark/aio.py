@@ -17,7 +17,15 @@ from typing import Any
 
 from ._errors import ConnparkError, ContainerLost, ContainerTimeout, ParkRefused, lost_from_os_error
 from ._fdpass import Outbox, recv_fds
-from ._shards import Spread, by_shard, hand_back_to, merge_send, other_shards, send_targets
+from ._shards import (
+    ParkPlan,
+    Spread,
+    by_shard,
+    hand_back_to,
+    merge_send,
+    other_shards,
+    send_targets,
+)
 from ._stats import ContainerStats, merge_stats
 from ._unixsock import connect_unix, peer_uid
 from ._wire import Result, Rule
@@ -272,14 +280,25 @@ class AsyncioParking(HandleInfo):
     # -- waiting ----------------------------------------------------------------
 
     async def _park(self, socks: list[Any], entries: list[Any]) -> list[int | ParkRefused]:
-        spread = self._spread
-        if spread is None:
+        if self._spread is None:
             return await self._park_here(socks, entries)
-        up = [s._engine.phase is Phase.READY for s in self._shards]
-        i = spread.pick(up, self._loop.time())
-        results = await self._shards[i]._park_here(socks, entries)
-        spread.parked(i, results, self._loop.time())
-        return results
+        plan = ParkPlan(self._spread, len(socks))
+        while step := plan.next(self._ready(), self._loop.time()):
+            i, idx = step
+            some = len(idx) < len(socks)
+            try:
+                got = await self._shards[i]._park_here(
+                    [socks[k] for k in idx] if some else socks,
+                    [entries[k] for k in idx] if some else entries,
+                )
+            except BaseException:
+                self._spread.failed(i, self._loop.time())  # cancelled: not there next
+                raise
+            plan.answered(i, idx, got, self._loop.time())
+        return plan.outcome()
+
+    def _ready(self) -> list[bool]:
+        return [s._engine.phase is Phase.READY for s in self._shards]
 
     async def _park_here(self, socks: list[Any], entries: list[Any]) -> list[int | ParkRefused]:
         req = self._engine.park(socks, entries, self._loop.create_future())

@@ -24,12 +24,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 import connpark
 from connpark._config import ContainerConfig
 from connpark._fleet import SHARD_OVERHEAD, auto_shards
 from connpark._shards import shard_of
 from connpark._stats_client import fetch_stats
+from connpark._worker import Phase
 
 from ._procs import CONNPARK, ServeProcess, recv_exactly, tcp_pairs
 from .conftest import open_fd_count
@@ -501,5 +503,31 @@ def test_a_shard_that_does_not_answer_gets_no_parks_for_a_while(fleet: ServeProc
             assert all(shard_of(t) != 1 for t in got if isinstance(t, int))
         finally:
             os.kill(shards[1], signal.SIGCONT)
+    for s in [*clients, *servers]:
+        s.close()
+
+
+def test_a_handle_opens_while_a_shard_hangs_and_joins_it_later(fleet: ServeProcess) -> None:
+    clients, servers = tcp_pairs(6)
+    shards = _shard_pids(fetch_stats(fleet.path))
+    os.kill(shards[2], signal.SIGSTOP)
+    try:
+        with connpark.BlockingParking(fleet.path, pool="o", connect_timeout=1) as parking:
+            tickets = [parking.park(s) for s in servers[:3]]
+            assert all(shard_of(t) != 2 for t in tickets)
+
+            async def trio_open() -> None:
+                async with connpark.open_parking(fleet.path, pool="o2", connect_timeout=1) as p:
+                    assert shard_of(await p.park(servers[3])) != 2
+
+            trio.run(trio_open)
+            os.kill(shards[2], signal.SIGCONT)
+            deadline = time.monotonic() + 15
+            while parking._shards[2]._engine.phase is not Phase.READY:
+                assert time.monotonic() < deadline, "shard 2's session never came up"
+                time.sleep(0.05)
+            assert parking.stats().sessions >= 3
+    finally:
+        os.kill(shards[2], signal.SIGCONT)
     for s in [*clients, *servers]:
         s.close()

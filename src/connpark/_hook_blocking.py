@@ -93,7 +93,7 @@ class BlockingParking(HandleInfo):
             for other in other_shards(engine):  # one session per shard
                 shard = BlockingParking.__new__(BlockingParking)
                 shard._setup(other.path, other, connect_timeout, self._wakes, primary=False)
-                shard._start()
+                shard._start(other=True)
                 self._shards.append(shard)
         except BaseException:
             self.shutdown()
@@ -135,8 +135,17 @@ class BlockingParking(HandleInfo):
         self._shards: list[BlockingParking] = [self]
         self._spread = None
 
-    def _start(self) -> None:
-        chan = self._connect()  # raises: nothing to clean up but the channel
+    def _start(self, *, other: bool = False) -> None:
+        """Connect, then read in a thread. For another shard, a first connect that
+        fails is retried like a lost session (the first shard's failure raises)."""
+        chan: BlockingChannel | None = None
+        try:
+            chan = self._connect()  # raises: nothing to clean up but the channel
+        except ConnparkError as exc:
+            if not other:
+                raise
+            with self._lock:
+                self._engine.never_connected(exc)
         self._reader = threading.Thread(
             target=self._run, args=(chan,), name="connpark-session", daemon=True
         )
@@ -475,10 +484,14 @@ class BlockingParking(HandleInfo):
             self._pump()
         self._flush()
 
-    def _run(self, chan: BlockingChannel) -> None:
+    def _run(self, chan: BlockingChannel | None) -> None:
         """The reader thread: serve sessions, reconnect, give up."""
         engine = self._engine
         try:
+            if chan is None:  # another shard's first connect failed: as after a loss
+                chan = self._reconnect()
+                if chan is None:
+                    return
             while True:
                 while engine.connected:
                     self._read_once(chan)
@@ -488,7 +501,7 @@ class BlockingParking(HandleInfo):
                 chan.close()
                 if engine.phase is not Phase.LOST or self._stop.is_set():
                     return
-                chan = self._reconnect()  # type: ignore[assignment]
+                chan = self._reconnect()
                 if chan is None:
                     return
         finally:

@@ -410,6 +410,18 @@ class Parking(HandleInfo):
     async def _run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """The first session (its errors go to ``open_parking``), then reconnects."""
         await self._session(task_status)
+        await self._reconnects()
+
+    async def _run_other(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Another shard's session: a first connect that fails is retried like a lost one."""
+        try:
+            await self._session(task_status)
+        except ConnparkError as exc:
+            self._engine.never_connected(exc)
+            task_status.started()
+        await self._reconnects()
+
+    async def _reconnects(self) -> None:
         engine = self._engine
         while engine.phase is Phase.LOST:
             delay = engine.retry_delay(trio.current_time())
@@ -501,7 +513,7 @@ async def open_parking(
                 shard = Parking(other.path, other, connect_timeout, wakes)
                 parking._shards.append(shard)
                 nursery.start_soon(shard._writer)
-                await nursery.start(shard._run)
+                await nursery.start(shard._run_other)
             if len(parking._shards) > 1:
                 parking._spread = Spread(len(parking._shards))
             try:

@@ -625,6 +625,16 @@ class Engine:
         """Why the handshake did not bring a session up."""
         return self.error or self.last_error or ContainerLost("no session")
 
+    def never_connected(self, error: ConnparkError) -> None:
+        """The first connect to another shard failed (it restarts, or hangs): try
+        again as after a lost session. (The first shard's failure is the caller's.)"""
+        if self.phase is Phase.IDLE:
+            self.last_error = error
+            if self.reconnect:
+                self.phase = Phase.LOST
+            else:
+                self.give_up(error)
+
     def reconnect_failed(self, error: ConnparkError) -> None:
         """A reconnect attempt failed: keep trying unless the container refused us for good."""
         if self.phase is not Phase.LOST or isinstance(error, ContainerError):

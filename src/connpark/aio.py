@@ -390,10 +390,19 @@ class AsyncioParking(HandleInfo):
         self._pump()
         await self._flush()
 
-    async def _run(self, started: asyncio.Future[None]) -> None:
-        """The first session (its errors go to ``open_parking``), then reconnects."""
+    async def _run(self, started: asyncio.Future[None], *, other: bool = False) -> None:
+        """The first session (its errors go to ``open_parking``; for another shard,
+        a first connect that fails is retried like a lost one), then reconnects."""
         try:
             await self._session(started)
+        except ConnparkError as exc:
+            if not other or started.done():
+                if not started.done():
+                    started.set_exception(exc)
+                    return
+                raise
+            self._engine.never_connected(exc)
+            started.set_result(None)
         except BaseException as exc:
             if not started.done():
                 started.set_exception(exc)
@@ -484,9 +493,9 @@ async def open_parking(
     loop = asyncio.get_running_loop()
     runners: list[asyncio.Task[None]] = []
 
-    async def start(shard: AsyncioParking) -> None:
+    async def start(shard: AsyncioParking, other: bool = False) -> None:
         started: asyncio.Future[None] = loop.create_future()
-        runners.append(loop.create_task(shard._run(started)))
+        runners.append(loop.create_task(shard._run(started, other=other)))
         await started
 
     try:
@@ -494,7 +503,7 @@ async def open_parking(
         for other in other_shards(engine):  # one session per shard
             shard = AsyncioParking(other.path, other, connect_timeout, parking._wakes)
             parking._shards.append(shard)
-            await start(shard)
+            await start(shard, other=True)
         if len(parking._shards) > 1:
             parking._spread = Spread(len(parking._shards))
         yield parking

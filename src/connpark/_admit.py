@@ -33,6 +33,13 @@ _TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)
 _SO_DOMAIN: int | None = getattr(socket, "SO_DOMAIN", None)
 _SO_ACCEPTCONN: int | None = getattr(socket, "SO_ACCEPTCONN", None)
 _INET = (socket.AF_INET, socket.AF_INET6)
+# Bound once: ``inspect`` runs for every parked fd.
+_AF_INET = socket.AF_INET
+_AF_INET6 = socket.AF_INET6
+_IPPROTO_TCP = socket.IPPROTO_TCP
+_new_socket = _socket.socket
+_OK = Refusal.OK
+_NOT_CONNECTED = Refusal.NOT_CONNECTED
 
 #: Linux TCP states (include/net/tcp_states.h) -> the refusal, OK when parkable.
 #: CLOSE_WAIT (the peer half-closed) is parkable: it wakes at once, with its bytes.
@@ -63,7 +70,8 @@ Inspection = tuple[Refusal, int, object]
 def inspect(fd: int) -> Inspection:
     """Whether ``fd`` is a connected AF_INET/AF_INET6 TCP stream; never raises."""
     try:
-        sock = borrow(fd)  # getsockname(2): ENOTSOCK for files, pipes, eventfds...
+        # ``borrow``, inlined. getsockname(2): ENOTSOCK for files, pipes, eventfds...
+        sock = _new_socket(_AF_INET, _BORROWED, 0, fd)
     except OSError as exc:
         code = Refusal.NOT_A_SOCKET if exc.errno == errno.ENOTSOCK else Refusal.UNINSPECTABLE
         return code, 0, None
@@ -71,17 +79,16 @@ def inspect(fd: int) -> Inspection:
         if _TCP_INFO is None:
             return _inspect_portable(sock)
         try:
-            state = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0]
+            state = sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, 1)[0]
         except OSError as exc:
             return _not_tcp(sock, exc), 0, None
-        code = _TCP_STATES.get(state, Refusal.NOT_CONNECTED)
-        if code is not Refusal.OK:
-            return code, 0, None
+        if state != 1 and state != 8:  # not ESTABLISHED nor CLOSE_WAIT
+            return _TCP_STATES.get(state, _NOT_CONNECTED), 0, None
         try:
             peer = sock.getpeername()
         except OSError:  # reset between the two calls
-            return Refusal.NOT_CONNECTED, 0, None
-        return Refusal.OK, socket.AF_INET6 if len(peer) == 4 else socket.AF_INET, peer
+            return _NOT_CONNECTED, 0, None
+        return _OK, _AF_INET6 if len(peer) == 4 else _AF_INET, peer
     except Exception:  # nothing about one fd may end the session
         LOGGER.exception("fd %d could not be inspected", fd)
         return Refusal.UNINSPECTABLE, 0, None

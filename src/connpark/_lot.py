@@ -110,7 +110,14 @@ class Slot:
     )
 
     def __init__(
-        self, ticket: int, fd: int, token: bytes, pending: bytes, flags: int, pool: Pool
+        self,
+        ticket: int,
+        fd: int,
+        token: bytes,
+        pending: bytes,
+        flags: int,
+        pool: Pool,
+        session: SessionState | None = None,
     ) -> None:
         self.ticket = ticket
         self.fd = fd
@@ -123,7 +130,7 @@ class Slot:
         self.key: float | int = 0
         self.reason = Reason.READABLE
         #: The session this slot's wake should go to first (its parker, or its asker).
-        self.session: SessionState | None = None
+        self.session = session
         #: ``_serving.Extra`` for a park with rules or tags (or bytes left unsent), else
         #: None: a plain park pays one pointer for the feature.
         self.extra: Any = None
@@ -143,7 +150,7 @@ class Slot:
 class SessionState:
     """The lot's view of one worker session: its pool, window and wakes in flight."""
 
-    __slots__ = ("alive", "id", "inflight", "name", "outq", "pool", "sent_log")
+    __slots__ = ("alive", "id", "inflight", "logged", "name", "outq", "pool", "sent_log")
 
     def __init__(self, session_id: int, pool: Pool, name: str = "") -> None:
         self.id = session_id
@@ -155,8 +162,10 @@ class SessionState:
         self.inflight: dict[int, Slot] = {}
         #: Assigned slots the writer has not taken yet.
         self.outq: list[Slot] = []
-        #: (assigned at, slot) in assignment order: finds the oldest un-ACKed wake.
-        self.sent_log: deque[tuple[float, Slot]] = deque()
+        #: (assigned at, slots) in assignment order: finds the oldest un-ACKed wake.
+        self.sent_log: deque[tuple[float, list[Slot]]] = deque()
+        #: Slots in ``sent_log`` (ACKed ones too, until they are dropped).
+        self.logged = 0
 
     @property
     def load(self) -> int:
@@ -255,6 +264,18 @@ class Lot:
         counts[new] += 1
         slot.state = new
 
+    def _move_all(self, old: State, new: State, n: int) -> None:
+        """Count ``n`` slots moving ``old`` -> ``new``, checked against the table once.
+
+        The batch form of ``_move`` for the hot path: the caller has checked
+        that each slot is in ``old`` (else ``InternalError``) and sets its state.
+        """
+        if new not in TRANSITIONS[old]:
+            raise InternalError(f"{n} slots: {old.name} -> {new.name}")
+        counts = self._counts
+        counts[old] -= n
+        counts[new] += n
+
     def park(
         self,
         fd: int,
@@ -266,10 +287,29 @@ class Lot:
         deadline: float,
     ) -> Slot:
         """Record a new parked fd (already validated and in the watcher) with its deadline."""
+        return self.park_ms(fd, token, pending, flags, session, math.ceil(deadline * 1000))
+
+    def park_ms(
+        self,
+        fd: int,
+        token: bytes,
+        pending: bytes,
+        flags: int,
+        session: SessionState,
+        deadline_ms: int,
+    ) -> Slot:
+        """``park`` for the hot path: positional, the deadline in whole ms (rounded up)."""
         ticket = self._epoch | (next(self._seq) << FD_BITS | fd) & _LOCAL_MASK
-        slot = Slot(ticket, fd, token, pending, flags, session.pool)
-        slot.session = session
-        self._add(slot, deadline)
+        slot = Slot(ticket, fd, token, pending, flags, session.pool, session)
+        by_fd = self._by_fd
+        if fd >= len(by_fd):
+            by_fd.extend([None] * (fd + 1 - len(by_fd) + 64))
+        if by_fd[fd] is not None:
+            raise InternalError(f"fd {fd} parked twice")
+        by_fd[fd] = slot
+        self._counts[State.PARKED] += 1
+        slot.key = key = deadline_ms << 64 | ticket
+        heapq.heappush(self._heap, key)
         return slot
 
     def restore(
@@ -323,6 +363,70 @@ class Lot:
         self._route(slot, now)
         return True
 
+    def unpark(self, session: SessionState, tickets: Iterable[int], now: float) -> list[Slot]:
+        """UNPARK: wake (REQUESTED) the tickets still PARKED in the session's pool, and
+        send them to it first. Returns them: the caller takes their fds out of the watcher.
+
+        The batch form of ``wake(slot, REQUESTED, now, to=session)`` for each;
+        unknown, other pools' and not-parked tickets are no-ops.
+        """
+        by_fd = self._by_fd
+        size = len(by_fd)
+        alias = self._alias
+        pool = session.pool
+        parked, queued = State.PARKED, State.QUEUED
+        woke: list[Slot] = []
+        append = woke.append
+        stale = 0
+        for ticket in tickets:
+            fd = ticket & _FD_MASK
+            slot = by_fd[fd] if fd < size else None
+            if slot is None or slot.ticket != ticket:
+                slot = alias.get(ticket) if alias else None
+                if slot is None:
+                    continue
+            if slot.state is not parked or slot.pool is not pool:
+                continue
+            slot.state = queued  # a ticket twice in the list wakes once
+            if slot.key:
+                stale += 1  # its heap entry
+            slot.key = now
+            slot.reason = Reason.REQUESTED
+            slot.session = session
+            if slot.extra is not None:
+                self._untag(slot)
+            append(slot)
+        if not woke:
+            return woke
+        self._move_all(parked, queued, len(woke))
+        self.woken_total[Reason.REQUESTED.name] += len(woke)
+        self._stale += stale
+        if self._stale > 1024 and self._stale > len(self._heap) // 2:
+            self._compact()
+        # Route: to the asker while it has room (the same checks as ``_route``).
+        room = 0
+        if session.alive:
+            room = self.window - len(session.inflight)
+            if room > 0 and self.ack_deadline != math.inf and self.stale(session, now):
+                room = 0
+        inflight = session.inflight
+        mine: list[Slot] = []
+        for slot in woke:
+            if room > 0:
+                room -= 1
+            elif not (slot.flags & UNCONFIRMED and session.alive):
+                self._route(slot, now)  # another session, or the pool's queue
+                continue
+            slot.state = State.SENT
+            inflight[slot.ticket] = slot
+            mine.append(slot)
+        if mine:
+            self._move_all(queued, State.SENT, len(mine))
+            session.outq.extend(mine)
+            self._log_sent(session, now, mine)
+            self.dirty.add(session)
+        return woke
+
     def forget_fd(self, slot: Slot) -> None:
         """The slot's fd was closed by the container: it travels on as a notice."""
         if slot.fd >= 0 and self._by_fd[slot.fd] is slot:
@@ -371,9 +475,13 @@ class Lot:
         log = session.sent_log
         inflight = session.inflight
         while log:
-            at, slot = log[0]
-            if inflight.get(slot.ticket) is slot:
-                return now - at > self.ack_deadline
+            at, group = log[0]
+            while group:
+                slot = group[-1]
+                if inflight.get(slot.ticket) is slot:
+                    return now - at > self.ack_deadline
+                group.pop()
+                session.logged -= 1
             log.popleft()
         return False
 
@@ -414,12 +522,26 @@ class Lot:
         slot.session = session
         session.inflight[slot.ticket] = slot
         session.outq.append(slot)
-        if self.ack_deadline != math.inf:
-            log = session.sent_log
-            log.append((now, slot))
-            if len(log) > 4 * self.window:  # ACKs out of order: drop the dead entries
-                session.sent_log = deque(e for e in log if inflight_has(session, e[1]))
+        self._log_sent(session, now, [slot])
         self.dirty.add(session)
+
+    def _log_sent(self, session: SessionState, now: float, slots: list[Slot]) -> None:
+        """Note when these were assigned (for ``stale``); only with an ACK deadline."""
+        if self.ack_deadline == math.inf:
+            return
+        session.sent_log.append((now, slots))
+        session.logged += len(slots)
+        if session.logged > 4 * (self.window + len(session.inflight)):
+            # ACKs out of order: drop the dead entries.
+            kept: deque[tuple[float, list[Slot]]] = deque()
+            logged = 0
+            for at, group in session.sent_log:
+                live = [x for x in group if inflight_has(session, x)]
+                if live:
+                    kept.append((at, live))
+                    logged += len(live)
+            session.sent_log = kept
+            session.logged = logged
 
     def _drain_waiting(self, pool: Pool, now: float) -> None:
         while pool.waiting:
@@ -431,10 +553,16 @@ class Lot:
                 return
             self._assign(pool.waiting.popleft(), best, now)
 
-    def take_outq(self, session: SessionState, max_bytes: int | None = None) -> list[Slot]:
+    def take_outq(
+        self, session: SessionState, max_bytes: int | None = None, *, count: int | None = None
+    ) -> list[Slot]:
         """Slots for the writer to encode now (at least one; their token and pending
-        bytes within ``max_bytes``); they stay inflight until ACK."""
+        bytes within ``max_bytes``; or the first ``count``); they stay inflight until ACK."""
         outq = session.outq
+        if count is not None:
+            out = outq[:count]
+            del outq[:count]
+            return out
         if max_bytes is None or not outq:
             session.outq = []
             return outq
@@ -457,9 +585,14 @@ class Lot:
 
     def written(self, slots: Iterable[Slot]) -> None:
         """Their fds went out to the session (SENT -> WRITTEN): an ACK may now free them."""
+        sent, written = State.SENT, State.WRITTEN
+        n = 0
         for slot in slots:
-            if slot.state is State.SENT:
-                self._move(slot, State.WRITTEN)
+            if slot.state is sent:
+                slot.state = written
+                n += 1
+        if n:
+            self._move_all(sent, written, n)
 
     def ack(self, session: SessionState, tickets: Iterable[int], now: float = 0.0) -> list[Slot]:
         """The session has these; returns their slots for the caller to close and ``remove``.
@@ -474,6 +607,35 @@ class Lot:
             if slot is not None and slot.state is State.WRITTEN:
                 del inflight[ticket]
                 done.append(slot)
+        if session.pool.waiting:
+            self._drain_waiting(session.pool, now)
+        return done
+
+    def take_acked(
+        self, session: SessionState, tickets: Iterable[int], now: float = 0.0
+    ) -> list[Slot]:
+        """``ack`` and ``remove`` in one pass, for the hot path: the ACKed slots, gone
+        from the table. Their ``fd`` still names the fd: the caller closes it."""
+        done: list[Slot] = []
+        append = done.append
+        inflight = session.inflight
+        get = inflight.get
+        written = State.WRITTEN
+        by_fd = self._by_fd
+        for ticket in tickets:
+            slot = get(ticket)
+            if slot is not None and slot.state is written:
+                del inflight[ticket]
+                slot.state = State.GONE
+                fd = slot.fd
+                if fd >= 0 and by_fd[fd] is slot:
+                    by_fd[fd] = None
+                append(slot)
+        if done:
+            self._move_all(written, State.GONE, len(done))
+            if self._alias:
+                for slot in done:
+                    self._alias.pop(slot.ticket, None)
         if session.pool.waiting:
             self._drain_waiting(session.pool, now)
         return done
@@ -512,6 +674,7 @@ class Lot:
         lost = list(session.inflight.values())
         session.inflight.clear()
         session.sent_log.clear()
+        session.logged = 0
         for slot in lost:
             self._requeue(slot, now)
         self._start_orphan_clock(session.pool, now)
@@ -526,6 +689,7 @@ class Lot:
         left = list(session.inflight.values())
         session.inflight.clear()
         session.sent_log.clear()
+        session.logged = 0
         return left
 
     def remove_session(self, session: SessionState, now: float | None = None) -> int:

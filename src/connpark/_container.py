@@ -907,6 +907,7 @@ class Container:
         register = self.watcher.register
         park = lot.park_ms
         refused = self._refused
+        ok, inet6 = Refusal.OK, socket.AF_INET6
         flat: list[int] = []  # PARKED: refusal, ticket per entry
         out = flat.append
         admitted: list[Slot] = []
@@ -935,7 +936,7 @@ class Container:
                     room -= 1
                 continue
             code, family, peer = inspect(fd)
-            if code is Refusal.OK:
+            if code is ok:
                 same = peers.setdefault(peer, fd)
                 if same != fd and self._duplicate(peers, peer, same, fd):
                     code = Refusal.DUPLICATE
@@ -944,7 +945,7 @@ class Container:
                         register(fd)
                     except OSError as exc:
                         code = self._unwatchable(fd, exc)
-            if code is not Refusal.OK:
+            if code is not ok:
                 close_fds((fd,))
                 refused[code.label] += 1
                 out(code)
@@ -954,12 +955,12 @@ class Container:
             if deadline_ms is None:
                 deadline_ms = deadlines[idle_ms] = math.ceil((now + idle_ms / 1000) * 1000)
             flags = returns[wflags & _RETURNS] | UNCONFIRMED
-            if family == socket.AF_INET6:
+            if family == inet6:
                 flags |= INET6
             slot = park(fd, token, pending, flags, s, deadline_ms)
             keep(slot)
             room -= 1
-            out(Refusal.OK)
+            out(ok)
             out(slot.ticket)
             if mirrored is not None:
                 idle = idle_ms / 1000 if idle_ms else cfg.idle_timeout

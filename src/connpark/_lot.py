@@ -39,6 +39,7 @@ import enum
 import heapq
 import itertools
 import math
+import operator
 from collections import Counter, deque
 from collections.abc import Iterable
 from typing import Any
@@ -83,6 +84,19 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.GONE: frozenset(),
 }
 
+# Bound once: an enum member costs an attribute lookup on its class each time
+# it is named, and the hot paths below name them once per connection.
+_PARKED, _QUEUED, _SENT, _WRITTEN, _GONE = (
+    State.PARKED,
+    State.QUEUED,
+    State.SENT,
+    State.WRITTEN,
+    State.GONE,
+)
+_READABLE = Reason.READABLE
+_REQUESTED = Reason.REQUESTED
+_REQUESTED_NAME = _REQUESTED.name
+
 HANGUP_RETURNS = 1
 TIMEOUT_RETURNS = 2
 INET6 = 4
@@ -125,10 +139,10 @@ class Slot:
         self.pending = pending
         self.flags = flags
         self.pool = pool
-        self.state = State.PARKED
+        self.state = _PARKED
         #: PARKED: the heap key. QUEUED/SENT: when readiness was seen (for latency).
         self.key: float | int = 0
-        self.reason = Reason.READABLE
+        self.reason = _READABLE
         #: The session this slot's wake should go to first (its parker, or its asker).
         self.session = session
         #: ``_serving.Extra`` for a park with rules or tags (or bytes left unsent), else
@@ -145,6 +159,11 @@ class Slot:
         if reason is Reason.TIMEOUT:
             return bool(self.flags & TIMEOUT_RETURNS)
         return True
+
+
+_new_slot = Slot.__new__
+_heappush = heapq.heappush
+_ticket_of = operator.attrgetter("ticket")
 
 
 class SessionState:
@@ -300,16 +319,28 @@ class Lot:
     ) -> Slot:
         """``park`` for the hot path: positional, the deadline in whole ms (rounded up)."""
         ticket = self._epoch | (next(self._seq) << FD_BITS | fd) & _LOCAL_MASK
-        slot = Slot(ticket, fd, token, pending, flags, session.pool, session)
         by_fd = self._by_fd
         if fd >= len(by_fd):
             by_fd.extend([None] * (fd + 1 - len(by_fd) + 64))
         if by_fd[fd] is not None:
             raise InternalError(f"fd {fd} parked twice")
-        by_fd[fd] = slot
-        self._counts[State.PARKED] += 1
+        # Slot(...) inlined: calling the class costs three times these stores.
+        # Keep in step with Slot.__init__.
+        slot = _new_slot(Slot)
+        slot.ticket = ticket
+        slot.fd = fd
+        slot.token = token
+        slot.pending = pending
+        slot.flags = flags
+        slot.pool = session.pool
+        slot.state = _PARKED
         slot.key = key = deadline_ms << 64 | ticket
-        heapq.heappush(self._heap, key)
+        slot.reason = _READABLE
+        slot.session = session
+        slot.extra = None
+        by_fd[fd] = slot
+        self._counts[_PARKED] += 1
+        _heappush(self._heap, key)
         return slot
 
     def restore(
@@ -367,16 +398,25 @@ class Lot:
         """UNPARK: wake (REQUESTED) the tickets still PARKED in the session's pool, and
         send them to it first. Returns them: the caller takes their fds out of the watcher.
 
-        The batch form of ``wake(slot, REQUESTED, now, to=session)`` for each;
-        unknown, other pools' and not-parked tickets are no-ops.
+        The batch form of ``wake(slot, REQUESTED, now, to=session)`` for each
+        (the same routing as ``_route``); unknown, other pools' and not-parked
+        tickets are no-ops.
         """
+        # To the asker while it has room and is not frozen (UNCONFIRMED: in any case).
+        alive = session.alive
+        room = 0
+        if alive:
+            room = self.window - len(session.inflight)
+            if room > 0 and self.ack_deadline != math.inf and self.stale(session, now):
+                room = 0
         by_fd = self._by_fd
         size = len(by_fd)
         alias = self._alias
         pool = session.pool
-        parked, queued = State.PARKED, State.QUEUED
-        woke: list[Slot] = []
-        append = woke.append
+        inflight = session.inflight
+        parked, queued, sent, requested = _PARKED, _QUEUED, _SENT, _REQUESTED
+        mine: list[Slot] = []  # assigned to the session: SENT
+        others: list[Slot] = []  # QUEUED: routed below
         stale = 0
         for ticket in tickets:
             fd = ticket & _FD_MASK
@@ -386,46 +426,39 @@ class Lot:
                 if slot is None:
                     continue
             if slot.state is not parked or slot.pool is not pool:
-                continue
-            slot.state = queued  # a ticket twice in the list wakes once
+                continue  # (a ticket twice in the list: not parked the second time)
             if slot.key:
                 stale += 1  # its heap entry
             slot.key = now
-            slot.reason = Reason.REQUESTED
+            slot.reason = requested
             slot.session = session
             if slot.extra is not None:
                 self._untag(slot)
-            append(slot)
+            if room > 0 or (alive and slot.flags & UNCONFIRMED):
+                room -= 1
+                slot.state = sent
+                inflight[ticket] = slot
+                mine.append(slot)
+            else:
+                slot.state = queued
+                others.append(slot)
+        woke = len(mine) + len(others)
         if not woke:
-            return woke
-        self._move_all(parked, queued, len(woke))
-        self.woken_total[Reason.REQUESTED.name] += len(woke)
+            return mine
+        self._move_all(parked, queued, woke)
+        self._move_all(queued, sent, len(mine))
+        self.woken_total[_REQUESTED_NAME] += woke
         self._stale += stale
         if self._stale > 1024 and self._stale > len(self._heap) // 2:
             self._compact()
-        # Route: to the asker while it has room (the same checks as ``_route``).
-        room = 0
-        if session.alive:
-            room = self.window - len(session.inflight)
-            if room > 0 and self.ack_deadline != math.inf and self.stale(session, now):
-                room = 0
-        inflight = session.inflight
-        mine: list[Slot] = []
-        for slot in woke:
-            if room > 0:
-                room -= 1
-            elif not (slot.flags & UNCONFIRMED and session.alive):
-                self._route(slot, now)  # another session, or the pool's queue
-                continue
-            slot.state = State.SENT
-            inflight[slot.ticket] = slot
-            mine.append(slot)
         if mine:
-            self._move_all(queued, State.SENT, len(mine))
             session.outq.extend(mine)
             self._log_sent(session, now, mine)
             self.dirty.add(session)
-        return woke
+        for slot in others:
+            self._route(slot, now)  # another session, or the pool's queue
+        mine.extend(others)
+        return mine
 
     def forget_fd(self, slot: Slot) -> None:
         """The slot's fd was closed by the container: it travels on as a notice."""
@@ -473,16 +506,15 @@ class Lot:
     def stale(self, session: SessionState, now: float) -> bool:
         """The session's oldest un-ACKed wake is older than the ACK deadline (frozen?)."""
         log = session.sent_log
-        inflight = session.inflight
+        live = session.inflight.keys()
         while log:
             at, group = log[0]
-            while group:
-                slot = group[-1]
-                if inflight.get(slot.ticket) is slot:
-                    return now - at > self.ack_deadline
-                group.pop()
-                session.logged -= 1
-            log.popleft()
+            if now - at <= self.ack_deadline:
+                return False  # the oldest logged is recent: so is every un-ACKed one
+            if not live.isdisjoint(map(_ticket_of, group)):
+                return True
+            log.popleft()  # all ACKed
+            session.logged -= len(group)
         return False
 
     def _route(self, slot: Slot, now: float) -> None:
@@ -532,16 +564,12 @@ class Lot:
         session.sent_log.append((now, slots))
         session.logged += len(slots)
         if session.logged > 4 * (self.window + len(session.inflight)):
-            # ACKs out of order: drop the dead entries.
-            kept: deque[tuple[float, list[Slot]]] = deque()
-            logged = 0
-            for at, group in session.sent_log:
-                live = [x for x in group if inflight_has(session, x)]
-                if live:
-                    kept.append((at, live))
-                    logged += len(live)
-            session.sent_log = kept
-            session.logged = logged
+            # Drop the entries all ACKed (``stale`` looks no further than a recent one).
+            live = session.inflight.keys()
+            session.sent_log = deque(
+                e for e in session.sent_log if not live.isdisjoint(map(_ticket_of, e[1]))
+            )
+            session.logged = sum(len(e[1]) for e in session.sent_log)
 
     def _drain_waiting(self, pool: Pool, now: float) -> None:
         while pool.waiting:
@@ -585,7 +613,7 @@ class Lot:
 
     def written(self, slots: Iterable[Slot]) -> None:
         """Their fds went out to the session (SENT -> WRITTEN): an ACK may now free them."""
-        sent, written = State.SENT, State.WRITTEN
+        sent, written = _SENT, _WRITTEN
         n = 0
         for slot in slots:
             if slot.state is sent:
@@ -620,22 +648,25 @@ class Lot:
         append = done.append
         inflight = session.inflight
         get = inflight.get
-        written = State.WRITTEN
+        written, gone = _WRITTEN, _GONE
         by_fd = self._by_fd
         for ticket in tickets:
             slot = get(ticket)
             if slot is not None and slot.state is written:
                 del inflight[ticket]
-                slot.state = State.GONE
+                slot.state = gone
                 fd = slot.fd
                 if fd >= 0 and by_fd[fd] is slot:
                     by_fd[fd] = None
                 append(slot)
         if done:
-            self._move_all(written, State.GONE, len(done))
+            self._move_all(written, gone, len(done))
             if self._alias:
                 for slot in done:
                     self._alias.pop(slot.ticket, None)
+            if not inflight and session.logged:  # all ACKed: nothing in the log counts
+                session.sent_log.clear()
+                session.logged = 0
         if session.pool.waiting:
             self._drain_waiting(session.pool, now)
         return done
@@ -735,6 +766,10 @@ class Lot:
 
     def _compact(self) -> None:
         """Drop stale heap entries so memory tracks the parked count, not the history."""
+        if self._stale >= len(self._heap):  # all stale (a mass wake): no scan
+            self._heap = []
+            self._stale = 0
+            return
         self._heap = [s.key for s in self.parked_slots()]  # type: ignore[misc]
         heapq.heapify(self._heap)
         self._stale = 0
@@ -767,7 +802,3 @@ class Lot:
     @property
     def orphaned(self) -> int:
         return sum(len(p.waiting) for p in self.pools.values() if not p.sessions)
-
-
-def inflight_has(session: SessionState, slot: Slot) -> bool:
-    return session.inflight.get(slot.ticket) is slot

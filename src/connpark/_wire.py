@@ -851,6 +851,9 @@ def _decode_entries_untrusted(
     return head
 
 
+_MESSAGE_TYPES: Final = {int(t): t for t in MessageType}
+_TYPE_NAMES: Final = {t: t.name for t in MessageType}
+_FD_TYPES: Final = frozenset({MessageType.PARK, MessageType.WAKE})
 _PARK_FLAGS = _PARK_HANGUP_RETURNS | _PARK_TIMEOUT_RETURNS | _PARK_EXT | _PARK_RESENT
 
 
@@ -1106,10 +1109,9 @@ class Decoder:
                     raise RemoteProtocolError(f"{len(self._fds)} fds arrived without a frame")
                 return None
             length, raw_type, flags, nfds = HEADER.unpack_from(buf)
-            try:
-                mtype = MessageType(raw_type)
-            except ValueError:
-                raise RemoteProtocolError(f"unknown message type {raw_type}") from None
+            mtype = _MESSAGE_TYPES.get(raw_type)  # a dict, not MessageType(): per frame
+            if mtype is None:
+                raise RemoteProtocolError(f"unknown message type {raw_type}")
             if length > self.max_body:
                 raise RemoteProtocolError(
                     f"{mtype.name} frame length {length} is over the limit {self.max_body}"
@@ -1120,7 +1122,7 @@ class Decoder:
                 )
             if flags & ~FLAG_MORE or (flags and mtype not in _LIST_TYPES):
                 raise RemoteProtocolError(f"bad {mtype.name} frame flags {flags:#x}")
-            if nfds and mtype not in (MessageType.PARK, MessageType.WAKE):
+            if nfds and mtype not in _FD_TYPES:
                 raise RemoteProtocolError(f"{mtype.name} frame cannot carry fds")
             if self._partial is not None and self._partial[0] is not mtype:
                 raise RemoteProtocolError(
@@ -1132,11 +1134,14 @@ class Decoder:
                 raise RemoteProtocolError(
                     f"{mtype.name} frame needs {nfds} fds, only {len(self._fds)} arrived"
                 )
-            body = _Body(bytes(buf[HEADER.size : HEADER.size + length]), mtype.name)
+            body = _Body(bytes(buf[HEADER.size : HEADER.size + length]), _TYPE_NAMES[mtype])
             del buf[: HEADER.size + length]
             if mtype not in _LIST_TYPES:
                 return _decode_single_untrusted(mtype, body)
-            frame_fds: deque[int] = deque(self._fds.popleft() for _ in range(nfds))
+            if nfds == len(self._fds):  # the usual: the frame's fds are all there are
+                frame_fds, self._fds = self._fds, deque()
+            else:
+                frame_fds = deque([self._fds.popleft() for _ in range(nfds)])
             entries: list[object] = []
             lean = self.lean_park
             try:

@@ -72,6 +72,20 @@ def borrow(fd: int, family: int = socket.AF_INET) -> _socket.socket:
 #: (refusal, family, key): set only for OK; two fds with one key may be one socket.
 Inspection = tuple[Refusal, int, object]
 
+#: For ``Container._on_park``, which inlines the common case of ``inspect``
+#: (an established TCP socket: 150 ns a fd less) and calls ``inspect`` for
+#: anything else: the wrap and its socket type.
+new_borrowed = _new_socket
+BORROWED = _BORROWED
+
+
+def inline_options() -> tuple[int, int, int] | None:
+    """(IPPROTO_TCP, TCP_INFO, SO_COOKIE) for the inline common case, or None
+    where only ``inspect`` will do (no TCP_INFO, or a kernel without SO_COOKIE)."""
+    if _TCP_INFO is None or _SO_COOKIE is None:
+        return None
+    return _IPPROTO_TCP, _TCP_INFO, _SO_COOKIE
+
 
 def inspect(fd: int) -> Inspection:
     """Whether ``fd`` is a connected AF_INET/AF_INET6 TCP stream; never raises."""

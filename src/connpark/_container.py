@@ -51,7 +51,15 @@ from typing import Any
 import attrs
 import trio
 
-from ._admit import inspect, peek_has_data, same_open_file, send_goodbye
+from ._admit import (
+    BORROWED,
+    inline_options,
+    inspect,
+    new_borrowed,
+    peek_has_data,
+    same_open_file,
+    send_goodbye,
+)
 from ._config import ContainerConfig
 from ._errors import ProtocolError, RemoteProtocolError
 from ._fdpass import Outbox, recv_fdless, recv_fds, unread_by_peer
@@ -126,6 +134,7 @@ _RESULT = struct.Struct("!BQ")
 _HAS_FD = 1
 _WAKE_INET6 = 2
 _WAKE_EXT = 4
+_HAS_FD_INET6 = _HAS_FD | _WAKE_INET6
 
 
 def wake_frames(
@@ -134,59 +143,59 @@ def wake_frames(
     """WAKE frames for the first of ``slots`` whose entries fit in ``budget`` bytes (at
     least one): (frames, the slots of each frame, how many slots they hold).
 
-    A frame holds up to 253 entries and ``_WAKE_BODY`` bytes. ``ext``: the
-    session speaks v3, so entries may carry auto-response counts and unsent
-    bytes (``Extra.wake_ext``).
+    A frame holds up to 253 entries and ``_WAKE_BODY`` bytes (at least one
+    entry). ``ext``: the session speaks v3, so entries may carry auto-response
+    counts and unsent bytes (``Extra.wake_ext``).
     """
     pack = _WAKE_ENTRY.pack
     frames: list[Frame] = []
     groups: list[list[Slot]] = []
-    parts: list[bytes] = [b""]  # [0]: the entry count, once known
-    add = parts.append
-    fds: list[int] = []
-    size = 2  # the frame's body so far
-    total = 0  # entry bytes taken
-    first = i = 0  # the frame's first slot; the next slot
-    for x in slots:
-        token = x.token
-        pending = x.pending
-        entry = 16 + len(token) + len(pending)
-        tail = None
-        if x.extra is not None and ext:
-            tail = x.extra.wake_ext()
+    n = len(slots)
+    start = total = 0  # the frame's first slot; entry bytes taken before it
+    while start < n:
+        limit = min(_WAKE_BODY - 2, budget - total)  # this frame's entry bytes
+        parts: list[bytes] = [b""]  # [0]: the entry count, once known
+        add = parts.append
+        fds: list[int] = []
+        used = count = 0
+        for x in slots[start : start + MAX_FDS_PER_FRAME]:
+            token = x.token
+            pending = x.pending
+            tlen = len(token)
+            plen = len(pending)
+            entry = 16 + tlen + plen
+            tail = None
+            if x.extra is not None and ext:
+                tail = x.extra.wake_ext()
+                if tail is not None:
+                    entry += len(tail)
+            # Full: the frame (it has an entry), or the budget (some entry is taken).
+            if used + entry > limit and (count or (total and total + entry > budget)):
+                break
+            used += entry
+            fd = x.fd
+            if fd >= 0:
+                fds.append(fd)
+                flags = _HAS_FD_INET6 if x.flags & INET6 else _HAS_FD
+            else:
+                flags = _WAKE_INET6 if x.flags & INET6 else 0
             if tail is not None:
-                entry += len(tail)
-        if i and total + entry > budget:
-            break
-        if i > first and (i - first >= MAX_FDS_PER_FRAME or size + entry > _WAKE_BODY):
-            frames.append(_wake_frame(parts, i - first, fds))
-            groups.append(slots[first:i])
-            first = i
-            parts = [b""]
-            add = parts.append
-            fds = []
-            size = 2
-        flags = _WAKE_INET6 if x.flags & INET6 else 0
-        fd = x.fd
-        if fd >= 0:
-            flags |= _HAS_FD
-            fds.append(fd)
-        if tail is not None:
-            flags |= _WAKE_EXT
-        add(pack(x.ticket, x.reason, flags, len(token), len(pending)))
-        if token:
-            add(token)
-        if pending:
-            add(pending)
-        if tail is not None:
-            add(tail)
-        size += entry
-        total += entry
-        i += 1
-    if i > first:
-        frames.append(_wake_frame(parts, i - first, fds))
-        groups.append(slots[first:i])
-    return frames, groups, i
+                flags |= _WAKE_EXT
+            add(pack(x.ticket, x.reason, flags, tlen, plen))
+            if tlen:
+                add(token)
+            if plen:
+                add(pending)
+            if tail is not None:
+                add(tail)
+            count += 1
+        if not count:
+            break  # the budget is spent
+        frames.append(_wake_frame(parts, count, fds))
+        groups.append(slots[start : start + count])
+        start += count
+        total += used
+    return frames, groups, start
 
 
 def _wake_frame(parts: list[bytes], count: int, fds: list[int]) -> Frame:
@@ -220,10 +229,12 @@ def parked_frame(request_id: int, results: list[tuple[int, int]]) -> Frame:
     return parked_frame_flat(request_id, [v for pair in results for v in pair])
 
 
-#: LeanEntry flags (hang-up and timeout returns) -> the lot's.
+#: LeanEntry flags (hang-up and timeout returns) -> the lot's flags of its new slot.
 _RETURNS = _LEAN_HANGUP | _LEAN_TIMEOUT
 _RETURN_FLAGS = {
-    w: (HANGUP_RETURNS if w & _LEAN_HANGUP else 0) | (TIMEOUT_RETURNS if w & _LEAN_TIMEOUT else 0)
+    w: UNCONFIRMED
+    | (HANGUP_RETURNS if w & _LEAN_HANGUP else 0)
+    | (TIMEOUT_RETURNS if w & _LEAN_TIMEOUT else 0)
     for w in (0, _LEAN_HANGUP, _LEAN_TIMEOUT, _RETURNS)
 }
 
@@ -901,16 +912,23 @@ class Container:
         mirrored: list[Record] | None = [] if self._mirror is not None else None
         wall = time.time() - now
         peers: dict[object, int | list[int]] = {}
-        #: idle_timeout_ms -> the deadline (ms, rounded up); 0: the default.
-        deadlines = {0: math.ceil((now + cfg.idle_timeout) * 1000)}
+        default_ms = math.ceil((now + cfg.idle_timeout) * 1000)
+        #: idle_timeout_ms -> the deadline (ms, rounded up).
+        deadlines: dict[int, int] = {}
         returns = _RETURN_FLAGS
         register = self.watcher.register
-        park = lot.park_ms
         refused = self._refused
         ok, inet6 = Refusal.OK, socket.AF_INET6
-        flat: list[int] = []  # PARKED: refusal, ticket per entry
+        # ``inspect``'s common case, inlined: wrap (getsockname), TCP_INFO, SO_COOKIE.
+        inline = inline_options()
+        tcp, tcp_info, cookie = inline if inline is not None else (0, 0, 0)
+        sol_socket = socket.SOL_SOCKET
+        peer: object  # the duplicate check's key (SO_COOKIE, else the peer address)
+        flat: list[int] = []  # PARKED: refusal, ticket per entry (0: parked below)
         out = flat.append
-        admitted: list[Slot] = []
+        plain: list[tuple[int, bytes, bytes, int, int]] = []  # parked at once, below
+        add = plain.append
+        admitted: list[Slot] = []  # parked on the way (``_admit_entry``)
         keep = admitted.append
         for fd, token, pending, idle_ms, wflags, unusual in entries:
             if (
@@ -935,7 +953,26 @@ class Container:
                     keep(slot)
                     room -= 1
                 continue
-            code, family, peer = inspect(fd)
+            peer = None
+            if inline is not None:
+                try:
+                    sock = new_borrowed(-1, BORROWED, 0, fd)
+                except OSError:
+                    pass
+                else:
+                    try:
+                        state = sock.getsockopt(tcp, tcp_info, 1)[0]
+                        if state == 1 or state == 8:  # ESTABLISHED, CLOSE_WAIT
+                            peer = sock.getsockopt(sol_socket, cookie, 8)
+                            family = sock.family
+                    except OSError:
+                        pass
+                    finally:
+                        sock.detach()
+            if peer is None:  # anything unusual: ``inspect`` says what
+                code, family, peer = inspect(fd)
+            else:
+                code = ok
             if code is ok:
                 same = peers.setdefault(peer, fd)
                 if same != fd and self._duplicate(peers, peer, same, fd):
@@ -951,30 +988,32 @@ class Container:
                 out(code)
                 out(0)
                 continue
-            deadline_ms = deadlines.get(idle_ms)
-            if deadline_ms is None:
-                deadline_ms = deadlines[idle_ms] = math.ceil((now + idle_ms / 1000) * 1000)
-            flags = returns[wflags & _RETURNS] | UNCONFIRMED
+            if idle_ms:
+                deadline_ms = deadlines.get(idle_ms, 0)
+                if not deadline_ms:
+                    deadline_ms = deadlines[idle_ms] = math.ceil((now + idle_ms / 1000) * 1000)
+            else:
+                deadline_ms = default_ms
+            flags = returns[wflags & _RETURNS] if wflags & _RETURNS else UNCONFIRMED
             if family == inet6:
                 flags |= INET6
-            slot = park(fd, token, pending, flags, s, deadline_ms)
-            keep(slot)
+            add((fd, token, pending, flags, deadline_ms))
             room -= 1
             out(ok)
-            out(slot.ticket)
+            out(0)
+        if plain:
+            slots = lot.park_many(s, plain)
+            tickets = [x.ticket for x in slots]
+            if len(slots) * 2 == len(flat):  # all of them: the usual
+                flat[1::2] = tickets
+            else:  # in entry order, in the (OK, 0) places
+                it = iter(tickets)
+                for i in range(0, len(flat), 2):
+                    if flat[i] is ok and not flat[i + 1]:
+                        flat[i + 1] = next(it)
+            admitted += slots
             if mirrored is not None:
-                idle = idle_ms / 1000 if idle_ms else cfg.idle_timeout
-                mirrored.append(
-                    Record(
-                        slot.ticket,
-                        fd,
-                        int((wall + now + idle) * 1000),
-                        flags & ~UNCONFIRMED,
-                        s.pool.name,
-                        token,
-                        pending,
-                    )
-                )
+                self._mirror_records(mirrored, s, slots, plain, wall)
         if mirrored:  # before PARKED: the worker keeps its copy until the mirror has one
             self._mirror_send(encode_records(MirrorKind.ADD, mirrored))
         self._held += len(admitted)
@@ -987,6 +1026,29 @@ class Container:
             lot.dirty.add(s)
         else:
             Lot.confirm(admitted)  # no PARKED will go: the worker sends them again
+
+    @staticmethod
+    def _mirror_records(
+        mirrored: list[Record],
+        s: _Session,
+        slots: list[Slot],
+        plain: list[tuple[int, bytes, bytes, int, int]],
+        wall: float,
+    ) -> None:
+        """The mirror's ADD records of the plain entries ``park_many`` just parked."""
+        wall_ms = wall * 1000
+        for slot, (fd, token, pending, flags, deadline_ms) in zip(slots, plain, strict=True):
+            mirrored.append(
+                Record(
+                    slot.ticket,
+                    fd,
+                    int(deadline_ms + wall_ms),
+                    flags & ~UNCONFIRMED,
+                    s.pool.name,
+                    token,
+                    pending,
+                )
+            )
 
     def _duplicate(
         self, peers: dict[object, int | list[int]], peer: object, same: int | list[int], fd: int

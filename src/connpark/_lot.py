@@ -306,42 +306,48 @@ class Lot:
         deadline: float,
     ) -> Slot:
         """Record a new parked fd (already validated and in the watcher) with its deadline."""
-        return self.park_ms(fd, token, pending, flags, session, math.ceil(deadline * 1000))
+        return self.park_many(session, [(fd, token, pending, flags, math.ceil(deadline * 1000))])[0]
 
-    def park_ms(
-        self,
-        fd: int,
-        token: bytes,
-        pending: bytes,
-        flags: int,
-        session: SessionState,
-        deadline_ms: int,
-    ) -> Slot:
-        """``park`` for the hot path: positional, the deadline in whole ms (rounded up)."""
-        ticket = self._epoch | (next(self._seq) << FD_BITS | fd) & _LOCAL_MASK
+    def park_many(
+        self, session: SessionState, entries: list[tuple[int, bytes, bytes, int, int]]
+    ) -> list[Slot]:
+        """``park`` for the hot path, a PARK frame at once: (fd, token, pending, flags,
+        deadline in whole ms, rounded up) each. Returns their slots, in order."""
+        epoch = self._epoch
+        seq = self._seq
         by_fd = self._by_fd
-        if fd >= len(by_fd):
-            by_fd.extend([None] * (fd + 1 - len(by_fd) + 64))
-        if by_fd[fd] is not None:
-            raise InternalError(f"fd {fd} parked twice")
-        # Slot(...) inlined: calling the class costs three times these stores.
-        # Keep in step with Slot.__init__.
-        slot = _new_slot(Slot)
-        slot.ticket = ticket
-        slot.fd = fd
-        slot.token = token
-        slot.pending = pending
-        slot.flags = flags
-        slot.pool = session.pool
-        slot.state = _PARKED
-        slot.key = key = deadline_ms << 64 | ticket
-        slot.reason = _READABLE
-        slot.session = session
-        slot.extra = None
-        by_fd[fd] = slot
-        self._counts[_PARKED] += 1
-        _heappush(self._heap, key)
-        return slot
+        heap = self._heap
+        pool = session.pool
+        parked, readable = _PARKED, _READABLE
+        slots: list[Slot] = []
+        keep = slots.append
+        try:
+            for fd, token, pending, flags, deadline_ms in entries:
+                ticket = epoch | (next(seq) << FD_BITS | fd) & _LOCAL_MASK
+                if fd >= len(by_fd):
+                    by_fd.extend([None] * (fd + 1 - len(by_fd) + 64))
+                if by_fd[fd] is not None:
+                    raise InternalError(f"fd {fd} parked twice")
+                # Slot(...) inlined: calling the class costs three times these stores.
+                # Keep in step with Slot.__init__.
+                slot = _new_slot(Slot)
+                slot.ticket = ticket
+                slot.fd = fd
+                slot.token = token
+                slot.pending = pending
+                slot.flags = flags
+                slot.pool = pool
+                slot.state = parked
+                slot.key = key = deadline_ms << 64 | ticket
+                slot.reason = readable
+                slot.session = session
+                slot.extra = None
+                by_fd[fd] = slot
+                _heappush(heap, key)
+                keep(slot)
+        finally:
+            self._counts[parked] += len(slots)
+        return slots
 
     def restore(
         self,

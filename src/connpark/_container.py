@@ -916,7 +916,7 @@ class Container:
         #: idle_timeout_ms -> the deadline (ms, rounded up).
         deadlines: dict[int, int] = {}
         returns = _RETURN_FLAGS
-        register = self.watcher.register
+        register, watch = self.watcher.registrar()
         refused = self._refused
         ok, inet6 = Refusal.OK, socket.AF_INET6
         # ``inspect``'s common case, inlined: wrap (getsockname), TCP_INFO, SO_COOKIE.
@@ -979,7 +979,7 @@ class Container:
                     code = Refusal.DUPLICATE
                 else:
                     try:
-                        register(fd)
+                        register(fd, watch)
                     except OSError as exc:
                         code = self._unwatchable(fd, exc)
             if code is not ok:

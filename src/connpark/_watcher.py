@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 import select
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 #: Event bits, the same for both backends.
@@ -32,6 +32,11 @@ class Watcher(Protocol):
 
     def unregister(self, fd: int) -> None:
         """Forget ``fd`` (armed or already fired); never raises for a gone fd."""
+
+    def registrar(self) -> tuple[Callable[[int, int], None], int]:
+        """(function, argument): ``function(fd, argument)`` is ``register(fd)`` without a
+        method call in between, for the hot path (a PARK frame's fds)."""
+        ...
 
     def unregister_many(self, fds: Iterable[int]) -> None:
         """``unregister`` each: the hot path (UNPARK) takes a batch out at once."""
@@ -64,6 +69,9 @@ class EpollWatcher:
 
     def register(self, fd: int) -> None:
         self._ep.register(fd, self._MASK)
+
+    def registrar(self) -> tuple[Callable[[int, int], None], int]:
+        return self._ep.register, self._MASK
 
     def rearm(self, fd: int) -> None:
         self._ep.modify(fd, self._MASK)  # level check at MOD: bytes already there fire again
@@ -115,6 +123,9 @@ if not sys.platform.startswith("linux"):  # kqueue: macOS and the BSDs
         def register(self, fd: int) -> None:
             ev = select.kevent(fd, select.KQ_FILTER_READ, select.KQ_EV_ADD | select.KQ_EV_ONESHOT)
             self._kq.control([ev], 0, 0)
+
+        def registrar(self) -> tuple[Callable[[int, int], None], int]:
+            return lambda fd, _: self.register(fd), 0
 
         def rearm(self, fd: int) -> None:
             self.register(fd)

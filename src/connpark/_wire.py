@@ -31,7 +31,7 @@ import enum
 import os
 import struct
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Final, TypeAlias
 
 import attrs
@@ -855,6 +855,8 @@ _MESSAGE_TYPES: Final = {int(t): t for t in MessageType}
 _TYPE_NAMES: Final = {t: t.name for t in MessageType}
 _FD_TYPES: Final = frozenset({MessageType.PARK, MessageType.WAKE})
 _PARK_FLAGS = _PARK_HANGUP_RETURNS | _PARK_TIMEOUT_RETURNS | _PARK_EXT | _PARK_RESENT
+#: Flags a lean entry cannot carry alone: unknown bits, v3 extensions, re-sent.
+_UNUSUAL_PARK = ~(_PARK_HANGUP_RETURNS | _PARK_TIMEOUT_RETURNS)
 
 
 def _decode_lean_park_untrusted(body: _Body, fds: deque[int], entries: list[object]) -> int:
@@ -865,8 +867,7 @@ def _decode_lean_park_untrusted(body: _Body, fds: deque[int], entries: list[obje
     the whole body is valid; on error both are as they were.
     """
     data = body.data
-    size = len(data)
-    if size < _PARK_HEAD.size:
+    if len(data) < _PARK_HEAD.size:
         raise RemoteProtocolError("truncated PARK body")
     head, count = _PARK_HEAD.unpack_from(data)
     if count != len(fds):
@@ -876,46 +877,64 @@ def _decode_lean_park_untrusted(body: _Body, fds: deque[int], entries: list[obje
     pos = _PARK_HEAD.size
     out: list[LeanEntry] = []
     append = out.append
-    for fd in fds:
-        if pos + step > size:
-            raise RemoteProtocolError("truncated PARK body")
-        idle, flags, tlen, plen = unpack(data, pos)
-        pos += step
-        if flags & ~_PARK_FLAGS:
-            raise RemoteProtocolError(f"bad PARK field flags: {flags:#x}")
-        token = data[pos : pos + tlen] if tlen else b""
-        pos += tlen
-        pending = data[pos : pos + plen] if plen else b""
-        pos += plen
-        entry = None
-        if flags & (_PARK_EXT | _PARK_RESENT):  # rare: the general path reads a ParkEntry
-            if pos > size:
-                raise RemoteProtocolError("truncated PARK body")
-            rules, tags = 0, tuple[bytes, ...]()
-            if flags & _PARK_EXT:
-                body.pos = pos
-                rules, ntags = body.unpack(_PARK_EXT_HEAD)
-                tags = tuple(body.take(body.unpack(_U8)[0]) for _ in range(ntags))
-                pos = body.pos
-            entry = ParkEntry(
-                fd,
-                token,
-                pending,
-                idle,
-                bool(flags & _PARK_HANGUP_RETURNS),
-                bool(flags & _PARK_TIMEOUT_RETURNS),
-                rules,
-                tags,
-                bool(flags & _PARK_RESENT),
-            )
-        append((fd, token, pending, idle, flags, entry))
-    if pos > size:
+    try:
+        for fd in fds:
+            idle, flags, tlen, plen = unpack(data, pos)  # struct.error past the end
+            pos += step
+            token = data[pos : pos + tlen] if tlen else b""
+            pos += tlen
+            pending = data[pos : pos + plen] if plen else b""
+            pos += plen
+            if flags & _UNUSUAL_PARK:  # bad, or for the general path (a ParkEntry)
+                pos = _unusual_park(body, pos, fd, idle, flags, token, pending, append)
+            else:
+                append((fd, token, pending, idle, flags, None))
+    except struct.error:
+        raise RemoteProtocolError("truncated PARK body") from None
+    if pos > len(data):  # a token or pending cut short
         raise RemoteProtocolError("truncated PARK body")
     body.pos = pos
     body.done()
     fds.clear()
     entries.extend(out)
     return int(head)
+
+
+def _unusual_park(
+    body: _Body,
+    pos: int,
+    fd: int,
+    idle: int,
+    flags: int,
+    token: bytes,
+    pending: bytes,
+    append: Callable[[LeanEntry], None],
+) -> int:
+    """A lean PARK entry with bad flags (raises), or v3 rules or tags, or re-sent:
+    its ``ParkEntry`` goes with it. Returns the position after it."""
+    if flags & ~_PARK_FLAGS:
+        raise RemoteProtocolError(f"bad PARK field flags: {flags:#x}")
+    if pos > len(body.data):
+        raise RemoteProtocolError("truncated PARK body")
+    rules, tags = 0, tuple[bytes, ...]()
+    if flags & _PARK_EXT:
+        body.pos = pos
+        rules, ntags = body.unpack(_PARK_EXT_HEAD)
+        tags = tuple(body.take(body.unpack(_U8)[0]) for _ in range(ntags))
+        pos = body.pos
+    entry = ParkEntry(
+        fd,
+        token,
+        pending,
+        idle,
+        bool(flags & _PARK_HANGUP_RETURNS),
+        bool(flags & _PARK_TIMEOUT_RETURNS),
+        rules,
+        tags,
+        bool(flags & _PARK_RESENT),
+    )
+    append((fd, token, pending, idle, flags, entry))
+    return pos
 
 
 _LIST_TYPES = frozenset(

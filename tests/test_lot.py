@@ -774,7 +774,7 @@ def test_stale_looks_at_the_oldest_unacked_wake_of_batches() -> None:
     assert not lot.stale(a, 6.0)  # the oldest batch is 5 s old, not older
     assert lot.stale(a, 6.5)
     # Two of the first batch ACKed: its last one still counts.
-    assert [x.fd for x in lot.take_acked(a, [first[0].ticket, first[2].ticket])] == [3, 5]
+    assert lot.take_acked(a, [first[0].ticket, first[2].ticket]) == ([first[0], first[2]], [3, 5])
     assert lot.stale(a, 6.5)
     lot.take_acked(a, [first[1].ticket])  # the first batch is all ACKed: the second counts
     assert not lot.stale(a, 8.5)
@@ -796,7 +796,7 @@ def test_sent_log_stays_bounded_when_acks_come_out_of_order() -> None:
         x = park(lot, fd, a)
         lot.unpark(a, [x.ticket], float(step))
         lot.written(lot.take_outq(a))
-        assert lot.take_acked(a, [x.ticket]) == [x]
+        assert lot.take_acked(a, [x.ticket]) == ([x], [x.ticket & ((1 << FD_BITS) - 1)])
         assert a.logged <= 4 * (lot.window + 2)  # (it trims when over 4x window + inflight)
     assert sum(len(group) for _, group in a.sent_log) == a.logged
     assert lot.stale(a, 61.0)
@@ -808,15 +808,17 @@ def test_take_acked_is_ack_and_remove_in_one() -> None:
     slots = [park(lot, fd, a) for fd in (3, 4, 5)]
     lot.unpark(a, [x.ticket for x in slots], 1.0)
     lot.written(lot.take_outq(a)[:2])  # the third is not written yet: its ACK is ignored
-    done = lot.take_acked(
+    done, fds = lot.take_acked(
         a, [slots[2].ticket, slots[0].ticket, slots[0].ticket, 99, slots[1].ticket]
     )
     assert done == [slots[0], slots[1]]
+    assert fds == [3, 4]  # for the caller to close
     for x in done:
         assert x.state is State.GONE
-        assert x.fd >= 0  # for the caller to close
+        assert x.fd == -1
         assert lot.find(x.ticket) is None
-        assert lot.by_fd(x.fd) is None
+    assert lot.by_fd(3) is None
+    assert lot.by_fd(4) is None
     assert slots[2].state is State.SENT
     check_lot(lot, [slots[2]])
 
@@ -1024,12 +1026,14 @@ class LotMachine(RuleBasedStateMachine):
             for t in dict.fromkeys(tickets)
             if t in s.inflight and s.inflight[t].state is State.WRITTEN
         ]
-        done = self.lot.take_acked(s, tickets, self.now)
+        had = {x.ticket: x.fd for x in self.live}
+        done, fds = self.lot.take_acked(s, tickets, self.now)
         assert [x.ticket for x in done] == expected
+        assert fds == [had[x.ticket] for x in done if had[x.ticket] >= 0]
         for slot in done:
             assert slot.state is State.GONE
+            assert slot.fd == -1
             assert self.lot.find(slot.ticket) is None
-            slot.fd = -1  # the container closed it
             self.live.remove(slot)
 
     @rule(s=sessions, n=st.integers(1, 4), delay=st.integers(1, 20))

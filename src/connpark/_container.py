@@ -784,9 +784,9 @@ class Container:
 
     def _dispatch(self, s: _Session, msg: Message) -> None:
         if isinstance(msg, Ack):
-            slots = self.lot.take_acked(s, msg.tickets, trio.current_time())
+            slots, fds = self.lot.take_acked(s, msg.tickets, trio.current_time())
             if slots:
-                self._close_acked(slots)
+                self._close_acked(slots, fds)
             return
         if s.ending is not None:  # only ACKs count now; fds are closed
             if isinstance(msg, (LeanPark, Park)):
@@ -865,21 +865,16 @@ class Container:
                 self._close_slot(slot)
                 self._closed_total += 1
 
-    def _close_acked(self, slots: list[Slot]) -> None:
-        """Close our copies of ACKed wakes (``Lot.take_acked`` dropped their slots)."""
+    def _close_acked(self, slots: list[Slot], fds: list[int]) -> None:
+        """Close our copies of ACKed wakes (``Lot.take_acked`` dropped their slots;
+        ``fds``: theirs, notices aside: those we closed at their wake)."""
         close = os.close
-        gone = self._mirror_del if self._mirror is not None else None
-        closed = 0
-        for slot in slots:
-            fd = slot.fd
-            if fd >= 0:  # else a notice: we closed it at its wake
-                close(fd)
-                slot.fd = -1
-                closed += 1
-                if gone is not None:
-                    gone.append(slot.ticket)
+        for fd in fds:
+            close(fd)
+        if self._mirror is not None:  # (a notice's DEL went at its wake: a no-op again)
+            self._mirror_del.extend(x.ticket for x in slots)
         self._acks_total += len(slots)
-        self._held -= closed
+        self._held -= len(fds)
         self._poke_progress()
 
     def _take_fds(self, s: _Session, n: int) -> None:

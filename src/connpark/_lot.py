@@ -423,6 +423,7 @@ class Lot:
         parked, queued, sent, requested = _PARKED, _QUEUED, _SENT, _REQUESTED
         mine: list[Slot] = []  # assigned to the session: SENT
         others: list[Slot] = []  # QUEUED: routed below
+        take, defer = mine.append, others.append
         stale = 0
         for ticket in tickets:
             fd = ticket & _FD_MASK
@@ -444,10 +445,10 @@ class Lot:
                 room -= 1
                 slot.state = sent
                 inflight[ticket] = slot
-                mine.append(slot)
+                take(slot)
             else:
                 slot.state = queued
-                others.append(slot)
+                defer(slot)
         woke = len(mine) + len(others)
         if not woke:
             return mine
@@ -614,8 +615,9 @@ class Lot:
     @staticmethod
     def confirm(slots: Iterable[Slot]) -> None:
         """Their PARKED went out: their wakes may go to any worker of the pool now."""
+        keep = ~UNCONFIRMED
         for slot in slots:
-            slot.flags &= ~UNCONFIRMED
+            slot.flags &= keep
 
     def written(self, slots: Iterable[Slot]) -> None:
         """Their fds went out to the session (SENT -> WRITTEN): an ACK may now free them."""
@@ -647,11 +649,13 @@ class Lot:
 
     def take_acked(
         self, session: SessionState, tickets: Iterable[int], now: float = 0.0
-    ) -> list[Slot]:
-        """``ack`` and ``remove`` in one pass, for the hot path: the ACKed slots, gone
-        from the table. Their ``fd`` still names the fd: the caller closes it."""
+    ) -> tuple[list[Slot], list[int]]:
+        """``ack`` and ``remove`` in one pass, for the hot path: (the ACKed slots, gone
+        from the table; their fds, which the caller closes now; notices have none)."""
         done: list[Slot] = []
         append = done.append
+        fds: list[int] = []
+        close = fds.append
         inflight = session.inflight
         get = inflight.get
         written, gone = _WRITTEN, _GONE
@@ -662,8 +666,11 @@ class Lot:
                 del inflight[ticket]
                 slot.state = gone
                 fd = slot.fd
-                if fd >= 0 and by_fd[fd] is slot:
-                    by_fd[fd] = None
+                if fd >= 0:
+                    close(fd)
+                    slot.fd = -1
+                    if by_fd[fd] is slot:
+                        by_fd[fd] = None
                 append(slot)
         if done:
             self._move_all(written, gone, len(done))
@@ -675,7 +682,7 @@ class Lot:
                 session.logged = 0
         if session.pool.waiting:
             self._drain_waiting(session.pool, now)
-        return done
+        return done, fds
 
     # -- sessions --------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import operator
 import os
 import resource
 import socket
@@ -129,8 +130,6 @@ _WAKE_BODY = DEFAULT_MAX_BODY - 64
 # tests/test_container_clock.py checks them against ``_wire.encode``.
 _WAKE_ENTRY = struct.Struct("!QBBHI")
 _U16 = struct.Struct("!H")
-_PARKED_HEAD = struct.Struct("!II")
-_RESULT = struct.Struct("!BQ")
 _HAS_FD = 1
 _WAKE_INET6 = 2
 _WAKE_EXT = 4
@@ -208,6 +207,8 @@ def wake_frame(slots: list[Slot], ext: bool = True) -> Frame:
     """One WAKE frame for these slots (the caller keeps them within one frame)."""
     return wake_frames(slots, len(slots) * _WAKE_BODY, ext)[0][0]
 
+
+_fd_of = operator.attrgetter("fd")
 
 #: PARKED layouts by entry count (at most 253: one per fd of a PARK frame).
 _PARKED: dict[int, struct.Struct] = {}
@@ -799,7 +800,7 @@ class Container:
             # Tickets not parked any more (a wake is in flight) are no-ops, by design.
             slots = self.lot.unpark(s, msg.tickets, trio.current_time())
             if slots:
-                self.watcher.unregister_many([x.fd for x in slots])
+                self.watcher.unregister_many(map(_fd_of, slots))
         elif isinstance(msg, Close):
             for entry in msg.entries:
                 target = self.lot.find(entry.ticket)
@@ -960,8 +961,8 @@ class Container:
                         if state == 1 or state == 8:  # ESTABLISHED, CLOSE_WAIT
                             peer = sock.getsockopt(sol_socket, cookie, 8)
                             family = sock.family
-                    except OSError:
-                        pass
+                    except Exception:  # ``inspect`` names it (one entry never ends a session)
+                        peer = None
                     finally:
                         sock.detach()
             if peer is None:  # anything unusual: ``inspect`` says what

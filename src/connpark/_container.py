@@ -209,6 +209,8 @@ def wake_frame(slots: list[Slot], ext: bool = True) -> Frame:
 
 
 _fd_of = operator.attrgetter("fd")
+_key_of = operator.attrgetter("key")
+_ticket_of = operator.attrgetter("ticket")
 
 #: PARKED layouts by entry count (at most 253: one per fd of a PARK frame).
 _PARKED: dict[int, struct.Struct] = {}
@@ -999,7 +1001,7 @@ class Container:
             out(0)
         if plain:
             slots = lot.park_many(s, plain)
-            tickets = [x.ticket for x in slots]
+            tickets = list(map(_ticket_of, slots))
             if len(slots) * 2 == len(flat):  # all of them: the usual
                 flat[1::2] = tickets
             else:  # in entry order, in the (OK, 0) places
@@ -1368,7 +1370,7 @@ class Container:
     def _observe_latency(self, slots: list[Slot], now: float) -> None:
         """Wake latencies (readiness seen -> written); the slots of one WAKE frame
         were most often woken at one instant: one bucket update for them all."""
-        keys = [x.key for x in slots]
+        keys = list(map(_key_of, slots))
         first = keys[0]
         n = len(keys)
         if keys.count(first) == n:

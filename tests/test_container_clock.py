@@ -90,3 +90,52 @@ def test_hot_path_encoders_match_the_codec() -> None:
     results = [(Refusal.OK, 5), (Refusal.DUPLICATE, 0)]
     want = Parked(3, (ParkResult(Refusal.OK, 5), ParkResult(Refusal.DUPLICATE)))
     assert [parked_frame(3, results)] == encode(want)
+
+
+def test_wake_frames_split_by_entries_bytes_and_budget() -> None:
+    """253 entries or ~1 MiB per frame; the byte budget stops early, after one entry at least."""
+    from connpark._container import _WAKE_BODY, wake_frames
+    from connpark._lot import Lot, SessionState
+    from connpark._wire import Decoder, Wake
+
+    lot = Lot(window=10_000)
+    owner = SessionState(1, lot.pool("p"))
+    lot.add_session(owner)
+    big = b"x" * 300_000
+    slots = [
+        lot.park(
+            fd,
+            token=b"t%d" % fd,
+            pending=big if fd % 100 == 0 else b"",
+            flags=0,
+            session=owner,
+            deadline=9.0,
+        )
+        for fd in range(3, 703)
+    ]
+    lot.unpark(owner, [x.ticket for x in slots], 1.0)
+    outq = list(owner.outq)
+
+    frames, groups, n = wake_frames(outq, 1 << 40)
+    assert n == len(outq)
+    assert [len(g) for g in groups] == [len(f.fds) for f in frames]
+    assert all(len(g) <= 253 for g in groups)
+    assert all(len(f.data) - 8 <= _WAKE_BODY for f in frames)
+    assert [x for g in groups for x in g] == outq
+    dec = Decoder(join_split=False)
+    entries = []
+    for f in frames:
+        dec.receive_data(f.data, f.fds)
+        msg = dec.next_message()
+        assert isinstance(msg, Wake)
+        entries.extend(msg.entries)
+    assert [(e.ticket, e.token, e.pending, e.fd) for e in entries] == [
+        (x.ticket, x.token, x.pending, x.fd) for x in outq
+    ]
+
+    # A budget: what fits (entry bytes: 16 + token + pending), at least one entry.
+    frames, groups, n = wake_frames(outq, 100)
+    assert n == 100 // 18  # 16 + "tN": 18 bytes each (fd 3..9)
+    frames, groups, n = wake_frames(outq[97:], 10)  # fd 100 carries 300 kB: alone
+    assert n == 1
+    assert len(frames[0].data) > 300_000

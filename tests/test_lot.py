@@ -9,6 +9,7 @@ calls ``remove`` on every slot ``ack`` or ``orphans`` hands back.
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -27,6 +28,7 @@ from connpark._lot import (
     HANGUP_RETURNS,
     TIMEOUT_RETURNS,
     TRANSITIONS,
+    UNCONFIRMED,
     InternalError,
     Lot,
     SessionState,
@@ -713,6 +715,142 @@ def test_illegal_moves_raise_internal_error() -> None:
     check_lot(lot)
 
 
+# -- the hot path's batch forms ---------------------------------------------------
+
+
+@pytest.mark.parametrize("window", [1, 3, 8])
+@pytest.mark.parametrize("confirmed", [True, False])
+def test_unpark_batch_routes_like_one_wake_each(window: int, confirmed: bool) -> None:
+    """``unpark`` = ``wake(REQUESTED, to=asker)`` per ticket: same states, same sessions."""
+    result = []
+    for batch in (True, False):
+        lot = Lot(window=window)
+        a, b, other = session(lot), session(lot), session(lot, "q")
+        mine = [park(lot, fd, a, flags=0 if confirmed else UNCONFIRMED) for fd in range(3, 9)]
+        theirs = park(lot, 9, other)
+        lot.wake(mine[1], Reason.READABLE, 0.5)  # not parked any more: a no-op
+        unknown = 777 << FD_BITS | 4
+        tickets = [x.ticket for x in mine] + [mine[0].ticket, theirs.ticket, unknown]
+        if batch:
+            woke = lot.unpark(b, tickets, 1.0)
+            assert {id(x) for x in woke} == {id(x) for x in mine if x is not mine[1]}
+        else:
+            for t in tickets:
+                found = lot.find(t)
+                if found is not None and found.pool is b.pool:
+                    lot.wake(found, Reason.REQUESTED, 1.0, to=b)
+        if confirmed:  # (unconfirmed wakes go to their session past its window)
+            check_lot(lot)
+        assert theirs.state is State.PARKED
+        result.append(
+            [(x.state, x.reason, x.key, x.session and x.session.id - a.id) for x in (*mine, theirs)]
+        )
+        assert lot.woken_total == {"READABLE": 1, "REQUESTED": 5}
+    assert result[0] == result[1]
+
+
+def test_unpark_batch_skips_a_frozen_asker_like_route() -> None:
+    lot = Lot(window=8, ack_deadline=2.0)
+    a, b = session(lot), session(lot)
+    old = park(lot, 3, a)
+    lot.unpark(a, [old.ticket], 1.0)  # a's first wake, never ACKed
+    assert old.session is a
+    fresh = [park(lot, fd, a) for fd in (4, 5)]
+    lot.unpark(a, [x.ticket for x in fresh], 10.0)  # a is frozen: b takes them
+    assert all(x.session is b and x.state is State.SENT for x in fresh)
+    assert lot.stale(a, 10.0)
+    assert not lot.stale(b, 10.0)
+    check_lot(lot)
+
+
+def test_stale_looks_at_the_oldest_unacked_wake_of_batches() -> None:
+    lot = Lot(window=16, ack_deadline=5.0)
+    a = session(lot)
+    first = [park(lot, fd, a) for fd in (3, 4, 5)]
+    second = [park(lot, fd, a) for fd in (6, 7)]
+    lot.unpark(a, [x.ticket for x in first], 1.0)
+    lot.unpark(a, [x.ticket for x in second], 4.0)
+    lot.written(lot.take_outq(a))
+    assert not lot.stale(a, 6.0)  # the oldest batch is 5 s old, not older
+    assert lot.stale(a, 6.5)
+    # Two of the first batch ACKed: its last one still counts.
+    assert lot.take_acked(a, [first[0].ticket, first[2].ticket]) == ([first[0], first[2]], [3, 5])
+    assert lot.stale(a, 6.5)
+    lot.take_acked(a, [first[1].ticket])  # the first batch is all ACKed: the second counts
+    assert not lot.stale(a, 8.5)
+    assert lot.stale(a, 9.5)
+    lot.take_acked(a, [x.ticket for x in second])
+    assert not lot.stale(a, 100.0)
+    assert a.logged == 0  # all ACKed: the log is empty
+    assert not a.sent_log
+    check_lot(lot, [])
+
+
+def test_sent_log_stays_bounded_when_acks_come_out_of_order() -> None:
+    lot = Lot(window=4, ack_deadline=60.0)
+    a = session(lot)
+    never = park(lot, 3, a)
+    lot.unpark(a, [never.ticket], 0.0)  # never ACKed: the log keeps everything after it
+    fd = 4
+    for step in range(200):
+        x = park(lot, fd, a)
+        lot.unpark(a, [x.ticket], float(step))
+        lot.written(lot.take_outq(a))
+        assert lot.take_acked(a, [x.ticket]) == ([x], [x.ticket & ((1 << FD_BITS) - 1)])
+        assert a.logged <= 4 * (lot.window + 2)  # (it trims when over 4x window + inflight)
+    assert sum(len(group) for _, group in a.sent_log) == a.logged
+    assert lot.stale(a, 61.0)
+
+
+def test_take_acked_is_ack_and_remove_in_one() -> None:
+    lot = Lot(window=8)
+    a = session(lot)
+    slots = [park(lot, fd, a) for fd in (3, 4, 5)]
+    lot.unpark(a, [x.ticket for x in slots], 1.0)
+    lot.written(lot.take_outq(a)[:2])  # the third is not written yet: its ACK is ignored
+    done, fds = lot.take_acked(
+        a, [slots[2].ticket, slots[0].ticket, slots[0].ticket, 99, slots[1].ticket]
+    )
+    assert done == [slots[0], slots[1]]
+    assert fds == [3, 4]  # for the caller to close
+    for x in done:
+        assert x.state is State.GONE
+        assert x.fd == -1
+        assert lot.find(x.ticket) is None
+    assert lot.by_fd(3) is None
+    assert lot.by_fd(4) is None
+    assert slots[2].state is State.SENT
+    check_lot(lot, [slots[2]])
+
+
+def test_park_many_is_park_of_each() -> None:
+    lot = Lot(window=8)
+    a = session(lot)
+    got = lot.park_many(a, [(3, b"t", b"p", HANGUP_RETURNS, 2500), (70, b"", b"", 0, 1000)])
+    assert [x.fd for x in got] == [3, 70]
+    assert [(x.token, x.pending, x.flags) for x in got] == [
+        (b"t", b"p", HANGUP_RETURNS),
+        (b"", b"", 0),
+    ]
+    assert all(x.session is a and x.state is State.PARKED for x in got)
+    assert lot.next_deadline() == 1.0
+    assert lot.expired(1.0) == [got[1]]
+    with pytest.raises(InternalError, match="parked twice"):
+        lot.park_many(a, [(5, b"", b"", 0, 9000), (3, b"", b"", 0, 9000)])
+    assert lot.parked == 3  # fd 5 went in before the error
+    check_lot(lot)
+
+
+def test_compact_drops_an_all_stale_heap_without_a_scan() -> None:
+    lot = Lot(window=4096)
+    a = session(lot)
+    slots = [park(lot, fd, a) for fd in range(3, 1203)]
+    lot.unpark(a, [x.ticket for x in slots], 1.0)  # 1200 stale entries: compacted
+    assert lot.next_deadline() is None
+    kept = park(lot, 2000, a, deadline=50.0)
+    assert lot.expired(60.0) == [kept]
+
+
 # -- random sequences ----------------------------------------------------------------
 
 POOLS = ("a", "b")
@@ -805,7 +943,10 @@ class LotMachine(RuleBasedStateMachine):
         if was_parked and not slot.returns_fd(reason):
             self.lot.forget_fd(slot)  # a notice: the container closed the fd
         state, owner = slot.state, slot.session
-        room = {id(s): s.load < self.lot.window for s in slot.pool.sessions}
+        room = {  # (a frozen session, past the ACK deadline, is routed around)
+            id(s): s.load < self.lot.window and not self.lot.stale(s, self.now)
+            for s in slot.pool.sessions
+        }
         assert self.lot.wake(slot, reason, self.now, to=to) is was_parked
         if not was_parked:
             assert slot.state is state
@@ -845,6 +986,71 @@ class LotMachine(RuleBasedStateMachine):
         for slot in done:
             assert slot.state is State.WRITTEN
             self._drop(slot)
+
+    @rule(s=sessions, data=st.data())
+    def unpark(self, s: SessionState, data: st.DataObject) -> None:
+        """The UNPARK batch: any tickets (live, duplicated, unknown, other pools)."""
+        if not s.alive:
+            return
+        pool = [x.ticket for x in self.live]
+        tickets = data.draw(
+            st.lists(st.sampled_from([*pool, 4321 << FD_BITS]), max_size=6) if pool else st.just([])
+        )
+        want = {
+            id(x)
+            for x in self.live
+            if x.ticket in tickets and x.state is State.PARKED and x.pool is s.pool
+        }
+        room = s.load < self.lot.window and not self.lot.stale(s, self.now)
+        woke = self.lot.unpark(s, tickets, self.now)
+        assert {id(x) for x in woke} == want
+        assert len(woke) == len(want)
+        for x in woke:
+            assert x.reason is Reason.REQUESTED
+            assert x.state in (State.SENT, State.QUEUED)
+        if woke and room:
+            assert woke[0].session is s
+
+    @rule(s=sessions, data=st.data())
+    def take_acked(self, s: SessionState, data: st.DataObject) -> None:
+        if not s.alive:
+            return
+        tickets = data.draw(
+            st.lists(st.sampled_from([*s.inflight, 12345 << FD_BITS]), min_size=1, max_size=4)
+        )
+        taken = self.lot.take_outq(s)
+        written = taken[: data.draw(st.integers(0, len(taken)))]
+        self.lot.written(written)
+        expected = [
+            t
+            for t in dict.fromkeys(tickets)
+            if t in s.inflight and s.inflight[t].state is State.WRITTEN
+        ]
+        had = {x.ticket: x.fd for x in self.live}
+        done, fds = self.lot.take_acked(s, tickets, self.now)
+        assert [x.ticket for x in done] == expected
+        assert fds == [had[x.ticket] for x in done if had[x.ticket] >= 0]
+        for slot in done:
+            assert slot.state is State.GONE
+            assert slot.fd == -1
+            assert self.lot.find(slot.ticket) is None
+            self.live.remove(slot)
+
+    @rule(s=sessions, n=st.integers(1, 4), delay=st.integers(1, 20))
+    def park_many(self, s: SessionState, n: int, delay: int) -> None:
+        if not s.alive:
+            return
+        entries = []
+        for _ in range(n):
+            fd = self._free_fd()
+            entries.append((fd, b"m%d" % fd, b"", 0, math.ceil((self.now + delay) * 1000)))
+            self.live.append(Slot(0, fd, b"", b"", 0, s.pool))  # holds the fd number
+        del self.live[-n:]
+        got = self.lot.park_many(s, entries)
+        assert [x.fd for x in got] == [e[0] for e in entries]
+        for slot in got:
+            self.live.append(slot)
+            self.deadline[slot.ticket] = self.now + delay
 
     @rule(s=sessions)
     def ack_foreign(self, s: SessionState) -> None:
@@ -906,3 +1112,15 @@ TestLotMachine.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+class FrozenAwareLotMachine(LotMachine):
+    """The same with an ACK deadline: routing around frozen sessions, the sent log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lot = Lot(window=2, orphan_timeout=5.0, ack_deadline=3.0)
+
+
+TestFrozenAwareLotMachine = FrozenAwareLotMachine.TestCase
+TestFrozenAwareLotMachine.settings = TestLotMachine.settings

@@ -51,6 +51,7 @@ from connpark._wire import (
     ErrorCode,
     Frame,
     Hello,
+    LeanPark,
     Message,
     MessageType,
     Park,
@@ -1514,3 +1515,113 @@ def test_hello_of_an_unknown_version_decodes_for_a_version_error() -> None:
     msg = dec.next_message()
     assert isinstance(msg, Hello)
     assert (msg.version, msg.pool) == (9, "p")
+
+
+# ------------------------------------------------------- the container's lean PARK
+
+
+def unlean(msg: Message) -> Message:
+    """A ``LeanPark`` as the ``Park`` the plain decoder hands out."""
+    assert isinstance(msg, LeanPark)
+    entries = []
+    for fd, token, pending, idle, flags, entry in msg.entries:
+        if entry is None:
+            assert not flags & ~0x03  # only the returns flags stay lean
+            entry = ParkEntry(fd, token, pending, idle, bool(flags & 1), bool(flags & 2))
+        else:
+            assert (entry.fd, entry.token, entry.pending, entry.idle_timeout_ms) == (
+                fd,
+                token,
+                pending,
+                idle,
+            )
+        entries.append(entry)
+    return Park(msg.request_id, tuple(entries))
+
+
+def joined(msgs: list[Message]) -> Park:
+    """Frames of one split PARK (the container's decoder does not join), joined."""
+    parks = [unlean(m) for m in msgs]
+    assert isinstance(parks[0], Park)
+    assert {m.request_id for m in parks if isinstance(m, Park)} == {parks[0].request_id}
+    return Park(
+        parks[0].request_id, tuple(e for m in parks if isinstance(m, Park) for e in m.entries)
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(parks, big_parks()), st.lists(st.integers(0, 4000), max_size=6))
+def test_lean_park_decodes_what_park_does(template: Message, cuts: list[int]) -> None:
+    """Whole, frame by frame, at random cuts, one byte at a time, and followed by more."""
+    with real_fds(fd_slots(template)) as fds:
+        msg = with_fds(template, fds)
+        frames = encode(msg)
+        blob, marks = stream(frames)
+        lean = Decoder(join_split=False, lean_park=True)
+        assert joined(decode_all([(blob, fds)], lean)) == msg
+        lean = Decoder(join_split=False, lean_park=True)
+        assert joined(decode_all(((f.data, f.fds) for f in frames), lean)) == msg
+        lean = Decoder(join_split=False, lean_park=True)
+        assert joined(decode_all(chunked(blob, marks, cuts), lean)) == msg
+        if len(blob) < 600:
+            lean = Decoder(join_split=False, lean_park=True)
+            assert joined(decode_all(bytewise(frames), lean)) == msg
+        lean = Decoder(join_split=False, lean_park=True)
+        got = decode_all([(blob + encode(Ack((5,)))[0].data, fds)], lean)
+        assert got[-1] == Ack((5,))
+        assert joined(got[:-1]) == msg
+        # Joined, the lean decoder hands out one LeanPark for the whole message.
+        lean = Decoder(lean_park=True)
+        (whole,) = decode_all([(blob, fds)], lean)
+        assert unlean(whole) == msg
+
+
+@pytest.mark.parametrize(
+    ("body", "nfds", "match"),
+    [
+        (p("I", 1) + p("H", 1) + p("I", 0) + p("B", 0) + p("H", 9), 1, "truncated PARK body"),
+        (p("I", 1) + p("H", 1) + p("I", 0), 1, "truncated PARK body"),
+        (p("I", 1), 0, "truncated PARK body"),
+        (
+            p("I", 1) + p("H", 1) + p("I", 0) + p("B", 0) + p("H", 3) + p("I", 0) + b"ab",
+            1,
+            "truncated",
+        ),
+        (
+            p("I", 1) + p("H", 1) + p("I", 0) + p("B", 0) + p("H", 0) + p("I", 2) + b"a",
+            1,
+            "truncated",
+        ),
+        (p("I", 1) + p("H", 1) + p("I", 0) + p("B", 0x04) + p("H", 0) + p("I", 0), 1, "truncated"),
+        (
+            p("I", 1) + p("H", 1) + p("I", 0) + p("B", 0x04) + p("H", 0) + p("I", 0) + p("H", 1),
+            1,
+            "truncated PARK body",
+        ),
+        (p("I", 1) + p("H", 1) + p("I", 0) + p("B", 0x10) + p("H", 0) + p("I", 0), 1, "0x10"),
+        (p("I", 1) + p("H", 1) + p("I", 0) + p("B", 0x83) + p("H", 0) + p("I", 0), 1, "0x83"),
+        (park_bytes(2)[8:] + b"zzz", 2, "3 trailing bytes in PARK body"),
+        (park_bytes(2)[8:], 1, "PARK has 2 entries but 1 fds"),
+        (park_bytes(2)[8:], 3, "PARK has 2 entries but 3 fds"),
+    ],
+)
+def test_lean_park_rejects_what_park_does(body: bytes, nfds: int, match: str) -> None:
+    data = frame(3, body, nfds=nfds)
+    reject([(data, nfds)], match)
+    reject([(data, nfds)], match, dec=Decoder(join_split=False, lean_park=True))
+
+
+@needs_proc
+def test_lean_park_error_after_good_entries_closes_each_fd_once() -> None:
+    """A bad last entry: nothing is handed out, every fd of the frame is closed, once."""
+    good = park_bytes(3)[8:]
+    bad = good[:6] + good[6:] + p("I", 0) + p("B", 0x40) + p("H", 0) + p("I", 0)
+    body = p("I", 1) + p("H", 4) + bad[6:]
+    with real_fds(4) as fds:
+        base = open_fd_count()
+        dec = Decoder(join_split=False, lean_park=True)
+        dec.receive_data(frame(3, body, nfds=4), [os.dup(fd) for fd in fds])
+        with pytest.raises(RemoteProtocolError, match="bad PARK field flags: 0x40"):
+            dec.next_message()
+        assert dec.held_fds == 0
+        assert open_fd_count() == base  # the 4 dups are closed (and only them)

@@ -38,11 +38,13 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import operator
 import os
 import resource
 import socket
 import struct
 import time
+from bisect import bisect_left
 from collections import Counter, deque
 from collections.abc import Sequence
 from typing import Any
@@ -50,7 +52,15 @@ from typing import Any
 import attrs
 import trio
 
-from ._admit import inspect, peek_has_data, same_open_file, send_goodbye
+from ._admit import (
+    BORROWED,
+    inline_options,
+    inspect,
+    new_borrowed,
+    peek_has_data,
+    same_open_file,
+    send_goodbye,
+)
 from ._config import ContainerConfig
 from ._errors import ProtocolError, RemoteProtocolError
 from ._fdpass import Outbox, recv_fdless, recv_fds, unread_by_peer
@@ -83,6 +93,7 @@ from ._wire import (
     ErrorCode,
     Frame,
     Hello,
+    LeanPark,
     Message,
     MessageType,
     Park,
@@ -102,6 +113,8 @@ from ._wire import (
     encode,
     message_fds,
 )
+from ._wire import LEAN_HANGUP_RETURNS as _LEAN_HANGUP
+from ._wire import LEAN_TIMEOUT_RETURNS as _LEAN_TIMEOUT
 
 LOGGER = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT = 10.0
@@ -117,46 +130,116 @@ _WAKE_BODY = DEFAULT_MAX_BODY - 64
 # tests/test_container_clock.py checks them against ``_wire.encode``.
 _WAKE_ENTRY = struct.Struct("!QBBHI")
 _U16 = struct.Struct("!H")
-_PARKED_HEAD = struct.Struct("!II")
-_RESULT = struct.Struct("!BQ")
 _HAS_FD = 1
 _WAKE_INET6 = 2
 _WAKE_EXT = 4
+_HAS_FD_INET6 = _HAS_FD | _WAKE_INET6
 
 
-def wake_frame(slots: list[Slot], ext: bool = True) -> Frame:
-    """One WAKE frame for these slots (the caller keeps it within one frame).
+def wake_frames(
+    slots: list[Slot], budget: int, ext: bool = True
+) -> tuple[list[Frame], list[list[Slot]], int]:
+    """WAKE frames for the first of ``slots`` whose entries fit in ``budget`` bytes (at
+    least one): (frames, the slots of each frame, how many slots they hold).
 
-    ``ext``: the session speaks v3, so entries may carry auto-response counts
-    and unsent bytes (``Extra.wake_ext``).
+    A frame holds up to 253 entries and ``_WAKE_BODY`` bytes (at least one
+    entry). ``ext``: the session speaks v3, so entries may carry auto-response
+    counts and unsent bytes (``Extra.wake_ext``).
     """
     pack = _WAKE_ENTRY.pack
-    parts = [_U16.pack(len(slots))]
-    fds = []
-    for x in slots:
-        flags = _WAKE_INET6 if x.flags & INET6 else 0
-        if x.fd >= 0:
-            flags |= _HAS_FD
-            fds.append(x.fd)
-        tail = x.extra.wake_ext() if ext and x.extra is not None else None
-        if tail is not None:
-            flags |= _WAKE_EXT
-        parts.append(pack(x.ticket, x.reason, flags, len(x.token), len(x.pending)))
-        parts.append(x.token)
-        parts.append(x.pending)
-        if tail is not None:
-            parts.append(tail)
+    frames: list[Frame] = []
+    groups: list[list[Slot]] = []
+    n = len(slots)
+    start = total = 0  # the frame's first slot; entry bytes taken before it
+    while start < n:
+        limit = min(_WAKE_BODY - 2, budget - total)  # this frame's entry bytes
+        parts: list[bytes] = [b""]  # [0]: the entry count, once known
+        add = parts.append
+        fds: list[int] = []
+        used = count = 0
+        for x in slots[start : start + MAX_FDS_PER_FRAME]:
+            token = x.token
+            pending = x.pending
+            tlen = len(token)
+            plen = len(pending)
+            entry = 16 + tlen + plen
+            tail = None
+            if x.extra is not None and ext:
+                tail = x.extra.wake_ext()
+                if tail is not None:
+                    entry += len(tail)
+            # Full: the frame (it has an entry), or the budget (some entry is taken).
+            if used + entry > limit and (count or (total and total + entry > budget)):
+                break
+            used += entry
+            fd = x.fd
+            if fd >= 0:
+                fds.append(fd)
+                flags = _HAS_FD_INET6 if x.flags & INET6 else _HAS_FD
+            else:
+                flags = _WAKE_INET6 if x.flags & INET6 else 0
+            if tail is not None:
+                flags |= _WAKE_EXT
+            add(pack(x.ticket, x.reason, flags, tlen, plen))
+            if tlen:
+                add(token)
+            if plen:
+                add(pending)
+            if tail is not None:
+                add(tail)
+            count += 1
+        if not count:
+            break  # the budget is spent
+        frames.append(_wake_frame(parts, count, fds))
+        groups.append(slots[start : start + count])
+        start += count
+        total += used
+    return frames, groups, start
+
+
+def _wake_frame(parts: list[bytes], count: int, fds: list[int]) -> Frame:
+    parts[0] = _U16.pack(count)
     body = b"".join(parts)
     return Frame(HEADER.pack(len(body), MessageType.WAKE, 0, len(fds)) + body, tuple(fds))
 
 
+def wake_frame(slots: list[Slot], ext: bool = True) -> Frame:
+    """One WAKE frame for these slots (the caller keeps them within one frame)."""
+    return wake_frames(slots, len(slots) * _WAKE_BODY, ext)[0][0]
+
+
+_fd_of = operator.attrgetter("fd")
+_key_of = operator.attrgetter("key")
+_ticket_of = operator.attrgetter("ticket")
+
+#: PARKED layouts by entry count (at most 253: one per fd of a PARK frame).
+_PARKED: dict[int, struct.Struct] = {}
+
+
+def parked_frame_flat(request_id: int, flat: list[int]) -> Frame:
+    """One PARKED frame from ``[refusal, ticket, refusal, ticket, ...]``, one pair
+    per entry of one PARK frame: one ``pack`` for them all."""
+    n = len(flat) // 2
+    layout = _PARKED.get(n)
+    if layout is None:
+        layout = _PARKED[n] = struct.Struct("!II" + "BQ" * n)
+    body = layout.pack(request_id, n, *flat)
+    return Frame(HEADER.pack(len(body), MessageType.PARKED, 0, 0) + body)
+
+
 def parked_frame(request_id: int, results: list[tuple[int, int]]) -> Frame:
     """One PARKED frame: (refusal, ticket) per entry of one PARK frame."""
-    pack = _RESULT.pack
-    body = _PARKED_HEAD.pack(request_id, len(results)) + b"".join(
-        [pack(code, ticket) for code, ticket in results]
-    )
-    return Frame(HEADER.pack(len(body), MessageType.PARKED, 0, 0) + body)
+    return parked_frame_flat(request_id, [v for pair in results for v in pair])
+
+
+#: LeanEntry flags (hang-up and timeout returns) -> the lot's flags of its new slot.
+_RETURNS = _LEAN_HANGUP | _LEAN_TIMEOUT
+_RETURN_FLAGS = {
+    w: UNCONFIRMED
+    | (HANGUP_RETURNS if w & _LEAN_HANGUP else 0)
+    | (TIMEOUT_RETURNS if w & _LEAN_TIMEOUT else 0)
+    for w in (0, _LEAN_HANGUP, _LEAN_TIMEOUT, _RETURNS)
+}
 
 
 def raise_nofile_limit() -> int:
@@ -233,8 +316,8 @@ class _Session(SessionState):
         self.read_scope = trio.CancelScope()
         self.writer_scope = trio.CancelScope()
         self.quiet = pool.name == STATS_POOL
-        #: Parked by this session, PARKED not written yet: ticket -> slot.
-        self.unconfirmed: dict[int, Slot] = {}
+        #: PARKED frames of this session not written yet (their slots are unconfirmed).
+        self.unconfirmed: set[_Confirm] = set()
         #: The HELLO's protocol version: v3 and later get WAKE extensions.
         self.version = 1
 
@@ -585,7 +668,7 @@ class Container:
         conn.setblocking(False)
         # Each PARK frame is admitted as it arrives (and answered by its own
         # PARKED): the decoder never holds more than one frame's fds.
-        decoder = Decoder(join_split=False)
+        decoder = Decoder(join_split=False, lean_park=True)
         session: _Session | None = None
         try:
             try:
@@ -704,26 +787,22 @@ class Container:
 
     def _dispatch(self, s: _Session, msg: Message) -> None:
         if isinstance(msg, Ack):
-            slots = self.lot.ack(s, msg.tickets, trio.current_time())
-            self._acks_total += len(slots)
-            for slot in slots:
-                self._close_slot(slot)
+            slots, fds = self.lot.take_acked(s, msg.tickets, trio.current_time())
+            if slots:
+                self._close_acked(slots, fds)
             return
         if s.ending is not None:  # only ACKs count now; fds are closed
-            if isinstance(msg, Park):
+            if isinstance(msg, (LeanPark, Park)):
                 self._take_fds(s, len(msg.entries))
                 close_fds(message_fds(msg))
             return
-        if isinstance(msg, Park):
+        if isinstance(msg, LeanPark):
             self._on_park(s, msg)
         elif isinstance(msg, Unpark):
-            now = trio.current_time()
-            for ticket in msg.tickets:
-                found = self.lot.find(ticket)
-                # Not parked any more (a wake is in flight): a no-op, by design.
-                if found is not None and found.state is State.PARKED:
-                    if found.pool is s.pool:
-                        self._wake(found, Reason.REQUESTED, now, to=s)
+            # Tickets not parked any more (a wake is in flight) are no-ops, by design.
+            slots = self.lot.unpark(s, msg.tickets, trio.current_time())
+            if slots:
+                self.watcher.unregister_many(map(_fd_of, slots))
         elif isinstance(msg, Close):
             for entry in msg.entries:
                 target = self.lot.find(entry.ticket)
@@ -789,6 +868,18 @@ class Container:
                 self._close_slot(slot)
                 self._closed_total += 1
 
+    def _close_acked(self, slots: list[Slot], fds: list[int]) -> None:
+        """Close our copies of ACKed wakes (``Lot.take_acked`` dropped their slots;
+        ``fds``: theirs, notices aside: those we closed at their wake)."""
+        close = os.close
+        for fd in fds:
+            close(fd)
+        if self._mirror is not None:  # (a notice's DEL went at its wake: a no-op again)
+            self._mirror_del.extend(x.ticket for x in slots)
+        self._acks_total += len(slots)
+        self._held -= len(fds)
+        self._poke_progress()
+
     def _take_fds(self, s: _Session, n: int) -> None:
         """n fds left the decoder in a message: the caller parks or closes them now."""
         s.fds_in -= n
@@ -796,12 +887,16 @@ class Container:
 
     # -- admission -----------------------------------------------------------------------
 
-    def _on_park(self, s: _Session, msg: Park) -> None:
-        """Admit each entry on its own; answer the frame with its own PARKED."""
-        self._take_fds(s, len(msg.entries))
+    def _on_park(self, s: _Session, msg: LeanPark) -> None:
+        """Admit each entry on its own; answer the frame with its own PARKED.
+
+        The hot path: a plain entry (no rules or tags, not re-sent, within the
+        limits, with room) is admitted inline: ``inspect``, the duplicate
+        check, the watcher, the lot. Any other goes through ``_admit_entry``.
+        """
+        entries = msg.entries
+        self._take_fds(s, len(entries))
         now = trio.current_time()
-        results: list[tuple[int, int]] = []
-        peers: dict[object, int | list[int]] = {}
         cfg = self.config
         lot = self.lot
         # Per frame, not per entry: nothing else runs while it is admitted.
@@ -809,72 +904,222 @@ class Container:
             self.fd_budget - self._held,
             cfg.max_parked - (lot.parked + lot.queued + lot.sent),
         )
-        refused = self._refused
+        # Shutting down: every entry takes the general path (and is refused there).
+        max_token = -1 if self._shutting_down else cfg.max_token
+        max_pending = cfg.max_pending
         mirrored: list[Record] | None = [] if self._mirror is not None else None
         wall = time.time() - now
-        twins = 0
-        admitted_slots: list[Slot] = []
-        for entry in msg.entries:
-            fd = entry.fd
-            if entry.resent and self._twins and (twin := self._twin(fd, now)) is not None:
-                close_fds((fd,))  # we took this connection already, under this ticket
-                results.append((Refusal.OK, twin))
-                twins += 1
+        peers: dict[object, int | list[int]] = {}
+        default_ms = math.ceil((now + cfg.idle_timeout) * 1000)
+        #: idle_timeout_ms -> the deadline (ms, rounded up).
+        deadlines: dict[int, int] = {}
+        returns = _RETURN_FLAGS
+        register, watch = self.watcher.registrar()
+        refused = self._refused
+        ok, inet6 = Refusal.OK, socket.AF_INET6
+        # ``inspect``'s common case, inlined: wrap (getsockname), TCP_INFO, SO_COOKIE.
+        inline = inline_options()
+        tcp, tcp_info, cookie = inline if inline is not None else (0, 0, 0)
+        sol_socket = socket.SOL_SOCKET
+        peer: object  # the duplicate check's key (SO_COOKIE, else the peer address)
+        flat: list[int] = []  # PARKED: refusal, ticket per entry (0: parked below)
+        out = flat.append
+        plain: list[tuple[int, bytes, bytes, int, int]] = []  # parked at once, below
+        add = plain.append
+        admitted: list[Slot] = []  # parked on the way (``_admit_entry``)
+        keep = admitted.append
+        for fd, token, pending, idle_ms, wflags, unusual in entries:
+            if (
+                unusual is not None
+                or room <= 0
+                or len(token) > max_token
+                or len(pending) > max_pending
+            ):
+                if unusual is None:
+                    unusual = ParkEntry(
+                        fd,
+                        token,
+                        pending,
+                        idle_ms,
+                        bool(wflags & _LEAN_HANGUP),
+                        bool(wflags & _LEAN_TIMEOUT),
+                    )
+                code, ticket, slot = self._admit_entry(s, unusual, peers, room, now, mirrored, wall)
+                out(code)
+                out(ticket)
+                if slot is not None:
+                    keep(slot)
+                    room -= 1
                 continue
-            rules = None
-            try:
-                if entry.rules or entry.tags:  # v3: checked first, before the fd
-                    rules = self.serving.check_park(s.id, s.pool.name, entry)
-                if isinstance(rules, Refusal):
-                    code, family = rules, 0
+            peer = None
+            if inline is not None:
+                try:
+                    sock = new_borrowed(-1, BORROWED, 0, fd)
+                except OSError:
+                    pass
                 else:
-                    code, family = self._admit(entry, peers, room)
-            except Exception:  # one entry must never end the session
-                LOGGER.exception("session %d: admitting fd %d failed", s.id, fd)
-                code, family = Refusal.UNINSPECTABLE, 0
-            if code is not Refusal.OK:
+                    try:
+                        state = sock.getsockopt(tcp, tcp_info, 1)[0]
+                        if state == 1 or state == 8:  # ESTABLISHED, CLOSE_WAIT
+                            peer = sock.getsockopt(sol_socket, cookie, 8)
+                            family = sock.family
+                    except Exception:  # ``inspect`` names it (one entry never ends a session)
+                        peer = None
+                    finally:
+                        sock.detach()
+            if peer is None:  # anything unusual: ``inspect`` says what
+                code, family, peer = inspect(fd)
+            else:
+                code = ok
+            if code is ok:
+                same = peers.setdefault(peer, fd)
+                if same != fd and self._duplicate(peers, peer, same, fd):
+                    code = Refusal.DUPLICATE
+                else:
+                    try:
+                        register(fd, watch)
+                    except OSError as exc:
+                        code = self._unwatchable(fd, exc)
+            if code is not ok:
                 close_fds((fd,))
                 refused[code.label] += 1
-                results.append((code, 0))
+                out(code)
+                out(0)
                 continue
-            idle = entry.idle_timeout_ms / 1000 if entry.idle_timeout_ms else cfg.idle_timeout
-            flags = (
-                (HANGUP_RETURNS if entry.hangup_returns else 0)
-                | (TIMEOUT_RETURNS if entry.timeout_returns else 0)
-                | (INET6 if family == socket.AF_INET6 else 0)
-            )
-            slot = lot.park(
-                fd,
-                token=entry.token,
-                pending=entry.pending,
-                flags=flags | UNCONFIRMED,
-                session=s,
-                deadline=now + idle,
-            )
-            admitted_slots.append(slot)
-            if entry.rules or entry.tags:
-                self.serving.attach(lot, slot, entry, rules, idle)  # type: ignore[arg-type]
+            if idle_ms:
+                deadline_ms = deadlines.get(idle_ms, 0)
+                if not deadline_ms:
+                    deadline_ms = deadlines[idle_ms] = math.ceil((now + idle_ms / 1000) * 1000)
+            else:
+                deadline_ms = default_ms
+            flags = returns[wflags & _RETURNS] if wflags & _RETURNS else UNCONFIRMED
+            if family == inet6:
+                flags |= INET6
+            add((fd, token, pending, flags, deadline_ms))
             room -= 1
-            results.append((Refusal.OK, slot.ticket))
+            out(ok)
+            out(0)
+        if plain:
+            slots = lot.park_many(s, plain)
+            tickets = list(map(_ticket_of, slots))
+            if len(slots) * 2 == len(flat):  # all of them: the usual
+                flat[1::2] = tickets
+            else:  # in entry order, in the (OK, 0) places
+                it = iter(tickets)
+                for i in range(0, len(flat), 2):
+                    if flat[i] is ok and not flat[i + 1]:
+                        flat[i + 1] = next(it)
+            admitted += slots
             if mirrored is not None:
-                deadline_ms = int((wall + now + idle) * 1000)
-                mirrored.append(
-                    Record(
-                        slot.ticket, fd, deadline_ms, flags, s.pool.name, slot.token, slot.pending
-                    )
-                )
+                self._mirror_records(mirrored, s, slots, plain, wall)
         if mirrored:  # before PARKED: the worker keeps its copy until the mirror has one
             self._mirror_send(encode_records(MirrorKind.ADD, mirrored))
-        admitted = sum(1 for code, _ in results if code is Refusal.OK) - twins
-        self._held += admitted
-        self._parks_total += admitted
+        self._held += len(admitted)
+        self._parks_total += len(admitted)
         if s.ending is None:
-            s.outbox.add((parked_frame(msg.request_id, results),), (_Confirm(admitted_slots),))
-            for slot in admitted_slots:
-                s.unconfirmed[slot.ticket] = slot
+            confirm = _Confirm(admitted)
+            s.outbox.add((parked_frame_flat(msg.request_id, flat),), (confirm,))
+            if admitted:
+                s.unconfirmed.add(confirm)
             lot.dirty.add(s)
         else:
-            Lot.confirm(admitted_slots)  # no PARKED will go: the worker sends them again
+            Lot.confirm(admitted)  # no PARKED will go: the worker sends them again
+
+    @staticmethod
+    def _mirror_records(
+        mirrored: list[Record],
+        s: _Session,
+        slots: list[Slot],
+        plain: list[tuple[int, bytes, bytes, int, int]],
+        wall: float,
+    ) -> None:
+        """The mirror's ADD records of the plain entries ``park_many`` just parked."""
+        wall_ms = wall * 1000
+        for slot, (fd, token, pending, flags, deadline_ms) in zip(slots, plain, strict=True):
+            mirrored.append(
+                Record(
+                    slot.ticket,
+                    fd,
+                    int(deadline_ms + wall_ms),
+                    flags & ~UNCONFIRMED,
+                    s.pool.name,
+                    token,
+                    pending,
+                )
+            )
+
+    def _duplicate(
+        self, peers: dict[object, int | list[int]], peer: object, same: int | list[int], fd: int
+    ) -> bool:
+        """Two entries with one peer address (rare): is ``fd`` the same socket as one
+        before it? If not, it joins them in ``peers``."""
+        others = same if isinstance(same, list) else [same]
+        if any(same_open_file(other, fd) for other in others):
+            return True
+        peers[peer] = [*others, fd]
+        return False
+
+    def _unwatchable(self, fd: int, exc: OSError) -> Refusal:
+        LOGGER.warning("watcher refused fd %d: %s", fd, exc)
+        if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+            return Refusal.FULL
+        return Refusal.UNINSPECTABLE
+
+    def _admit_entry(
+        self,
+        s: _Session,
+        entry: ParkEntry,
+        peers: dict[object, int | list[int]],
+        room: int,
+        now: float,
+        mirrored: list[Record] | None,
+        wall: float,
+    ) -> tuple[Refusal, int, Slot | None]:
+        """An entry off the hot path (rules or tags, re-sent, over a limit, no room,
+        shutting down): (refusal, ticket, its new slot). A re-sent park of a socket
+        we hold already is (OK, its ticket, None)."""
+        fd = entry.fd
+        if entry.resent and self._twins and (twin := self._twin(fd, now)) is not None:
+            close_fds((fd,))  # we took this connection already, under this ticket
+            return Refusal.OK, twin, None
+        rules = None
+        try:
+            if entry.rules or entry.tags:  # v3: checked first, before the fd
+                rules = self.serving.check_park(s.id, s.pool.name, entry)
+            if isinstance(rules, Refusal):
+                code, family = rules, 0
+            else:
+                code, family = self._admit(entry, peers, room)
+        except Exception:  # one entry must never end the session
+            LOGGER.exception("session %d: admitting fd %d failed", s.id, fd)
+            code, family = Refusal.UNINSPECTABLE, 0
+        if code is not Refusal.OK:
+            close_fds((fd,))
+            self._refused[code.label] += 1
+            return code, 0, None
+        cfg = self.config
+        idle = entry.idle_timeout_ms / 1000 if entry.idle_timeout_ms else cfg.idle_timeout
+        flags = (
+            (HANGUP_RETURNS if entry.hangup_returns else 0)
+            | (TIMEOUT_RETURNS if entry.timeout_returns else 0)
+            | (INET6 if family == socket.AF_INET6 else 0)
+        )
+        slot = self.lot.park(
+            fd,
+            token=entry.token,
+            pending=entry.pending,
+            flags=flags | UNCONFIRMED,
+            session=s,
+            deadline=now + idle,
+        )
+        if entry.rules or entry.tags:
+            self.serving.attach(self.lot, slot, entry, rules, idle)  # type: ignore[arg-type]
+        if mirrored is not None:
+            deadline_ms = int((wall + now + idle) * 1000)
+            mirrored.append(
+                Record(slot.ticket, fd, deadline_ms, flags, s.pool.name, slot.token, slot.pending)
+            )
+        return Refusal.OK, slot.ticket, slot
 
     # -- the mirror (crash recovery) -------------------------------------------------------
 
@@ -1042,10 +1287,7 @@ class Container:
         try:
             self.watcher.register(fd)
         except OSError as exc:
-            LOGGER.warning("watcher refused fd %d: %s", fd, exc)
-            if exc.errno in (errno.ENOSPC, errno.ENOMEM):
-                return Refusal.FULL, 0
-            return Refusal.UNINSPECTABLE, 0
+            return self._unwatchable(fd, exc), 0
         if same is None:
             peers[peer] = fd
         elif isinstance(same, list):
@@ -1072,25 +1314,13 @@ class Container:
         """Encode queued wakes into the outbox, one frame per WAKE, up to the byte cap."""
         ob = s.outbox
         cap = self.config.max_output_bytes
+        ext = s.version >= 3
         while s.outq and ob.queued_bytes < cap:
-            slots = self.lot.take_outq(s, cap - ob.queued_bytes)
+            frames, groups, n = wake_frames(s.outq, cap - ob.queued_bytes, ext)
+            slots = self.lot.take_outq(s, count=n)
             if self._mirror is not None:  # before the WAKE can reach anyone
                 self._mirror_send(encode_woken([(x.ticket, x.reason) for x in slots]))
-            start = 0
-            while start < len(slots):
-                size = 2
-                end = start
-                while end < len(slots) and end - start < MAX_FDS_PER_FRAME:
-                    slot = slots[end]
-                    size += 16 + len(slot.token) + len(slot.pending)
-                    if slot.extra is not None:
-                        size += slot.extra.ext_size()
-                    if size > _WAKE_BODY and end > start:
-                        break
-                    end += 1
-                group = slots[start:end]
-                ob.add((wake_frame(group, s.version >= 3),), (group,))
-                start = end
+            ob.add(frames, groups)
 
     def _pump(self, s: _Session) -> None:
         """Encode and send what the session's socket takes now; the writer does the rest."""
@@ -1129,16 +1359,30 @@ class Container:
             for group in sent:
                 if isinstance(group, _Confirm):
                     Lot.confirm(group.slots)
-                    for slot in group.slots:
-                        s.unconfirmed.pop(slot.ticket, None)
+                    s.unconfirmed.discard(group)
                     if self._mirror is not None and group.slots:
                         tickets = [x.ticket for x in group.slots]
                         self._mirror_send(encode_tickets(MirrorKind.CONFIRMED, tickets))
                     continue
                 self.lot.written(group)  # type: ignore[arg-type]
-                latencies = [now - float(x.key) for x in group]  # type: ignore[attr-defined]
-                self._latencies.extend(latencies)
-                self._latency_buckets.observe(latencies)
+                self._observe_latency(group, now)  # type: ignore[arg-type]
+
+    def _observe_latency(self, slots: list[Slot], now: float) -> None:
+        """Wake latencies (readiness seen -> written); the slots of one WAKE frame
+        were most often woken at one instant: one bucket update for them all."""
+        keys = list(map(_key_of, slots))
+        first = keys[0]
+        n = len(keys)
+        if keys.count(first) == n:
+            latency = now - float(first)
+            self._latencies.extend([latency] * n)
+            buckets = self._latency_buckets  # LatencyBuckets.observe, n at once
+            buckets.counts[bisect_left(buckets.bounds, latency)] += n
+            buckets.sum_s += latency * n
+            return
+        latencies = [now - float(k) for k in keys]
+        self._latencies.extend(latencies)
+        self._latency_buckets.observe(latencies)
 
     async def _writer(self, s: _Session) -> None:
         """Sends what ``_pump`` could not: when the worker is slow to read."""
@@ -1244,10 +1488,11 @@ class Container:
         s.writer_scope.cancel()
         if s.unconfirmed:  # its worker never saw these PARKED: it will send them again
             now = trio.current_time()
-            for slot in s.unconfirmed.values():
-                if slot.state is not State.GONE and slot.fd >= 0:
-                    self._remember_twin(slot.fd, slot.ticket, now)
-            Lot.confirm(s.unconfirmed.values())
+            for confirm in s.unconfirmed:
+                for slot in confirm.slots:
+                    if slot.state is not State.GONE and slot.fd >= 0:
+                        self._remember_twin(slot.fd, slot.ticket, now)
+                Lot.confirm(confirm.slots)
             s.unconfirmed.clear()
         self._sessions.pop(s.id, None)
         self.serving.forget_session(s.id)

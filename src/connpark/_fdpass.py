@@ -35,7 +35,9 @@ import trio
 from ._errors import RemoteProtocolError
 from ._wire import HEADER, MAX_FDS_PER_FRAME, Decoder, Frame, Message, close_fds, encode_all
 
-MSG_CMSG_CLOEXEC: int = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+MSG_CMSG_CLOEXEC: int = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+#: Plain ints: ``flags & socket.MSG_CTRUNC`` runs IntFlag's Python-level __rand__.
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _INT_SIZE = array.array("i").itemsize
 RECV_SIZE = 1 << 16
 
@@ -43,6 +45,9 @@ RECV_SIZE = 1 << 16
 def ancillary_space(max_fds: int = MAX_FDS_PER_FRAME) -> int:
     """Control-buffer size that holds ``max_fds`` fds."""
     return socket.CMSG_SPACE(max_fds * _INT_SIZE)
+
+
+_SPACE = ancillary_space()
 
 
 def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
@@ -62,12 +67,13 @@ def recv_fds(
 
     Raises ``RemoteProtocolError`` on MSG_CTRUNC after closing what arrived.
     """
-    data, ancdata, msg_flags, _ = sock.recvmsg(bufsize, ancillary_space(max_fds), MSG_CMSG_CLOEXEC)
+    space = _SPACE if max_fds == MAX_FDS_PER_FRAME else ancillary_space(max_fds)
+    data, ancdata, msg_flags, _ = sock.recvmsg(bufsize, space, MSG_CMSG_CLOEXEC)
     fds = _fds_from_ancillary(ancdata)
     if not MSG_CMSG_CLOEXEC:  # macOS: close the race window as soon as we can
         for fd in fds:
             os.set_inheritable(fd, False)
-    if msg_flags & socket.MSG_CTRUNC:
+    if msg_flags & _MSG_CTRUNC:
         close_fds(fds)
         raise RemoteProtocolError(
             f"ancillary data truncated (MSG_CTRUNC): fds were dropped ({len(fds)} arrived)"
@@ -118,12 +124,12 @@ def recv_fdless(
     if not data:
         return b""
     n = len(data)
-    if flags & socket.MSG_CTRUNC:
+    if flags & _MSG_CTRUNC:
         n = fd_free_prefix(head, buffered, data)
         if not n:
             return None
     got, _anc, flags, _ = sock.recvmsg(n, 0)
-    if flags & socket.MSG_CTRUNC:
+    if flags & _MSG_CTRUNC:
         raise RemoteProtocolError("fds sent in the middle of a frame")
     return got
 

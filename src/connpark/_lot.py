@@ -39,6 +39,7 @@ import enum
 import heapq
 import itertools
 import math
+import operator
 from collections import Counter, deque
 from collections.abc import Iterable
 from typing import Any
@@ -83,6 +84,19 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.GONE: frozenset(),
 }
 
+# Bound once: an enum member costs an attribute lookup on its class each time
+# it is named, and the hot paths below name them once per connection.
+_PARKED, _QUEUED, _SENT, _WRITTEN, _GONE = (
+    State.PARKED,
+    State.QUEUED,
+    State.SENT,
+    State.WRITTEN,
+    State.GONE,
+)
+_READABLE = Reason.READABLE
+_REQUESTED = Reason.REQUESTED
+_REQUESTED_NAME = _REQUESTED.name
+
 HANGUP_RETURNS = 1
 TIMEOUT_RETURNS = 2
 INET6 = 4
@@ -110,7 +124,14 @@ class Slot:
     )
 
     def __init__(
-        self, ticket: int, fd: int, token: bytes, pending: bytes, flags: int, pool: Pool
+        self,
+        ticket: int,
+        fd: int,
+        token: bytes,
+        pending: bytes,
+        flags: int,
+        pool: Pool,
+        session: SessionState | None = None,
     ) -> None:
         self.ticket = ticket
         self.fd = fd
@@ -118,12 +139,12 @@ class Slot:
         self.pending = pending
         self.flags = flags
         self.pool = pool
-        self.state = State.PARKED
+        self.state = _PARKED
         #: PARKED: the heap key. QUEUED/SENT: when readiness was seen (for latency).
         self.key: float | int = 0
-        self.reason = Reason.READABLE
+        self.reason = _READABLE
         #: The session this slot's wake should go to first (its parker, or its asker).
-        self.session: SessionState | None = None
+        self.session = session
         #: ``_serving.Extra`` for a park with rules or tags (or bytes left unsent), else
         #: None: a plain park pays one pointer for the feature.
         self.extra: Any = None
@@ -140,10 +161,15 @@ class Slot:
         return True
 
 
+_new_slot = Slot.__new__
+_heappush = heapq.heappush
+_ticket_of = operator.attrgetter("ticket")
+
+
 class SessionState:
     """The lot's view of one worker session: its pool, window and wakes in flight."""
 
-    __slots__ = ("alive", "id", "inflight", "name", "outq", "pool", "sent_log")
+    __slots__ = ("alive", "id", "inflight", "logged", "name", "outq", "pool", "sent_log")
 
     def __init__(self, session_id: int, pool: Pool, name: str = "") -> None:
         self.id = session_id
@@ -155,8 +181,10 @@ class SessionState:
         self.inflight: dict[int, Slot] = {}
         #: Assigned slots the writer has not taken yet.
         self.outq: list[Slot] = []
-        #: (assigned at, slot) in assignment order: finds the oldest un-ACKed wake.
-        self.sent_log: deque[tuple[float, Slot]] = deque()
+        #: (assigned at, slots) in assignment order: finds the oldest un-ACKed wake.
+        self.sent_log: deque[tuple[float, list[Slot]]] = deque()
+        #: Slots in ``sent_log`` (ACKed ones too, until they are dropped).
+        self.logged = 0
 
     @property
     def load(self) -> int:
@@ -255,6 +283,18 @@ class Lot:
         counts[new] += 1
         slot.state = new
 
+    def _move_all(self, old: State, new: State, n: int) -> None:
+        """Count ``n`` slots moving ``old`` -> ``new``, checked against the table once.
+
+        The batch form of ``_move`` for the hot path: the caller has checked
+        that each slot is in ``old`` (else ``InternalError``) and sets its state.
+        """
+        if new not in TRANSITIONS[old]:
+            raise InternalError(f"{n} slots: {old.name} -> {new.name}")
+        counts = self._counts
+        counts[old] -= n
+        counts[new] += n
+
     def park(
         self,
         fd: int,
@@ -266,11 +306,48 @@ class Lot:
         deadline: float,
     ) -> Slot:
         """Record a new parked fd (already validated and in the watcher) with its deadline."""
-        ticket = self._epoch | (next(self._seq) << FD_BITS | fd) & _LOCAL_MASK
-        slot = Slot(ticket, fd, token, pending, flags, session.pool)
-        slot.session = session
-        self._add(slot, deadline)
-        return slot
+        return self.park_many(session, [(fd, token, pending, flags, math.ceil(deadline * 1000))])[0]
+
+    def park_many(
+        self, session: SessionState, entries: list[tuple[int, bytes, bytes, int, int]]
+    ) -> list[Slot]:
+        """``park`` for the hot path, a PARK frame at once: (fd, token, pending, flags,
+        deadline in whole ms, rounded up) each. Returns their slots, in order."""
+        epoch = self._epoch
+        seq = self._seq
+        by_fd = self._by_fd
+        heap = self._heap
+        pool = session.pool
+        parked, readable = _PARKED, _READABLE
+        slots: list[Slot] = []
+        keep = slots.append
+        try:
+            for fd, token, pending, flags, deadline_ms in entries:
+                ticket = epoch | (next(seq) << FD_BITS | fd) & _LOCAL_MASK
+                if fd >= len(by_fd):
+                    by_fd.extend([None] * (fd + 1 - len(by_fd) + 64))
+                if by_fd[fd] is not None:
+                    raise InternalError(f"fd {fd} parked twice")
+                # Slot(...) inlined: calling the class costs three times these stores.
+                # Keep in step with Slot.__init__.
+                slot = _new_slot(Slot)
+                slot.ticket = ticket
+                slot.fd = fd
+                slot.token = token
+                slot.pending = pending
+                slot.flags = flags
+                slot.pool = pool
+                slot.state = parked
+                slot.key = key = deadline_ms << 64 | ticket
+                slot.reason = readable
+                slot.session = session
+                slot.extra = None
+                by_fd[fd] = slot
+                _heappush(heap, key)
+                keep(slot)
+        finally:
+            self._counts[parked] += len(slots)
+        return slots
 
     def restore(
         self,
@@ -323,6 +400,73 @@ class Lot:
         self._route(slot, now)
         return True
 
+    def unpark(self, session: SessionState, tickets: Iterable[int], now: float) -> list[Slot]:
+        """UNPARK: wake (REQUESTED) the tickets still PARKED in the session's pool, and
+        send them to it first. Returns them: the caller takes their fds out of the watcher.
+
+        The batch form of ``wake(slot, REQUESTED, now, to=session)`` for each
+        (the same routing as ``_route``); unknown, other pools' and not-parked
+        tickets are no-ops.
+        """
+        # To the asker while it has room and is not frozen (UNCONFIRMED: in any case).
+        alive = session.alive
+        room = 0
+        if alive:
+            room = self.window - len(session.inflight)
+            if room > 0 and self.ack_deadline != math.inf and self.stale(session, now):
+                room = 0
+        by_fd = self._by_fd
+        size = len(by_fd)
+        alias = self._alias
+        pool = session.pool
+        inflight = session.inflight
+        parked, queued, sent, requested = _PARKED, _QUEUED, _SENT, _REQUESTED
+        mine: list[Slot] = []  # assigned to the session: SENT
+        others: list[Slot] = []  # QUEUED: routed below
+        take, defer = mine.append, others.append
+        stale = 0
+        for ticket in tickets:
+            fd = ticket & _FD_MASK
+            slot = by_fd[fd] if fd < size else None
+            if slot is None or slot.ticket != ticket:
+                slot = alias.get(ticket) if alias else None
+                if slot is None:
+                    continue
+            if slot.state is not parked or slot.pool is not pool:
+                continue  # (a ticket twice in the list: not parked the second time)
+            if slot.key:
+                stale += 1  # its heap entry
+            slot.key = now
+            slot.reason = requested
+            slot.session = session
+            if slot.extra is not None:
+                self._untag(slot)
+            if room > 0 or (alive and slot.flags & UNCONFIRMED):
+                room -= 1
+                slot.state = sent
+                inflight[ticket] = slot
+                take(slot)
+            else:
+                slot.state = queued
+                defer(slot)
+        woke = len(mine) + len(others)
+        if not woke:
+            return mine
+        self._move_all(parked, queued, woke)
+        self._move_all(queued, sent, len(mine))
+        self.woken_total[_REQUESTED_NAME] += woke
+        self._stale += stale
+        if self._stale > 1024 and self._stale > len(self._heap) // 2:
+            self._compact()
+        if mine:
+            session.outq.extend(mine)
+            self._log_sent(session, now, mine)
+            self.dirty.add(session)
+        for slot in others:
+            self._route(slot, now)  # another session, or the pool's queue
+        mine.extend(others)
+        return mine
+
     def forget_fd(self, slot: Slot) -> None:
         """The slot's fd was closed by the container: it travels on as a notice."""
         if slot.fd >= 0 and self._by_fd[slot.fd] is slot:
@@ -369,12 +513,15 @@ class Lot:
     def stale(self, session: SessionState, now: float) -> bool:
         """The session's oldest un-ACKed wake is older than the ACK deadline (frozen?)."""
         log = session.sent_log
-        inflight = session.inflight
+        live = session.inflight.keys()
         while log:
-            at, slot = log[0]
-            if inflight.get(slot.ticket) is slot:
-                return now - at > self.ack_deadline
-            log.popleft()
+            at, group = log[0]
+            if now - at <= self.ack_deadline:
+                return False  # the oldest logged is recent: so is every un-ACKed one
+            if not live.isdisjoint(map(_ticket_of, group)):
+                return True
+            log.popleft()  # all ACKed
+            session.logged -= len(group)
         return False
 
     def _route(self, slot: Slot, now: float) -> None:
@@ -414,12 +561,22 @@ class Lot:
         slot.session = session
         session.inflight[slot.ticket] = slot
         session.outq.append(slot)
-        if self.ack_deadline != math.inf:
-            log = session.sent_log
-            log.append((now, slot))
-            if len(log) > 4 * self.window:  # ACKs out of order: drop the dead entries
-                session.sent_log = deque(e for e in log if inflight_has(session, e[1]))
+        self._log_sent(session, now, [slot])
         self.dirty.add(session)
+
+    def _log_sent(self, session: SessionState, now: float, slots: list[Slot]) -> None:
+        """Note when these were assigned (for ``stale``); only with an ACK deadline."""
+        if self.ack_deadline == math.inf:
+            return
+        session.sent_log.append((now, slots))
+        session.logged += len(slots)
+        if session.logged > 4 * (self.window + len(session.inflight)):
+            # Drop the entries all ACKed (``stale`` looks no further than a recent one).
+            live = session.inflight.keys()
+            session.sent_log = deque(
+                e for e in session.sent_log if not live.isdisjoint(map(_ticket_of, e[1]))
+            )
+            session.logged = sum(len(e[1]) for e in session.sent_log)
 
     def _drain_waiting(self, pool: Pool, now: float) -> None:
         while pool.waiting:
@@ -431,10 +588,16 @@ class Lot:
                 return
             self._assign(pool.waiting.popleft(), best, now)
 
-    def take_outq(self, session: SessionState, max_bytes: int | None = None) -> list[Slot]:
+    def take_outq(
+        self, session: SessionState, max_bytes: int | None = None, *, count: int | None = None
+    ) -> list[Slot]:
         """Slots for the writer to encode now (at least one; their token and pending
-        bytes within ``max_bytes``); they stay inflight until ACK."""
+        bytes within ``max_bytes``; or the first ``count``); they stay inflight until ACK."""
         outq = session.outq
+        if count is not None:
+            out = outq[:count]
+            del outq[:count]
+            return out
         if max_bytes is None or not outq:
             session.outq = []
             return outq
@@ -452,14 +615,20 @@ class Lot:
     @staticmethod
     def confirm(slots: Iterable[Slot]) -> None:
         """Their PARKED went out: their wakes may go to any worker of the pool now."""
+        keep = ~UNCONFIRMED
         for slot in slots:
-            slot.flags &= ~UNCONFIRMED
+            slot.flags &= keep
 
     def written(self, slots: Iterable[Slot]) -> None:
         """Their fds went out to the session (SENT -> WRITTEN): an ACK may now free them."""
+        sent, written = _SENT, _WRITTEN
+        n = 0
         for slot in slots:
-            if slot.state is State.SENT:
-                self._move(slot, State.WRITTEN)
+            if slot.state is sent:
+                slot.state = written
+                n += 1
+        if n:
+            self._move_all(sent, written, n)
 
     def ack(self, session: SessionState, tickets: Iterable[int], now: float = 0.0) -> list[Slot]:
         """The session has these; returns their slots for the caller to close and ``remove``.
@@ -477,6 +646,43 @@ class Lot:
         if session.pool.waiting:
             self._drain_waiting(session.pool, now)
         return done
+
+    def take_acked(
+        self, session: SessionState, tickets: Iterable[int], now: float = 0.0
+    ) -> tuple[list[Slot], list[int]]:
+        """``ack`` and ``remove`` in one pass, for the hot path: (the ACKed slots, gone
+        from the table; their fds, which the caller closes now; notices have none)."""
+        done: list[Slot] = []
+        append = done.append
+        fds: list[int] = []
+        close = fds.append
+        inflight = session.inflight
+        get = inflight.get
+        written, gone = _WRITTEN, _GONE
+        by_fd = self._by_fd
+        for ticket in tickets:
+            slot = get(ticket)
+            if slot is not None and slot.state is written:
+                del inflight[ticket]
+                slot.state = gone
+                fd = slot.fd
+                if fd >= 0:
+                    close(fd)
+                    slot.fd = -1
+                    if by_fd[fd] is slot:
+                        by_fd[fd] = None
+                append(slot)
+        if done:
+            self._move_all(written, gone, len(done))
+            if self._alias:
+                for slot in done:
+                    self._alias.pop(slot.ticket, None)
+            if not inflight and session.logged:  # all ACKed: nothing in the log counts
+                session.sent_log.clear()
+                session.logged = 0
+        if session.pool.waiting:
+            self._drain_waiting(session.pool, now)
+        return done, fds
 
     # -- sessions --------------------------------------------------------------
 
@@ -512,6 +718,7 @@ class Lot:
         lost = list(session.inflight.values())
         session.inflight.clear()
         session.sent_log.clear()
+        session.logged = 0
         for slot in lost:
             self._requeue(slot, now)
         self._start_orphan_clock(session.pool, now)
@@ -526,6 +733,7 @@ class Lot:
         left = list(session.inflight.values())
         session.inflight.clear()
         session.sent_log.clear()
+        session.logged = 0
         return left
 
     def remove_session(self, session: SessionState, now: float | None = None) -> int:
@@ -571,6 +779,10 @@ class Lot:
 
     def _compact(self) -> None:
         """Drop stale heap entries so memory tracks the parked count, not the history."""
+        if self._stale >= len(self._heap):  # all stale (a mass wake): no scan
+            self._heap = []
+            self._stale = 0
+            return
         self._heap = [s.key for s in self.parked_slots()]  # type: ignore[misc]
         heapq.heapify(self._heap)
         self._stale = 0
@@ -603,7 +815,3 @@ class Lot:
     @property
     def orphaned(self) -> int:
         return sum(len(p.waiting) for p in self.pools.values() if not p.sessions)
-
-
-def inflight_has(session: SessionState, slot: Slot) -> bool:
-    return session.inflight.get(slot.ticket) is slot

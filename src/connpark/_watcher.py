@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import select
 import sys
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 #: Event bits, the same for both backends.
@@ -31,6 +32,14 @@ class Watcher(Protocol):
 
     def unregister(self, fd: int) -> None:
         """Forget ``fd`` (armed or already fired); never raises for a gone fd."""
+
+    def registrar(self) -> tuple[Callable[[int, int], None], int]:
+        """(function, argument): ``function(fd, argument)`` is ``register(fd)`` without a
+        method call in between, for the hot path (a PARK frame's fds)."""
+        ...
+
+    def unregister_many(self, fds: Iterable[int]) -> None:
+        """``unregister`` each: the hot path (UNPARK) takes a batch out at once."""
 
     def rearm(self, fd: int) -> None:
         """Arm a fired one-shot watch again (after an auto-response kept it parked)."""
@@ -61,6 +70,9 @@ class EpollWatcher:
     def register(self, fd: int) -> None:
         self._ep.register(fd, self._MASK)
 
+    def registrar(self) -> tuple[Callable[[int, int], None], int]:
+        return self._ep.register, self._MASK
+
     def rearm(self, fd: int) -> None:
         self._ep.modify(fd, self._MASK)  # level check at MOD: bytes already there fire again
 
@@ -70,6 +82,15 @@ class EpollWatcher:
         except OSError as exc:
             if exc.errno not in _GONE:
                 raise
+
+    def unregister_many(self, fds: Iterable[int]) -> None:
+        unregister = self._ep.unregister
+        for fd in fds:
+            try:
+                unregister(fd)
+            except OSError as exc:
+                if exc.errno not in _GONE:
+                    raise
 
     def poll(self, max_events: int) -> list[tuple[int, int]]:
         out = []
@@ -103,6 +124,9 @@ if not sys.platform.startswith("linux"):  # kqueue: macOS and the BSDs
             ev = select.kevent(fd, select.KQ_FILTER_READ, select.KQ_EV_ADD | select.KQ_EV_ONESHOT)
             self._kq.control([ev], 0, 0)
 
+        def registrar(self) -> tuple[Callable[[int, int], None], int]:
+            return lambda fd, _: self.register(fd), 0
+
         def rearm(self, fd: int) -> None:
             self.register(fd)
 
@@ -113,6 +137,10 @@ if not sys.platform.startswith("linux"):  # kqueue: macOS and the BSDs
             except OSError as exc:
                 if exc.errno not in _GONE:
                     raise
+
+        def unregister_many(self, fds: Iterable[int]) -> None:
+            for fd in fds:
+                self.unregister(fd)
 
         def poll(self, max_events: int) -> list[tuple[int, int]]:
             out = []

@@ -24,8 +24,11 @@ from hypothesis.stateful import (
 )
 
 from connpark._lot import (
+    EPOCH_SHIFT,
     FD_BITS,
     HANGUP_RETURNS,
+    SEQ_LIMIT,
+    SHARD_SHIFT,
     TIMEOUT_RETURNS,
     TRANSITIONS,
     UNCONFIRMED,
@@ -160,6 +163,30 @@ def test_park_tickets_are_unique_and_encode_the_fd() -> None:
     assert lot.find(slots[0].ticket | 1 << 60) is None
     assert lot.by_fd(-1) is None
     assert lot.by_fd(10_000) is None
+    check_lot(lot)
+
+
+def test_a_sequence_that_runs_out_moves_to_an_epoch_no_live_ticket_uses() -> None:
+    """2**24 parks per epoch: then the next epoch that no parked ticket uses, so that
+    the same fd with the same (wrapped) sequence never gets an old ticket again."""
+    lot = Lot(epoch=7, shard=3)
+    a = session(lot)
+    old = park(lot, 9, a)  # stays parked in epoch 7
+    assert old.ticket >> EPOCH_SHIFT == 7
+    lot._seq = SEQ_LIMIT - 3  # as after 2**24 - 3 parks
+    lot._epoch = 8 << EPOCH_SHIFT | 3 << SHARD_SHIFT  # (the Lot moved on once)
+    lot._by_fd[9] = old  # and the epoch-7 ticket is still parked
+    near = [park(lot, fd, a) for fd in (10, 11)]
+    assert all(s.ticket >> EPOCH_SHIFT == 8 for s in near)
+    later = [park(lot, fd, a) for fd in (12, 13)]  # the sequence runs out here
+    epochs = {s.ticket >> EPOCH_SHIFT for s in later}
+    assert epochs == {9}  # not 7: a live ticket uses it
+    assert all((s.ticket >> SHARD_SHIFT) & 0xFF == 3 for s in [*near, *later])
+    assert len({s.ticket for s in [old, *near, *later]}) == 5
+    lot._seq = SEQ_LIMIT - 1
+    lot._epoch = 6 << EPOCH_SHIFT | 3 << SHARD_SHIFT
+    (skip,) = [park(lot, 14, a)]
+    assert skip.ticket >> EPOCH_SHIFT == 10  # 7, 8 and 9 are all live
     check_lot(lot)
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import enum
 import heapq
-import itertools
 import math
 import operator
 from collections import Counter, deque
@@ -56,6 +55,9 @@ _FD_MASK = (1 << FD_BITS) - 1
 EPOCH_SHIFT = 56
 SHARD_SHIFT = TICKET_SHARD_SHIFT
 _LOCAL_MASK = (1 << SHARD_SHIFT) - 1
+#: Sequence numbers per epoch: past it the Lot moves to an epoch no live ticket
+#: uses, so a ticket is not issued twice in 256 x 2**24 parks.
+SEQ_LIMIT = 1 << (SHARD_SHIFT - FD_BITS)
 _TICKET_MASK = (1 << 64) - 1
 
 
@@ -224,7 +226,8 @@ class Lot:
         self._by_fd: list[Slot | None] = []
         self._heap: list[int] = []
         self._stale = 0
-        self._seq = itertools.count(1)
+        #: The last sequence number used in the current epoch.
+        self._seq = 0
         self.pools: dict[str, Pool] = {}
         #: Sessions whose ``outq`` gained slots since the caller last looked.
         self.dirty: set[SessionState] = set()
@@ -313,8 +316,12 @@ class Lot:
     ) -> list[Slot]:
         """``park`` for the hot path, a PARK frame at once: (fd, token, pending, flags,
         deadline in whole ms, rounded up) each. Returns their slots, in order."""
-        epoch = self._epoch
         seq = self._seq
+        if seq + len(entries) >= SEQ_LIMIT:
+            self._next_epoch()
+            seq = 0
+        self._seq = seq + len(entries)
+        epoch = self._epoch
         by_fd = self._by_fd
         heap = self._heap
         pool = session.pool
@@ -323,7 +330,8 @@ class Lot:
         keep = slots.append
         try:
             for fd, token, pending, flags, deadline_ms in entries:
-                ticket = epoch | (next(seq) << FD_BITS | fd) & _LOCAL_MASK
+                seq += 1
+                ticket = epoch | seq << FD_BITS | fd
                 if fd >= len(by_fd):
                     by_fd.extend([None] * (fd + 1 - len(by_fd) + 64))
                 if by_fd[fd] is not None:
@@ -348,6 +356,18 @@ class Lot:
         finally:
             self._counts[parked] += len(slots)
         return slots
+
+    def _next_epoch(self) -> None:
+        """The sequence ran out: the next epoch that no live ticket uses."""
+        shard = self._epoch & ~(0xFF << EPOCH_SHIFT)
+        live = {slot.ticket >> EPOCH_SHIFT for slot in self._by_fd if slot is not None}
+        live |= {ticket >> EPOCH_SHIFT for ticket in self._alias}
+        current = self._epoch >> EPOCH_SHIFT
+        for step in range(1, 257):
+            epoch = (current + step) & 0xFF
+            if epoch not in live:
+                break
+        self._epoch = epoch << EPOCH_SHIFT | shard
 
     def restore(
         self,

@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.linux
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-SCRIPTS = ["throughput", "memory", "latency", "heavy", "scale", "recovery", "serving"]
+SCRIPTS = ["throughput", "memory", "latency", "heavy", "scale", "recovery", "serving", "million"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -184,8 +184,8 @@ def tcp_inuse() -> int:
     return 0
 
 
-def descendants(root: int) -> list[int]:
-    """Every live process under ``root`` (by /proc/PID/stat ppid), deepest first."""
+def descendants(*roots: int) -> list[int]:
+    """Every live process under ``roots`` (by /proc/PID/stat ppid), deepest first."""
     children: dict[int, list[int]] = defaultdict(list)
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -197,7 +197,7 @@ def descendants(root: int) -> list[int]:
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         children[ppid].append(int(name))
     out: list[int] = []
-    todo = [root]
+    todo = list(roots)
     while todo:
         pid = todo.pop()
         for c in children.get(pid, []):
@@ -1088,18 +1088,37 @@ class Bench:
 
     def cleanup(self) -> None:
         t = time.monotonic()
-        pids = set(self.pids)
         if self.serve is not None:
-            pids |= set(descendants(self.serve.pid)) | {self.serve.pid}
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        if self.serve is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.serve.wait(30)
-            for pid in descendants(self.serve.pid):  # a shard started meanwhile
+            # Freeze the whole tree first, then kill it: a supervisor that sees its
+            # mirror die starts a new one, and a mirror restarts its shard; killed
+            # one by one, such a newcomer would outlive us (orphaned, unknown).
+            # (self.pids: mirrors orphaned if the supervisor died on its own.)
+            # Only processes whose command line names our socket directory: a pid
+            # of ours that died may have been reused by now.
+            def ours(pid: int) -> bool:
+                try:
+                    return str(self.tmp).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+                except OSError:
+                    return False
+
+            roots = {pid for pid in self.pids if ours(pid)}
+            if self.serve.poll() is None:
+                roots.add(self.serve.pid)
+            frozen: set[int] = set()
+            tree = roots | {pid for pid in descendants(*roots) if ours(pid)}
+            for _ in range(10):
+                for pid in tree - frozen:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGSTOP)
+                frozen |= tree
+                tree = frozen | {pid for pid in descendants(*frozen) if ours(pid)}
+                if tree <= frozen:
+                    break
+            for pid in frozen:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.serve.wait(30)
         for child in self.hub.children:
             child.quit()
         for child in self.hub.children:
@@ -1205,6 +1224,11 @@ def main(argv: list[str] | None = None) -> int:
         args.target, args.per_farm, args.workers, args.singles = 2_000, 1_000, 2, 10
         args.burst, args.chunk, args.fill_timeout = 200, 250, 60.0
     raise_nofile()
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C
+
+    signal.signal(signal.SIGTERM, on_term)
     bench = Bench(args)
     rc = 0
     interrupted = False
@@ -1229,11 +1253,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if rc:
             print(bench.log_tails())
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
+        # Let the cleanup finish.
+        old = [signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)]
         try:
             bench.cleanup()
         finally:
-            signal.signal(signal.SIGINT, old)
+            signal.signal(signal.SIGINT, old[0])
+            signal.signal(signal.SIGTERM, old[1])
     r = bench.result
     r["reached"] = getattr(bench, "reached", 0)
     r["seconds_total"] = time.monotonic() - bench.t0

@@ -206,6 +206,26 @@ def descendants(*roots: int) -> list[int]:
     return out[::-1]
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (0 if it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    f = stat.rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / TICK  # utime, stime
+
+
+def machine_cpu_seconds() -> float:
+    """Busy CPU seconds of the whole machine (every process, ours or not)."""
+    f = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    ticks = [int(x) for x in f]
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / TICK  # minus idle, iowait
+
+
 def slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     """Least-squares slope of ys against xs."""
     if len(xs) < 2:
@@ -674,6 +694,14 @@ class Bench:
         }
         if pss:
             point["pss_sum"] = sum(smaps_rollup(pid).get("pss", 0) for pid in self.pids)
+            cpu: dict[str, float] = defaultdict(float)
+            for pid, role in self.pids.items():
+                cpu[role] += cpu_seconds(pid)
+            cpu["worker"] = sum(cpu_seconds(w.proc.pid) for w in self.hub.workers)
+            cpu["farm"] = sum(cpu_seconds(f.proc.pid) for f in self.hub.farms)
+            cpu["benchmark"] = cpu_seconds(os.getpid())
+            cpu["machine"] = machine_cpu_seconds()
+            point["cpu_s"] = dict(cpu)
         self.points.append(point)
 
     def fill(self) -> None:
@@ -760,16 +788,21 @@ class Bench:
         }
         deciles = []
         prev_t, prev_n = 0.0, 0
+        cpu_pts = [p["cpu_s"] for p in self.points if "cpu_s" in p]
         for j in range(2, len(times) + 1, 2):
             t, cnt = times[j - 1], math.ceil(n * j / 20)
-            deciles.append(
-                {
-                    "decile": j // 2,
-                    "parked": cnt,
-                    "seconds": t - prev_t,
-                    "rate": (cnt - prev_n) / (t - prev_t) if t > prev_t else None,
+            d: dict[str, Any] = {
+                "decile": j // 2,
+                "parked": cnt,
+                "seconds": t - prev_t,
+                "rate": (cnt - prev_n) / (t - prev_t) if t > prev_t else None,
+            }
+            if j // 2 < len(cpu_pts):  # CPU us per park, by role, over this decile
+                c0, c1 = cpu_pts[j // 2 - 1], cpu_pts[j // 2]
+                d["cpu_us_per_park"] = {
+                    role: (c1[role] - c0.get(role, 0.0)) * 1e6 / max(1, cnt - prev_n) for role in c1
                 }
-            )
+            deciles.append(d)
             prev_t, prev_n = t, cnt
         rates = [d["rate"] for d in deciles if d["rate"]]
         self.result["fill"] = {
@@ -786,10 +819,20 @@ class Bench:
             "worker_errors": hub.errors[:20],
         }
         self.say(f"filled {hub.parked:,} in {fill_s:.1f} s ({hub.parked / fill_s:,.0f}/s)")
+        roles = ["farm", "worker", "shard", "mirror", "supervisor", "benchmark", "machine"]
         print_table(
-            "park rate per 10% of the fill",
-            ["decile", "parked", "seconds", "parks/s"],
-            [(d["decile"], d["parked"], d["seconds"], d["rate"] or 0.0) for d in deciles],
+            "park rate per 10% of the fill; CPU us per park by process kind",
+            ["decile", "parked", "seconds", "parks/s", *roles],
+            [
+                (
+                    d["decile"],
+                    d["parked"],
+                    d["seconds"],
+                    d["rate"] or 0.0,
+                    *(d.get("cpu_us_per_park", {}).get(r, 0.0) for r in roles),
+                )
+                for d in deciles
+            ],
         )
 
     # -- memory ---------------------------------------------------------------------------
@@ -800,6 +843,7 @@ class Bench:
         self.stats_full = stats
         by_role = memory_by_role(self.pids)
         pss_total = sum(r["pss_sum"] for r in by_role.values())
+        idle = self.result["start"]["idle_by_role"]
         pts = self.points
         xs = [p["parked"] for p in pts]
         pss_pts = [p for p in pts if "pss_sum" in p]
@@ -822,6 +866,13 @@ class Bench:
                 (pss_total - self.result["start"]["idle_pss_total"]) / parked if parked else None
             ),
             "full_by_role": by_role,
+            # What each kind of process gained over its idle self, per parked connection.
+            "pss_above_idle_bytes_per_conn_by_role": {
+                role: (r["pss_sum"] - idle.get(role, {}).get("pss_sum", 0)) / parked
+                for role, r in by_role.items()
+            }
+            if parked
+            else {},
             "workers_rss": sum(statm_rss(w.proc.pid) for w in self.hub.workers),
             "farms_rss": sum(statm_rss(f.proc.pid) for f in self.hub.farms),
             # A mirror holds a copy of each fd its shard holds.
@@ -852,6 +903,10 @@ class Bench:
                 (
                     "  of it above the idle processes",
                     m["total_pss_minus_idle_bytes_per_conn"] or 0.0,
+                ),
+                *(
+                    (f"    {role}s", v)
+                    for role, v in sorted(m["pss_above_idle_bytes_per_conn_by_role"].items())
                 ),
                 ("kernel, Slab slope", k["slab_bytes_per_conn"] or 0.0),
                 ("kernel, SUnreclaim slope", k["sunreclaim_bytes_per_conn"] or 0.0),

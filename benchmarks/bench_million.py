@@ -84,8 +84,9 @@ GB = 1 << 30
 KERNEL_PER_CONN = 9_500
 #: Userspace per connection, every process (container, mirrors, farms): pre-check only.
 USER_PER_CONN = 1_000
-#: An idle connpark process (supervisor, mirror or shard), and a farm: pre-check only.
-FIXED_PER_PROCESS = 30 * 1024 * 1024
+#: An idle connpark process (supervisor, mirror or shard; PSS, forked from the
+#: zygote), and a farm: pre-check only.
+FIXED_PER_PROCESS = 10 * 1024 * 1024
 FARM_PROCESS = 15 * 1024 * 1024
 #: fds a farm process keeps beside its clients.
 FARM_SPARE_FDS = 100
@@ -735,7 +736,7 @@ class Bench:
             avail = meminfo()["MemAvailable"]
             if avail < floor_kib:
                 stopped = (
-                    f"memory: MemAvailable {avail / 2**20:.2f} GiB fell under the "
+                    f"memory: MemAvailable {avail / 2**20:.3f} GiB fell under the "
                     f"{a.min_available_gb:g} GiB floor at {done:,} parked"
                 )
             elif any(f.error for f in hub.farms):

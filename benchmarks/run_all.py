@@ -181,12 +181,19 @@ def _million_rows() -> list[tuple[str, str, str, str]]:
         (
             "million",
             "memory per parked connection",
-            f"userspace marginal **{_f(mem.get('marginal_pss_bytes_per_conn'), '.0f')} B**"
-            f" (PSS slope, mirrors included), total PSS"
+            f"userspace marginal (slope, mirrors included) RSS"
+            f" **{_f(mem.get('marginal_rss_bytes_per_conn'), '.0f')} B**,"
+            f" PSS **{_f(mem.get('marginal_pss_bytes_per_conn'), '.0f')} B**; total PSS"
             f" {_f(mem.get('total_pss_bytes_per_conn'), ',.0f')} B; kernel slab"
             f" {_f(ker.get('slab_bytes_per_conn'), ',.0f')} B",
             "marginal <= 300 B: "
-            + ("met" if (mem.get("marginal_pss_bytes_per_conn") or 1e9) <= 300 else "missed"),
+            + ", ".join(
+                f"{name} " + ("met" if (mem.get(key) or 1e9) <= 300 else "missed")
+                for name, key in (
+                    ("RSS", "marginal_rss_bytes_per_conn"),
+                    ("PSS", "marginal_pss_bytes_per_conn"),
+                )
+            ),
         ),
         (
             "million",

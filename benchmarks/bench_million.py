@@ -478,7 +478,7 @@ class Bench:
         self.args = args
         self.target: int = args.target
         self.result: dict[str, Any] = {"target": args.target, "stopped_by": None}
-        self.tmp = Path(tempfile.mkdtemp(prefix="cpm-"))
+        self.tmp = Path(tempfile.mkdtemp(prefix="cp1m-"))
         self.path = self.tmp / "c.sock"
         self.log = open(self.tmp / "children.log", "wb")
         self.serve_log = open(self.tmp / "serve.log", "wb")

@@ -56,6 +56,7 @@ from connpark._wire import (
     MessageType,
     Park,
     Parked,
+    ParkedRows,
     ParkEntry,
     ParkResult,
     Reason,
@@ -72,9 +73,13 @@ from connpark._wire import (
     Unpark,
     Wake,
     WakeEntry,
+    WakeRows,
     Welcome,
     encode,
     encode_all,
+    encode_park,
+    encode_park_entry,
+    mark_resent,
     message_fds,
 )
 
@@ -1625,3 +1630,166 @@ def test_lean_park_error_after_good_entries_closes_each_fd_once() -> None:
             dec.next_message()
         assert dec.held_fds == 0
         assert open_fd_count() == base  # the 4 dups are closed (and only them)
+
+
+# ------------------------------------------- the worker's hot path: rows, encode_park
+
+
+#: WAKEs the bulk path decodes: no token, pending or v3 tail.
+plain_wakes = st.builds(
+    Wake,
+    entries=tuples_of(
+        st.builds(
+            WakeEntry,
+            ticket=u64,
+            reason=st.sampled_from(Reason),
+            fd=st.sampled_from([None, FD, FD]),
+            inet6=st.booleans(),
+        ),
+        8,
+    ),
+)
+
+
+def plain(msg: Message) -> Message:
+    """A message from ``Decoder(rows=True)`` as the plain decoder gives it."""
+    if isinstance(msg, WakeRows):
+        return Wake(msg.entries)
+    if isinstance(msg, ParkedRows):
+        return Parked(msg.request_id, msg.results)
+    return msg
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(parkeds, wakes, plain_wakes, big_wakes()),
+    st.sampled_from([None, (120, 2), (300, 7)]),
+)
+def test_rows_decoder_round_trip(template: Message, limits: tuple[int, int] | None) -> None:
+    with real_fds(fd_slots(template)) as fds:
+        msg = with_fds(template, fds)
+        max_body, max_fds = limits or (DEFAULT_MAX_BODY, MAX_FDS_PER_FRAME)
+        frames = encode(msg, max_body=max_body, max_fds=max_fds)
+        dec = Decoder(rows=True, max_body=max_body, max_fds_per_frame=max_fds)
+        (got,) = decode_all([(f.data, f.fds) for f in frames], dec)
+        assert type(got) is (WakeRows if isinstance(msg, Wake) else ParkedRows)
+        assert plain(got) == msg
+        assert message_fds(got) == message_fds(msg)
+
+
+def test_rows_of_plain_wakes_and_parked() -> None:
+    """The bulk path (no token, pending or v3 tail): the same rows as the entry loop."""
+    with real_fds(300) as fds:
+        entries = [
+            WakeEntry(10 + i, Reason.REQUESTED, fd=None if i % 7 == 3 else fds[i], inet6=i % 2 == 0)
+            for i in range(300)
+        ]
+        msg = Wake(tuple(entries))
+        frames = encode(msg)
+        assert len(frames) == 2
+        (got,) = decode_all([(f.data, f.fds) for f in frames], Decoder(rows=True))
+        assert isinstance(got, WakeRows)
+        assert got.rows == tuple(attrs.astuple(e, recurse=False) for e in entries)
+        assert all(type(row[1]) is Reason for row in got.rows)
+    parked = Parked(9, tuple(ParkResult(Refusal(i % 3), i) for i in range(600)))
+    (rows,) = decode_all([(f.data, f.fds) for f in encode(parked)], Decoder(rows=True))
+    assert isinstance(rows, ParkedRows)
+    assert rows.codes == tuple(i % 3 for i in range(600))
+    assert rows.tickets == tuple(range(600))
+    assert plain(rows) == parked
+
+
+@pytest.mark.linux
+@needs_proc
+@settings(FUZZ, max_examples=1500)
+@given(
+    st.lists(st.one_of(parkeds, plain_wakes, wakes, messages), min_size=1, max_size=3),
+    st.sampled_from([(DEFAULT_MAX_BODY, MAX_FDS_PER_FRAME), (120, 2)]),
+    st.lists(st.one_of(_byte_ops, _fd_ops), max_size=3),
+    st.lists(st.integers(0, 3000), max_size=4),
+    st.booleans(),
+)
+def test_rows_decoder_agrees_with_the_plain_one(
+    templates: list[Message],
+    limits: tuple[int, int],
+    ops: list[tuple[str, int, int]],
+    cuts: list[int],
+    eof: bool,
+) -> None:
+    """Valid or mutated, a stream decodes the same with rows: messages, errors, fds."""
+    before = open_fd_count()
+    max_body, max_fds = limits
+    runs = []
+    for rows in (False, True):
+        src = FdSource()
+        msgs = [with_fds(t, src.take(fd_slots(t))) for t in templates]
+        frames = [
+            f
+            for m in msgs
+            for f in (
+                encode(m, max_body=max_body, max_fds=max_fds)
+                if isinstance(m, _LIST_TYPES)
+                else encode(m)
+            )
+        ]
+        blob, marks = stream(frames)
+        starts = list(itertools.accumulate((len(f.data) for f in frames[:-1]), initial=0))
+        blob = mutate(blob, starts, [op for op in ops if op[0] not in ("lose", "extra", "move")])
+        for op, i, _ in ops:
+            if op == "extra":
+                marks.append((i % (len(blob) + 1), src.take(1)))
+            elif op in ("lose", "move") and marks:
+                off, fds = marks[i % len(marks)]
+                if op == "lose" and fds:
+                    fds.pop(i % len(fds))
+                elif op == "move":
+                    marks[i % len(marks)] = (max(off - 1 - i, 0) if i % 2 else off + 1 + i, fds)
+        dec = Decoder(max_body=max_body, max_fds_per_frame=max_fds, rows=rows)
+        run = drive(dec, chunked(blob, marks, cuts), eof=eof)
+        # fds by the order they were made in, so that the two runs compare.
+        index = {fd: n for n, fd in enumerate(src.made)}
+        got = [with_fds(plain(m), [index[fd] for fd in message_fds(m)]) for m in run.messages]
+        runs.append((got, str(run.error), run.error_at_eof))
+        settle(dec, run, [fd for fd in src.made if fd not in run.given])
+        src.close()
+    assert runs[0] == runs[1]
+    assert open_fd_count() == before
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(parks, big_parks()),
+    st.sampled_from([None, (120, 2), (300, 7), (2000, 253)]),
+    st.booleans(),
+)
+def test_encode_park_is_encode_of_park(
+    template: Park, limits: tuple[int, int] | None, same: bool
+) -> None:
+    if same and template.entries:  # park_many with one policy: one encoding for all
+        template = attrs.evolve(template, entries=(template.entries[0],) * len(template.entries))
+    with real_fds(len(template.entries)) as fds:
+        msg = with_fds(template, fds)
+        assert isinstance(msg, Park)
+        max_body, max_fds = limits or (DEFAULT_MAX_BODY, MAX_FDS_PER_FRAME)
+        items = [encode_park_entry(e) for e in msg.entries]
+        got = encode_park(msg.request_id, items, fds, max_body=max_body, max_fds=max_fds)
+        assert got == encode(msg, max_body=max_body, max_fds=max_fds)
+
+
+def test_encode_park_of_one_entry_too_big_for_a_frame() -> None:
+    item = encode_park_entry(ParkEntry(FD, token=b"t" * 200))
+    with pytest.raises(LocalProtocolError, match="does not fit a frame"):
+        encode_park(1, [item, item], [5, 6], max_body=150)
+    with pytest.raises(LocalProtocolError, match="token of 65536 bytes"):
+        encode_park_entry(ParkEntry(FD, token=b"t" * (MAX_TOKEN + 1)))
+
+
+@given(parks)
+def test_mark_resent(template: Park) -> None:
+    with real_fds(len(template.entries)) as fds:
+        msg = with_fds(template, fds)
+        assert isinstance(msg, Park)
+        items = [mark_resent(encode_park_entry(e)) for e in msg.entries]
+        (got,) = decode_all((f.data, f.fds) for f in encode_park(msg.request_id, items, fds))
+        want = tuple(attrs.evolve(e, resent=True) for e in msg.entries)
+        assert got == Park(msg.request_id, want)

@@ -32,7 +32,7 @@ import os
 import struct
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Final, TypeAlias
+from typing import Final, TypeAlias, cast
 
 import attrs
 
@@ -305,6 +305,39 @@ class Wake:
     entries: tuple[WakeEntry, ...]
 
 
+#: A WAKE entry as ``Decoder(rows=True)`` hands it out: ``WakeEntry``'s fields, in order.
+WakeRow: TypeAlias = tuple[int, Reason, bytes, bytes, int | None, bool, int, int, bytes]
+
+
+@attrs.frozen
+class WakeRows:
+    """WAKE as a worker's decoder (``rows=True``) gives it: a plain tuple per entry.
+
+    The worker's hot path: no object per entry until the hook makes its own.
+    """
+
+    rows: tuple[WakeRow, ...]
+
+    @property
+    def entries(self) -> tuple[WakeEntry, ...]:
+        return tuple(WakeEntry(*row) for row in self.rows)
+
+
+@attrs.frozen
+class ParkedRows:
+    """PARKED as a worker's decoder (``rows=True``) gives it: two columns, in entry order."""
+
+    request_id: int
+    #: ``Refusal`` values (checked), 0 (``OK``) when a ticket was issued.
+    codes: tuple[int, ...]
+    tickets: tuple[int, ...]
+
+    @property
+    def results(self) -> tuple[ParkResult, ...]:
+        pairs = zip(self.codes, self.tickets, strict=True)
+        return tuple(ParkResult(_REFUSALS[c], t) for c, t in pairs)
+
+
 @attrs.frozen
 class Ack:
     """Worker has the fds of these tickets; the container may drop its copies."""
@@ -440,7 +473,9 @@ Message: TypeAlias = (
     | Park
     | LeanPark
     | Parked
+    | ParkedRows
     | Wake
+    | WakeRows
     | Ack
     | Unpark
     | Close
@@ -462,6 +497,8 @@ def message_fds(msg: Message) -> list[int]:
         return [e[0] for e in msg.entries]
     if isinstance(msg, Wake):
         return [e.fd for e in msg.entries if e.fd is not None]
+    if isinstance(msg, WakeRows):
+        return [row[4] for row in msg.rows if row[4] is not None]
     return []
 
 
@@ -488,6 +525,21 @@ def _str_field(value: str, what: str) -> bytes:
     if len(raw) > 0xFF:
         raise LocalProtocolError(f"{what} is {len(raw)} bytes, the limit is 255")
     return _U8.pack(len(raw)) + raw
+
+
+def encode_park_entry(e: ParkEntry) -> bytes:
+    """One PARK entry's bytes (its fd aside), for ``encode_park``."""
+    if len(e.token) > MAX_TOKEN:
+        raise LocalProtocolError(f"token of {len(e.token)} bytes is over {MAX_TOKEN}")
+    try:
+        return _park_entry(e)
+    except struct.error as exc:
+        raise LocalProtocolError(f"cannot encode a PARK entry: {exc}") from exc
+
+
+def mark_resent(item: bytes) -> bytes:
+    """An encoded PARK entry (``encode_park_entry``) with its RESENT flag set."""
+    return item[:4] + _U8.pack(item[4] | _PARK_RESENT) + item[5:]
 
 
 def _park_entry(e: ParkEntry) -> bytes:
@@ -592,6 +644,44 @@ def _single(mtype: MessageType, body: bytes, max_body: int) -> list[Frame]:
     if len(body) > max_body:
         raise LocalProtocolError(f"{mtype.name} body of {len(body)} bytes is over {max_body}")
     return [Frame(HEADER.pack(len(body), mtype, 0, 0) + body)]
+
+
+def encode_park(
+    request_id: int,
+    items: Sequence[bytes],
+    fds: Sequence[int],
+    *,
+    max_body: int = DEFAULT_MAX_BODY,
+    max_fds: int = MAX_FDS_PER_FRAME,
+) -> list[Frame]:
+    """The frames of ``Park(request_id, entries)`` from its entries already encoded
+    (``encode_park_entry``), one fd each: the worker's hot path.
+
+    When every entry encodes the same (``park_many`` with one policy and no
+    tokens), frames are cut by arithmetic instead of entry by entry.
+    """
+    n = len(items)
+    head = _U32.pack(request_id)
+    if n and items.count(items[0]) == n:
+        item = items[0]
+        fixed = len(head) + _U16.size
+        per = min(max_fds, (max_body - fixed) // len(item), 0xFFFF)
+        if per > 0:
+            frames = []
+            for start in range(0, n, per):
+                k = min(per, n - start)
+                body = head + _U16.pack(k) + item * k
+                flags = FLAG_MORE if start + k < n else 0
+                frames.append(
+                    Frame(
+                        HEADER.pack(len(body), MessageType.PARK, flags, k) + body,
+                        tuple(fds[start : start + k]),
+                    )
+                )
+            return frames
+    return _frames(
+        MessageType.PARK, head, items, fds, count=_U16, max_body=max_body, max_fds=max_fds
+    )
 
 
 def encode(
@@ -745,6 +835,42 @@ class _Body:
             raise RemoteProtocolError(f"{extra} trailing bytes in {self.what} body")
 
 
+_REFUSAL_CODES: Final = frozenset(_REFUSALS)
+#: WAKE entry flags with nothing after the fixed part: fd or not, inet6 or not.
+_PLAIN_WAKE_FLAGS: Final = frozenset({0, _WAKE_HAS_FD, _WAKE_INET6, _WAKE_HAS_FD | _WAKE_INET6})
+
+
+def _plain_wake_rows(body: _Body, count: int, fds: deque[int], entries: list[object]) -> bool:
+    """The usual WAKE, decoded in bulk: no token, pending or v3 tail in any entry.
+
+    False (nothing taken) when it is not one, or is malformed: the entry loop
+    decodes it then, and names what is wrong.
+    """
+    data = body.data
+    if not count or len(data) - body.pos != count * _WAKE_ENTRY.size:
+        return False
+    rows = _WAKE_ENTRY.iter_unpack(memoryview(data)[body.pos :])
+    tickets, reasons, flags, tlens, plens = zip(*rows, strict=True)
+    if (
+        any(tlens)
+        or any(plens)
+        or not _PLAIN_WAKE_FLAGS.issuperset(flags)
+        or not _REASONS.keys() >= set(reasons)
+        or flags.count(_WAKE_HAS_FD) + flags.count(_WAKE_HAS_FD | _WAKE_INET6) != len(fds)
+    ):
+        return False
+    take_fd = fds.popleft
+    why = _REASONS
+    entries.extend(
+        [
+            (t, why[r], b"", b"", take_fd() if f & _WAKE_HAS_FD else None, f > 1, 0, 0, b"")
+            for t, r, f in zip(tickets, reasons, flags, strict=True)
+        ]
+    )
+    body.pos = len(data)
+    return True
+
+
 def _decode_entries_untrusted(
     mtype: MessageType, body: _Body, fds: deque[int], entries: list[object]
 ) -> int:
@@ -785,6 +911,8 @@ def _decode_entries_untrusted(
             )
     elif mtype is MessageType.WAKE:
         (count,) = body.unpack(_U16)
+        if _plain_wake_rows(body, count, fds, entries):
+            return head
         with_fd = 0
         unpack_entry = body.unpack
         take = body.take
@@ -808,30 +936,26 @@ def _decode_entries_untrusted(
                 if not fds:
                     raise RemoteProtocolError("WAKE has more fd entries than fds")
                 fd = fds.popleft()
-            entries.append(
-                WakeEntry(
-                    ticket,
-                    why,
-                    token,
-                    pending,
-                    fd,
-                    bool(flags & _WAKE_INET6),
-                    count_ar,
-                    last_ms,
-                    unsent,
-                )
-            )
+            # A row (WakeEntry's fields): ``_build`` makes the entries, if wanted.
+            inet6 = bool(flags & _WAKE_INET6)
+            entries.append((ticket, why, token, pending, fd, inet6, count_ar, last_ms, unsent))
         if fds:
             raise RemoteProtocolError(f"WAKE has {with_fd} fd entries but {with_fd + len(fds)} fds")
     elif mtype is MessageType.PARKED:
         head, count = body.unpack(_PARKED_HEAD)
+        if len(body.data) - body.pos == count * _PARKED_ENTRY.size:
+            rows = list(_PARKED_ENTRY.iter_unpack(memoryview(body.data)[body.pos :]))
+            if _REFUSAL_CODES.issuperset([code for code, _ in rows]):
+                entries.extend(rows)  # (code, ticket) rows: ``_build`` makes the results
+                body.pos = len(body.data)
+                return head
         unpack_entry = body.unpack
         for _ in range(count):
             code, ticket = unpack_entry(_PARKED_ENTRY)
             refusal = _REFUSALS.get(code)  # a dict, not Refusal(): the hot path
             if refusal is None:
                 raise RemoteProtocolError(f"bad PARKED field code: {code}")
-            entries.append(ParkResult(refusal, ticket))
+            entries.append((refusal, ticket))
     elif mtype in (MessageType.ACK, MessageType.UNPARK):
         (count,) = body.unpack(_U32)
         if count * 8 != len(body.data) - body.pos:
@@ -949,15 +1073,25 @@ _LIST_TYPES = frozenset(
 )
 
 
-def _build(mtype: MessageType, head: int, entries: list[object], lean: bool = False) -> Message:
+def _build(
+    mtype: MessageType, head: int, entries: list[object], lean: bool = False, rows: bool = False
+) -> Message:
+    """The message from its decoded entries (PARKED and WAKE ones are rows)."""
     if mtype is MessageType.PARK:
         if lean:
             return LeanPark(head, tuple(entries))  # type: ignore[arg-type]
         return Park(head, tuple(entries))  # type: ignore[arg-type]
     if mtype is MessageType.PARKED:
-        return Parked(head, tuple(entries))  # type: ignore[arg-type]
+        pairs = cast("list[tuple[int, int]]", entries)
+        if rows:
+            codes, tickets = zip(*pairs, strict=True) if pairs else ((), ())
+            return ParkedRows(head, codes, tickets)
+        return Parked(head, tuple(ParkResult(_REFUSALS[c], t) for c, t in pairs))
     if mtype is MessageType.WAKE:
-        return Wake(tuple(entries))  # type: ignore[arg-type]
+        wake_rows = cast("list[WakeRow]", entries)
+        if rows:
+            return WakeRows(tuple(wake_rows))
+        return Wake(tuple(WakeEntry(*row) for row in wake_rows))
     if mtype is MessageType.ACK:
         return Ack(tuple(entries))  # type: ignore[arg-type]
     if mtype is MessageType.UNPARK:
@@ -1057,7 +1191,11 @@ class Decoder:
         max_message: int = DEFAULT_MAX_MESSAGE,
         join_split: bool = True,
         lean_park: bool = False,
+        rows: bool = False,
     ) -> None:
+        #: The worker's hot path: hand out PARKED and WAKE as ``ParkedRows`` and
+        #: ``WakeRows`` (plain tuples) instead of an object per entry.
+        self.rows = rows
         #: False: hand out each frame of a split message as its own message
         #: (same type and request id, in order) instead of joining them. The
         #: container uses it so a big PARK never piles up fds in the decoder.
@@ -1196,11 +1334,11 @@ class Decoder:
             if not self.join_split:
                 if not more:
                     self._partial = None
-                return _build(mtype, head, entries, lean)
+                return _build(mtype, head, entries, lean, self.rows)
             if more:
                 continue
             self._partial = None
-            return _build(mtype, head, joined, lean)
+            return _build(mtype, head, joined, lean, self.rows)
 
     def eof(self) -> None:
         """The peer closed: raise if it stopped mid-frame or left fds behind."""

@@ -17,10 +17,15 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import attrs
 import pytest
+import trio
+import trio.testing
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -76,10 +81,15 @@ from connpark._worker import (
     ReqState,
     SessionLost,
     Settled,
+    SharedEntries,
     StatsRequest,
     Woke,
     Woken,
     check_container_uid,
+    close_sockets,
+    park_entries,
+    park_many_entries,
+    trio_fast_close,
 )
 
 # Fake fd numbers for parked fake sockets: no process can have fds this high
@@ -1669,3 +1679,200 @@ def test_park_entries_share_one_policy_whole() -> None:
         assert (e.rules, e.tags, e.token, e.pending) == (3, (b"room:1",), b"", b"")
     with pytest.raises(ValueError, match="closed socket"):
         park_entries([7, -1], None, None)
+
+
+# -- the hot path: park_many with one policy, rows, closing for the owner -------------
+
+
+def test_park_many_with_one_policy_is_the_park_of_its_entries() -> None:
+    """One encoded entry for all the sockets: the same PARK as entry by entry."""
+    engine, peer = started()
+    socks = [FakeSock() for _ in range(300)]
+    policy: dict[str, Any] = {"idle_timeout": 2.5, "on_hangup": "return", "rules": 3}
+    shared = park_many_entries([s.fd for s in socks], None, None, tags=["a", b"b"], **policy)
+    assert isinstance(shared, SharedEntries)
+    req = engine.park(socks, shared, None)
+    first, second = parks(peer.recv())
+    same = [s for s in (FakeSock() for _ in range(300))]
+    engine.park(
+        same, park_entries([s.fd for s in same], None, None, tags=["a", b"b"], **policy), None
+    )
+    want = parks(peer.recv())
+    strip = [attrs.evolve(e, fd=0) for p in want for e in p.entries]
+    assert [attrs.evolve(e, fd=0) for e in first.entries + second.entries] == strip
+    assert [e.fd for e in first.entries + second.entries] == [s.fd for s in socks]
+    assert req.entries[5] == attrs.evolve(want[0].entries[5], fd=socks[5].fd)
+    assert [e.fd for e in req.entries[298:]] == [s.fd for s in socks[298:]]
+    assert len(req.entries) == 300
+    peer.send(Parked(first.request_id, ok(*range(1, 254))))
+    assert not settled(peer.events())
+    peer.send(Parked(second.request_id, (ParkResult(Refusal.FULL), *ok(*range(255, 301)))))
+    assert settled(peer.events()) == [req]
+    results = req.outcome()
+    assert results[:253] == list(range(1, 254))
+    refused = results[253]
+    assert isinstance(refused, ParkRefused)
+    assert refused.reason is Refusal.FULL
+    assert results[254:] == list(range(255, 301))
+    assert [s.closes for s in socks] == [1] * 253 + [0] + [1] * 46
+
+
+def test_park_many_entries_checks_its_arguments_first() -> None:
+    with pytest.raises(ValueError, match="closed socket"):
+        park_many_entries([5, -1], None, None)
+    with pytest.raises(ValueError, match="on_hangup"):
+        park_many_entries([5], None, None, on_hangup="keep")
+    with pytest.raises(ValueError, match="tokens must pair up"):
+        park_many_entries([5], [b"a", b"b"], None)
+    assert park_many_entries([5], [b"tok"], None) == [ParkEntry(5, b"tok")]
+    assert park_many_entries([], None, None) == []
+    engine, peer = started()
+    sock = FakeSock()
+    req = engine.park([sock], park_many_entries([sock.fd], None, None), None)
+    (park,) = parks(peer.recv())
+    assert park.entries == (ParkEntry(sock.fd),)
+    engine.begin_close()
+    with pytest.raises(ParkingClosed):
+        engine.park([sock], park_many_entries([sock.fd], None, None), None)
+    assert req.state is ReqState.SENT
+
+
+def test_park_many_sent_again_is_marked_resent_from_where_it_was_answered() -> None:
+    engine, peer = started()
+    socks = [FakeSock() for _ in range(4)]
+    entries = park_many_entries([s.fd for s in socks], None, None, idle_timeout=1)
+    req = engine.park(socks, entries, None)
+    (park,) = parks(peer.recv())
+    peer.send(Parked(park.request_id, ok(1)))  # one answered, then the session is lost
+    assert peer.events() == []
+    assert socks[0].closed
+    engine.receive_eof()
+    peer.events()
+    peer.connect()
+    peer.welcome()
+    (again,) = parks(peer.recv())
+    assert [e.fd for e in again.entries] == [s.fd for s in socks[1:]]
+    assert [e.resent for e in again.entries] == [True] * 3
+    assert {e.idle_timeout_ms for e in again.entries} == {1000}
+    peer.send(Parked(again.request_id, ok(2, 3, 4)))
+    assert settled(peer.events()) == [req]
+    assert req.outcome() == [1, 2, 3, 4]
+
+
+def socket_fds(n: int) -> list[int]:
+    """Real socket fds (``socket.socket(fileno=)`` checks it has one), the far ends closed."""
+    out = []
+    for _ in range(n):
+        a, b = socket.socketpair()
+        b.close()
+        out.append(a.detach())
+    return out
+
+
+def test_woke_makes_woken_as_woken_of_did() -> None:
+    _engine, peer = started()
+    fds = socket_fds(3)
+    entries = (
+        WakeEntry(1, Reason.READABLE, b"t", b"p", fds[0]),
+        WakeEntry(2, Reason.HANGUP, b"n"),  # a notice
+        WakeEntry(3, Reason.UNSENT, b"", b"", fds[1], True, 4, 1_700_000_000_123, b"rest"),
+        WakeEntry(4, Reason.REQUESTED, fd=fds[2], inet6=True),
+    )
+    peer.send(Wake(entries))
+    (woke,) = peer.events()
+    assert isinstance(woke, Woke)
+    assert woke.entries == entries
+    made: list[socket.socket] = []
+
+    def wrap(sock: socket.socket) -> FakeSock:
+        made.append(sock)
+        return FakeSock(sock.detach(), real=True)
+
+    woken = woke.woken(wrap)
+    assert [(s.family, s.type) for s in made] == [
+        (socket.AF_INET, socket.SOCK_STREAM),
+        (socket.AF_INET6, socket.SOCK_STREAM),
+        (socket.AF_INET6, socket.SOCK_STREAM),
+    ]
+    assert [w.socket.fd if w.socket else None for w in woken] == [fds[0], None, fds[1], fds[2]]
+    assert woken == [Woken.of(e, w.socket) for e, w in zip(entries, woken, strict=True)]
+    assert woken[2].last_autoresponse == 1_700_000_000.123
+    for w in woken:
+        if w.socket is not None:
+            w.socket.close()
+
+
+@pytest.mark.usefixtures("no_fd_leak")
+def test_woke_closes_the_fds_after_a_wrap_that_fails() -> None:
+    _engine, peer = started()
+    fds = socket_fds(4)
+    peer.send(Wake(tuple(WakeEntry(10 + i, Reason.READABLE, fd=fd) for i, fd in enumerate(fds))))
+    (woke,) = peer.events()
+    assert isinstance(woke, Woke)
+    calls = 0
+
+    def wrap(sock: socket.socket) -> socket.socket:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            sock.close()  # what garbage collection does to it
+            raise OSError("no")
+        return sock
+
+    with pytest.raises(OSError, match="no"):
+        woke.woken(wrap)
+    assert [is_open(fd) for fd in fds] == [False] * 4  # wrapped before, failed, after
+
+
+def test_trio_sockets_are_closed_without_notify_closing_unless_a_task_waits() -> None:
+    """The engine closes parked trio sockets itself when no task waits on them.
+
+    It needs trio's private epoll bookkeeping: if a trio release moves it, the
+    engine falls back to trio's close and this test says so.
+    """
+
+    async def main() -> None:
+        if not sys.platform.startswith("linux"):
+            assert not trio_fast_close()
+            return
+        assert trio_fast_close(), "trio changed: parked trio sockets are closed the slow way"
+        a, b = trio.socket.socketpair()
+        c, d = trio.socket.socketpair()
+        notified = []
+        seen = []
+        real_notify = trio.lowlevel.notify_closing
+
+        def spy(fd: Any) -> None:
+            notified.append(fd if isinstance(fd, int) else fd.fileno())
+            real_notify(fd)
+
+        trio.lowlevel.notify_closing = spy  # type: ignore[assignment]
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def reader() -> None:
+                    try:
+                        await c.recv(1)
+                    except trio.ClosedResourceError:
+                        seen.append("closed")
+
+                nursery.start_soon(reader)
+                await trio.testing.wait_all_tasks_blocked()
+                fd_a, fd_c = a.fileno(), c.fileno()
+                close_sockets([a, c])  # a: nobody waits; c: a task does
+            assert notified == [fd_c]
+            assert seen == ["closed"]
+            assert a.fileno() == -1
+            assert c.fileno() == -1
+            assert not is_open(fd_a)
+            assert not is_open(fd_c) or fd_c == fd_a  # (a number may be reused)
+        finally:
+            trio.lowlevel.notify_closing = real_notify  # type: ignore[assignment]
+            for s in (a, b, c, d):
+                s.close()
+
+    trio.run(main)
+    # Outside trio.run: the ordinary close.
+    s = FakeSock()
+    close_sockets([s])
+    assert s.closes == 1

@@ -47,8 +47,7 @@ from ._worker import (
     Woke,
     Woken,
     make_park_entry,
-    park_entries,
-    wrap_woken_fd,
+    park_many_entries,
 )
 
 if sys.version_info < (3, 11):
@@ -191,8 +190,9 @@ class Parking(HandleInfo):
         tags: Sequence[str | bytes] = (),
     ) -> list[int | ParkRefused]:
         """Park many sockets in one request: a ticket or a ``ParkRefused`` per socket."""
-        raws = [_raw_socket(s) for s in socks]
-        entries = park_entries(
+        sockets = (TrioSocket, _stdsocket.socket)  # as _raw_socket, sparing its ABC check
+        raws = [s if isinstance(s, sockets) else _raw_socket(s) for s in socks]
+        entries = park_many_entries(
             [r.fileno() for r in raws],
             tokens,
             pendings,
@@ -265,7 +265,7 @@ class Parking(HandleInfo):
 
     # -- waiting ----------------------------------------------------------------------
 
-    async def _park(self, socks: list[Any], entries: list[Any]) -> list[int | ParkRefused]:
+    async def _park(self, socks: list[Any], entries: Sequence[Any]) -> list[int | ParkRefused]:
         if self._spread is None:
             return await self._park_here(socks, entries)
         plan = ParkPlan(self._spread, len(socks))
@@ -286,7 +286,7 @@ class Parking(HandleInfo):
     def _ready(self) -> list[bool]:
         return [s._engine.phase is Phase.READY for s in self._shards]
 
-    async def _park_here(self, socks: list[Any], entries: list[Any]) -> list[int | ParkRefused]:
+    async def _park_here(self, socks: list[Any], entries: Sequence[Any]) -> list[int | ParkRefused]:
         req = self._engine.park(socks, entries, trio.Event())
         self._pump()
         self._write_needed.set()
@@ -313,14 +313,9 @@ class Parking(HandleInfo):
             if isinstance(ev, Settled):
                 ev.request.waiter.set()
             elif isinstance(ev, Woke):
-                send, wrap, of = (
-                    self._wake_send.send_nowait,
-                    trio.socket.from_stdlib_socket,
-                    Woken.of,
-                )
-                for e in ev.entries:
-                    raw = wrap_woken_fd(e)
-                    send(of(e, None if raw is None else wrap(raw)))
+                send = self._wake_send.send_nowait
+                for woken in ev.woken(trio.socket.from_stdlib_socket):
+                    send(woken)
             elif isinstance(ev, Ready):
                 self._write_needed.set()
 

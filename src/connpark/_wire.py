@@ -732,6 +732,10 @@ def _encode(msg: Message, max_body: int, max_fds: int) -> list[Frame]:
         )
     if isinstance(msg, (Ack, Unpark)):
         mtype = MessageType.ACK if isinstance(msg, Ack) else MessageType.UNPARK
+        n = len(msg.tickets)
+        if _U32.size + 8 * n <= max_body:  # one frame (the worker's every batch): one pack
+            head = HEADER.pack(_U32.size + 8 * n, mtype, 0, 0)
+            return [Frame(head + struct.pack(f"!I{n}Q", n, *msg.tickets))]
         items = [_U64.pack(t) for t in msg.tickets]
         return _frames(mtype, b"", items, [None] * len(items), count=_U32, **kw)
     if isinstance(msg, Close):
@@ -943,11 +947,13 @@ def _decode_entries_untrusted(
             raise RemoteProtocolError(f"WAKE has {with_fd} fd entries but {with_fd + len(fds)} fds")
     elif mtype is MessageType.PARKED:
         head, count = body.unpack(_PARKED_HEAD)
-        if len(body.data) - body.pos == count * _PARKED_ENTRY.size:
-            rows = list(_PARKED_ENTRY.iter_unpack(memoryview(body.data)[body.pos :]))
-            if _REFUSAL_CODES.issuperset([code for code, _ in rows]):
-                entries.extend(rows)  # (code, ticket) rows: ``_build`` makes the results
-                body.pos = len(body.data)
+        data = body.data
+        if len(data) - body.pos == count * _PARKED_ENTRY.size:
+            # Every code checked at once (a code byte starts each entry), then
+            # (code, ticket) rows in bulk: ``_build`` makes the results.
+            if _REFUSAL_CODES.issuperset(data[body.pos :: _PARKED_ENTRY.size]):
+                entries.extend(_PARKED_ENTRY.iter_unpack(memoryview(data)[body.pos :]))
+                body.pos = len(data)
                 return head
         unpack_entry = body.unpack
         for _ in range(count):

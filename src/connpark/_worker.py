@@ -54,10 +54,11 @@ import math
 import os
 import socket
 from collections import deque
-from collections.abc import Iterable, Sequence
-from typing import Any, Generic, Literal, TypeVar
+from collections.abc import Callable, Container, Iterable, Sequence
+from typing import Any, Generic, Literal, TypeVar, overload
 
 import attrs
+import trio
 
 from ._errors import (
     ConnparkError,
@@ -85,8 +86,7 @@ from ._wire import (
     Frame,
     Hello,
     Message,
-    Park,
-    Parked,
+    ParkedRows,
     ParkEntry,
     Reason,
     Refusal,
@@ -99,11 +99,15 @@ from ._wire import (
     Tagged,
     TagOp,
     Unpark,
-    Wake,
     WakeEntry,
+    WakeRow,
+    WakeRows,
     Welcome,
     close_fds,
     encode,
+    encode_park,
+    encode_park_entry,
+    mark_resent,
     message_fds,
 )
 
@@ -257,6 +261,48 @@ def park_entries(
     ]
 
 
+def park_many_entries(
+    fds: Sequence[int],
+    tokens: Sequence[bytes] | None,
+    pendings: Sequence[bytes] | None,
+    **policy: Any,
+) -> Sequence[ParkEntry]:
+    """``park_entries``, and with one policy and no tokens or pendings, ``SharedEntries``:
+    checked and encoded once, no object made per socket (the hot path)."""
+    if tokens is not None or pendings is not None or not fds:
+        return park_entries(fds, tokens, pendings, **policy)
+    first = make_park_entry(fds[0], **policy)
+    if min(fds) < 0:
+        raise ValueError("cannot park a closed socket")
+    return SharedEntries(list(fds), first)
+
+
+class SharedEntries(Sequence[ParkEntry]):
+    """``park_many``'s entries when they differ only by fd: made only if looked at."""
+
+    __slots__ = ("fds", "item", "template")
+
+    def __init__(self, fds: list[int], template: ParkEntry) -> None:
+        self.fds = fds
+        self.template = template
+        #: Every entry's bytes on the wire (``encode_park_entry``).
+        self.item = encode_park_entry(template)
+
+    def __len__(self) -> int:
+        return len(self.fds)
+
+    @overload
+    def __getitem__(self, index: int) -> ParkEntry: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[ParkEntry]: ...
+
+    def __getitem__(self, index: int | slice) -> ParkEntry | list[ParkEntry]:
+        if isinstance(index, slice):
+            return [attrs.evolve(self.template, fd=fd) for fd in self.fds[index]]
+        return attrs.evolve(self.template, fd=self.fds[index])
+
+
 def wrap_woken_fd(entry: WakeEntry) -> socket.socket | None:
     """A stdlib socket for a woken fd, family from the WAKE flags: no syscall spent."""
     if entry.fd is None:
@@ -297,10 +343,14 @@ class ParkRequest:
     """One ``park()`` / ``park_many()`` call: its sockets and, once settled, results."""
 
     socks: list[Any]
-    entries: list[ParkEntry]
+    entries: Sequence[ParkEntry]
     waiter: Any
     #: Per socket: a ticket or the ``ParkRefused`` (index-aligned with ``socks``).
     results: list[int | ParkRefused | None] = attrs.field(factory=list)
+    #: What goes on the wire per entry (``encode_park_entry``; marked RESENT
+    #: when sent again), and its fd.
+    items: list[bytes] = attrs.field(factory=list)
+    fds: list[int] = attrs.field(factory=list)
     state: ReqState = ReqState.QUEUED
     #: The caller stopped waiting (cancelled) after it was sent.
     abandoned: bool = False
@@ -312,11 +362,21 @@ class ParkRequest:
 
     def __attrs_post_init__(self) -> None:
         self.results = [None] * len(self.entries)
+        if self.items:
+            return
+        if isinstance(self.entries, SharedEntries):
+            self.fds = self.entries.fds
+            self.items = [self.entries.item] * len(self.fds)
+        else:
+            self.items = [encode_park_entry(e) for e in self.entries]
+            self.fds = [e.fd for e in self.entries]
 
     def outcome(self) -> list[int | ParkRefused]:
         """The results, or the error that ended the request."""
         if self.error is not None:
             raise self.error
+        if self.answered == len(self.results):
+            return list(self.results)  # type: ignore[arg-type]  # all answered
         return [r for r in self.results if r is not None]
 
 
@@ -373,7 +433,34 @@ class Ready:
 class Woke:
     """Connections handed back (already ACKed): wrap each fd and queue it for the user."""
 
-    entries: tuple[WakeEntry, ...]
+    #: One tuple per connection: ``WakeEntry``'s fields, in order.
+    rows: tuple[WakeRow, ...]
+
+    @property
+    def entries(self) -> tuple[WakeEntry, ...]:
+        return tuple(WakeEntry(*row) for row in self.rows)
+
+    def woken(self, wrap: Callable[[socket.socket], S]) -> list[Woken[S]]:
+        """A ``Woken`` per connection, its fd a stdlib socket (the family from the
+        WAKE flags: no getsockopt, only CPython's getsockname check) made the
+        hook's own by ``wrap``."""
+        out: list[Woken[S]] = []
+        new, stream = socket.socket, socket.SOCK_STREAM
+        inet, inet6 = socket.AF_INET, socket.AF_INET6
+        rows = self.rows
+        try:
+            for ticket, reason, token, pending, fd, v6, count, last_ms, unsent in rows:
+                sock = None if fd is None else wrap(new(inet6 if v6 else inet, stream, 0, fd))
+                last = last_ms / 1000 if last_ms else None
+                out.append(Woken(ticket, reason, token, pending, sock, count, last, unsent))
+        except BaseException:
+            # Nobody will get these: close them (the failed one's fd went with its socket).
+            for w in out:
+                if w.socket is not None:
+                    w.socket.close()  # type: ignore[attr-defined]
+            close_fds(row[4] for row in rows[len(out) + 1 :] if row[4] is not None)
+            raise
+        return out
 
 
 @attrs.frozen
@@ -463,7 +550,7 @@ class Engine:
         self.container_uid = container_uid
         self.phase = Phase.IDLE
         self.welcome: Welcome | None = None
-        self.decoder = Decoder()
+        self.decoder = Decoder(rows=True)
         self._ids = itertools.count(1)
         self._events: deque[Event] = deque()
         # Outgoing, in order: control frames; parks are encoded at send time.
@@ -503,7 +590,7 @@ class Engine:
         check_container_uid(peer_uid, self.container_uid)
         self._sessions_before = self.sessions
         self.decoder.close()
-        self.decoder = Decoder()
+        self.decoder = Decoder(rows=True)
         self._acks = []
         self._out = [
             *encode(Hello(PROTOCOL_VERSION, self.pool, self.name, *self._resume)),
@@ -651,8 +738,9 @@ class Engine:
 
     # -- requests ----------------------------------------------------------------------
 
-    def park(self, socks: list[Any], entries: list[ParkEntry], waiter: Any) -> ParkRequest:
-        """Queue a park of ``socks`` (entries built by ``make_park_entry``)."""
+    def park(self, socks: list[Any], entries: Sequence[ParkEntry], waiter: Any) -> ParkRequest:
+        """Queue a park of ``socks`` (entries built by ``make_park_entry``,
+        ``park_entries`` or ``park_many_entries``)."""
         self._check_open()
         req = ParkRequest(socks, entries, waiter)
         if entries:
@@ -786,8 +874,7 @@ class Engine:
             if w.unsent and w.socket is not None:
                 _write_unsent_nowait(w.socket, w.unsent)
         if not live:
-            for s in socks:
-                s.close()  # no session to hand them to: nobody else can own them
+            close_sockets(socks)  # no session to hand them to: nobody else can own them
             self.decoder.close()  # fds of a half-received frame
             self._fail_all(closed)
             return None
@@ -820,9 +907,13 @@ class Engine:
 
     def _encode_batch(self) -> list[Frame]:
         batch, self._batch = self._batch, []
-        entries = [e for req in batch for e in req.entries[req.answered :]]
+        if len(batch) == 1 and not batch[0].answered:
+            items, fds = batch[0].items, batch[0].fds
+        else:
+            items = [i for req in batch for i in req.items[req.answered :]]
+            fds = [fd for req in batch for fd in req.fds[req.answered :]]
         request_id = next(self._ids) & 0xFFFFFFFF
-        frames = encode(Park(request_id, tuple(entries)))
+        frames = encode_park(request_id, items, fds)
         # One id for the batch: PARKED answers it in order; map each answer back.
         for req in batch:
             req.state = ReqState.SENT
@@ -830,9 +921,9 @@ class Engine:
         return frames
 
     def _dispatch(self, msg: Message) -> None:
-        if isinstance(msg, Wake):
+        if isinstance(msg, WakeRows):
             self._on_wake(msg)
-        elif isinstance(msg, Parked):
+        elif isinstance(msg, ParkedRows):
             self._on_parked(msg)
         elif isinstance(msg, StatsReply):
             self._on_stats(msg)
@@ -893,42 +984,51 @@ class Engine:
         if not req.abandoned:
             self._events.append(Settled(req))
 
-    def _on_wake(self, msg: Wake) -> None:
+    def _on_wake(self, msg: WakeRows) -> None:
         if self.phase is not Phase.READY:
             # Closing: nobody will take them. Not ACKed: the container gives
             # them to another worker once this session's socket is closed.
             close_fds(message_fds(msg))
             return
-        tickets = [e.ticket for e in msg.entries]
+        tickets = [row[0] for row in msg.rows]
         self._acks.extend(tickets)
         self._received.extend(tickets)
         if self._unparks:
+            pop = self._unparks.pop
             for t in tickets:
-                self._unparks.pop(t, None)
-        self._events.append(Woke(msg.entries))
+                pop(t, None)
+        self._events.append(Woke(msg.rows))
 
-    def _on_parked(self, msg: Parked) -> None:
+    def _on_parked(self, msg: ParkedRows) -> None:
         batch = self._sent.get(msg.request_id)
         if batch is None:
             self._lose(ContainerLost(f"PARKED for unknown request {msg.request_id}"))
             return
-        if not batch.take(self, msg.results):
+        if not batch.take(self, msg.codes, msg.tickets):
             self._lose(ContainerLost(f"PARKED answers more than request {msg.request_id} asked"))
             return
         if batch.done:
             del self._sent[msg.request_id]
 
-    def _answer(self, req: ParkRequest, index: int, refusal: Refusal, ticket: int) -> None:
-        sock = req.socks[index]
-        if refusal is Refusal.OK:
-            req.results[index] = ticket
-            sock.close()  # the container has it now: one owner
+    def _answer(self, req: ParkRequest, codes: Sequence[int], tickets: Sequence[int]) -> None:
+        """The next ``len(codes)`` entries of ``req`` are answered."""
+        start = req.answered
+        end = start + len(codes)
+        if not any(codes):  # all parked (OK is 0): the container has them now, one owner
+            req.results[start:end] = tickets
+            close_sockets(req.socks[start:end])
         else:
-            req.results[index] = ParkRefused(refusal)
-            if req.handback:
-                sock.close()  # a wake we could not hand back: nobody is left to own it
-        req.answered = index + 1
-        if req.answered == len(req.entries):
+            for index, code, ticket in zip(range(start, end), codes, tickets, strict=True):
+                sock = req.socks[index]
+                if code == Refusal.OK:
+                    req.results[index] = ticket
+                    close_sockets((sock,))
+                else:
+                    req.results[index] = ParkRefused(Refusal(code))
+                    if req.handback:
+                        close_sockets((sock,))  # a wake we could not hand back: nobody else owns it
+        req.answered = end
+        if end == len(req.results):
             req.state = ReqState.DONE
             if not req.abandoned:
                 self._events.append(Settled(req))
@@ -982,9 +1082,7 @@ class Engine:
             # ones too, nobody waiting: an OK closes the socket, a refusal leaves
             # it the caller's, as when the answer comes in time.
             req.state = ReqState.QUEUED
-            done = req.entries[: req.answered]
-            rest = [attrs.evolve(e, resent=True) for e in req.entries[req.answered :]]
-            req.entries = done + rest
+            req.items[req.answered :] = [mark_resent(i) for i in req.items[req.answered :]]
         self._batch[:0] = [r for r in requeue if r.state is ReqState.QUEUED]
         for sreq in self._stats:
             if sreq.state is ReqState.SENT:
@@ -1011,8 +1109,7 @@ class Engine:
         req.state = ReqState.DONE
         req.error = error
         if isinstance(req, ParkRequest) and req.handback:
-            for sock in req.socks[req.answered :]:
-                sock.close()  # wakes we were handing back: ours, and nobody else's
+            close_sockets(req.socks[req.answered :])  # wakes we were handing back: ours alone
         if not req.abandoned:
             self._events.append(Settled(req))
 
@@ -1044,13 +1141,17 @@ class _Batch:
     def done(self) -> bool:
         return self.pos >= len(self.reqs)
 
-    def take(self, engine: Engine, results: Sequence[Any]) -> bool:
-        for result in results:
+    def take(self, engine: Engine, codes: Sequence[int], tickets: Sequence[int]) -> bool:
+        """Answer the requests in order, a run of entries per request."""
+        done, total = 0, len(codes)
+        while done < total:
             if self.done:
                 return False
             req = self.reqs[self.pos]
-            engine._answer(req, req.answered, result.refusal, result.ticket)
-            if req.answered == len(req.entries):
+            k = min(len(req.results) - req.answered, total - done)
+            engine._answer(req, codes[done : done + k], tickets[done : done + k])
+            done += k
+            if req.answered == len(req.results):
                 self.pos += 1
         return True
 
@@ -1078,6 +1179,75 @@ def _write_unsent_nowait(sock: Any, data: bytes) -> None:
         )
 
 
+# ------------------------------------------------------------- closing for the owner
+
+
+# Closing a trio socket costs trio's notify_closing: a waiters record made and
+# dropped, and an EPOLL_CTL_DEL that fails (ENOENT) for a socket no task ever
+# waited on, raised and swallowed as an OSError: ~1.5 us, most of what closing
+# a parked socket cost. When no trio task waits on the fd there is nobody to
+# notify, so the engine detaches the fd and closes it itself. A socket some
+# task waited on earlier may still be in trio's epoll set, silenced by
+# EPOLLONESHOT (or armed for HUP/ERR only, after a cancelled wait); the
+# container holds the connection, so the kernel keeps that entry until the
+# container closes it, and it can report at most one event, under this fd
+# number: a spurious wakeup, which trio's design already allows for stale fds
+# (see trio/_core/_io_epoll.py). Knowing whether a task waits needs trio's
+# private epoll bookkeeping: looked up guardedly, and with any other I/O
+# manager (kqueue, IOCP), outside trio.run, or after a trio change that moves
+# it, sockets are closed the ordinary way (``trio_fast_close`` says which;
+# tests/test_engine.py fails if the fast way is off with this trio).
+def _trio_private() -> tuple[Any, type[Any] | None]:
+    try:
+        from trio._core._run import GLOBAL_RUN_CONTEXT
+        from trio._socket import _SocketType
+    except ImportError:  # pragma: no cover - another trio
+        return None, None
+    return GLOBAL_RUN_CONTEXT, _SocketType
+
+
+_TRIO_RUN, _TrioSocket = _trio_private()
+
+
+def _trio_waits() -> Container[int] | None:
+    """The fds trio tasks wait on now (epoll), or None: cannot tell."""
+    try:
+        io_manager = _TRIO_RUN.runner.io_manager
+    except AttributeError:  # outside trio.run (or no such thing)
+        return None
+    registered = getattr(io_manager, "_registered", None)
+    if type(io_manager).__name__ != "EpollIOManager" or not isinstance(registered, dict):
+        return None
+    return registered
+
+
+def trio_fast_close() -> bool:
+    """Closing a trio socket no task waits on skips ``notify_closing`` (here, now)."""
+    return _TrioSocket is not None and _trio_waits() is not None
+
+
+def close_sockets(socks: Iterable[Any]) -> None:
+    """Close sockets the engine closes for their owner: parked ones (the container
+    has them), wakes it could not hand back."""
+    waits: Container[int] | None = None
+    looked = False
+    for sock in socks:
+        if type(sock) is _TrioSocket:
+            if not looked:
+                waits, looked = _trio_waits(), True
+            if waits is not None:
+                fd = sock.detach()  # the socket reads as closed (fileno -1) from here
+                if fd >= 0:
+                    if fd in waits:  # a task waits on it: what trio's close() does
+                        trio.lowlevel.notify_closing(fd)
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass  # the fd is released all the same
+                continue
+        sock.close()
+
+
 def closed_error(error: BaseException | None) -> ConnparkError:
     """The error a call on a finished engine raises."""
     if isinstance(error, ConnparkError):
@@ -1100,5 +1270,6 @@ __all__ = [
     "Woken",
     "make_park_entry",
     "park_entries",
+    "park_many_entries",
     "wrap_woken_fd",
 ]

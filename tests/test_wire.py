@@ -163,6 +163,15 @@ def with_fds(msg: Message, fds: Iterable[int]) -> Message:
     return out
 
 
+def plain(msg: Message) -> Message:
+    """A message from ``Decoder(rows=True)`` as the plain decoder gives it."""
+    if isinstance(msg, WakeRows):
+        return Wake(msg.entries)
+    if isinstance(msg, ParkedRows):
+        return Parked(msg.request_id, msg.results)
+    return msg
+
+
 def stream(frames: Sequence[Frame]) -> tuple[bytes, list[tuple[int, list[int]]]]:
     """Concatenate frames; each frame's fds are marked at the offset of its first byte."""
     blob = bytearray()
@@ -322,13 +331,30 @@ sends = st.builds(
 )
 taggeds = st.builds(Tagged, op=st.sampled_from(TagOp), tag=small_bytes, goodbye=small_bytes)
 
-list_messages = st.one_of(parks, parkeds, wakes, acks, unparks, closes)
+#: WAKEs the bulk path decodes: no token, pending or v3 tail.
+plain_wakes = st.builds(
+    Wake,
+    entries=tuples_of(
+        st.builds(
+            WakeEntry,
+            ticket=u64,
+            reason=st.sampled_from(Reason),
+            fd=st.sampled_from([None, FD, FD]),
+            inet6=st.booleans(),
+        ),
+        8,
+    ),
+)
+
+
+list_messages = st.one_of(parks, parkeds, wakes, plain_wakes, acks, unparks, closes)
 messages = st.one_of(
     hellos,
     welcomes,
     parks,
     parkeds,
     wakes,
+    plain_wakes,
     acks,
     unparks,
     closes,
@@ -938,28 +964,17 @@ def mutate(blob: bytes, frame_starts: Sequence[int], ops: Iterable[tuple[str, in
 _LIST_TYPES = (Park, Parked, Wake, Ack, Unpark, Close)
 
 
-@pytest.mark.linux
-@needs_proc
-@settings(FUZZ, max_examples=2000)
-@given(
-    st.lists(messages, min_size=1, max_size=3),
-    st.sampled_from([(DEFAULT_MAX_BODY, MAX_FDS_PER_FRAME), (120, 2), (256, 1), (200, 3)]),
-    st.lists(st.one_of(_frame_ops, _byte_ops, _fd_ops), min_size=1, max_size=4),
-    st.lists(st.integers(0, 3000), max_size=5),
-    st.booleans(),
-)
-def test_fuzz_mutated_valid_streams(
-    templates: list[Message],
+def mutated_stream(
+    src: FdSource,
+    templates: Sequence[Message],
     limits: tuple[int, int],
-    ops: list[tuple[str, int, int]],
-    cuts: list[int],
-    eof: bool,
-) -> None:
+    ops: Sequence[tuple[str, int, int]],
+    cuts: Sequence[int],
+) -> list[tuple[bytes, list[int]]]:
+    """The messages encoded (fds from ``src``), then frames, bytes and fds mutated by ``ops``."""
     frame_ops = [op for op in ops if op[0] in ("drop", "dup", "swap")]
     fd_ops = [op for op in ops if op[0] in ("lose", "extra", "move")]
     byte_ops = [op for op in ops if op[0] not in ("drop", "dup", "swap", "lose", "extra", "move")]
-    before = open_fd_count()
-    src = FdSource()
     max_body, max_fds = limits
     msgs = [with_fds(t, src.take(fd_slots(t))) for t in templates]
     # Small limits split list messages (every generated entry fits in 120 bytes).
@@ -994,10 +1009,42 @@ def test_fuzz_mutated_valid_streams(
                 fds.pop(i % len(fds))
             elif op == "move":
                 marks[i % len(marks)] = (max(off - 1 - i, 0) if i % 2 else off + 1 + i, fds)
-    dec = Decoder()
-    run = drive(dec, chunked(blob, marks, cuts), eof=eof)
-    settle(dec, run, [fd for fd in src.made if fd not in run.given])
-    src.close()
+    return chunked(blob, marks, cuts)
+
+
+@pytest.mark.linux
+@needs_proc
+@settings(FUZZ, max_examples=2000)
+@given(
+    st.lists(messages, min_size=1, max_size=3),
+    st.sampled_from([(DEFAULT_MAX_BODY, MAX_FDS_PER_FRAME), (120, 2), (256, 1), (200, 3)]),
+    st.lists(st.one_of(_frame_ops, _byte_ops, _fd_ops), min_size=1, max_size=4),
+    st.lists(st.integers(0, 3000), max_size=5),
+    st.booleans(),
+)
+def test_fuzz_mutated_valid_streams(
+    templates: list[Message],
+    limits: tuple[int, int],
+    ops: list[tuple[str, int, int]],
+    cuts: list[int],
+    eof: bool,
+) -> None:
+    """Also differential: the worker's decoder (``rows=True``) decodes the same
+    stream to the same messages, error and fds."""
+    before = open_fd_count()
+    runs = []
+    for rows in (False, True):
+        src = FdSource()
+        chunks = mutated_stream(src, templates, limits, ops, cuts)
+        dec = Decoder(rows=rows)
+        run = drive(dec, chunks, eof=eof)
+        # fds by the order they were made in, so that the two runs compare.
+        index = {fd: n for n, fd in enumerate(src.made)}
+        got = [with_fds(plain(m), [index[fd] for fd in message_fds(m)]) for m in run.messages]
+        runs.append((got, str(run.error), run.error_at_eof))
+        settle(dec, run, [fd for fd in src.made if fd not in run.given])
+        src.close()
+    assert runs[0] == runs[1]
     assert open_fd_count() == before
 
 
@@ -1635,31 +1682,6 @@ def test_lean_park_error_after_good_entries_closes_each_fd_once() -> None:
 # ------------------------------------------- the worker's hot path: rows, encode_park
 
 
-#: WAKEs the bulk path decodes: no token, pending or v3 tail.
-plain_wakes = st.builds(
-    Wake,
-    entries=tuples_of(
-        st.builds(
-            WakeEntry,
-            ticket=u64,
-            reason=st.sampled_from(Reason),
-            fd=st.sampled_from([None, FD, FD]),
-            inet6=st.booleans(),
-        ),
-        8,
-    ),
-)
-
-
-def plain(msg: Message) -> Message:
-    """A message from ``Decoder(rows=True)`` as the plain decoder gives it."""
-    if isinstance(msg, WakeRows):
-        return Wake(msg.entries)
-    if isinstance(msg, ParkedRows):
-        return Parked(msg.request_id, msg.results)
-    return msg
-
-
 @settings(max_examples=300, deadline=None)
 @given(
     st.one_of(parkeds, wakes, plain_wakes, big_wakes()),
@@ -1697,63 +1719,6 @@ def test_rows_of_plain_wakes_and_parked() -> None:
     assert rows.codes == tuple(i % 3 for i in range(600))
     assert rows.tickets == tuple(range(600))
     assert plain(rows) == parked
-
-
-@pytest.mark.linux
-@needs_proc
-@settings(FUZZ, max_examples=1500)
-@given(
-    st.lists(st.one_of(parkeds, plain_wakes, wakes, messages), min_size=1, max_size=3),
-    st.sampled_from([(DEFAULT_MAX_BODY, MAX_FDS_PER_FRAME), (120, 2)]),
-    st.lists(st.one_of(_byte_ops, _fd_ops), max_size=3),
-    st.lists(st.integers(0, 3000), max_size=4),
-    st.booleans(),
-)
-def test_rows_decoder_agrees_with_the_plain_one(
-    templates: list[Message],
-    limits: tuple[int, int],
-    ops: list[tuple[str, int, int]],
-    cuts: list[int],
-    eof: bool,
-) -> None:
-    """Valid or mutated, a stream decodes the same with rows: messages, errors, fds."""
-    before = open_fd_count()
-    max_body, max_fds = limits
-    runs = []
-    for rows in (False, True):
-        src = FdSource()
-        msgs = [with_fds(t, src.take(fd_slots(t))) for t in templates]
-        frames = [
-            f
-            for m in msgs
-            for f in (
-                encode(m, max_body=max_body, max_fds=max_fds)
-                if isinstance(m, _LIST_TYPES)
-                else encode(m)
-            )
-        ]
-        blob, marks = stream(frames)
-        starts = list(itertools.accumulate((len(f.data) for f in frames[:-1]), initial=0))
-        blob = mutate(blob, starts, [op for op in ops if op[0] not in ("lose", "extra", "move")])
-        for op, i, _ in ops:
-            if op == "extra":
-                marks.append((i % (len(blob) + 1), src.take(1)))
-            elif op in ("lose", "move") and marks:
-                off, fds = marks[i % len(marks)]
-                if op == "lose" and fds:
-                    fds.pop(i % len(fds))
-                elif op == "move":
-                    marks[i % len(marks)] = (max(off - 1 - i, 0) if i % 2 else off + 1 + i, fds)
-        dec = Decoder(max_body=max_body, max_fds_per_frame=max_fds, rows=rows)
-        run = drive(dec, chunked(blob, marks, cuts), eof=eof)
-        # fds by the order they were made in, so that the two runs compare.
-        index = {fd: n for n, fd in enumerate(src.made)}
-        got = [with_fds(plain(m), [index[fd] for fd in message_fds(m)]) for m in run.messages]
-        runs.append((got, str(run.error), run.error_at_eof))
-        settle(dec, run, [fd for fd in src.made if fd not in run.given])
-        src.close()
-    assert runs[0] == runs[1]
-    assert open_fd_count() == before
 
 
 @settings(max_examples=300, deadline=None)

@@ -44,6 +44,7 @@ from connpark._errors import (
     ParkRefused,
 )
 from connpark._stats import ContainerStats, LatencySummary
+from connpark._trio_close import close_sockets, trio_fast_close
 from connpark._wire import (
     HEADER,
     MAX_FDS_PER_FRAME,
@@ -86,10 +87,8 @@ from connpark._worker import (
     Woke,
     Woken,
     check_container_uid,
-    close_sockets,
     park_entries,
     park_many_entries,
-    trio_fast_close,
 )
 
 # Fake fd numbers for parked fake sockets: no process can have fds this high

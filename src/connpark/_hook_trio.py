@@ -30,6 +30,7 @@ from ._shards import (
     send_targets,
 )
 from ._stats import ContainerStats, merge_stats
+from ._trio_close import close_sockets
 from ._unixsock import connect_unix, peer_uid
 from ._wire import Result, Rule
 from ._worker import (
@@ -497,6 +498,7 @@ async def open_parking(
         backoff=backoff,
         container_uid=container_uid,
         path=os.fspath(path),
+        closer=close_sockets,
     )
     parking = Parking(os.fspath(path), engine, connect_timeout)
     try:

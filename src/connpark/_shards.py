@@ -46,6 +46,7 @@ def other_shards(first: Engine) -> list[Engine]:
             backoff=first.backoff,
             container_uid=first.container_uid,
             path=shard_path(first.path, i),
+            closer=first.closer,
         )
         for i in range(1, welcome.shards)
     ]
@@ -137,6 +138,9 @@ def by_shard(
     shards: int, tickets: Iterable[int], tag: object = None
 ) -> list[tuple[int, tuple[int, ...]]]:
     """(shard, its tickets) for each shard a request must reach: every shard for a tag."""
+    if shards == 1:  # the common case, on the hot path (UNPARK)
+        ts = tuple(tickets)
+        return [(0, ts)] if ts or tag is not None else []
     groups: dict[int, list[int]] = {i: [] for i in range(shards)} if tag is not None else {}
     for t in tickets:
         groups.setdefault(min(shard_of(t), shards - 1), []).append(t)

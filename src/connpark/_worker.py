@@ -46,8 +46,9 @@ per connection is the user's ``Woken``: the decoder hands out PARKED and WAKE as
 (plain tuples, ``Decoder(rows=True)``), a run of answers that parked
 everything is settled in one step, ``Woke.woken`` makes each ``Woken``
 straight from its row, ``park_many_entries`` checks and encodes a shared
-policy once (``SharedEntries``), and ``close_sockets`` closes a parked trio
-socket that no task waits on without trio's ``notify_closing``.
+policy once (``SharedEntries``), and the hook's ``closer`` closes parked
+sockets (the trio hook's skips trio's ``notify_closing`` when no task waits:
+``_trio_close``).
 
 Waiters are the hook's objects (an Event, a Future); the engine only reports,
 as ``Settled`` events, which requests are done.
@@ -62,11 +63,10 @@ import math
 import os
 import socket
 from collections import deque
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, Literal, TypeVar, overload
 
 import attrs
-import trio
 
 from ._errors import (
     ConnparkError,
@@ -536,6 +536,13 @@ class HandleInfo:
         return self._engine.sessions
 
 
+def close_plain(socks: Iterable[Any]) -> None:
+    """Close sockets the engine closes for their owner (parked ones: the container
+    has them; wakes it could not hand back). The trio hook passes a faster one."""
+    for sock in socks:
+        sock.close()
+
+
 class Engine:
     """The worker side of the protocol for one parking handle (see the module docstring)."""
 
@@ -548,9 +555,12 @@ class Engine:
         backoff: Backoff = DEFAULT_BACKOFF,
         container_uid: int | None = None,
         path: str = "",
+        closer: Callable[[Iterable[Any]], None] = close_plain,
     ) -> None:
         #: The control socket's path, for messages.
         self.path = path
+        #: Closes sockets the engine closes for their owner (the world's fastest way).
+        self.closer = closer
         self.pool = pool
         self.name = name
         self.reconnect = reconnect
@@ -882,7 +892,7 @@ class Engine:
             if w.unsent and w.socket is not None:
                 _write_unsent_nowait(w.socket, w.unsent)
         if not live:
-            close_sockets(socks)  # no session to hand them to: nobody else can own them
+            self.closer(socks)  # no session to hand them to: nobody else can own them
             self.decoder.close()  # fds of a half-received frame
             self._fail_all(closed)
             return None
@@ -1024,17 +1034,17 @@ class Engine:
         end = start + len(codes)
         if not any(codes):  # all parked (OK is 0): the container has them now, one owner
             req.results[start:end] = tickets
-            close_sockets(req.socks[start:end])
+            self.closer(req.socks[start:end])
         else:
             for index, code, ticket in zip(range(start, end), codes, tickets, strict=True):
                 sock = req.socks[index]
                 if code == Refusal.OK:
                     req.results[index] = ticket
-                    close_sockets((sock,))
+                    self.closer((sock,))
                 else:
                     req.results[index] = ParkRefused(Refusal(code))
                     if req.handback:
-                        close_sockets((sock,))  # a wake we could not hand back: nobody else owns it
+                        self.closer((sock,))  # a wake we could not hand back: nobody else owns it
         req.answered = end
         if end == len(req.results):
             req.state = ReqState.DONE
@@ -1117,7 +1127,7 @@ class Engine:
         req.state = ReqState.DONE
         req.error = error
         if isinstance(req, ParkRequest) and req.handback:
-            close_sockets(req.socks[req.answered :])  # wakes we were handing back: ours alone
+            self.closer(req.socks[req.answered :])  # wakes we were handing back: ours alone
         if not req.abandoned:
             self._events.append(Settled(req))
 
@@ -1188,72 +1198,6 @@ def _write_unsent_nowait(sock: Any, data: bytes) -> None:
 
 
 # ------------------------------------------------------------- closing for the owner
-
-
-# Closing a trio socket costs trio's notify_closing: a waiters record made and
-# dropped, and an EPOLL_CTL_DEL that fails (ENOENT) for a socket no task ever
-# waited on, raised and swallowed as an OSError: ~1.5 us, most of what closing
-# a parked socket cost. When no trio task waits on the fd there is nobody to
-# notify, so the engine detaches the fd and closes it itself. A socket some
-# task waited on earlier may still be in trio's epoll set, silenced by
-# EPOLLONESHOT (or armed for HUP/ERR only, after a cancelled wait); the
-# container holds the connection, so the kernel keeps that entry until the
-# container closes it, and it can report at most one event, under this fd
-# number: a spurious wakeup, which trio's design already allows for stale fds
-# (see trio/_core/_io_epoll.py). Knowing whether a task waits needs trio's
-# private epoll bookkeeping: looked up guardedly, and with any other I/O
-# manager (kqueue, IOCP), outside trio.run, or after a trio change that moves
-# it, sockets are closed the ordinary way (``trio_fast_close`` says which;
-# tests/test_engine.py fails if the fast way is off with this trio).
-def _trio_private() -> tuple[Any, type[Any] | None]:
-    try:
-        from trio._core._run import GLOBAL_RUN_CONTEXT
-        from trio._socket import _SocketType
-    except ImportError:  # pragma: no cover - another trio
-        return None, None
-    return GLOBAL_RUN_CONTEXT, _SocketType
-
-
-_TRIO_RUN, _TrioSocket = _trio_private()
-
-
-def _trio_waits() -> Container[int] | None:
-    """The fds trio tasks wait on now (epoll), or None: cannot tell."""
-    try:
-        io_manager = _TRIO_RUN.runner.io_manager
-    except AttributeError:  # outside trio.run (or no such thing)
-        return None
-    registered = getattr(io_manager, "_registered", None)
-    if type(io_manager).__name__ != "EpollIOManager" or not isinstance(registered, dict):
-        return None
-    return registered
-
-
-def trio_fast_close() -> bool:
-    """Closing a trio socket no task waits on skips ``notify_closing`` (here, now)."""
-    return _TrioSocket is not None and _trio_waits() is not None
-
-
-def close_sockets(socks: Iterable[Any]) -> None:
-    """Close sockets the engine closes for their owner: parked ones (the container
-    has them), wakes it could not hand back."""
-    waits: Container[int] | None = None
-    looked = False
-    for sock in socks:
-        if type(sock) is _TrioSocket:
-            if not looked:
-                waits, looked = _trio_waits(), True
-            if waits is not None:
-                fd = sock.detach()  # the socket reads as closed (fileno -1) from here
-                if fd >= 0:
-                    if fd in waits:  # a task waits on it: what trio's close() does
-                        trio.lowlevel.notify_closing(fd)
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass  # the fd is released all the same
-                continue
-        sock.close()
 
 
 def closed_error(error: BaseException | None) -> ConnparkError:

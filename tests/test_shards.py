@@ -13,6 +13,7 @@ import math
 import os
 import random
 import resource
+import select
 import signal
 import socket
 import subprocess
@@ -388,11 +389,16 @@ def test_a_new_mirror_issues_new_tickets_and_the_fleet_s_death_stops_everything(
                 assert w.ticket not in after
                 w.socket.close()
             pids = [p.pid for p in parking.stats().processes if p.role != "supervisor"]
+            pidfds = [os.pidfd_open(pid) for pid in pids]  # not fooled by a reused pid
         assert serve.stop(signal.SIGKILL) == -signal.SIGKILL
-        deadline = time.monotonic() + 20
-        while any(os.path.exists(f"/proc/{pid}") for pid in pids):
-            assert time.monotonic() < deadline, "mirrors or shards outlived the supervisor"
-            time.sleep(0.1)
+        try:
+            deadline = time.monotonic() + 30
+            while not all(select.select([fd], [], [], 0)[0] for fd in pidfds):
+                assert time.monotonic() < deadline, "mirrors or shards outlived the supervisor"
+                time.sleep(0.1)
+        finally:
+            for fd in pidfds:
+                os.close(fd)
         again = ServeProcess(sockdir / "c.sock", ["--shards", "2"])  # nothing in the way
         assert again.stop() == 0
     finally:

@@ -116,6 +116,9 @@ class Supervisor:
         self._listener = listener
         #: Starts our shard: forked from the zygote that forked us, if any.
         self.spawner = spawner or Spawner()
+        self._path_warned = False
+        #: The socket file (inode, device) through which the shard last answered.
+        self._answered_via: tuple[int, int] | None = None
         #: The read end of a pipe only the fleet can write to: EOF when it is gone.
         self.lifeline = lifeline
         self.store = Store()
@@ -290,11 +293,35 @@ class Supervisor:
                 answered = self._answered_at  # the systemd task asked just now: no 2nd STATS
             elif await self._check() is not None:
                 answered = time.monotonic()
+                self._answered_via = self._path_id()
             elif time.monotonic() - answered > limit and self._shard_pid is not None:
-                if not (self.stopping or self._upgrade.is_set() or self._handover):
+                busy = self.stopping or self._upgrade.is_set() or self._handover
+                if not busy and self._path_is_ours():
                     LOGGER.error("the shard has not answered for %gs: killing it", limit)
                     self._signal_shard(signal.SIGKILL)
                 answered = time.monotonic()
+
+    def _path_id(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.config.path)
+        except OSError:
+            return None
+        return st.st_ino, st.st_dev
+
+    def _path_is_ours(self) -> bool:
+        """Is the socket file the one our shard answered through? If it was removed
+        or replaced, silence proves nothing: the shard is not killed for it."""
+        if self._answered_via is None or self._path_id() == self._answered_via:
+            self._path_warned = False
+            return True
+        if not self._path_warned:
+            self._path_warned = True
+            LOGGER.error(
+                "%s no longer names our socket (removed or replaced): the shard cannot be"
+                " checked, and is not restarted for not answering there",
+                self.config.path,
+            )
+        return False
 
     def _signal_shard(self, sig: int) -> None:
         send_signal(self._shard_pid, self._shard_pidfd, sig)

@@ -26,6 +26,7 @@ from ._shards import (
     hand_back_to,
     merge_send,
     other_shards,
+    ready,
     send_targets,
 )
 from ._stats import ContainerStats, merge_stats
@@ -291,8 +292,7 @@ class BlockingParking(HandleInfo):
             shard = self._shards[i]
             with shard._lock:
                 req = shard._engine.send(data, threading.Event(), tickets=ts, tag=tag)
-            r = shard._control(req, timeout)
-            results.append(SendResult(r.written, r.woken, r.missed))
+            results.append(shard._control(req, timeout))
         return merge_send(results)
 
     def _control(self, req: ControlRequest, timeout: float | None) -> Result:
@@ -320,8 +320,7 @@ class BlockingParking(HandleInfo):
         for lock in locks:  # the readers queue wakes under them: none can slip past
             lock.acquire()
         try:
-            ready = [s._engine.phase is Phase.READY for s in self._shards]
-            untaken = hand_back_to(self._take_untaken(), ready)
+            untaken = hand_back_to(self._take_untaken(), ready(s._engine for s in self._shards))
             reqs = [
                 shard._engine.begin_close(theirs, threading.Event())
                 for shard, theirs in zip(self._shards, untaken, strict=True)
@@ -384,26 +383,19 @@ class BlockingParking(HandleInfo):
     ) -> list[int | ParkRefused]:
         if self._spread is None:
             return self._park_here(socks, entries, timeout)
-        plan = ParkPlan(self._spread, len(socks))
-        ready = [s._engine.phase is Phase.READY for s in self._shards]
-        while step := plan.next(ready, time.monotonic()):
-            i, idx = step
-            some = len(idx) < len(socks)
+        plan = ParkPlan(self._spread, socks, entries)
+        while step := plan.next(ready(s._engine for s in self._shards), time.monotonic()):
+            i, some, theirs = step
             try:
-                got = self._shards[i]._park_here(
-                    [socks[k] for k in idx] if some else socks,
-                    [entries[k] for k in idx] if some else entries,
-                    timeout,
-                )
+                got = self._shards[i]._park_here(list(some), theirs, timeout)
             except BaseException:
                 self._spread.failed(i, time.monotonic())  # no answer in time: not there next
                 raise
-            plan.answered(i, idx, got, time.monotonic())
-            ready = [s._engine.phase is Phase.READY for s in self._shards]
+            plan.answered(i, got, time.monotonic())
         return plan.outcome()
 
     def _park_here(
-        self, socks: list[Any], entries: list[Any], timeout: float | None
+        self, socks: list[Any], entries: Sequence[Any], timeout: float | None
     ) -> list[int | ParkRefused]:
         with self._lock:
             req = self._engine.park(socks, entries, threading.Event())

@@ -27,6 +27,7 @@ from ._shards import (
     hand_back_to,
     merge_send,
     other_shards,
+    ready,
     send_targets,
 )
 from ._stats import ContainerStats, merge_stats
@@ -245,8 +246,7 @@ class Parking(HandleInfo):
         for i, ts in send_targets(len(self._shards), data, tuple(tickets), tag):
             shard = self._shards[i]
             req = shard._engine.send(data, trio.Event(), tickets=ts, tag=tag)
-            r = await shard._control(req)
-            results.append(SendResult(r.written, r.woken, r.missed))
+            results.append(await shard._control(req))
         return merge_send(results)
 
     async def _control(self, req: ControlRequest) -> Result:
@@ -269,23 +269,16 @@ class Parking(HandleInfo):
     async def _park(self, socks: list[Any], entries: Sequence[Any]) -> list[int | ParkRefused]:
         if self._spread is None:
             return await self._park_here(socks, entries)
-        plan = ParkPlan(self._spread, len(socks))
-        while step := plan.next(self._ready(), trio.current_time()):
-            i, idx = step
-            some = len(idx) < len(socks)
+        plan = ParkPlan(self._spread, socks, entries)
+        while step := plan.next(ready(s._engine for s in self._shards), trio.current_time()):
+            i, some, theirs = step
             try:
-                got = await self._shards[i]._park_here(
-                    [socks[k] for k in idx] if some else socks,
-                    [entries[k] for k in idx] if some else entries,
-                )
+                got = await self._shards[i]._park_here(list(some), theirs)
             except BaseException:
                 self._spread.failed(i, trio.current_time())  # cancelled: not there next
                 raise
-            plan.answered(i, idx, got, trio.current_time())
+            plan.answered(i, got, trio.current_time())
         return plan.outcome()
-
-    def _ready(self) -> list[bool]:
-        return [s._engine.phase is Phase.READY for s in self._shards]
 
     async def _park_here(self, socks: list[Any], entries: Sequence[Any]) -> list[int | ParkRefused]:
         req = self._engine.park(socks, entries, trio.Event())
@@ -441,7 +434,7 @@ class Parking(HandleInfo):
                 taken.append(self._wake_recv.receive_nowait())
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
-        untaken = hand_back_to(taken, [s._engine.phase is Phase.READY for s in self._shards])
+        untaken = hand_back_to(taken, ready(s._engine for s in self._shards))
         async with trio.open_nursery() as nursery:
             for shard, theirs in zip(self._shards, untaken, strict=True):
                 nursery.start_soon(shard._close_here, theirs)

@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 from ._errors import ParkRefused
 from ._unixsock import shard_path
-from ._wire import TICKET_SHARD_SHIFT, Reason, Refusal
-from ._worker import Engine, SendResult, Woken
+from ._wire import TICKET_SHARD_SHIFT, Reason, Refusal, Result
+from ._worker import Engine, Phase, SendResult, Woken
 
 W = TypeVar("W", bound=Woken[Any])
 
@@ -100,31 +100,39 @@ class ParkPlan:
     room (or because it is shutting down) are tried on the next one, so that a
     full shard is not the caller's problem while another has room.
 
-    ``while (step := plan.next(up, now)) is not None``: park ``step[1]`` (indexes
-    into the request) on shard ``step[0]``, then ``plan.answered(...)``.
+    ``while step := plan.next(up, now)``: park ``step[1]`` (sockets) with
+    ``step[2]`` (their entries) on shard ``step[0]``, then ``plan.answered(...)``.
     """
 
-    def __init__(self, spread: Spread, count: int) -> None:
+    def __init__(self, spread: Spread, socks: Sequence[Any], entries: Sequence[Any]) -> None:
         self.spread = spread
-        self.results: list[int | ParkRefused | None] = [None] * count
-        self._todo = list(range(count))
+        self._socks = socks
+        self._entries = entries
+        self.results: list[int | ParkRefused | None] = [None] * len(socks)
+        self._todo = list(range(len(socks)))
         self._tried: list[int] = []
 
-    def next(self, up: Sequence[bool], now: float) -> tuple[int, list[int]] | None:
+    def next(
+        self, up: Sequence[bool], now: float
+    ) -> tuple[int, Sequence[Any], Sequence[Any]] | None:
         if not self._todo:
             return None
         shard = self.spread.pick(up, now, self._tried)
         if shard is None:
             return None
         self._tried.append(shard)
-        return shard, self._todo
+        if len(self._todo) == len(self._socks):  # the first try: the request as it is
+            return shard, self._socks, self._entries
+        return (
+            shard,
+            [self._socks[k] for k in self._todo],
+            [self._entries[k] for k in self._todo],
+        )
 
-    def answered(
-        self, shard: int, indexes: Sequence[int], got: Sequence[int | ParkRefused], now: float
-    ) -> None:
+    def answered(self, shard: int, got: Sequence[int | ParkRefused], now: float) -> None:
         self.spread.parked(shard, got, now)
         retry = []
-        for k, r in zip(indexes, got, strict=True):
+        for k, r in zip(self._todo, got, strict=True):
             self.results[k] = r
             if isinstance(r, ParkRefused) and r.reason in _NO_ROOM:
                 retry.append(k)
@@ -132,6 +140,11 @@ class ParkPlan:
 
     def outcome(self) -> list[int | ParkRefused]:
         return [r for r in self.results if r is not None]
+
+
+def ready(engines: Iterable[Engine]) -> list[bool]:
+    """Which shards' sessions are up (parks and hand-backs go to those first)."""
+    return [e.phase is Phase.READY for e in engines]
 
 
 def by_shard(
@@ -175,7 +188,8 @@ def hand_back_to(untaken: Sequence[W], ready: Sequence[bool]) -> list[list[W]]:
     return groups
 
 
-def merge_send(results: Iterable[SendResult]) -> SendResult:
+def merge_send(results: Iterable[SendResult | Result]) -> SendResult:
+    """One shard's answer or several (a RESULT each), as the caller's ``SendResult``."""
     rs = list(results)
     return SendResult(
         sum(r.written for r in rs), sum(r.woken for r in rs), sum(r.missed for r in rs)

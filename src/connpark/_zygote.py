@@ -78,8 +78,6 @@ class Spawner:
         self.zygote_pid = zygote_pid
         #: Exit codes the zygote reported, by pid.
         self._exits: dict[int, int] = {}
-        #: Processes we started ourselves (fresh interpreters): we reap them.
-        self._own: set[int] = set()
         #: Processes the zygote forked for us: it reaps them and tells us.
         self._forked: set[int] = set()
 
@@ -122,7 +120,6 @@ class Spawner:
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # a terminal's Ctrl-C reaches the supervisor only
         )
-        self._own.add(proc.pid)
         return proc.pid
 
     def _ask(self, args: Sequence[str], fds: Sequence[int]) -> int:
@@ -152,14 +149,12 @@ class Spawner:
 
     def reap(self, pid: int, *, wait: bool) -> int | None:
         """``pid``'s exit code (negative: its signal), or None if it runs (or is not known)."""
-        if pid not in self._forked:  # ours, or one we adopted (then not knowable)
-            self._own.discard(pid)
+        if pid not in self._forked:  # a fresh interpreter of ours: we reap it
             try:
                 got, status = os.waitpid(pid, 0 if wait else os.WNOHANG)
             except ChildProcessError:
                 return None
             if got == 0:
-                self._own.add(pid)
                 return None
             return os.waitstatus_to_exitcode(status)
         deadline = time.monotonic() + (2.0 if wait else 0.0)

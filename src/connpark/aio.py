@@ -24,6 +24,7 @@ from ._shards import (
     hand_back_to,
     merge_send,
     other_shards,
+    ready,
     send_targets,
 )
 from ._stats import ContainerStats, merge_stats
@@ -258,8 +259,7 @@ class AsyncioParking(HandleInfo):
         for i, ts in send_targets(len(self._shards), data, tuple(tickets), tag):
             shard = self._shards[i]
             req = shard._engine.send(data, self._loop.create_future(), tickets=ts, tag=tag)
-            r = await shard._control(req)
-            results.append(SendResult(r.written, r.woken, r.missed))
+            results.append(await shard._control(req))
         return merge_send(results)
 
     async def _control(self, req: ControlRequest) -> Result:
@@ -282,25 +282,18 @@ class AsyncioParking(HandleInfo):
     async def _park(self, socks: list[Any], entries: list[Any]) -> list[int | ParkRefused]:
         if self._spread is None:
             return await self._park_here(socks, entries)
-        plan = ParkPlan(self._spread, len(socks))
-        while step := plan.next(self._ready(), self._loop.time()):
-            i, idx = step
-            some = len(idx) < len(socks)
+        plan = ParkPlan(self._spread, socks, entries)
+        while step := plan.next(ready(s._engine for s in self._shards), self._loop.time()):
+            i, some, theirs = step
             try:
-                got = await self._shards[i]._park_here(
-                    [socks[k] for k in idx] if some else socks,
-                    [entries[k] for k in idx] if some else entries,
-                )
+                got = await self._shards[i]._park_here(list(some), theirs)
             except BaseException:
                 self._spread.failed(i, self._loop.time())  # cancelled: not there next
                 raise
-            plan.answered(i, idx, got, self._loop.time())
+            plan.answered(i, got, self._loop.time())
         return plan.outcome()
 
-    def _ready(self) -> list[bool]:
-        return [s._engine.phase is Phase.READY for s in self._shards]
-
-    async def _park_here(self, socks: list[Any], entries: list[Any]) -> list[int | ParkRefused]:
+    async def _park_here(self, socks: list[Any], entries: Sequence[Any]) -> list[int | ParkRefused]:
         req = self._engine.park(socks, entries, self._loop.create_future())
         self._pump()
         self._schedule_flush()
@@ -433,7 +426,7 @@ class AsyncioParking(HandleInfo):
             item = self._wakes.get_nowait()
             if isinstance(item, Woken):
                 taken.append(item)
-        untaken = hand_back_to(taken, [s._engine.phase is Phase.READY for s in self._shards])
+        untaken = hand_back_to(taken, ready(s._engine for s in self._shards))
         await asyncio.gather(
             *(
                 shard._close_here(theirs)

@@ -77,8 +77,8 @@ def test_hot_path_encoders_match_the_codec() -> None:
     lot = Lot()
     owner = SessionState(1, lot.pool("p"))
     lot.add_session(owner)
-    a = lot.park(7, token=b"tok", pending=b"pend", flags=INET6, session=owner, deadline=9.0)
-    b = lot.park(8, token=b"", pending=b"x" * 300, flags=0, session=owner, deadline=9.0)
+    a = lot.park(7, token=b"tok", pending=b"pend", flags=INET6, session=owner, deadline_ms=9000)
+    b = lot.park(8, token=b"", pending=b"x" * 300, flags=0, session=owner, deadline_ms=9000)
     lot.wake(a, Reason.READABLE, 1.0)
     lot.forget_fd(b)
     lot.wake(b, Reason.HANGUP, 1.0)
@@ -109,7 +109,7 @@ def test_wake_frames_split_by_entries_bytes_and_budget() -> None:
             pending=big if fd % 100 == 0 else b"",
             flags=0,
             session=owner,
-            deadline=9.0,
+            deadline_ms=9000,
         )
         for fd in range(3, 703)
     ]

@@ -27,6 +27,7 @@ from connpark._lot import (
     EPOCH_SHIFT,
     FD_BITS,
     HANGUP_RETURNS,
+    MAX_TICK_MS,
     SEQ_LIMIT,
     SHARD_SHIFT,
     TIMEOUT_RETURNS,
@@ -37,6 +38,7 @@ from connpark._lot import (
     SessionState,
     Slot,
     State,
+    due_ms,
 )
 from connpark._wire import Reason
 
@@ -57,7 +59,7 @@ def park(lot: Lot, fd: int, owner: SessionState, deadline: float = 100.0, flags:
         pending=b"",
         flags=flags,
         session=owner,
-        deadline=deadline,
+        deadline_ms=math.ceil(deadline * 1000),
     )
 
 
@@ -548,7 +550,6 @@ def test_expired_returns_exactly_the_due_slots_in_deadline_order() -> None:
     got = lot.expired(20.5)
     assert {s.fd for s in got} == {4, 6, 5}
     assert [deadlines[s.fd] for s in got] == [10.0, 10.0, 20.5]
-    assert got[:2] == sorted(got[:2], key=lambda s: s.ticket)  # ties by ticket
     # expired does not wake: the caller does, and they are still PARKED.
     assert all(s.state is State.PARKED for s in got)
     for s in got:
@@ -599,7 +600,7 @@ def test_heap_compaction_keeps_heap_small() -> None:
         if i % 10 == 0:
             assert lot.expired(now) == []  # the timer firing for unrelated reasons
         # Right after expired(): stale <= 1024, or compacted; plus <= 10 parks since.
-        assert len(lot._heap) <= lot.parked + 1024 + 11
+        assert lot._entries <= lot.parked + 1024 + 11
     assert lot.parked == len(keep)
     check_lot(lot)
     # Compaction lost no live deadline.
@@ -623,7 +624,7 @@ def test_heap_stays_small_under_timer_driven_expiry() -> None:
         assert lot.wake(slot, Reason.READABLE, now)
         ack_and_remove(lot, a, [slot.ticket])
     assert lot.parked == 0
-    assert len(lot._heap) <= lot.parked + 1100
+    assert lot._entries <= lot.parked + 1100
 
 
 # -- orphans -------------------------------------------------------------------------
@@ -1102,8 +1103,8 @@ class LotMachine(RuleBasedStateMachine):
         ]
         assert {id(s) for s in got} == {id(s) for s in due}
         assert len(got) == len(due)
-        keys = [(self.deadline[s.ticket], s.ticket) for s in got]
-        assert keys == sorted(keys)
+        keys = [self.deadline[s.ticket] for s in got]
+        assert keys == sorted(keys)  # by deadline (within one tick: any order)
         for slot in got:
             if not slot.returns_fd(Reason.TIMEOUT):
                 self.lot.forget_fd(slot)
@@ -1151,3 +1152,43 @@ class FrozenAwareLotMachine(LotMachine):
 
 TestFrozenAwareLotMachine = FrozenAwareLotMachine.TestCase
 TestFrozenAwareLotMachine.settings = TestLotMachine.settings
+
+
+# -- deadline ticks ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("idle", [0.0, 0.001, 0.05, 0.2, 1.0, 7.5, 60.0, 300.0, 86_400.0])
+@pytest.mark.parametrize("now", [0.0, 0.0004, 12.3456, 98_765.4321])
+def test_due_ms_is_never_early_and_at_most_a_64th_late(now: float, idle: float) -> None:
+    due = due_ms(now, idle)
+    exact = (now + idle) * 1000
+    assert due >= exact - 1e-6
+    assert due - exact <= max(1.0, min(idle * 1000 / 64, MAX_TICK_MS)) + 1e-6
+    assert due > 0
+
+
+def test_parks_of_one_tick_share_one_timer_entry() -> None:
+    """What makes a deadline cost 4 B: a frame of parks with one timeout is one entry."""
+    lot = Lot(window=4096)
+    a = session(lot)
+    due = due_ms(1000.0, 300.0)
+    assert due == due_ms(1000.3, 300.0)  # 0.3 s later: the same tick (of 1,024 ms)
+    lot.park_many(a, [(fd, b"", b"", 0, due) for fd in range(3, 503)])
+    lot.park_many(a, [(fd, b"", b"", 0, due_ms(1000.3, 300.0)) for fd in range(503, 603)])
+    assert len(lot._due) == 1
+    assert lot._entries == 600
+    assert lot.expired(due / 1000 - 0.002) == []
+    assert len(lot.expired(due / 1000)) == 600
+
+
+def test_touch_moves_a_deadline_and_leaves_one_stale_entry() -> None:
+    lot = Lot()
+    a = session(lot)
+    slot = park(lot, 3, a, deadline=10.0)
+    lot.touch(slot, 20_000)
+    lot.touch(slot, 20_000)  # the same tick again: no second entry
+    assert lot._entries == 2
+    assert lot._stale == 1
+    assert lot.expired(15.0) == []
+    assert lot._stale == 0
+    assert lot.expired(20.0) == [slot]

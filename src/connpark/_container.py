@@ -74,6 +74,7 @@ from ._lot import (
     SessionState,
     Slot,
     State,
+    due_ms,
 )
 from ._mirror import FLAG_CONFIRMED, Record, encode_records, encode_tickets, encode_woken
 from ._mirror import Kind as MirrorKind
@@ -910,7 +911,7 @@ class Container:
         mirrored: list[Record] | None = [] if self._mirror is not None else None
         wall = time.time() - now
         peers: dict[object, int | list[int]] = {}
-        default_ms = math.ceil((now + cfg.idle_timeout) * 1000)
+        default_ms = due_ms(now, cfg.idle_timeout)
         #: idle_timeout_ms -> the deadline (ms, rounded up).
         deadlines: dict[int, int] = {}
         returns = _RETURN_FLAGS
@@ -989,7 +990,7 @@ class Container:
             if idle_ms:
                 deadline_ms = deadlines.get(idle_ms, 0)
                 if not deadline_ms:
-                    deadline_ms = deadlines[idle_ms] = math.ceil((now + idle_ms / 1000) * 1000)
+                    deadline_ms = deadlines[idle_ms] = due_ms(now, idle_ms / 1000)
             else:
                 deadline_ms = default_ms
             flags = returns[wflags & _RETURNS] if wflags & _RETURNS else UNCONFIRMED
@@ -1110,7 +1111,7 @@ class Container:
             pending=entry.pending,
             flags=flags | UNCONFIRMED,
             session=s,
-            deadline=now + idle,
+            deadline_ms=due_ms(now, idle),
         )
         if entry.rules or entry.tags:
             self.serving.attach(self.lot, slot, entry, rules, idle)  # type: ignore[arg-type]
@@ -1200,7 +1201,7 @@ class Container:
             pending=r.pending,
             flags=r.flags & ~FLAG_CONFIRMED,
             pool=r.pool,
-            deadline=max(now, r.deadline_ms / 1000 + offset),
+            deadline_ms=due_ms(now, max(0.0, r.deadline_ms / 1000 + offset - now)),
         )
 
     async def _end_quarantine(self) -> None:

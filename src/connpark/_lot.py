@@ -29,8 +29,10 @@ crosses a READABLE wake). The caller does the I/O the lot asks for: it
 unregisters and closes fds, and writes each session's ``outq``.
 
 Memory: a slot is one slotted object; the table is a list indexed by fd (not
-a dict), and tickets encode the fd so lookups need no map. Deadlines live in
-one heap of ints ``deadline_ms << 64 | ticket``, lazily pruned.
+a dict), and tickets encode the fd so lookups need no map. Deadlines are
+rounded up to a tick (``due_ms``: at most 1/64 of the timeout, 1 s at most),
+so the parks of a tick share one timer entry: a dict of tick -> fds
+(``array('i')``, 4 B per connection) and a heap of the ticks, lazily pruned.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import enum
 import heapq
 import math
 import operator
+from array import array
 from collections import Counter, deque
 from collections.abc import Iterable
 from typing import Any
@@ -58,7 +61,20 @@ _LOCAL_MASK = (1 << SHARD_SHIFT) - 1
 #: Sequence numbers per epoch: past it the Lot moves to an epoch no live ticket
 #: uses, so a ticket is not issued twice in 256 x 2**24 parks.
 SEQ_LIMIT = 1 << (SHARD_SHIFT - FD_BITS)
-_TICKET_MASK = (1 << 64) - 1
+#: The coarsest deadline tick (ms): a timeout of a minute or more fires <= 1 s late.
+MAX_TICK_MS = 1024
+
+
+def due_ms(now: float, idle: float) -> int:
+    """The deadline ``idle`` seconds after ``now``, in whole ms rounded up to a
+    tick: a power of two of at most 1/64 of ``idle`` (1 ms to ``MAX_TICK_MS``).
+
+    Never early, at most ~1.6% late: in return every park of a tick shares one
+    timer entry, so a deadline costs 4 B per connection instead of ~56.
+    """
+    ms = math.ceil((now + idle) * 1000)
+    tick = min(MAX_TICK_MS, 1 << max(0, (int(idle * 1000) >> 6).bit_length() - 1))
+    return max(tick, -(-ms // tick) * tick)
 
 
 class InternalError(ConnparkError):
@@ -142,7 +158,7 @@ class Slot:
         self.flags = flags
         self.pool = pool
         self.state = _PARKED
-        #: PARKED: the heap key. QUEUED/SENT: when readiness was seen (for latency).
+        #: PARKED: its deadline tick (ms; 0: none). QUEUED/SENT: when readiness was seen.
         self.key: float | int = 0
         self.reason = _READABLE
         #: The session this slot's wake should go to first (its parker, or its asker).
@@ -164,7 +180,7 @@ class Slot:
 
 
 _new_slot = Slot.__new__
-_heappush = heapq.heappush
+_no_fds: array[int] = array("i")
 _ticket_of = operator.attrgetter("ticket")
 
 
@@ -224,7 +240,11 @@ class Lot:
         #: A session with an un-ACKed wake older than this is routed around.
         self.ack_deadline = ack_deadline
         self._by_fd: list[Slot | None] = []
-        self._heap: list[int] = []
+        #: Deadline tick (ms) -> the fds parked with it; a heap of those ticks.
+        self._due: dict[int, array[int]] = {}
+        self._ticks: list[int] = []
+        #: Entries in ``_due``, and how many of them no longer stand for a deadline.
+        self._entries = 0
         self._stale = 0
         #: The last sequence number used in the current epoch.
         self._seq = 0
@@ -306,16 +326,17 @@ class Lot:
         pending: bytes,
         flags: int,
         session: SessionState,
-        deadline: float,
+        deadline_ms: int,
     ) -> Slot:
-        """Record a new parked fd (already validated and in the watcher) with its deadline."""
-        return self.park_many(session, [(fd, token, pending, flags, math.ceil(deadline * 1000))])[0]
+        """Record a new parked fd (already validated and in the watcher) with its
+        deadline (``due_ms``)."""
+        return self.park_many(session, [(fd, token, pending, flags, deadline_ms)])[0]
 
     def park_many(
         self, session: SessionState, entries: list[tuple[int, bytes, bytes, int, int]]
     ) -> list[Slot]:
         """``park`` for the hot path, a PARK frame at once: (fd, token, pending, flags,
-        deadline in whole ms, rounded up) each. Returns their slots, in order."""
+        ``due_ms`` deadline) each. Returns their slots, in order."""
         seq = self._seq
         if seq + len(entries) >= SEQ_LIMIT:
             self._next_epoch()
@@ -323,11 +344,12 @@ class Lot:
         self._seq = seq + len(entries)
         epoch = self._epoch
         by_fd = self._by_fd
-        heap = self._heap
         pool = session.pool
         parked, readable = _PARKED, _READABLE
         slots: list[Slot] = []
         keep = slots.append
+        tick = -1
+        due_fds = _no_fds
         try:
             for fd, token, pending, flags, deadline_ms in entries:
                 seq += 1
@@ -346,16 +368,28 @@ class Lot:
                 slot.flags = flags
                 slot.pool = pool
                 slot.state = parked
-                slot.key = key = deadline_ms << 64 | ticket
+                slot.key = deadline_ms
                 slot.reason = readable
                 slot.session = session
                 slot.extra = None
                 by_fd[fd] = slot
-                _heappush(heap, key)
+                if deadline_ms != tick:  # a frame's entries mostly share one
+                    tick = deadline_ms
+                    due_fds = self._timer(tick)
+                due_fds.append(fd)
                 keep(slot)
         finally:
             self._counts[parked] += len(slots)
+            self._entries += len(slots)
         return slots
+
+    def _timer(self, tick: int) -> array[int]:
+        """The fds due at ``tick`` (a new, empty entry the first time)."""
+        fds = self._due.get(tick)
+        if fds is None:
+            fds = self._due[tick] = array("i")
+            heapq.heappush(self._ticks, tick)
+        return fds
 
     def _next_epoch(self) -> None:
         """The sequence ran out: the next epoch that no live ticket uses."""
@@ -378,26 +412,22 @@ class Lot:
         pending: bytes,
         flags: int,
         pool: str,
-        deadline: float,
+        deadline_ms: int,
     ) -> Slot:
         """A connection back from the mirror after a restart: same ticket, any fd number."""
-        slot = Slot(ticket, fd, token, pending, flags, self.pool(pool))
-        self._add(slot, deadline)
-        if ticket & _FD_MASK != fd:
-            self._alias[ticket] = slot
-        return slot
-
-    def _add(self, slot: Slot, deadline: float) -> None:
-        fd = slot.fd
-        ticket = slot.ticket
-        self._counts[State.PARKED] += 1
         if fd >= len(self._by_fd):
             self._by_fd.extend([None] * (fd + 1 - len(self._by_fd) + 64))
         if self._by_fd[fd] is not None:
             raise InternalError(f"fd {fd} parked twice")
+        slot = Slot(ticket, fd, token, pending, flags, self.pool(pool))
+        self._counts[State.PARKED] += 1
         self._by_fd[fd] = slot
-        slot.key = math.ceil(deadline * 1000) << 64 | ticket  # never early
-        heapq.heappush(self._heap, slot.key)
+        slot.key = deadline_ms
+        self._timer(deadline_ms).append(fd)
+        self._entries += 1
+        if ticket & _FD_MASK != fd:
+            self._alias[ticket] = slot
+        return slot
 
     def wake(
         self, slot: Slot, reason: Reason, now: float, *, to: SessionState | None = None
@@ -476,7 +506,7 @@ class Lot:
         self._move_all(queued, sent, len(mine))
         self.woken_total[_REQUESTED_NAME] += woke
         self._stale += stale
-        if self._stale > 1024 and self._stale > len(self._heap) // 2:
+        if self._stale > 1024 and self._stale > self._entries // 2:
             self._compact()
         if mine:
             session.outq.extend(mine)
@@ -494,11 +524,11 @@ class Lot:
         slot.fd = -1
 
     def _drop_deadline(self, slot: Slot) -> None:
-        """The slot's heap entry (if ``expired`` has not popped it) is stale now."""
+        """The slot's timer entry (if ``expired`` has not taken it) is stale now."""
         if slot.key:
             self._stale += 1
             slot.key = 0
-            if self._stale > 1024 and self._stale > len(self._heap) // 2:
+            if self._stale > 1024 and self._stale > self._entries // 2:
                 self._compact()
 
     def remove(self, slot: Slot) -> None:
@@ -520,14 +550,16 @@ class Lot:
         if extra is not None and extra.tags:
             self.tags.discard(slot.pool.name, extra.tags, slot)
 
-    def touch(self, slot: Slot, deadline: float) -> None:
-        """Push a PARKED slot's idle deadline to ``deadline`` (an auto-response resets it)."""
-        if slot.state is State.PARKED:
+    def touch(self, slot: Slot, deadline_ms: int) -> None:
+        """Move a PARKED slot's idle deadline to ``deadline_ms`` (``due_ms``; an
+        auto-response resets it)."""
+        if slot.state is State.PARKED and slot.key != deadline_ms:
             if slot.key:
-                self._stale += 1  # the old heap entry
-            slot.key = math.ceil(deadline * 1000) << 64 | slot.ticket
-            heapq.heappush(self._heap, slot.key)
-            if self._stale > 1024 and self._stale > len(self._heap) // 2:
+                self._stale += 1  # the old timer entry
+            slot.key = deadline_ms
+            self._timer(deadline_ms).append(slot.fd)
+            self._entries += 1
+            if self._stale > 1024 and self._stale > self._entries // 2:
                 self._compact()
 
     def stale(self, session: SessionState, now: float) -> bool:
@@ -780,32 +812,40 @@ class Lot:
 
     def next_deadline(self) -> float | None:
         """The earliest idle deadline (seconds), stale entries included (harmless)."""
-        return (self._heap[0] >> 64) / 1000 if self._heap else None
+        return self._ticks[0] / 1000 if self._ticks else None
 
     def expired(self, now: float) -> list[Slot]:
-        """PARKED slots whose idle deadline has passed (the caller wakes them)."""
+        """PARKED slots whose idle deadline has passed (the caller wakes them), by
+        deadline tick."""
         limit = int(now * 1000 + 0.001)  # float error must not leave a due deadline behind
-        out = []
-        heap = self._heap
-        while heap and heap[0] >> 64 <= limit:
-            key = heapq.heappop(heap)
-            slot = self.find(key & _TICKET_MASK)
-            if slot is not None and slot.state is State.PARKED and slot.key == key:
-                slot.key = 0  # popped: no stale entry left behind when it wakes
-                out.append(slot)
-            else:
-                self._stale -= 1
+        out: list[Slot] = []
+        ticks = self._ticks
+        by_fd = self._by_fd
+        parked = _PARKED
+        while ticks and ticks[0] <= limit:
+            tick = heapq.heappop(ticks)
+            fds = self._due.pop(tick)
+            self._entries -= len(fds)
+            for fd in fds:
+                slot = by_fd[fd]
+                # An fd reused since, a deadline moved, a slot woken: a stale entry.
+                if slot is not None and slot.key == tick and slot.state is parked:
+                    slot.key = 0  # taken: no stale entry left behind when it wakes
+                    out.append(slot)
+                else:
+                    self._stale -= 1
         return out
 
     def _compact(self) -> None:
-        """Drop stale heap entries so memory tracks the parked count, not the history."""
-        if self._stale >= len(self._heap):  # all stale (a mass wake): no scan
-            self._heap = []
-            self._stale = 0
-            return
-        self._heap = [s.key for s in self.parked_slots()]  # type: ignore[misc]
-        heapq.heapify(self._heap)
-        self._stale = 0
+        """Drop stale timer entries so memory tracks the parked count, not the history."""
+        self._due = {}
+        self._ticks = []
+        self._entries = self._stale = 0
+        if self._counts[_PARKED]:  # else all stale (a mass wake): no scan
+            for slot in self.parked_slots():
+                if slot.key:
+                    self._timer(slot.key).append(slot.fd)  # type: ignore[arg-type]
+                    self._entries += 1
 
     def orphans(self, now: float) -> list[Slot]:
         """QUEUED slots of pools with no session, waiting past the orphan timeout."""

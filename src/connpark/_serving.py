@@ -30,7 +30,7 @@ import attrs
 
 from ._admit import borrow
 from ._autoresponse import PEEK_SIZE, RuleSet, decide_untrusted
-from ._lot import Lot, Slot
+from ._lot import Lot, Slot, due_ms
 from ._wire import ParkEntry, Reason, Refusal, Rules, wake_ext
 
 _DONTWAIT = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
@@ -169,7 +169,7 @@ class Serving:
             extra.unsent, extra.unsent_from = decision.reply, written
             return Reason.UNSENT
         if decision.resets_idle and extra.idle_ms:
-            lot.touch(slot, now + extra.idle_ms / 1000)
+            lot.touch(slot, due_ms(now, extra.idle_ms / 1000))
         return None
 
     def publish(self, slot: Slot, data: bytes) -> Reason | None:

@@ -500,3 +500,71 @@ async def test_concurrent_big_parks_near_the_fd_limit_are_refusals_not_errors(
     for clients, servers in pairs:
         for s in (*clients, *servers):
             s.close()
+
+
+async def test_long_parked_connections_are_packed_and_wake_as_parked(serve: ServeProcess) -> None:
+    """A plain park still parked a second after its PARKED is packed (~40 B, no
+    object); data, UNPARK, CLOSE, hangups and timeouts reach it as before, with
+    its token, pending and policies."""
+    clients, servers = tcp_pairs(25)
+    async with connpark.open_parking(serve.path, pool="web") as parking:
+        n = 20
+        got = await parking.park_many(
+            servers[:n],
+            tokens=[b"t%d" % i for i in range(n)],
+            pendings=[b"p%d" % i for i in range(n)],
+        )
+        tickets = [t for t in got if isinstance(t, int)]
+        assert len(tickets) == n
+        t_return = await parking.park(servers[n], token=b"ret", on_hangup="return")
+        timed = [await parking.park(s, token=b"late", idle_timeout=3.0) for s in servers[n + 1 :]]
+        with trio.fail_after(10):
+            while serve.stats().packed < 25:
+                await trio.sleep(0.1)
+        assert serve.stats().parked == 25
+
+        for i in range(3):  # data: READABLE, the bytes untouched
+            clients[i].sendall(b"hello %d" % i)
+        for _ in range(3):
+            w = await _next_wake(parking)
+            i = tickets.index(w.ticket)
+            assert (w.reason, w.token, w.pending) == (Reason.READABLE, b"t%d" % i, b"p%d" % i)
+            assert w.socket is not None
+            assert await w.socket.recv(100) == b"hello %d" % i
+            w.socket.close()
+        await parking.unpark(*tickets[3:6])
+        woken = set()
+        for _ in range(3):
+            w = await _next_wake(parking)
+            assert (w.reason, w.socket is not None) == (Reason.REQUESTED, True)
+            w.socket.close()  # type: ignore[union-attr]
+            woken.add(w.ticket)
+        assert woken == set(tickets[3:6])
+        await parking.close(tickets[6], goodbye=b"bye")
+        assert _recv_exactly(clients[6], 3) == b"bye"
+        clients[7].close()
+        clients[n].close()
+        hangups = {}
+        for _ in range(2):
+            w = await _next_wake(parking)
+            hangups[w.ticket] = w
+        assert hangups[tickets[7]].reason is Reason.HANGUP
+        assert hangups[tickets[7]].socket is None
+        ret = hangups[t_return]
+        assert (ret.reason, ret.token) == (Reason.HANGUP, b"ret")
+        assert ret.socket is not None
+        ret.socket.close()
+        for _ in range(len(timed)):  # 3 s after they were parked, packed all along
+            w = await _next_wake(parking)
+            assert (w.ticket in timed, w.reason, w.token, w.socket) == (
+                True,
+                Reason.TIMEOUT,
+                b"late",
+                None,
+            )
+        stats = serve.stats()
+        assert stats.parked == n - 8
+        assert stats.packed == n - 8
+        assert stats.woken_total == {"READABLE": 3, "REQUESTED": 3, "HANGUP": 2, "TIMEOUT": 4}
+    for c in clients:
+        c.close()

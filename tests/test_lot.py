@@ -24,10 +24,12 @@ from hypothesis.stateful import (
 )
 
 from connpark._lot import (
+    _PACKED,
     EPOCH_SHIFT,
     FD_BITS,
     HANGUP_RETURNS,
     MAX_TICK_MS,
+    PACK_EVERY,
     SEQ_LIMIT,
     SHARD_SHIFT,
     TIMEOUT_RETURNS,
@@ -78,7 +80,7 @@ def check_lot(lot: Lot, live: list[Slot] | None = None) -> None:
     ``live`` is every slot the test parked and has not removed; it is needed
     because notice slots (fd closed, ``forget_fd``) are in no by-fd entry.
     """
-    table = lot.slots()
+    table = [s for s in lot._by_fd if s is not None and s.state is not State.MOVED]
     if live is None:
         live = table
     live_ids = {id(s) for s in live}
@@ -88,9 +90,17 @@ def check_lot(lot: Lot, live: list[Slot] | None = None) -> None:
     for slot in table:
         assert id(slot) in live_ids
         assert slot.fd >= 0
-        assert lot.by_fd(slot.fd) is slot
+        assert lot._by_fd[slot.fd] is slot
+    # A retired object's connection is packed at its fd, under its ticket.
+    moved = [s for s in live if s.state is State.MOVED]
+    assert lot.packed == len(moved)
+    for slot in moved:
+        assert lot._by_fd[slot.fd] is _PACKED
+        assert lot._pticket[slot.fd] == slot.ticket
     # Every live slot that still has its fd is findable at it.
     for slot in live:
+        if slot.state is State.MOVED:
+            continue
         if slot.fd >= 0:
             assert lot.by_fd(slot.fd) is slot
             assert lot.find(slot.ticket) is slot
@@ -120,8 +130,8 @@ def check_lot(lot: Lot, live: list[Slot] | None = None) -> None:
 
     counts = dict.fromkeys(State, 0)
     for slot in live:
-        counts[slot.state] += 1
-        if slot.state is State.PARKED:
+        counts[State.PARKED if slot.state is State.MOVED else slot.state] += 1
+        if slot.state in (State.PARKED, State.MOVED):
             assert id(slot) not in inflight
             assert id(slot) not in waiting
         elif slot.state is State.QUEUED:
@@ -142,7 +152,9 @@ def check_lot(lot: Lot, live: list[Slot] | None = None) -> None:
     assert lot.sent == counts[State.SENT] + counts[State.WRITTEN]
     assert lot.queued == sum(waiting.values())
     assert lot.sent == sum(s.load for s in sessions)
-    assert {id(s) for s in lot.parked_slots()} == {id(s) for s in live if s.state is State.PARKED}
+    held = {s.ticket for s in table if s.state is State.PARKED}
+    held |= {t for t in lot._pticket if t}
+    assert held == {s.ticket for s in live if s.state in (State.PARKED, State.MOVED)}
 
 
 # -- tickets -----------------------------------------------------------------------
@@ -708,10 +720,12 @@ def test_requeued_wake_gets_a_full_orphan_timeout(where: str) -> None:
 
 def test_transition_table_shape() -> None:
     assert TRANSITIONS[State.GONE] == frozenset()
+    assert TRANSITIONS[State.MOVED] == frozenset()  # a retired object: nothing acts on it
     for state in State:
         assert state not in TRANSITIONS[state]
-        if state is not State.GONE:
+        if state not in (State.GONE, State.MOVED):
             assert State.GONE in TRANSITIONS[state]
+            assert State.MOVED not in TRANSITIONS[state]
     assert State.PARKED not in set().union(*TRANSITIONS.values())  # parking is not a move
 
 
@@ -903,6 +917,45 @@ class LotMachine(RuleBasedStateMachine):
         used = {s.fd for s in self.live if s.fd >= 0}
         return next(fd for fd in itertools.count(3) if fd not in used)
 
+    def _current(self, slot: Slot) -> Slot:
+        """A retired (packed) slot's connection as an object again, as the container
+        gets it: by ticket."""
+        if slot.state is not State.MOVED:
+            return slot
+        found = self.lot.find(slot.ticket)
+        assert found is not None
+        assert found.state is State.PARKED
+        parker = slot.session if slot.session is not None and slot.session.alive else None
+        assert (found.ticket, found.fd, found.pool, found.session) == (
+            slot.ticket,
+            slot.fd,
+            slot.pool,
+            parker,  # one that ended is forgotten (it would not get the wake anyway)
+        )
+        self.live[self.live.index(slot)] = found
+        return found
+
+    def _refresh(self) -> None:
+        """Retired slots whose connection a lot call unpacked: take the new objects."""
+        for i, x in enumerate(self.live):
+            if x.state is State.MOVED and self.lot._by_fd[x.fd] is not _PACKED:
+                found = self.lot._by_fd[x.fd]
+                assert found is not None
+                assert found.ticket == x.ticket
+                self.live[i] = found
+
+    @staticmethod
+    def _parked(slot: Slot) -> bool:
+        return slot.state in (State.PARKED, State.MOVED)
+
+    @rule()
+    def pack(self) -> None:
+        objects = [x for x in self.live if x.state is State.PARKED]
+        assert self.lot.pack(self.now) == len(objects)
+        assert all(x.state is State.MOVED for x in objects)
+        assert self.lot.next_pack() is None  # every parked one is packed
+        assert self.lot.pack(self.now) == 0
+
     def _drop(self, slot: Slot) -> None:
         self.lot.remove(slot)
         assert slot.state is State.GONE
@@ -949,9 +1002,9 @@ class LotMachine(RuleBasedStateMachine):
     )
     def wake(self, data: st.DataObject, reason: Reason, to: SessionState | None) -> None:
         """A readiness event or an UNPARK, mostly of a parked slot."""
-        parked = [s for s in self.live if s.state is State.PARKED]
+        parked = [s for s in self.live if self._parked(s)]
         if parked:
-            self._wake(data.draw(st.sampled_from(parked)), reason, to)
+            self._wake(self._current(data.draw(st.sampled_from(parked))), reason, to)
 
     @rule(
         data=st.data(),
@@ -961,7 +1014,7 @@ class LotMachine(RuleBasedStateMachine):
     def wake_any(self, data: st.DataObject, reason: Reason, to: SessionState | None) -> None:
         """Recall races: an UNPARK of a slot whose wake may already be under way."""
         if self.live:
-            self._wake(data.draw(st.sampled_from(self.live)), reason, to)
+            self._wake(self._current(data.draw(st.sampled_from(self.live))), reason, to)
 
     def _wake(self, slot: Slot, reason: Reason, to: SessionState | None) -> None:
         was_parked = slot.state is State.PARKED
@@ -1025,13 +1078,14 @@ class LotMachine(RuleBasedStateMachine):
             st.lists(st.sampled_from([*pool, 4321 << FD_BITS]), max_size=6) if pool else st.just([])
         )
         want = {
-            id(x)
+            x.ticket
             for x in self.live
-            if x.ticket in tickets and x.state is State.PARKED and x.pool is s.pool
+            if x.ticket in tickets and self._parked(x) and x.pool is s.pool
         }
         room = s.load < self.lot.window and not self.lot.stale(s, self.now)
         woke = self.lot.unpark(s, tickets, self.now)
-        assert {id(x) for x in woke} == want
+        self._refresh()
+        assert {x.ticket for x in woke} == want
         assert len(woke) == len(want)
         for x in woke:
             assert x.reason is Reason.REQUESTED
@@ -1090,18 +1144,17 @@ class LotMachine(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def close(self, data: st.DataObject) -> None:
-        parked = [s for s in self.live if s.state is State.PARKED]
+        parked = [s for s in self.live if self._parked(s)]
         if parked:
-            self._drop(data.draw(st.sampled_from(parked)))
+            self._drop(self._current(data.draw(st.sampled_from(parked))))
 
     @rule(dt=st.integers(0, 8))
     def expire(self, dt: int) -> None:
         self.now += dt
         got = self.lot.expired(self.now)
-        due = [
-            s for s in self.live if s.state is State.PARKED and self.deadline[s.ticket] <= self.now
-        ]
-        assert {id(s) for s in got} == {id(s) for s in due}
+        self._refresh()
+        due = [s for s in self.live if self._parked(s) and self.deadline[s.ticket] <= self.now]
+        assert {s.ticket for s in got} == {s.ticket for s in due}
         assert len(got) == len(due)
         keys = [self.deadline[s.ticket] for s in got]
         assert keys == sorted(keys)  # by deadline (within one tick: any order)
@@ -1111,7 +1164,7 @@ class LotMachine(RuleBasedStateMachine):
             assert self.lot.wake(slot, Reason.TIMEOUT, self.now)
         assert self.lot.expired(self.now) == []
         nxt = self.lot.next_deadline()
-        future = [self.deadline[s.ticket] for s in self.live if s.state is State.PARKED]
+        future = [self.deadline[s.ticket] for s in self.live if self._parked(s)]
         if future:
             assert nxt is not None
             assert nxt <= min(future)
@@ -1192,3 +1245,123 @@ def test_touch_moves_a_deadline_and_leaves_one_stale_entry() -> None:
     assert lot.expired(15.0) == []
     assert lot._stale == 0
     assert lot.expired(20.0) == [slot]
+
+
+# -- packing -------------------------------------------------------------------------
+
+
+def _packed_lot() -> tuple[Lot, SessionState, list[Slot]]:
+    """Six parks: plain (fds 3-5, fd 4 with token and pending), unconfirmed (6),
+    with rules or tags (7), restored under another fd (8)."""
+    lot = Lot(window=64)
+    a = session(lot)
+    slots = [
+        lot.park(3, token=b"", pending=b"", flags=HANGUP_RETURNS, session=a, deadline_ms=10_000),
+        lot.park(4, token=b"tk", pending=b"pd", flags=0, session=a, deadline_ms=20_000),
+        lot.park(5, token=b"", pending=b"", flags=TIMEOUT_RETURNS, session=a, deadline_ms=30_000),
+        lot.park(6, token=b"", pending=b"", flags=UNCONFIRMED, session=a, deadline_ms=30_000),
+        lot.park(7, token=b"", pending=b"", flags=0, session=a, deadline_ms=30_000),
+    ]
+    slots[4].extra = object()  # rules or tags: stays an object
+    slots.append(
+        lot.restore(
+            9 << FD_BITS | 99, 8, token=b"", pending=b"", flags=0, pool="p", deadline_ms=30_000
+        )
+    )
+    return lot, a, slots
+
+
+def test_pack_retires_plain_confirmed_slots_and_keeps_the_rest() -> None:
+    lot, _a, slots = _packed_lot()
+    assert lot.next_pack() == 0.0  # parked objects: pack at the first chance
+    assert lot.pack(5.0) == 3
+    assert lot.packed == 3
+    assert lot.parked == 6  # counts do not change: packed is a way of holding PARKED
+    assert [s.state for s in slots] == [State.MOVED] * 3 + [State.PARKED] * 3
+    assert lot.next_pack() == 5.0 + PACK_EVERY  # the unconfirmed one may qualify later
+    assert slots[0].fd == 3
+    with pytest.raises(InternalError):
+        lot.remove(slots[0])  # a retired object cannot act for its connection
+    assert slots[0].fd == 3  # (and it was not touched on the way)
+    assert not lot.wake(slots[1], Reason.READABLE, 6.0)  # nor be woken (a no-op)
+    Lot.confirm([slots[3]])
+    assert lot.pack(6.0) == 1
+    assert lot.next_pack() is None  # the rest are not for packing: no timer
+    check_lot(lot, slots)
+
+
+def test_packed_connections_unpack_as_they_were_by_fd_and_by_ticket() -> None:
+    lot, a, slots = _packed_lot()
+    lot.pack(5.0)
+    by_fd = lot.by_fd(4)
+    assert by_fd is not None
+    assert by_fd is not slots[1]
+    assert (by_fd.ticket, by_fd.fd, by_fd.token, by_fd.pending, by_fd.flags) == (
+        slots[1].ticket,
+        4,
+        b"tk",
+        b"pd",
+        0,
+    )
+    assert (by_fd.state, by_fd.session, by_fd.pool, by_fd.key) == (State.PARKED, a, a.pool, 20_000)
+    assert lot.packed == 2
+    # A stale ticket of a packed fd finds nothing and leaves it packed.
+    assert lot.find(slots[0].ticket ^ 1 << 30) is None
+    assert lot.packed == 2
+    found = lot.find(slots[2].ticket)
+    assert found is not None
+    assert found.flags == TIMEOUT_RETURNS
+    assert lot.packed == 1
+    slots[1:3] = [by_fd, found]
+    check_lot(lot, slots)
+
+
+def test_unpark_and_expiry_reach_packed_connections() -> None:
+    lot, a, slots = _packed_lot()
+    lot.pack(5.0)
+    woke = lot.unpark(a, [slots[1].ticket, slots[1].ticket, 77 << FD_BITS | 4], 6.0)
+    assert [(w.ticket, w.state, w.reason, w.token) for w in woke] == [
+        (slots[1].ticket, State.SENT, Reason.REQUESTED, b"tk")
+    ]
+    assert a.outq == woke
+    due = lot.expired(10.0)
+    assert [s.ticket for s in due] == [slots[0].ticket]
+    assert due[0].flags == HANGUP_RETURNS
+    assert lot.wake(due[0], Reason.TIMEOUT, 10.0)
+    assert lot.packed == 1  # fd 5 (deadline 30 s)
+    assert lot.expired(20.0) == []  # fd 4's entry: stale (woken by the UNPARK)
+    assert lot.next_deadline() == 30.0
+    got = lot.expired(30.0)
+    assert {s.fd for s in got} == {5, 6, 7, 8}
+    assert lot.packed == 0
+
+
+def test_compaction_and_epochs_see_packed_connections() -> None:
+    lot = Lot(window=1 << 20)
+    a = session(lot)
+    keep = [park(lot, fd, a, deadline=1e6 + fd) for fd in range(100, 150)]
+    assert lot.pack(0.0) == 50
+    now = 0.0
+    for i in range(3000):  # stale timer entries: compacted, packed deadlines kept
+        now += 0.001
+        slot = park(lot, 3 + i % 7, a, deadline=now + 300.0)
+        assert lot.wake(slot, Reason.READABLE, now)
+        ack_and_remove(lot, a, [slot.ticket])
+    assert lot._entries <= 50 + 1024 + 1
+    assert lot.packed == 50
+    lot._seq = SEQ_LIMIT - 1  # the next park moves to an epoch no packed ticket uses
+    fresh = park(lot, 3, a)
+    assert fresh.ticket >> EPOCH_SHIFT not in {s.ticket >> EPOCH_SHIFT for s in keep}
+    got = lot.expired(1e6 + 149)
+    assert sorted(s.ticket for s in got) == sorted(s.ticket for s in [*keep, fresh])
+    assert lot.packed == 0
+
+
+def test_parked_slots_unpacks_everything_for_a_shutdown() -> None:
+    lot, _a, slots = _packed_lot()
+    lot.pack(5.0)
+    parked = lot.parked_slots()
+    assert len(parked) == 6
+    assert all(s.state is State.PARKED for s in parked)
+    assert lot.packed == 0
+    assert {s.ticket for s in parked} == {s.ticket for s in slots}

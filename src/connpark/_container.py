@@ -625,10 +625,17 @@ class Container:
                 )
                 self._close_slot(slot)
                 self.lot.orphans_closed += 1
+            pack_at = self.lot.next_pack()
+            if pack_at is not None and pack_at <= now:
+                self.lot.pack(now)  # the long-parked ones: ~40 B each instead of ~200
             self._flush()
 
     def _next_timer(self) -> float:
-        times = [t for t in (self.lot.next_deadline(), self.lot.next_orphan_deadline()) if t]
+        lot = self.lot
+        times = [t for t in (lot.next_deadline(), lot.next_orphan_deadline()) if t]
+        pack_at = lot.next_pack()
+        if pack_at is not None:
+            times.append(pack_at)
         return min(times) if times else math.inf
 
     def _flush(self) -> None:
@@ -1609,6 +1616,7 @@ class Container:
             **attrs.asdict(self.serving.stats()),
             tagged=lot.tags.tagged,
             tags=lot.tags.tags,
+            packed=lot.packed,
         )
 
 

@@ -28,8 +28,12 @@ Waking a slot that is not PARKED is a no-op (recall races: an UNPARK that
 crosses a READABLE wake). The caller does the I/O the lot asks for: it
 unregisters and closes fds, and writes each session's ``outq``.
 
-Memory: a slot is one slotted object; the table is a list indexed by fd (not
-a dict), and tickets encode the fd so lookups need no map. Deadlines are
+Memory: a slot is one slotted object (~200 B with its ints) while it is
+looked at; a plain one still PARKED a second later is **packed** (``pack``):
+its ticket, deadline, flags and parker go into arrays indexed by fd (~40 B),
+the object is retired (``MOVED``), and looking the connection up by fd or
+ticket (a wake, an UNPARK, expiry) makes a new object. The table is a list
+indexed by fd (not a dict), and tickets encode the fd so lookups need no map. Deadlines are
 rounded up to a tick (``due_ms``: at most 1/64 of the timeout, 1 s at most),
 so the parks of a tick share one timer entry: a dict of tick -> fds
 (``array('i')``, 4 B per connection) and a heap of the ticks, lazily pruned.
@@ -46,6 +50,7 @@ from collections import Counter, deque
 from collections.abc import Iterable
 from typing import Any
 
+from ._column import Column
 from ._errors import ConnparkError
 from ._tags import TagIndex
 from ._wire import TICKET_SHARD_SHIFT, Reason
@@ -91,6 +96,9 @@ class State(enum.IntEnum):
     SENT = 3
     WRITTEN = 4
     GONE = 5
+    #: Not a connection's state: this object was retired when the lot packed its
+    #: connection (still PARKED there); look the connection up again (fd, ticket).
+    MOVED = 6
 
 
 #: Allowed transitions; anything else raises ``InternalError`` in ``_move``.
@@ -100,17 +108,20 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.SENT: frozenset({State.WRITTEN, State.QUEUED, State.GONE}),
     State.WRITTEN: frozenset({State.QUEUED, State.GONE}),
     State.GONE: frozenset(),
+    State.MOVED: frozenset(),
 }
 
 # Bound once: an enum member costs an attribute lookup on its class each time
 # it is named, and the hot paths below name them once per connection.
-_PARKED, _QUEUED, _SENT, _WRITTEN, _GONE = (
+_PARKED, _QUEUED, _SENT, _WRITTEN, _GONE, _MOVED = (
     State.PARKED,
     State.QUEUED,
     State.SENT,
     State.WRITTEN,
     State.GONE,
+    State.MOVED,
 )
+_NO_DATA = (b"", b"")
 _READABLE = Reason.READABLE
 _REQUESTED = Reason.REQUESTED
 _REQUESTED_NAME = _REQUESTED.name
@@ -180,6 +191,14 @@ class Slot:
 
 
 _new_slot = Slot.__new__
+#: What the by-fd table holds at a packed connection's fd (a ticket matches none).
+_PACKED = _new_slot(Slot)
+_PACKED.ticket = -1
+_PACKED.state = State.MOVED
+_PACKED.key = 0
+_PACKED.extra = None
+#: How often ``pack`` runs while some parked connection is still an object (seconds).
+PACK_EVERY = 1.0
 _no_fds: array[int] = array("i")
 _ticket_of = operator.attrgetter("ticket")
 
@@ -209,12 +228,20 @@ class SessionState:
         return len(self.inflight)
 
 
+def _more(size: int, fd: int) -> int:
+    """How far to grow a table of ``size`` to hold ``fd``: doubling, so that the
+    copies (each in the malloc heap shared with the zygote) stay few."""
+    return max(fd + 1 - size, size, 64)
+
+
 class Pool:
     """A named group of interchangeable sessions, and the wakes waiting for one."""
 
-    __slots__ = ("name", "sessions", "waiting")
+    __slots__ = ("index", "name", "sessions", "waiting")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, index: int = 0) -> None:
+        #: Its number in its lot (the packed table names pools by number).
+        self.index = index
         self.name = name
         self.sessions: list[SessionState] = []
         self.waiting: deque[Slot] = deque()
@@ -246,6 +273,21 @@ class Lot:
         #: Entries in ``_due``, and how many of them no longer stand for a deadline.
         self._entries = 0
         self._stale = 0
+        self._pool_list: list[Pool] = []
+        #: Live sessions by id (a packed connection names its parker by id).
+        self._sessions: dict[int, SessionState] = {}
+        #: Packed PARKED connections, by fd (``pack``): ticket (0: none), deadline
+        #: tick, flags, pool, parker; token and pending only where one is not empty.
+        self._pcolumns = (Column("Q"), Column("q"), Column("B"), Column("I"), Column("Q"))
+        self._pticket, self._pkey, self._pflags, self._ppool, self._psession = (
+            c.view for c in self._pcolumns
+        )
+        self._pdata: dict[int, tuple[bytes, bytes]] = {}
+        self._packed = 0
+        self._pack_at = 0.0
+        #: Parked objects that may be packable (parked or unpacked since ``pack``,
+        #: or left unconfirmed by it): no ``pack`` timer while there are none.
+        self._candidates = 0
         #: The last sequence number used in the current epoch.
         self._seq = 0
         self.pools: dict[str, Pool] = {}
@@ -263,24 +305,121 @@ class Lot:
     def pool(self, name: str) -> Pool:
         pool = self.pools.get(name)
         if pool is None:
-            pool = self.pools[name] = Pool(name)
+            pool = self.pools[name] = Pool(name, len(self._pool_list))
+            self._pool_list.append(pool)
         return pool
 
     def by_fd(self, fd: int) -> Slot | None:
-        return self._by_fd[fd] if 0 <= fd < len(self._by_fd) else None
+        slot = self._by_fd[fd] if 0 <= fd < len(self._by_fd) else None
+        return self._unpack(fd) if slot is _PACKED else slot
 
     def find(self, ticket: int) -> Slot | None:
         """The slot holding ``ticket``'s fd, if that ticket is still in the container."""
-        slot = self.by_fd(ticket & _FD_MASK)
-        if slot is not None and slot.ticket == ticket:
-            return slot
+        fd = ticket & _FD_MASK
+        slot = self._by_fd[fd] if fd < len(self._by_fd) else None
+        if slot is not None:
+            if slot.ticket == ticket:
+                return slot
+            if slot is _PACKED and self._pticket[fd] == ticket:
+                return self._unpack(fd)
         return self._alias.get(ticket) if self._alias else None
 
     def slots(self) -> list[Slot]:
+        """Every connection's slot (packed ones unpacked: for a shutdown, not a hot path)."""
+        self._unpack_all()
         return [s for s in self._by_fd if s is not None]
 
     def parked_slots(self) -> list[Slot]:
+        self._unpack_all()
         return [s for s in self._by_fd if s is not None and s.state is State.PARKED]
+
+    # -- packing ---------------------------------------------------------------
+
+    @property
+    def packed(self) -> int:
+        """PARKED connections held packed (the rest of ``parked`` are objects)."""
+        return self._packed
+
+    def next_pack(self) -> float | None:
+        """When ``pack`` should run next; None while no parked object may be packable."""
+        return self._pack_at if self._candidates else None
+
+    def pack(self, now: float) -> int:
+        """Pack every plain PARKED slot whose PARKED answer went out: ~40 B instead
+        of ~200 each. Returns how many. Slots with rules or tags, unconfirmed
+        ones and those restored under another fd number stay objects.
+        """
+        self._pack_at = now + PACK_EVERY
+        by_fd = self._by_fd
+        if len(by_fd) > len(self._pticket):
+            for column in self._pcolumns:
+                column.reserve(len(by_fd))
+            self._pticket, self._pkey, self._pflags, self._ppool, self._psession = (
+                c.view for c in self._pcolumns
+            )
+        tickets, keys, flags, pools, sessions, data = (
+            self._pticket,
+            self._pkey,
+            self._pflags,
+            self._ppool,
+            self._psession,
+            self._pdata,
+        )
+        parked, moved = _PARKED, _MOVED
+        n = later = 0
+        for fd, slot in enumerate(by_fd):
+            if (
+                slot is None
+                or slot.state is not parked
+                or slot.extra is not None
+                or slot.ticket & _FD_MASK != fd
+            ):
+                continue
+            if slot.flags & UNCONFIRMED:
+                later += 1  # its PARKED is still on its way: next time
+                continue
+            tickets[fd] = slot.ticket
+            keys[fd] = slot.key  # type: ignore[assignment]
+            flags[fd] = slot.flags
+            pools[fd] = slot.pool.index
+            session = slot.session
+            sessions[fd] = 0 if session is None else session.id  # ids start at 1
+            if slot.token or slot.pending:
+                data[fd] = (slot.token, slot.pending)
+            by_fd[fd] = _PACKED
+            slot.state = moved  # retired: nothing may act on this object any more
+            n += 1
+        self._packed += n
+        self._candidates = later
+        return n
+
+    def _unpack(self, fd: int) -> Slot:
+        """The packed connection at ``fd`` as an object again (still PARKED); its
+        parker, if that session has ended since, is gone (None: as a restored one)."""
+        if self._by_fd[fd] is not _PACKED:
+            raise InternalError(f"fd {fd}: not packed")
+        slot = _new_slot(Slot)
+        slot.ticket = self._pticket[fd]
+        slot.fd = fd
+        slot.token, slot.pending = self._pdata.pop(fd, _NO_DATA)
+        slot.flags = self._pflags[fd]
+        slot.pool = self._pool_list[self._ppool[fd]]
+        slot.state = _PARKED
+        slot.key = self._pkey[fd]
+        slot.reason = _READABLE
+        slot.session = self._sessions.get(self._psession[fd])
+        slot.extra = None
+        self._pticket[fd] = 0
+        self._by_fd[fd] = slot
+        self._packed -= 1
+        self._candidates += 1
+        return slot
+
+    def _unpack_all(self) -> None:
+        if self._packed:
+            for fd, slot in enumerate(self._by_fd):
+                if slot is _PACKED:
+                    self._unpack(fd)
 
     # -- transitions ---------------------------------------------------------
 
@@ -355,7 +494,7 @@ class Lot:
                 seq += 1
                 ticket = epoch | seq << FD_BITS | fd
                 if fd >= len(by_fd):
-                    by_fd.extend([None] * (fd + 1 - len(by_fd) + 64))
+                    by_fd.extend([None] * _more(len(by_fd), fd))
                 if by_fd[fd] is not None:
                     raise InternalError(f"fd {fd} parked twice")
                 # Slot(...) inlined: calling the class costs three times these stores.
@@ -381,6 +520,7 @@ class Lot:
         finally:
             self._counts[parked] += len(slots)
             self._entries += len(slots)
+            self._candidates += len(slots)
         return slots
 
     def _timer(self, tick: int) -> array[int]:
@@ -396,6 +536,7 @@ class Lot:
         shard = self._epoch & ~(0xFF << EPOCH_SHIFT)
         live = {slot.ticket >> EPOCH_SHIFT for slot in self._by_fd if slot is not None}
         live |= {ticket >> EPOCH_SHIFT for ticket in self._alias}
+        live |= {ticket >> EPOCH_SHIFT for ticket in self._pticket if ticket}
         current = self._epoch >> EPOCH_SHIFT
         for step in range(1, 257):
             epoch = (current + step) & 0xFF
@@ -416,7 +557,7 @@ class Lot:
     ) -> Slot:
         """A connection back from the mirror after a restart: same ticket, any fd number."""
         if fd >= len(self._by_fd):
-            self._by_fd.extend([None] * (fd + 1 - len(self._by_fd) + 64))
+            self._by_fd.extend([None] * _more(len(self._by_fd), fd))
         if self._by_fd[fd] is not None:
             raise InternalError(f"fd {fd} parked twice")
         slot = Slot(ticket, fd, token, pending, flags, self.pool(pool))
@@ -479,9 +620,12 @@ class Lot:
             fd = ticket & _FD_MASK
             slot = by_fd[fd] if fd < size else None
             if slot is None or slot.ticket != ticket:
-                slot = alias.get(ticket) if alias else None
-                if slot is None:
-                    continue
+                if slot is _PACKED and self._pticket[fd] == ticket:
+                    slot = self._unpack(fd)
+                else:
+                    slot = alias.get(ticket) if alias else None
+                    if slot is None:
+                        continue
             if slot.state is not parked or slot.pool is not pool:
                 continue  # (a ticket twice in the list: not parked the second time)
             if slot.key:
@@ -533,6 +677,8 @@ class Lot:
 
     def remove(self, slot: Slot) -> None:
         """Drop a slot (closed by request, ACKed, or orphaned); caller closed its fd."""
+        if State.GONE not in TRANSITIONS[slot.state]:  # before anything changes
+            raise InternalError(f"ticket {slot.ticket:#x}: {slot.state.name} -> GONE")
         if slot.state is State.PARKED:
             self._untag(slot)
             self._drop_deadline(slot)
@@ -740,6 +886,7 @@ class Lot:
 
     def add_session(self, session: SessionState, now: float = 0.0) -> None:
         session.pool.sessions.append(session)
+        self._sessions[session.id] = session
         self._drain_waiting(session.pool, now)
 
     def retire(
@@ -754,6 +901,8 @@ class Lot:
             session.alive = False
             session.pool.sessions.remove(session)
             self.dirty.discard(session)
+            if self._sessions.get(session.id) is session:
+                del self._sessions[session.id]
         back = [*session.outq, *unwritten]
         session.outq.clear()
         moved = 0
@@ -828,6 +977,8 @@ class Lot:
             self._entries -= len(fds)
             for fd in fds:
                 slot = by_fd[fd]
+                if slot is _PACKED and self._pkey[fd] == tick:
+                    slot = self._unpack(fd)
                 # An fd reused since, a deadline moved, a slot woken: a stale entry.
                 if slot is not None and slot.key == tick and slot.state is parked:
                     slot.key = 0  # taken: no stale entry left behind when it wakes
@@ -842,9 +993,16 @@ class Lot:
         self._ticks = []
         self._entries = self._stale = 0
         if self._counts[_PARKED]:  # else all stale (a mass wake): no scan
-            for slot in self.parked_slots():
-                if slot.key:
-                    self._timer(slot.key).append(slot.fd)  # type: ignore[arg-type]
+            keys = self._pkey
+            for fd, slot in enumerate(self._by_fd):
+                if slot is _PACKED:
+                    key = keys[fd]
+                elif slot is not None and slot.state is _PARKED:
+                    key = slot.key  # type: ignore[assignment]
+                else:
+                    continue
+                if key:
+                    self._timer(key).append(fd)
                     self._entries += 1
 
     def orphans(self, now: float) -> list[Slot]:

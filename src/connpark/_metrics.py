@@ -44,6 +44,11 @@ Snapshots = Callable[[], Sequence[tuple[str, ContainerStats]]]
 # name, help, ContainerStats attribute: the gauges.
 _GAUGES = (
     ("connpark_parked", "Connections in the watcher, waiting for their client.", "parked"),
+    (
+        "connpark_parked_packed",
+        "Parked connections held packed (about 40 B each) rather than as objects.",
+        "packed",
+    ),
     ("connpark_queued", "Woken connections waiting for a worker session.", "queued"),
     ("connpark_unacked", "Wakes written to a worker and not yet ACKed.", "unacked"),
     ("connpark_orphaned", "Queued wakes of pools that have no worker session.", "orphaned"),

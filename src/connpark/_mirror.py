@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import enum
 import struct
-from array import array
 from collections import deque
 from collections.abc import Iterable, Iterator
 
 import attrs
 
+from ._column import Column
 from ._errors import RemoteProtocolError
 from ._wire import MAX_FDS_PER_FRAME, Frame, close_fds
 
@@ -213,24 +213,30 @@ def _records(body: bytes, fds: list[int]) -> tuple[Record, ...]:
 class Store:
     """The holder's side: ticket -> record and the fd it owns, no I/O.
 
-    Kept in flat arrays indexed by the shard's fd number (a ticket's low 24
-    bits: unique among one shard's live tickets), about 24 B per connection,
+    Kept in flat columns indexed by the shard's fd number (a ticket's low 24
+    bits: unique among one shard's live tickets), 24 B per connection,
     against ~150 B as an object or a packed bytes in a dict: the mirror holds
     a record for every parked connection and reads it back only after a
-    crash. Token and pending, when a park has them, sit in a dict beside; a
-    restored ticket whose fd bits another ticket uses goes to a spill dict.
+    crash. Columns, not arrays: they grow without copies in the malloc heap
+    the mirror shares with the zygote (``_column``). Token and pending, when
+    a park has them, sit in a dict beside; a restored ticket whose fd bits
+    another ticket uses goes to a spill dict.
     """
 
     def __init__(self) -> None:
         self._reset()
 
     def _reset(self) -> None:
-        self._ticket = array("Q")  # 0: free
-        self._fd = array("i")
-        self._deadline = array("q")
-        self._flags = bytearray()
-        self._woken = bytearray()
-        self._pool = array("H")
+        self._columns = (
+            ticket := Column("Q"),  # 0: free
+            fd := Column("i"),
+            deadline := Column("q"),
+            flags := Column("B"),
+            woken := Column("B"),
+            pool := Column("H"),
+        )
+        self._ticket, self._fd, self._deadline = ticket.view, fd.view, deadline.view
+        self._flags, self._woken, self._pool = flags.view, woken.view, pool.view
         self._pools: list[str] = []
         self._pool_ids: dict[str, int] = {}
         #: slot -> (token, pending), only where one is not empty.
@@ -243,15 +249,12 @@ class Store:
         return self._count + len(self._spill)
 
     def _grow(self, slot: int) -> None:
-        more = slot + 1 - len(self._ticket)
-        if more > 0:
-            more = max(more, len(self._ticket) // 2, 64)
-            self._ticket.extend(array("Q", bytes(8 * more)))
-            self._fd.extend(array("i", bytes(4 * more)))
-            self._deadline.extend(array("q", bytes(8 * more)))
-            self._flags.extend(bytes(more))
-            self._woken.extend(bytes(more))
-            self._pool.extend(array("H", bytes(2 * more)))
+        if slot >= len(self._ticket):
+            for column in self._columns:
+                column.reserve(slot + 1)
+            ticket, fd, deadline, flags, woken, pool = (c.view for c in self._columns)
+            self._ticket, self._fd, self._deadline = ticket, fd, deadline
+            self._flags, self._woken, self._pool = flags, woken, pool
 
     def _pool_id(self, pool: str) -> int:
         pid = self._pool_ids.get(pool)
@@ -340,6 +343,8 @@ class Store:
 
     def close(self) -> None:
         close_fds([r.fd for r in self.records()])
+        for column in self._columns:
+            column.close()
         self._reset()
 
 

@@ -172,6 +172,9 @@ class ContainerStats:
     #: Parked connections with tags, and distinct tags among them.
     tagged: int = 0
     tags: int = 0
+    #: Of ``parked``: those held packed (~40 B each; a plain park still parked a
+    #: second after its PARKED went out), the rest as objects (~200 B).
+    packed: int = 0
     #: Several shards (``serve --shards``): each one's figures; the rest are totals.
     shards: tuple[ShardFigures, ...] = ()
 
@@ -193,7 +196,7 @@ _SUMMED = (
     "parked queued unacked orphaned sessions parks_total acks_total closed_total"
     " orphans_closed_total protocol_errors_total fds_held fd_budget autoresponses_total"
     " autoresponse_bytes_total publishes_total published_total publish_woken_total"
-    " publish_bytes_total tagged tags"
+    " publish_bytes_total tagged tags packed"
 ).split()
 
 

@@ -1252,7 +1252,7 @@ def test_touch_moves_a_deadline_and_leaves_one_stale_entry() -> None:
 
 def _packed_lot() -> tuple[Lot, SessionState, list[Slot]]:
     """Six parks: plain (fds 3-5, fd 4 with token and pending), unconfirmed (6),
-    with rules or tags (7), restored under another fd (8)."""
+    with rules or tags (7), restored under another fd (8: packed too)."""
     lot = Lot(window=64)
     a = session(lot)
     slots = [
@@ -1274,10 +1274,10 @@ def _packed_lot() -> tuple[Lot, SessionState, list[Slot]]:
 def test_pack_retires_plain_confirmed_slots_and_keeps_the_rest() -> None:
     lot, _a, slots = _packed_lot()
     assert lot.next_pack() == 0.0  # parked objects: pack at the first chance
-    assert lot.pack(5.0) == 3
-    assert lot.packed == 3
+    assert lot.pack(5.0) == 4
+    assert lot.packed == 4
     assert lot.parked == 6  # counts do not change: packed is a way of holding PARKED
-    assert [s.state for s in slots] == [State.MOVED] * 3 + [State.PARKED] * 3
+    assert [s.state for s in slots] == [State.MOVED] * 3 + [State.PARKED] * 2 + [State.MOVED]
     assert lot.next_pack() == 5.0 + PACK_EVERY  # the unconfirmed one may qualify later
     assert slots[0].fd == 3
     with pytest.raises(InternalError):
@@ -1304,14 +1304,14 @@ def test_packed_connections_unpack_as_they_were_by_fd_and_by_ticket() -> None:
         0,
     )
     assert (by_fd.state, by_fd.session, by_fd.pool, by_fd.key) == (State.PARKED, a, a.pool, 20_000)
-    assert lot.packed == 2
+    assert lot.packed == 3
     # A stale ticket of a packed fd finds nothing and leaves it packed.
     assert lot.find(slots[0].ticket ^ 1 << 30) is None
-    assert lot.packed == 2
+    assert lot.packed == 3
     found = lot.find(slots[2].ticket)
     assert found is not None
     assert found.flags == TIMEOUT_RETURNS
-    assert lot.packed == 1
+    assert lot.packed == 2
     slots[1:3] = [by_fd, found]
     check_lot(lot, slots)
 
@@ -1328,7 +1328,7 @@ def test_unpark_and_expiry_reach_packed_connections() -> None:
     assert [s.ticket for s in due] == [slots[0].ticket]
     assert due[0].flags == HANGUP_RETURNS
     assert lot.wake(due[0], Reason.TIMEOUT, 10.0)
-    assert lot.packed == 1  # fd 5 (deadline 30 s)
+    assert lot.packed == 2  # fds 5 and 8 (deadline 30 s)
     assert lot.expired(20.0) == []  # fd 4's entry: stale (woken by the UNPARK)
     assert lot.next_deadline() == 30.0
     got = lot.expired(30.0)

@@ -55,10 +55,15 @@ class Column:
         else:
             try:
                 grown.resize(want)  # mremap: the pages move, nothing is copied
-            except (OSError, SystemError, ValueError):  # no mremap (macOS, BSD)
+            except (OSError, SystemError, ValueError, BufferError):
+                # No mremap (macOS, BSD), or a view of the map still held
+                # somewhere (it stays valid, and stale): a copy.
                 old, grown = grown, _anonymous(want)
                 grown[: len(old)] = old[:]
-                old.close()
+                try:
+                    old.close()
+                except BufferError:
+                    pass  # unmapped when its last view goes
         self._map = grown
         self.view = memoryview(grown).cast(self._code)
 

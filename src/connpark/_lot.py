@@ -261,8 +261,9 @@ class Lot:
     ) -> None:
         self.window = window
         self._epoch = (epoch & 0xFF) << EPOCH_SHIFT | (shard & 0xFF) << SHARD_SHIFT
-        #: Restored tickets whose fd number changed with the process: ticket -> slot.
-        self._alias: dict[int, Slot] = {}
+        #: Restored tickets whose fd number changed with the process: ticket -> slot
+        #: (its fd while it is packed).
+        self._alias: dict[int, Slot | int] = {}
         self.orphan_timeout = orphan_timeout
         #: A session with an un-ACKed wake older than this is routed around.
         self.ack_deadline = ack_deadline
@@ -285,9 +286,10 @@ class Lot:
         self._pdata: dict[int, tuple[bytes, bytes]] = {}
         self._packed = 0
         self._pack_at = 0.0
-        #: Parked objects that may be packable (parked or unpacked since ``pack``,
-        #: or left unconfirmed by it): no ``pack`` timer while there are none.
-        self._candidates = 0
+        #: fds of parked objects that may be packable (parked, restored or unpacked
+        #: since ``pack``, or left unconfirmed by it): all ``pack`` looks at; no
+        #: ``pack`` timer while there are none.
+        self._fresh: array[int] = array("i")
         #: The last sequence number used in the current epoch.
         self._seq = 0
         self.pools: dict[str, Pool] = {}
@@ -322,7 +324,10 @@ class Lot:
                 return slot
             if slot is _PACKED and self._pticket[fd] == ticket:
                 return self._unpack(fd)
-        return self._alias.get(ticket) if self._alias else None
+        if self._alias:
+            found = self._alias.get(ticket)
+            return self._unpack(found) if isinstance(found, int) else found
+        return None
 
     def slots(self) -> list[Slot]:
         """Every connection's slot (packed ones unpacked: for a shutdown, not a hot path)."""
@@ -342,12 +347,12 @@ class Lot:
 
     def next_pack(self) -> float | None:
         """When ``pack`` should run next; None while no parked object may be packable."""
-        return self._pack_at if self._candidates else None
+        return self._pack_at if self._fresh else None
 
     def pack(self, now: float) -> int:
         """Pack every plain PARKED slot whose PARKED answer went out: ~40 B instead
-        of ~200 each. Returns how many. Slots with rules or tags, unconfirmed
-        ones and those restored under another fd number stay objects.
+        of ~200 each. Returns how many. Slots with rules or tags and unconfirmed
+        ones stay objects. Looks only at the fds parked, restored or unpacked since.
         """
         self._pack_at = now + PACK_EVERY
         by_fd = self._by_fd
@@ -366,18 +371,17 @@ class Lot:
             self._pdata,
         )
         parked, moved = _PARKED, _MOVED
-        n = later = 0
-        for fd, slot in enumerate(by_fd):
-            if (
-                slot is None
-                or slot.state is not parked
-                or slot.extra is not None
-                or slot.ticket & _FD_MASK != fd
-            ):
+        n = 0
+        fresh, later = self._fresh, array("i")
+        for fd in fresh:
+            slot = by_fd[fd]  # (an fd listed twice: _PACKED the second time)
+            if slot is None or slot.state is not parked or slot.extra is not None:
                 continue
             if slot.flags & UNCONFIRMED:
-                later += 1  # its PARKED is still on its way: next time
+                later.append(fd)  # its PARKED is still on its way: next time
                 continue
+            if slot.ticket & _FD_MASK != fd:  # restored under another fd number
+                self._alias[slot.ticket] = fd
             tickets[fd] = slot.ticket
             keys[fd] = slot.key  # type: ignore[assignment]
             flags[fd] = slot.flags
@@ -390,7 +394,7 @@ class Lot:
             slot.state = moved  # retired: nothing may act on this object any more
             n += 1
         self._packed += n
-        self._candidates = later
+        self._fresh = later
         return n
 
     def _unpack(self, fd: int) -> Slot:
@@ -412,7 +416,9 @@ class Lot:
         self._pticket[fd] = 0
         self._by_fd[fd] = slot
         self._packed -= 1
-        self._candidates += 1
+        self._fresh.append(fd)
+        if slot.ticket & _FD_MASK != fd:
+            self._alias[slot.ticket] = slot
         return slot
 
     def _unpack_all(self) -> None:
@@ -489,6 +495,10 @@ class Lot:
         keep = slots.append
         tick = -1
         due_fds = _no_fds
+        # The new fds also go to ``_fresh`` (for ``pack``): copied from the end of
+        # their timer entry once per tick, not appended one by one.
+        fresh = self._fresh
+        start = 0
         try:
             for fd, token, pending, flags, deadline_ms in entries:
                 seq += 1
@@ -513,14 +523,16 @@ class Lot:
                 slot.extra = None
                 by_fd[fd] = slot
                 if deadline_ms != tick:  # a frame's entries mostly share one
+                    fresh.extend(due_fds[start:])
                     tick = deadline_ms
                     due_fds = self._timer(tick)
+                    start = len(due_fds)
                 due_fds.append(fd)
                 keep(slot)
         finally:
+            fresh.extend(due_fds[start:])
             self._counts[parked] += len(slots)
             self._entries += len(slots)
-            self._candidates += len(slots)
         return slots
 
     def _timer(self, tick: int) -> array[int]:
@@ -566,6 +578,7 @@ class Lot:
         slot.key = deadline_ms
         self._timer(deadline_ms).append(fd)
         self._entries += 1
+        self._fresh.append(fd)
         if ticket & _FD_MASK != fd:
             self._alias[ticket] = slot
         return slot
@@ -623,9 +636,10 @@ class Lot:
                 if slot is _PACKED and self._pticket[fd] == ticket:
                     slot = self._unpack(fd)
                 else:
-                    slot = alias.get(ticket) if alias else None
-                    if slot is None:
+                    found = alias.get(ticket) if alias else None
+                    if found is None:
                         continue
+                    slot = self._unpack(found) if isinstance(found, int) else found
             if slot.state is not parked or slot.pool is not pool:
                 continue  # (a ticket twice in the list: not parked the second time)
             if slot.key:

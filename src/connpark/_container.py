@@ -233,14 +233,19 @@ def parked_frame(request_id: int, results: list[tuple[int, int]]) -> Frame:
     return parked_frame_flat(request_id, [v for pair in results for v in pair])
 
 
-#: LeanEntry flags (hang-up and timeout returns) -> the lot's flags of its new slot.
+#: LeanEntry flags (hang-up and timeout returns; two bits) and the socket's family,
+#: as ``family << 2 | flags`` -> the lot's flags of its new slot.
 _RETURNS = _LEAN_HANGUP | _LEAN_TIMEOUT
-_RETURN_FLAGS = {
-    w: UNCONFIRMED
+_FLAGS_OF = {
+    family << 2 | w: UNCONFIRMED
     | (HANGUP_RETURNS if w & _LEAN_HANGUP else 0)
     | (TIMEOUT_RETURNS if w & _LEAN_TIMEOUT else 0)
+    | (INET6 if family == socket.AF_INET6 else 0)
     for w in (0, _LEAN_HANGUP, _LEAN_TIMEOUT, _RETURNS)
+    for family in (socket.AF_INET, socket.AF_INET6)
 }
+#: TCP states a connection may be parked in (ESTABLISHED, CLOSE_WAIT): ``inspect``'s.
+_LIVE_TCP = (1, 8)
 
 
 def raise_nofile_limit() -> int:
@@ -676,7 +681,10 @@ class Container:
         conn.setblocking(False)
         # Each PARK frame is admitted as it arrives (and answered by its own
         # PARKED): the decoder never holds more than one frame's fds.
-        decoder = Decoder(join_split=False, lean_park=True)
+        cfg = self.config
+        decoder = Decoder(
+            join_split=False, lean_park=True, lean_limits=(cfg.max_token, cfg.max_pending)
+        )
         session: _Session | None = None
         try:
             try:
@@ -899,11 +907,15 @@ class Container:
         """Admit each entry on its own; answer the frame with its own PARKED.
 
         The hot path: a plain entry (no rules or tags, not re-sent, within the
-        limits, with room) is admitted inline: ``inspect``, the duplicate
-        check, the watcher, the lot. Any other goes through ``_admit_entry``.
+        limits: the decoder's ``lean_limits`` sent any other as unusual) of a
+        frame that fits in the room left, is admitted inline: ``inspect``'s
+        common case, the duplicate check, the watcher, then the lot for them
+        all at once. Anything else (a refusal, a peer seen before in the
+        frame, shutting down) goes through ``_admit_entry``.
         """
         entries = msg.entries
-        self._take_fds(s, len(entries))
+        n = len(entries)
+        self._take_fds(s, n)
         now = trio.current_time()
         cfg = self.config
         lot = self.lot
@@ -912,114 +924,102 @@ class Container:
             self.fd_budget - self._held,
             cfg.max_parked - (lot.parked + lot.queued + lot.sent),
         )
-        # Shutting down: every entry takes the general path (and is refused there).
-        max_token = -1 if self._shutting_down else cfg.max_token
-        max_pending = cfg.max_pending
+        # Inline only when every entry fits; else (and shutting down) the general path.
+        fast = room >= n and not self._shutting_down
         mirrored: list[Record] | None = [] if self._mirror is not None else None
         wall = time.time() - now
         peers: dict[object, int | list[int]] = {}
+        setdefault = peers.setdefault
         default_ms = due_ms(now, cfg.idle_timeout)
         #: idle_timeout_ms -> the deadline (ms, rounded up).
         deadlines: dict[int, int] = {}
-        returns = _RETURN_FLAGS
+        flags_of = _FLAGS_OF
         register, watch = self.watcher.registrar()
-        refused = self._refused
-        ok, inet6 = Refusal.OK, socket.AF_INET6
+        ok = Refusal.OK
         # ``inspect``'s common case, inlined: wrap (getsockname), TCP_INFO, SO_COOKIE.
         inline = inline_options()
         tcp, tcp_info, cookie = inline if inline is not None else (0, 0, 0)
+        new, borrowed, live = new_borrowed, BORROWED, _LIVE_TCP
         sol_socket = socket.SOL_SOCKET
         peer: object  # the duplicate check's key (SO_COOKIE, else the peer address)
-        flat: list[int] = []  # PARKED: refusal, ticket per entry (0: parked below)
-        out = flat.append
         plain: list[tuple[int, bytes, bytes, int, int]] = []  # parked at once, below
         add = plain.append
+        #: The entries that took another way: (index, refusal, ticket).
+        other: list[tuple[int, Refusal, int]] = []
         admitted: list[Slot] = []  # parked on the way (``_admit_entry``)
-        keep = admitted.append
         for fd, token, pending, idle_ms, wflags, unusual in entries:
-            if (
-                unusual is not None
-                or room <= 0
-                or len(token) > max_token
-                or len(pending) > max_pending
-            ):
-                if unusual is None:
-                    unusual = ParkEntry(
-                        fd,
-                        token,
-                        pending,
-                        idle_ms,
-                        bool(wflags & _LEAN_HANGUP),
-                        bool(wflags & _LEAN_TIMEOUT),
-                    )
-                code, ticket, slot = self._admit_entry(s, unusual, peers, room, now, mirrored, wall)
-                out(code)
-                out(ticket)
-                if slot is not None:
-                    keep(slot)
-                    room -= 1
-                continue
-            peer = None
-            if inline is not None:
-                try:
-                    sock = new_borrowed(-1, BORROWED, 0, fd)
-                except OSError:
-                    pass
-                else:
+            if unusual is None and fast:
+                peer = None
+                if inline is not None:
                     try:
-                        state = sock.getsockopt(tcp, tcp_info, 1)[0]
-                        if state == 1 or state == 8:  # ESTABLISHED, CLOSE_WAIT
-                            peer = sock.getsockopt(sol_socket, cookie, 8)
-                            family = sock.family
-                    except Exception:  # ``inspect`` names it (one entry never ends a session)
-                        peer = None
-                    finally:
-                        sock.detach()
-            if peer is None:  # anything unusual: ``inspect`` says what
-                code, family, peer = inspect(fd)
-            else:
-                code = ok
-            if code is ok:
-                same = peers.setdefault(peer, fd)
-                if same != fd and self._duplicate(peers, peer, same, fd):
-                    code = Refusal.DUPLICATE
+                        sock = new(-1, borrowed, 0, fd)
+                    except OSError:
+                        pass
+                    else:
+                        try:
+                            if sock.getsockopt(tcp, tcp_info, 1)[0] in live:
+                                peer = sock.getsockopt(sol_socket, cookie, 8)
+                                flags = flags_of[sock.family << 2 | wflags]
+                        except Exception:  # ``inspect`` names it (one entry never ends a session)
+                            peer = None
+                        finally:
+                            sock.detach()
                 else:
+                    code, family, found = inspect(fd)
+                    if code is ok:
+                        peer = found
+                        flags = flags_of[family << 2 | wflags & _RETURNS]
+                # A peer seen before in this frame (rare): the general path tells.
+                if peer is not None and setdefault(peer, fd) == fd:
                     try:
                         register(fd, watch)
                     except OSError as exc:
                         code = self._unwatchable(fd, exc)
-            if code is not ok:
-                close_fds((fd,))
-                refused[code.label] += 1
-                out(code)
-                out(0)
-                continue
-            if idle_ms:
-                deadline_ms = deadlines.get(idle_ms, 0)
-                if not deadline_ms:
-                    deadline_ms = deadlines[idle_ms] = due_ms(now, idle_ms / 1000)
-            else:
-                deadline_ms = default_ms
-            flags = returns[wflags & _RETURNS] if wflags & _RETURNS else UNCONFIRMED
-            if family == inet6:
-                flags |= INET6
-            add((fd, token, pending, flags, deadline_ms))
-            room -= 1
-            out(ok)
-            out(0)
+                        self._refuse(fd, code)
+                        other.append((len(plain) + len(other), code, 0))
+                        continue
+                    if idle_ms:
+                        deadline_ms = deadlines.get(idle_ms, 0)
+                        if not deadline_ms:
+                            deadline_ms = deadlines[idle_ms] = due_ms(now, idle_ms / 1000)
+                    else:
+                        deadline_ms = default_ms
+                    add((fd, token, pending, flags, deadline_ms))
+                    continue
+            if unusual is None:
+                unusual = ParkEntry(
+                    fd,
+                    token,
+                    pending,
+                    idle_ms,
+                    bool(wflags & _LEAN_HANGUP),
+                    bool(wflags & _LEAN_TIMEOUT),
+                )
+            left = room - len(plain) - len(admitted)
+            code, ticket, slot = self._admit_entry(s, unusual, peers, left, now, mirrored, wall)
+            other.append((len(plain) + len(other), code, ticket))
+            if slot is not None:
+                admitted.append(slot)
+        tickets: list[int] = []
         if plain:
             slots = lot.park_many(s, plain)
             tickets = list(map(_ticket_of, slots))
-            if len(slots) * 2 == len(flat):  # all of them: the usual
-                flat[1::2] = tickets
-            else:  # in entry order, in the (OK, 0) places
-                it = iter(tickets)
-                for i in range(0, len(flat), 2):
-                    if flat[i] is ok and not flat[i + 1]:
-                        flat[i + 1] = next(it)
             admitted += slots
             if mirrored is not None:
                 self._mirror_records(mirrored, s, slots, plain, wall)
+        if other:  # in entry order: the others' answers, the tickets in between
+            flat: list[int] = []
+            it = iter(tickets)
+            k = 0
+            for i in range(n):
+                if k < len(other) and other[k][0] == i:
+                    flat += other[k][1:]
+                    k += 1
+                else:
+                    flat += (ok, next(it))
+        else:  # all of them inline: the usual
+            flat = [ok, 0] * n
+            flat[1::2] = tickets
         if mirrored:  # before PARKED: the worker keeps its copy until the mirror has one
             self._mirror_send(encode_records(MirrorKind.ADD, mirrored))
         self._held += len(admitted)
@@ -1056,16 +1056,10 @@ class Container:
                 )
             )
 
-    def _duplicate(
-        self, peers: dict[object, int | list[int]], peer: object, same: int | list[int], fd: int
-    ) -> bool:
-        """Two entries with one peer address (rare): is ``fd`` the same socket as one
-        before it? If not, it joins them in ``peers``."""
-        others = same if isinstance(same, list) else [same]
-        if any(same_open_file(other, fd) for other in others):
-            return True
-        peers[peer] = [*others, fd]
-        return False
+    def _refuse(self, fd: int, code: Refusal) -> None:
+        """An entry is refused: close its fd (it is ours), count why."""
+        close_fds((fd,))
+        self._refused[code.label] += 1
 
     def _unwatchable(self, fd: int, exc: OSError) -> Refusal:
         LOGGER.warning("watcher refused fd %d: %s", fd, exc)
@@ -1102,8 +1096,7 @@ class Container:
             LOGGER.exception("session %d: admitting fd %d failed", s.id, fd)
             code, family = Refusal.UNINSPECTABLE, 0
         if code is not Refusal.OK:
-            close_fds((fd,))
-            self._refused[code.label] += 1
+            self._refuse(fd, code)
             return code, 0, None
         cfg = self.config
         idle = entry.idle_timeout_ms / 1000 if entry.idle_timeout_ms else cfg.idle_timeout

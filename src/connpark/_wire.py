@@ -250,7 +250,9 @@ LEAN_HANGUP_RETURNS: Final = _PARK_HANGUP_RETURNS
 LEAN_TIMEOUT_RETURNS: Final = _PARK_TIMEOUT_RETURNS
 
 #: One entry of a ``LeanPark``: (fd, token, pending, idle_timeout_ms, wire flags,
-#: the entry as a ``ParkEntry`` when it is unusual (v3 rules or tags, re-sent), else None).
+#: the entry as a ``ParkEntry`` when it is unusual (v3 rules or tags, re-sent, over
+#: the decoder's ``lean_limits``), else None). Wire flags: hang-up and timeout
+#: returns only (any other makes the entry unusual).
 LeanEntry: TypeAlias = tuple[int, bytes, bytes, int, int, ParkEntry | None]
 
 
@@ -989,12 +991,20 @@ _PARK_FLAGS = _PARK_HANGUP_RETURNS | _PARK_TIMEOUT_RETURNS | _PARK_EXT | _PARK_R
 _UNUSUAL_PARK = ~(_PARK_HANGUP_RETURNS | _PARK_TIMEOUT_RETURNS)
 
 
-def _decode_lean_park_untrusted(body: _Body, fds: deque[int], entries: list[object]) -> int:
+def _decode_lean_park_untrusted(
+    body: _Body,
+    fds: deque[int],
+    entries: list[object],
+    max_token: int = 0xFFFF,
+    max_pending: int = 0xFFFFFFFF,
+) -> int:
     """A PARK body as ``LeanEntry`` tuples (``Decoder(lean_park=True)``); its request id.
 
     The checks of ``_decode_entries_untrusted``, inlined: this is the
     container's hot path. ``fds`` are taken (and ``entries`` filled) only once
-    the whole body is valid; on error both are as they were.
+    the whole body is valid; on error both are as they were. An entry whose
+    token or pending bytes are longer than ``max_token`` or ``max_pending``
+    comes out unusual (with its ``ParkEntry``), for the caller to refuse.
     """
     data = body.data
     if len(data) < _PARK_HEAD.size:
@@ -1015,7 +1025,8 @@ def _decode_lean_park_untrusted(body: _Body, fds: deque[int], entries: list[obje
             pos += tlen
             pending = data[pos : pos + plen] if plen else b""
             pos += plen
-            if flags & _UNUSUAL_PARK:  # bad, or for the general path (a ParkEntry)
+            if flags & _UNUSUAL_PARK or tlen > max_token or plen > max_pending:
+                # bad, or for the general path (a ParkEntry)
                 pos = _unusual_park(body, pos, fd, idle, flags, token, pending, append)
             else:
                 append((fd, token, pending, idle, flags, None))
@@ -1197,6 +1208,7 @@ class Decoder:
         max_message: int = DEFAULT_MAX_MESSAGE,
         join_split: bool = True,
         lean_park: bool = False,
+        lean_limits: tuple[int, int] = (0xFFFF, 0xFFFFFFFF),
         rows: bool = False,
     ) -> None:
         #: The worker's hot path: hand out PARKED and WAKE as ``ParkedRows`` and
@@ -1208,6 +1220,9 @@ class Decoder:
         self.join_split = join_split
         #: True: PARK comes out as ``LeanPark`` (tuples, not ``ParkEntry`` objects).
         self.lean_park = lean_park
+        #: (max token, max pending) bytes: a ``LeanEntry`` over either is unusual
+        #: (it carries its ``ParkEntry``): the container's general path refuses it.
+        self.lean_limits = lean_limits
         self.max_body = max_body
         self.max_fds_per_frame = max_fds_per_frame
         self.max_entries = max_entries
@@ -1309,7 +1324,7 @@ class Decoder:
             lean = self.lean_park
             try:
                 if lean and mtype is MessageType.PARK:
-                    head = _decode_lean_park_untrusted(body, frame_fds, entries)
+                    head = _decode_lean_park_untrusted(body, frame_fds, entries, *self.lean_limits)
                 else:
                     head = _decode_entries_untrusted(mtype, body, frame_fds, entries)
             except RemoteProtocolError:

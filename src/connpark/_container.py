@@ -130,7 +130,8 @@ _WAKE_BODY = DEFAULT_MAX_BODY - 64
 # section 6, packed straight from slots and results with no message objects.
 # tests/test_container_clock.py checks them against ``_wire.encode``.
 _WAKE_ENTRY = struct.Struct("!QBBHI")
-_U16 = struct.Struct("!H")
+#: A WAKE frame's header and entry count.
+_WAKE_HEAD = struct.Struct(HEADER.format + "H")
 _HAS_FD = 1
 _WAKE_INET6 = 2
 _WAKE_EXT = 4
@@ -148,40 +149,49 @@ def wake_frames(
     counts and unsent bytes (``Extra.wake_ext``).
     """
     pack = _WAKE_ENTRY.pack
+    inet6 = INET6
     frames: list[Frame] = []
     groups: list[list[Slot]] = []
     n = len(slots)
     start = total = 0  # the frame's first slot; entry bytes taken before it
     while start < n:
         limit = min(_WAKE_BODY - 2, budget - total)  # this frame's entry bytes
-        parts: list[bytes] = [b""]  # [0]: the entry count, once known
+        parts: list[bytes] = [b""]  # [0]: the header and entry count, once known
         add = parts.append
         fds: list[int] = []
+        keep = fds.append
         used = count = 0
         for x in slots[start : start + MAX_FDS_PER_FRAME]:
             token = x.token
             pending = x.pending
-            tlen = len(token)
-            plen = len(pending)
-            entry = 16 + tlen + plen
-            tail = None
+            if token or pending:
+                tlen = len(token)
+                plen = len(pending)
+                entry = 16 + tlen + plen
+            else:
+                tlen = plen = 0
+                entry = 16
             if x.extra is not None and ext:
                 tail = x.extra.wake_ext()
                 if tail is not None:
                     entry += len(tail)
-            # Full: the frame (it has an entry), or the budget (some entry is taken).
-            if used + entry > limit and (count or (total and total + entry > budget)):
-                break
+            else:
+                tail = None
             used += entry
+            # Full: the frame (it has an entry), or the budget (some entry is taken).
+            if used > limit and (count or (total and total + entry > budget)):
+                used -= entry
+                break
             fd = x.fd
             if fd >= 0:
-                fds.append(fd)
-                flags = _HAS_FD_INET6 if x.flags & INET6 else _HAS_FD
+                keep(fd)
+                flags = _HAS_FD_INET6 if x.flags & inet6 else _HAS_FD
             else:
-                flags = _WAKE_INET6 if x.flags & INET6 else 0
-            if tail is not None:
-                flags |= _WAKE_EXT
-            add(pack(x.ticket, x.reason, flags, tlen, plen))
+                flags = _WAKE_INET6 if x.flags & inet6 else 0
+            if tail is None:
+                add(pack(x.ticket, x.reason, flags, tlen, plen))
+            else:
+                add(pack(x.ticket, x.reason, flags | _WAKE_EXT, tlen, plen))
             if tlen:
                 add(token)
             if plen:
@@ -191,17 +201,12 @@ def wake_frames(
             count += 1
         if not count:
             break  # the budget is spent
-        frames.append(_wake_frame(parts, count, fds))
+        parts[0] = _WAKE_HEAD.pack(used + 2, MessageType.WAKE, 0, len(fds), count)
+        frames.append(Frame(b"".join(parts), tuple(fds)))
         groups.append(slots[start : start + count])
         start += count
         total += used
     return frames, groups, start
-
-
-def _wake_frame(parts: list[bytes], count: int, fds: list[int]) -> Frame:
-    parts[0] = _U16.pack(count)
-    body = b"".join(parts)
-    return Frame(HEADER.pack(len(body), MessageType.WAKE, 0, len(fds)) + body, tuple(fds))
 
 
 def wake_frame(slots: list[Slot], ext: bool = True) -> Frame:

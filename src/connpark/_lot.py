@@ -607,18 +607,21 @@ class Lot:
             if room > 0 and self.ack_deadline != math.inf and self.stale(session, now):
                 room = 0
         by_fd = self._by_fd
-        size = len(by_fd)
         alias = self._alias
         pool = session.pool
         inflight = session.inflight
         parked, queued, sent, requested = _PARKED, _QUEUED, _SENT, _REQUESTED
+        fd_mask = _FD_MASK
         mine: list[Slot] = []  # assigned to the session: SENT
         others: list[Slot] = []  # QUEUED: routed below
         take, defer = mine.append, others.append
         stale = 0
         for ticket in tickets:
-            fd = ticket & _FD_MASK
-            slot = by_fd[fd] if fd < size else None
+            fd = ticket & fd_mask
+            try:
+                slot = by_fd[fd]
+            except IndexError:  # an fd number above any we hold
+                slot = None
             if slot is None or slot.ticket != ticket:
                 if slot is _PACKED and self._pticket[fd] == ticket:
                     slot = self._unpack(fd)
@@ -855,21 +858,24 @@ class Lot:
         fds: list[int] = []
         close = fds.append
         inflight = session.inflight
-        get = inflight.get
+        pop = inflight.pop
         written, gone = _WRITTEN, _GONE
         by_fd = self._by_fd
         for ticket in tickets:
-            slot = get(ticket)
-            if slot is not None and slot.state is written:
-                del inflight[ticket]
-                slot.state = gone
-                fd = slot.fd
-                if fd >= 0:
-                    close(fd)
-                    slot.fd = -1
-                    if by_fd[fd] is slot:
-                        by_fd[fd] = None
-                append(slot)
+            slot = pop(ticket, None)
+            if slot is None:
+                continue
+            if slot.state is not written:  # SENT: its fd may still be in our send queue
+                inflight[ticket] = slot
+                continue
+            slot.state = gone
+            fd = slot.fd
+            if fd >= 0:
+                close(fd)
+                slot.fd = -1
+                if by_fd[fd] is slot:
+                    by_fd[fd] = None
+            append(slot)
         if done:
             self._move_all(written, gone, len(done))
             if self._alias:

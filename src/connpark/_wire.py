@@ -989,6 +989,9 @@ _FD_TYPES: Final = frozenset({MessageType.PARK, MessageType.WAKE})
 _PARK_FLAGS = _PARK_HANGUP_RETURNS | _PARK_TIMEOUT_RETURNS | _PARK_EXT | _PARK_RESENT
 #: Flags a lean entry cannot carry alone: unknown bits, v3 extensions, re-sent.
 _UNUSUAL_PARK = ~(_PARK_HANGUP_RETURNS | _PARK_TIMEOUT_RETURNS)
+#: Not a wire bit (flags are one byte): the decoder's mark of a token or pending
+#: over its ``lean_limits``, which makes the entry unusual.
+_OVER_LIMIT = 0x100
 
 
 def _decode_lean_park_untrusted(
@@ -1015,18 +1018,28 @@ def _decode_lean_park_untrusted(
     unpack = _PARK_ENTRY.unpack_from
     step = _PARK_ENTRY.size
     pos = _PARK_HEAD.size
+    unusual = _UNUSUAL_PARK
     out: list[LeanEntry] = []
     append = out.append
     try:
         for fd in fds:
             idle, flags, tlen, plen = unpack(data, pos)  # struct.error past the end
             pos += step
-            token = data[pos : pos + tlen] if tlen else b""
-            pos += tlen
-            pending = data[pos : pos + plen] if plen else b""
-            pos += plen
-            if flags & _UNUSUAL_PARK or tlen > max_token or plen > max_pending:
-                # bad, or for the general path (a ParkEntry)
+            if tlen:
+                token = data[pos : pos + tlen]
+                pos += tlen
+                if tlen > max_token:
+                    flags |= _OVER_LIMIT
+            else:
+                token = b""
+            if plen:
+                pending = data[pos : pos + plen]
+                pos += plen
+                if plen > max_pending:
+                    flags |= _OVER_LIMIT
+            else:
+                pending = b""
+            if flags & unusual:  # bad, or for the general path (a ParkEntry)
                 pos = _unusual_park(body, pos, fd, idle, flags, token, pending, append)
             else:
                 append((fd, token, pending, idle, flags, None))
@@ -1053,8 +1066,8 @@ def _unusual_park(
 ) -> int:
     """A lean PARK entry with bad flags (raises), or v3 rules or tags, or re-sent:
     its ``ParkEntry`` goes with it. Returns the position after it."""
-    if flags & ~_PARK_FLAGS:
-        raise RemoteProtocolError(f"bad PARK field flags: {flags:#x}")
+    if flags & ~(_PARK_FLAGS | _OVER_LIMIT):
+        raise RemoteProtocolError(f"bad PARK field flags: {flags & 0xFF:#x}")
     if pos > len(body.data):
         raise RemoteProtocolError("truncated PARK body")
     rules, tags = 0, tuple[bytes, ...]()
@@ -1074,7 +1087,7 @@ def _unusual_park(
         tags,
         bool(flags & _PARK_RESENT),
     )
-    append((fd, token, pending, idle, flags, entry))
+    append((fd, token, pending, idle, flags & ~_OVER_LIMIT, entry))
     return pos
 
 

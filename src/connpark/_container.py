@@ -892,9 +892,7 @@ class Container:
     def _close_acked(self, slots: list[Slot], fds: list[int]) -> None:
         """Close our copies of ACKed wakes (``Lot.take_acked`` dropped their slots;
         ``fds``: theirs, notices aside: those we closed at their wake)."""
-        close = os.close
-        for fd in fds:
-            close(fd)
+        deque(map(os.close, fds), 0)
         if self._mirror is not None:  # (a notice's DEL went at its wake: a no-op again)
             self._mirror_del.extend(x.ticket for x in slots)
         self._acks_total += len(slots)

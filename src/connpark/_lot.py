@@ -47,7 +47,8 @@ import math
 import operator
 from array import array
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from itertools import repeat
 from typing import Any
 
 from ._column import Column
@@ -820,14 +821,15 @@ class Lot:
         for slot in slots:
             slot.flags &= keep
 
-    def written(self, slots: Iterable[Slot]) -> None:
+    def written(self, slots: Sequence[Slot]) -> None:
         """Their fds went out to the session (SENT -> WRITTEN): an ACK may now free them."""
         sent, written = _SENT, _WRITTEN
-        n = 0
+        n = len(slots)
         for slot in slots:
-            if slot.state is sent:
-                slot.state = written
-                n += 1
+            if slot.state is not sent:
+                n -= 1
+                continue
+            slot.state = written
         if n:
             self._move_all(sent, written, n)
 
@@ -858,15 +860,13 @@ class Lot:
         fds: list[int] = []
         close = fds.append
         inflight = session.inflight
-        pop = inflight.pop
         written, gone = _WRITTEN, _GONE
         by_fd = self._by_fd
-        for ticket in tickets:
-            slot = pop(ticket, None)
+        for slot in map(inflight.pop, tickets, repeat(None)):
             if slot is None:
                 continue
             if slot.state is not written:  # SENT: its fd may still be in our send queue
-                inflight[ticket] = slot
+                inflight[slot.ticket] = slot
                 continue
             slot.state = gone
             fd = slot.fd

@@ -38,7 +38,6 @@ from __future__ import annotations
 import errno
 import logging
 import math
-import operator
 import os
 import resource
 import socket
@@ -57,6 +56,7 @@ from ._admit import (
     inline_options,
     inspect,
     new_borrowed,
+    new_unbound,
     peek_has_data,
     same_open_file,
     send_goodbye,
@@ -168,9 +168,11 @@ def wake_frames(
                 tlen = len(token)
                 plen = len(pending)
                 entry = 16 + tlen + plen
+                data = True
             else:
                 tlen = plen = 0
                 entry = 16
+                data = False
             if x.extra is not None and ext:
                 tail = x.extra.wake_ext()
                 if tail is not None:
@@ -192,9 +194,8 @@ def wake_frames(
                 add(pack(x.ticket, x.reason, flags, tlen, plen))
             else:
                 add(pack(x.ticket, x.reason, flags | _WAKE_EXT, tlen, plen))
-            if tlen:
+            if data:
                 add(token)
-            if plen:
                 add(pending)
             if tail is not None:
                 add(tail)
@@ -214,9 +215,9 @@ def wake_frame(slots: list[Slot], ext: bool = True) -> Frame:
     return wake_frames(slots, len(slots) * _WAKE_BODY, ext)[0][0]
 
 
-_fd_of = operator.attrgetter("fd")
-_key_of = operator.attrgetter("key")
-_ticket_of = operator.attrgetter("ticket")
+# (The hot paths read a field of each slot with a list comprehension, not
+# ``map(operator.attrgetter(...))``: a slot attribute is specialized bytecode,
+# attrgetter's is a generic lookup, twice the cost.)
 
 #: PARKED layouts by entry count (at most 253: one per fd of a PARK frame).
 _PARKED: dict[int, struct.Struct] = {}
@@ -823,7 +824,7 @@ class Container:
             # Tickets not parked any more (a wake is in flight) are no-ops, by design.
             slots = self.lot.unpark(s, msg.tickets, trio.current_time())
             if slots:
-                self.watcher.unregister_many(map(_fd_of, slots))
+                self.watcher.unregister_many([x.fd for x in slots])
         elif isinstance(msg, Close):
             for entry in msg.entries:
                 target = self.lot.find(entry.ticket)
@@ -942,7 +943,7 @@ class Container:
         # ``inspect``'s common case, inlined: wrap (getsockname), TCP_INFO, SO_COOKIE.
         inline = inline_options()
         tcp, tcp_info, cookie = inline if inline is not None else (0, 0, 0)
-        new, borrowed, live = new_borrowed, BORROWED, _LIVE_TCP
+        rebind, borrowed, live = new_borrowed.__init__, BORROWED, _LIVE_TCP
         sol_socket = socket.SOL_SOCKET
         peer: object  # the duplicate check's key (SO_COOKIE, else the peer address)
         plain: list[tuple[int, bytes, bytes, int, int]] = []  # parked at once, below
@@ -950,63 +951,64 @@ class Container:
         #: The entries that took another way: (index, refusal, ticket).
         other: list[tuple[int, Refusal, int]] = []
         admitted: list[Slot] = []  # parked on the way (``_admit_entry``)
-        for fd, token, pending, idle_ms, wflags, unusual in entries:
-            if unusual is None and fast:
-                peer = None
-                if inline is not None:
-                    try:
-                        sock = new(-1, borrowed, 0, fd)
-                    except OSError:
-                        pass
-                    else:
+        # One borrowed socket object for the frame, pointed at each fd in turn
+        # (``__init__`` again: no object made and freed per fd). It never owns
+        # an fd: a failed wrap leaves it on the last one, and it is detached below.
+        sock = new_unbound()
+        try:
+            for fd, token, pending, idle_ms, wflags, unusual in entries:
+                if unusual is None and fast:
+                    peer = None
+                    if inline is not None:
                         try:
+                            rebind(sock, -1, borrowed, 0, fd)
                             if sock.getsockopt(tcp, tcp_info, 1)[0] in live:
                                 peer = sock.getsockopt(sol_socket, cookie, 8)
                                 flags = flags_of[sock.family << 2 | wflags]
                         except Exception:  # ``inspect`` names it (one entry never ends a session)
                             peer = None
-                        finally:
-                            sock.detach()
-                else:
-                    code, family, found = inspect(fd)
-                    if code is ok:
-                        peer = found
-                        flags = flags_of[family << 2 | wflags & _RETURNS]
-                # A peer seen before in this frame (rare): the general path tells.
-                if peer is not None and setdefault(peer, fd) == fd:
-                    try:
-                        register(fd, watch)
-                    except OSError as exc:
-                        code = self._unwatchable(fd, exc)
-                        self._refuse(fd, code)
-                        other.append((len(plain) + len(other), code, 0))
-                        continue
-                    if idle_ms:
-                        deadline_ms = deadlines.get(idle_ms, 0)
-                        if not deadline_ms:
-                            deadline_ms = deadlines[idle_ms] = due_ms(now, idle_ms / 1000)
                     else:
-                        deadline_ms = default_ms
-                    add((fd, token, pending, flags, deadline_ms))
-                    continue
-            if unusual is None:
-                unusual = ParkEntry(
-                    fd,
-                    token,
-                    pending,
-                    idle_ms,
-                    bool(wflags & _LEAN_HANGUP),
-                    bool(wflags & _LEAN_TIMEOUT),
-                )
-            left = room - len(plain) - len(admitted)
-            code, ticket, slot = self._admit_entry(s, unusual, peers, left, now, mirrored, wall)
-            other.append((len(plain) + len(other), code, ticket))
-            if slot is not None:
-                admitted.append(slot)
+                        code, family, found = inspect(fd)
+                        if code is ok:
+                            peer = found
+                            flags = flags_of[family << 2 | wflags & _RETURNS]
+                    # A peer seen before in this frame (rare): the general path tells.
+                    if peer is not None and setdefault(peer, fd) == fd:
+                        try:
+                            register(fd, watch)
+                        except OSError as exc:
+                            code = self._unwatchable(fd, exc)
+                            self._refuse(fd, code)
+                            other.append((len(plain) + len(other), code, 0))
+                            continue
+                        if idle_ms:
+                            deadline_ms = deadlines.get(idle_ms, 0)
+                            if not deadline_ms:
+                                deadline_ms = deadlines[idle_ms] = due_ms(now, idle_ms / 1000)
+                        else:
+                            deadline_ms = default_ms
+                        add((fd, token, pending, flags, deadline_ms))
+                        continue
+                if unusual is None:
+                    unusual = ParkEntry(
+                        fd,
+                        token,
+                        pending,
+                        idle_ms,
+                        bool(wflags & _LEAN_HANGUP),
+                        bool(wflags & _LEAN_TIMEOUT),
+                    )
+                left = room - len(plain) - len(admitted)
+                code, ticket, slot = self._admit_entry(s, unusual, peers, left, now, mirrored, wall)
+                other.append((len(plain) + len(other), code, ticket))
+                if slot is not None:
+                    admitted.append(slot)
+        finally:
+            sock.detach()
         tickets: list[int] = []
         if plain:
             slots = lot.park_many(s, plain)
-            tickets = list(map(_ticket_of, slots))
+            tickets = [x.ticket for x in slots]
             admitted += slots
             if mirrored is not None:
                 self._mirror_records(mirrored, s, slots, plain, wall)
@@ -1374,7 +1376,7 @@ class Container:
     def _observe_latency(self, slots: list[Slot], now: float) -> None:
         """Wake latencies (readiness seen -> written); the slots of one WAKE frame
         were most often woken at one instant: one bucket update for them all."""
-        keys = list(map(_key_of, slots))
+        keys = [x.key for x in slots]
         first = keys[0]
         n = len(keys)
         if keys.count(first) == n:

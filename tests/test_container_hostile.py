@@ -417,3 +417,60 @@ def test_a_session_ending_with_its_parked_unsent_hurts_nobody(serve: ServeProces
     assert "Traceback" not in serve.log_text()
     for s in (*clients, *servers):
         s.close()
+
+
+def test_entries_over_the_limits_are_refused_alone_in_their_frame(serve: ServeProcess) -> None:
+    """Long tokens and pendings take the general path (the decoder's ``lean_limits``):
+    each gets its refusal in its place, the entries around it are parked."""
+    peer = RawPeer(serve.path)
+    clients, servers = tcp_pairs(5)
+    entries = [
+        ParkEntry(servers[0].fileno(), token=b"a"),
+        ParkEntry(servers[1].fileno(), token=b"t" * 4097),
+        ParkEntry(servers[2].fileno(), token=b"c", pending=b"p" * 65536),
+        ParkEntry(servers[3].fileno(), token=b"d", pending=b"p" * 65537),
+        ParkEntry(servers[4].fileno(), token=b"e"),
+    ]
+    parked = peer.park(entries)
+    assert [r.refusal for r in parked.results] == [
+        Refusal.OK,
+        Refusal.TOKEN_TOO_LARGE,
+        Refusal.OK,
+        Refusal.PENDING_TOO_LARGE,
+        Refusal.OK,
+    ]
+    tickets = [r.ticket for r in parked.results]
+    assert all(tickets[i] for i in (0, 2, 4))
+    assert len({tickets[i] for i in (0, 2, 4)}) == 3
+    assert tickets[1] == tickets[3] == 0
+    for i in (0, 2, 4):
+        servers[i].close()
+    # The refused sockets are still the worker's, and work.
+    servers[1].sendall(b"x")
+    assert clients[1].recv(1) == b"x"
+    clients[0].sendall(b"hi")
+    clients[4].sendall(b"ho")
+    assert _read_wakes(peer, 2) == {b"a": b"hi", b"e": b"ho"}
+    peer.close()
+    for s in (*clients, servers[1], servers[3]):
+        s.close()
+
+
+def test_watcher_unregister_many_carries_on_past_a_gone_fd() -> None:
+    from connpark._watcher import EpollWatcher
+
+    watcher = EpollWatcher()
+    clients, servers = tcp_pairs(4)
+    try:
+        for s in servers:
+            watcher.register(s.fileno())
+        watcher.unregister(servers[1].fileno())  # out already: ENOENT in the middle
+        gone = os.open("/", os.O_RDONLY)
+        os.close(gone)  # closed: EBADF at the end
+        watcher.unregister_many([s.fileno() for s in servers] + [gone])
+        for s in servers:  # all out: registering again works
+            watcher.register(s.fileno())
+    finally:
+        watcher.close()
+        for s in (*clients, *servers):
+            s.close()

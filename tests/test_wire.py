@@ -1758,3 +1758,48 @@ def test_mark_resent(template: Park) -> None:
         (got,) = decode_all((f.data, f.fds) for f in encode_park(msg.request_id, items, fds))
         want = tuple(attrs.evolve(e, resent=True) for e in msg.entries)
         assert got == Park(msg.request_id, want)
+
+
+@needs_proc
+def test_lean_limits_send_long_tokens_and_pendings_to_the_general_path() -> None:
+    """``lean_limits``: an entry over either comes out unusual (its ``ParkEntry`` with it,
+    for the container to refuse), with its wire flags; the others stay plain."""
+    with real_fds(4) as fds:
+        msg = Park(
+            7,
+            (
+                ParkEntry(fds[0], token=b"t" * 4, pending=b"p" * 8),
+                ParkEntry(fds[1], token=b"t" * 5, hangup_returns=True),
+                ParkEntry(fds[2], pending=b"p" * 9, timeout_returns=True),
+                ParkEntry(fds[3]),
+            ),
+        )
+        (f,) = encode(msg)
+        dec = Decoder(join_split=False, lean_park=True, lean_limits=(4, 8))
+        dec.receive_data(f.data, [os.dup(fd) for fd in f.fds])
+        got = dec.next_message()
+        assert isinstance(got, LeanPark)
+        try:
+            unusual = [e[5] for e in got.entries]
+            assert unusual[0] is None
+            assert unusual[3] is None
+            assert unusual[1] == attrs.evolve(msg.entries[1], fd=got.entries[1][0])
+            assert unusual[2] == attrs.evolve(msg.entries[2], fd=got.entries[2][0])
+            assert [e[4] for e in got.entries] == [0, 0x01, 0x02, 0]  # wire flags only
+            pairs = zip(msg.entries, got.entries, strict=True)
+            assert unlean(got) == Park(7, tuple(attrs.evolve(e, fd=g[0]) for e, g in pairs))
+        finally:
+            for fd in message_fds(got):
+                os.close(fd)
+
+
+@needs_proc
+def test_lean_limits_do_not_hide_bad_flags() -> None:
+    good = park_bytes(1)[8:]
+    entry = p("I", 0) + p("B", 0x40) + p("H", 3) + p("I", 0) + b"tok"
+    body = p("I", 1) + p("H", 2) + good[6:] + entry
+    with real_fds(2) as fds:
+        dec = Decoder(join_split=False, lean_park=True, lean_limits=(1, 1))
+        dec.receive_data(frame(3, body, nfds=2), [os.dup(fd) for fd in fds])
+        with pytest.raises(RemoteProtocolError, match="bad PARK field flags: 0x40"):
+            dec.next_message()

@@ -79,6 +79,12 @@ new_borrowed = _new_socket
 BORROWED = _BORROWED
 
 
+def new_unbound() -> _socket.socket:
+    """A socket object with no fd (-1) yet, for ``new_borrowed.__init__`` to point at
+    one borrowed fd after another; ``detach()`` it when done (it must never close one)."""
+    return _new_socket.__new__(_new_socket)
+
+
 def inline_options() -> tuple[int, int, int] | None:
     """(IPPROTO_TCP, TCP_INFO, SO_COOKIE) for the inline common case, or None
     where only ``inspect`` will do (no TCP_INFO, or a kernel without SO_COOKIE)."""

@@ -38,7 +38,6 @@ from __future__ import annotations
 import errno
 import logging
 import math
-import operator
 import os
 import resource
 import socket
@@ -57,6 +56,7 @@ from ._admit import (
     inline_options,
     inspect,
     new_borrowed,
+    new_unbound,
     peek_has_data,
     same_open_file,
     send_goodbye,
@@ -130,7 +130,8 @@ _WAKE_BODY = DEFAULT_MAX_BODY - 64
 # section 6, packed straight from slots and results with no message objects.
 # tests/test_container_clock.py checks them against ``_wire.encode``.
 _WAKE_ENTRY = struct.Struct("!QBBHI")
-_U16 = struct.Struct("!H")
+#: A WAKE frame's header and entry count.
+_WAKE_HEAD = struct.Struct(HEADER.format + "H")
 _HAS_FD = 1
 _WAKE_INET6 = 2
 _WAKE_EXT = 4
@@ -148,60 +149,65 @@ def wake_frames(
     counts and unsent bytes (``Extra.wake_ext``).
     """
     pack = _WAKE_ENTRY.pack
+    inet6 = INET6
     frames: list[Frame] = []
     groups: list[list[Slot]] = []
     n = len(slots)
     start = total = 0  # the frame's first slot; entry bytes taken before it
     while start < n:
         limit = min(_WAKE_BODY - 2, budget - total)  # this frame's entry bytes
-        parts: list[bytes] = [b""]  # [0]: the entry count, once known
+        parts: list[bytes] = [b""]  # [0]: the header and entry count, once known
         add = parts.append
         fds: list[int] = []
+        keep = fds.append
         used = count = 0
         for x in slots[start : start + MAX_FDS_PER_FRAME]:
             token = x.token
             pending = x.pending
-            tlen = len(token)
-            plen = len(pending)
-            entry = 16 + tlen + plen
-            tail = None
+            if token or pending:
+                tlen = len(token)
+                plen = len(pending)
+                entry = 16 + tlen + plen
+                data = True
+            else:
+                tlen = plen = 0
+                entry = 16
+                data = False
             if x.extra is not None and ext:
                 tail = x.extra.wake_ext()
                 if tail is not None:
                     entry += len(tail)
-            # Full: the frame (it has an entry), or the budget (some entry is taken).
-            if used + entry > limit and (count or (total and total + entry > budget)):
-                break
+            else:
+                tail = None
             used += entry
+            # Full: the frame (it has an entry), or the budget (some entry is taken).
+            if used > limit and (count or (total and total + entry > budget)):
+                used -= entry
+                break
             fd = x.fd
             if fd >= 0:
-                fds.append(fd)
-                flags = _HAS_FD_INET6 if x.flags & INET6 else _HAS_FD
+                keep(fd)
+                flags = _HAS_FD_INET6 if x.flags & inet6 else _HAS_FD
             else:
-                flags = _WAKE_INET6 if x.flags & INET6 else 0
-            if tail is not None:
-                flags |= _WAKE_EXT
-            add(pack(x.ticket, x.reason, flags, tlen, plen))
-            if tlen:
+                flags = _WAKE_INET6 if x.flags & inet6 else 0
+            if tail is None:
+                add(pack(x.ticket, x.reason, flags, tlen, plen))
+            else:
+                add(pack(x.ticket, x.reason, flags | _WAKE_EXT, tlen, plen))
+            if data:
                 add(token)
-            if plen:
                 add(pending)
             if tail is not None:
                 add(tail)
             count += 1
         if not count:
             break  # the budget is spent
-        frames.append(_wake_frame(parts, count, fds))
+        parts[0] = _WAKE_HEAD.pack(used + 2, MessageType.WAKE, 0, len(fds), count)
+        frames.append(Frame(b"".join(parts), tuple(fds)))
         groups.append(slots[start : start + count])
         start += count
         total += used
     return frames, groups, start
-
-
-def _wake_frame(parts: list[bytes], count: int, fds: list[int]) -> Frame:
-    parts[0] = _U16.pack(count)
-    body = b"".join(parts)
-    return Frame(HEADER.pack(len(body), MessageType.WAKE, 0, len(fds)) + body, tuple(fds))
 
 
 def wake_frame(slots: list[Slot], ext: bool = True) -> Frame:
@@ -209,9 +215,9 @@ def wake_frame(slots: list[Slot], ext: bool = True) -> Frame:
     return wake_frames(slots, len(slots) * _WAKE_BODY, ext)[0][0]
 
 
-_fd_of = operator.attrgetter("fd")
-_key_of = operator.attrgetter("key")
-_ticket_of = operator.attrgetter("ticket")
+# (The hot paths read a field of each slot with a list comprehension, not
+# ``map(operator.attrgetter(...))``: a slot attribute is specialized bytecode,
+# attrgetter's is a generic lookup, twice the cost.)
 
 #: PARKED layouts by entry count (at most 253: one per fd of a PARK frame).
 _PARKED: dict[int, struct.Struct] = {}
@@ -233,14 +239,19 @@ def parked_frame(request_id: int, results: list[tuple[int, int]]) -> Frame:
     return parked_frame_flat(request_id, [v for pair in results for v in pair])
 
 
-#: LeanEntry flags (hang-up and timeout returns) -> the lot's flags of its new slot.
+#: LeanEntry flags (hang-up and timeout returns; two bits) and the socket's family,
+#: as ``family << 2 | flags`` -> the lot's flags of its new slot.
 _RETURNS = _LEAN_HANGUP | _LEAN_TIMEOUT
-_RETURN_FLAGS = {
-    w: UNCONFIRMED
+_FLAGS_OF = {
+    family << 2 | w: UNCONFIRMED
     | (HANGUP_RETURNS if w & _LEAN_HANGUP else 0)
     | (TIMEOUT_RETURNS if w & _LEAN_TIMEOUT else 0)
+    | (INET6 if family == socket.AF_INET6 else 0)
     for w in (0, _LEAN_HANGUP, _LEAN_TIMEOUT, _RETURNS)
+    for family in (socket.AF_INET, socket.AF_INET6)
 }
+#: TCP states a connection may be parked in (ESTABLISHED, CLOSE_WAIT): ``inspect``'s.
+_LIVE_TCP = (1, 8)
 
 
 def raise_nofile_limit() -> int:
@@ -676,7 +687,10 @@ class Container:
         conn.setblocking(False)
         # Each PARK frame is admitted as it arrives (and answered by its own
         # PARKED): the decoder never holds more than one frame's fds.
-        decoder = Decoder(join_split=False, lean_park=True)
+        cfg = self.config
+        decoder = Decoder(
+            join_split=False, lean_park=True, lean_limits=(cfg.max_token, cfg.max_pending)
+        )
         session: _Session | None = None
         try:
             try:
@@ -810,7 +824,7 @@ class Container:
             # Tickets not parked any more (a wake is in flight) are no-ops, by design.
             slots = self.lot.unpark(s, msg.tickets, trio.current_time())
             if slots:
-                self.watcher.unregister_many(map(_fd_of, slots))
+                self.watcher.unregister_many([x.fd for x in slots])
         elif isinstance(msg, Close):
             for entry in msg.entries:
                 target = self.lot.find(entry.ticket)
@@ -879,9 +893,7 @@ class Container:
     def _close_acked(self, slots: list[Slot], fds: list[int]) -> None:
         """Close our copies of ACKed wakes (``Lot.take_acked`` dropped their slots;
         ``fds``: theirs, notices aside: those we closed at their wake)."""
-        close = os.close
-        for fd in fds:
-            close(fd)
+        deque(map(os.close, fds), 0)
         if self._mirror is not None:  # (a notice's DEL went at its wake: a no-op again)
             self._mirror_del.extend(x.ticket for x in slots)
         self._acks_total += len(slots)
@@ -899,11 +911,15 @@ class Container:
         """Admit each entry on its own; answer the frame with its own PARKED.
 
         The hot path: a plain entry (no rules or tags, not re-sent, within the
-        limits, with room) is admitted inline: ``inspect``, the duplicate
-        check, the watcher, the lot. Any other goes through ``_admit_entry``.
+        limits: the decoder's ``lean_limits`` sent any other as unusual) of a
+        frame that fits in the room left, is admitted inline: ``inspect``'s
+        common case, the duplicate check, the watcher, then the lot for them
+        all at once. Anything else (a refusal, a peer seen before in the
+        frame, shutting down) goes through ``_admit_entry``.
         """
         entries = msg.entries
-        self._take_fds(s, len(entries))
+        n = len(entries)
+        self._take_fds(s, n)
         now = trio.current_time()
         cfg = self.config
         lot = self.lot
@@ -912,37 +928,67 @@ class Container:
             self.fd_budget - self._held,
             cfg.max_parked - (lot.parked + lot.queued + lot.sent),
         )
-        # Shutting down: every entry takes the general path (and is refused there).
-        max_token = -1 if self._shutting_down else cfg.max_token
-        max_pending = cfg.max_pending
+        # Inline only when every entry fits; else (and shutting down) the general path.
+        fast = room >= n and not self._shutting_down
         mirrored: list[Record] | None = [] if self._mirror is not None else None
         wall = time.time() - now
         peers: dict[object, int | list[int]] = {}
+        setdefault = peers.setdefault
         default_ms = due_ms(now, cfg.idle_timeout)
         #: idle_timeout_ms -> the deadline (ms, rounded up).
         deadlines: dict[int, int] = {}
-        returns = _RETURN_FLAGS
+        flags_of = _FLAGS_OF
         register, watch = self.watcher.registrar()
-        refused = self._refused
-        ok, inet6 = Refusal.OK, socket.AF_INET6
+        ok = Refusal.OK
         # ``inspect``'s common case, inlined: wrap (getsockname), TCP_INFO, SO_COOKIE.
         inline = inline_options()
         tcp, tcp_info, cookie = inline if inline is not None else (0, 0, 0)
+        rebind, borrowed, live = new_borrowed.__init__, BORROWED, _LIVE_TCP
         sol_socket = socket.SOL_SOCKET
         peer: object  # the duplicate check's key (SO_COOKIE, else the peer address)
-        flat: list[int] = []  # PARKED: refusal, ticket per entry (0: parked below)
-        out = flat.append
         plain: list[tuple[int, bytes, bytes, int, int]] = []  # parked at once, below
         add = plain.append
+        #: The entries that took another way: (index, refusal, ticket).
+        other: list[tuple[int, Refusal, int]] = []
         admitted: list[Slot] = []  # parked on the way (``_admit_entry``)
-        keep = admitted.append
-        for fd, token, pending, idle_ms, wflags, unusual in entries:
-            if (
-                unusual is not None
-                or room <= 0
-                or len(token) > max_token
-                or len(pending) > max_pending
-            ):
+        # One borrowed socket object for the frame, pointed at each fd in turn
+        # (``__init__`` again: no object made and freed per fd). It never owns
+        # an fd: a failed wrap leaves it on the last one, and it is detached below.
+        sock = new_unbound()
+        try:
+            for fd, token, pending, idle_ms, wflags, unusual in entries:
+                if unusual is None and fast:
+                    peer = None
+                    if inline is not None:
+                        try:
+                            rebind(sock, -1, borrowed, 0, fd)
+                            if sock.getsockopt(tcp, tcp_info, 1)[0] in live:
+                                peer = sock.getsockopt(sol_socket, cookie, 8)
+                                flags = flags_of[sock.family << 2 | wflags]
+                        except Exception:  # ``inspect`` names it (one entry never ends a session)
+                            peer = None
+                    else:
+                        code, family, found = inspect(fd)
+                        if code is ok:
+                            peer = found
+                            flags = flags_of[family << 2 | wflags & _RETURNS]
+                    # A peer seen before in this frame (rare): the general path tells.
+                    if peer is not None and setdefault(peer, fd) == fd:
+                        try:
+                            register(fd, watch)
+                        except OSError as exc:
+                            code = self._unwatchable(fd, exc)
+                            self._refuse(fd, code)
+                            other.append((len(plain) + len(other), code, 0))
+                            continue
+                        if idle_ms:
+                            deadline_ms = deadlines.get(idle_ms, 0)
+                            if not deadline_ms:
+                                deadline_ms = deadlines[idle_ms] = due_ms(now, idle_ms / 1000)
+                        else:
+                            deadline_ms = default_ms
+                        add((fd, token, pending, flags, deadline_ms))
+                        continue
                 if unusual is None:
                     unusual = ParkEntry(
                         fd,
@@ -952,74 +998,33 @@ class Container:
                         bool(wflags & _LEAN_HANGUP),
                         bool(wflags & _LEAN_TIMEOUT),
                     )
-                code, ticket, slot = self._admit_entry(s, unusual, peers, room, now, mirrored, wall)
-                out(code)
-                out(ticket)
+                left = room - len(plain) - len(admitted)
+                code, ticket, slot = self._admit_entry(s, unusual, peers, left, now, mirrored, wall)
+                other.append((len(plain) + len(other), code, ticket))
                 if slot is not None:
-                    keep(slot)
-                    room -= 1
-                continue
-            peer = None
-            if inline is not None:
-                try:
-                    sock = new_borrowed(-1, BORROWED, 0, fd)
-                except OSError:
-                    pass
-                else:
-                    try:
-                        state = sock.getsockopt(tcp, tcp_info, 1)[0]
-                        if state == 1 or state == 8:  # ESTABLISHED, CLOSE_WAIT
-                            peer = sock.getsockopt(sol_socket, cookie, 8)
-                            family = sock.family
-                    except Exception:  # ``inspect`` names it (one entry never ends a session)
-                        peer = None
-                    finally:
-                        sock.detach()
-            if peer is None:  # anything unusual: ``inspect`` says what
-                code, family, peer = inspect(fd)
-            else:
-                code = ok
-            if code is ok:
-                same = peers.setdefault(peer, fd)
-                if same != fd and self._duplicate(peers, peer, same, fd):
-                    code = Refusal.DUPLICATE
-                else:
-                    try:
-                        register(fd, watch)
-                    except OSError as exc:
-                        code = self._unwatchable(fd, exc)
-            if code is not ok:
-                close_fds((fd,))
-                refused[code.label] += 1
-                out(code)
-                out(0)
-                continue
-            if idle_ms:
-                deadline_ms = deadlines.get(idle_ms, 0)
-                if not deadline_ms:
-                    deadline_ms = deadlines[idle_ms] = due_ms(now, idle_ms / 1000)
-            else:
-                deadline_ms = default_ms
-            flags = returns[wflags & _RETURNS] if wflags & _RETURNS else UNCONFIRMED
-            if family == inet6:
-                flags |= INET6
-            add((fd, token, pending, flags, deadline_ms))
-            room -= 1
-            out(ok)
-            out(0)
+                    admitted.append(slot)
+        finally:
+            sock.detach()
+        tickets: list[int] = []
         if plain:
             slots = lot.park_many(s, plain)
-            tickets = list(map(_ticket_of, slots))
-            if len(slots) * 2 == len(flat):  # all of them: the usual
-                flat[1::2] = tickets
-            else:  # in entry order, in the (OK, 0) places
-                it = iter(tickets)
-                for i in range(0, len(flat), 2):
-                    if flat[i] is ok and not flat[i + 1]:
-                        flat[i + 1] = next(it)
+            tickets = [x.ticket for x in slots]
             admitted += slots
             if mirrored is not None:
                 self._mirror_records(mirrored, s, slots, plain, wall)
+        if other:  # in entry order: the others' answers, the tickets in between
+            flat: list[int] = []
+            it = iter(tickets)
+            k = 0
+            for i in range(n):
+                if k < len(other) and other[k][0] == i:
+                    flat += other[k][1:]
+                    k += 1
+                else:
+                    flat += (ok, next(it))
+        else:  # all of them inline: the usual
+            flat = [ok, 0] * n
+            flat[1::2] = tickets
         if mirrored:  # before PARKED: the worker keeps its copy until the mirror has one
             self._mirror_send(encode_records(MirrorKind.ADD, mirrored))
         self._held += len(admitted)
@@ -1056,16 +1061,10 @@ class Container:
                 )
             )
 
-    def _duplicate(
-        self, peers: dict[object, int | list[int]], peer: object, same: int | list[int], fd: int
-    ) -> bool:
-        """Two entries with one peer address (rare): is ``fd`` the same socket as one
-        before it? If not, it joins them in ``peers``."""
-        others = same if isinstance(same, list) else [same]
-        if any(same_open_file(other, fd) for other in others):
-            return True
-        peers[peer] = [*others, fd]
-        return False
+    def _refuse(self, fd: int, code: Refusal) -> None:
+        """An entry is refused: close its fd (it is ours), count why."""
+        close_fds((fd,))
+        self._refused[code.label] += 1
 
     def _unwatchable(self, fd: int, exc: OSError) -> Refusal:
         LOGGER.warning("watcher refused fd %d: %s", fd, exc)
@@ -1102,8 +1101,7 @@ class Container:
             LOGGER.exception("session %d: admitting fd %d failed", s.id, fd)
             code, family = Refusal.UNINSPECTABLE, 0
         if code is not Refusal.OK:
-            close_fds((fd,))
-            self._refused[code.label] += 1
+            self._refuse(fd, code)
             return code, 0, None
         cfg = self.config
         idle = entry.idle_timeout_ms / 1000 if entry.idle_timeout_ms else cfg.idle_timeout
@@ -1378,7 +1376,7 @@ class Container:
     def _observe_latency(self, slots: list[Slot], now: float) -> None:
         """Wake latencies (readiness seen -> written); the slots of one WAKE frame
         were most often woken at one instant: one bucket update for them all."""
-        keys = list(map(_key_of, slots))
+        keys = [x.key for x in slots]
         first = keys[0]
         n = len(keys)
         if keys.count(first) == n:

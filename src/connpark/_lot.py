@@ -47,7 +47,8 @@ import math
 import operator
 from array import array
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from itertools import repeat
 from typing import Any
 
 from ._column import Column
@@ -620,18 +621,21 @@ class Lot:
             if room > 0 and self.ack_deadline != math.inf and self.stale(session, now):
                 room = 0
         by_fd = self._by_fd
-        size = len(by_fd)
         alias = self._alias
         pool = session.pool
         inflight = session.inflight
         parked, queued, sent, requested = _PARKED, _QUEUED, _SENT, _REQUESTED
+        fd_mask = _FD_MASK
         mine: list[Slot] = []  # assigned to the session: SENT
         others: list[Slot] = []  # QUEUED: routed below
         take, defer = mine.append, others.append
         stale = 0
         for ticket in tickets:
-            fd = ticket & _FD_MASK
-            slot = by_fd[fd] if fd < size else None
+            fd = ticket & fd_mask
+            try:
+                slot = by_fd[fd]
+            except IndexError:  # an fd number above any we hold
+                slot = None
             if slot is None or slot.ticket != ticket:
                 if slot is _PACKED and self._pticket[fd] == ticket:
                     slot = self._unpack(fd)
@@ -831,14 +835,15 @@ class Lot:
         for slot in slots:
             slot.flags &= keep
 
-    def written(self, slots: Iterable[Slot]) -> None:
+    def written(self, slots: Sequence[Slot]) -> None:
         """Their fds went out to the session (SENT -> WRITTEN): an ACK may now free them."""
         sent, written = _SENT, _WRITTEN
-        n = 0
+        n = len(slots)
         for slot in slots:
-            if slot.state is sent:
-                slot.state = written
-                n += 1
+            if slot.state is not sent:
+                n -= 1
+                continue
+            slot.state = written
         if n:
             self._move_all(sent, written, n)
 
@@ -869,21 +874,22 @@ class Lot:
         fds: list[int] = []
         close = fds.append
         inflight = session.inflight
-        get = inflight.get
         written, gone = _WRITTEN, _GONE
         by_fd = self._by_fd
-        for ticket in tickets:
-            slot = get(ticket)
-            if slot is not None and slot.state is written:
-                del inflight[ticket]
-                slot.state = gone
-                fd = slot.fd
-                if fd >= 0:
-                    close(fd)
-                    slot.fd = -1
-                    if by_fd[fd] is slot:
-                        by_fd[fd] = None
-                append(slot)
+        for slot in map(inflight.pop, tickets, repeat(None)):
+            if slot is None:
+                continue
+            if slot.state is not written:  # SENT: its fd may still be in our send queue
+                inflight[slot.ticket] = slot
+                continue
+            slot.state = gone
+            fd = slot.fd
+            if fd >= 0:
+                close(fd)
+                slot.fd = -1
+                if by_fd[fd] is slot:
+                    by_fd[fd] = None
+            append(slot)
         if done:
             self._move_all(written, gone, len(done))
             if self._alias:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import select
 import sys
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -85,10 +86,12 @@ class EpollWatcher:
 
     def unregister_many(self, fds: Iterable[int]) -> None:
         unregister = self._ep.unregister
-        for fd in fds:
+        rest = iter(fds)
+        while True:
             try:
-                unregister(fd)
-            except OSError as exc:
+                deque(map(unregister, rest), 0)  # at C speed; an error stops it...
+                return
+            except OSError as exc:  # ...and the rest carries on after the gone fd
                 if exc.errno not in _GONE:
                     raise
 

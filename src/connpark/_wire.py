@@ -250,7 +250,9 @@ LEAN_HANGUP_RETURNS: Final = _PARK_HANGUP_RETURNS
 LEAN_TIMEOUT_RETURNS: Final = _PARK_TIMEOUT_RETURNS
 
 #: One entry of a ``LeanPark``: (fd, token, pending, idle_timeout_ms, wire flags,
-#: the entry as a ``ParkEntry`` when it is unusual (v3 rules or tags, re-sent), else None).
+#: the entry as a ``ParkEntry`` when it is unusual (v3 rules or tags, re-sent, over
+#: the decoder's ``lean_limits``), else None). Wire flags: hang-up and timeout
+#: returns only (any other makes the entry unusual).
 LeanEntry: TypeAlias = tuple[int, bytes, bytes, int, int, ParkEntry | None]
 
 
@@ -987,14 +989,25 @@ _FD_TYPES: Final = frozenset({MessageType.PARK, MessageType.WAKE})
 _PARK_FLAGS = _PARK_HANGUP_RETURNS | _PARK_TIMEOUT_RETURNS | _PARK_EXT | _PARK_RESENT
 #: Flags a lean entry cannot carry alone: unknown bits, v3 extensions, re-sent.
 _UNUSUAL_PARK = ~(_PARK_HANGUP_RETURNS | _PARK_TIMEOUT_RETURNS)
+#: Not a wire bit (flags are one byte): the decoder's mark of a token or pending
+#: over its ``lean_limits``, which makes the entry unusual.
+_OVER_LIMIT = 0x100
 
 
-def _decode_lean_park_untrusted(body: _Body, fds: deque[int], entries: list[object]) -> int:
+def _decode_lean_park_untrusted(
+    body: _Body,
+    fds: deque[int],
+    entries: list[object],
+    max_token: int = 0xFFFF,
+    max_pending: int = 0xFFFFFFFF,
+) -> int:
     """A PARK body as ``LeanEntry`` tuples (``Decoder(lean_park=True)``); its request id.
 
     The checks of ``_decode_entries_untrusted``, inlined: this is the
     container's hot path. ``fds`` are taken (and ``entries`` filled) only once
-    the whole body is valid; on error both are as they were.
+    the whole body is valid; on error both are as they were. An entry whose
+    token or pending bytes are longer than ``max_token`` or ``max_pending``
+    comes out unusual (with its ``ParkEntry``), for the caller to refuse.
     """
     data = body.data
     if len(data) < _PARK_HEAD.size:
@@ -1005,17 +1018,28 @@ def _decode_lean_park_untrusted(body: _Body, fds: deque[int], entries: list[obje
     unpack = _PARK_ENTRY.unpack_from
     step = _PARK_ENTRY.size
     pos = _PARK_HEAD.size
+    unusual = _UNUSUAL_PARK
     out: list[LeanEntry] = []
     append = out.append
     try:
         for fd in fds:
             idle, flags, tlen, plen = unpack(data, pos)  # struct.error past the end
             pos += step
-            token = data[pos : pos + tlen] if tlen else b""
-            pos += tlen
-            pending = data[pos : pos + plen] if plen else b""
-            pos += plen
-            if flags & _UNUSUAL_PARK:  # bad, or for the general path (a ParkEntry)
+            if tlen:
+                token = data[pos : pos + tlen]
+                pos += tlen
+                if tlen > max_token:
+                    flags |= _OVER_LIMIT
+            else:
+                token = b""
+            if plen:
+                pending = data[pos : pos + plen]
+                pos += plen
+                if plen > max_pending:
+                    flags |= _OVER_LIMIT
+            else:
+                pending = b""
+            if flags & unusual:  # bad, or for the general path (a ParkEntry)
                 pos = _unusual_park(body, pos, fd, idle, flags, token, pending, append)
             else:
                 append((fd, token, pending, idle, flags, None))
@@ -1042,8 +1066,8 @@ def _unusual_park(
 ) -> int:
     """A lean PARK entry with bad flags (raises), or v3 rules or tags, or re-sent:
     its ``ParkEntry`` goes with it. Returns the position after it."""
-    if flags & ~_PARK_FLAGS:
-        raise RemoteProtocolError(f"bad PARK field flags: {flags:#x}")
+    if flags & ~(_PARK_FLAGS | _OVER_LIMIT):
+        raise RemoteProtocolError(f"bad PARK field flags: {flags & 0xFF:#x}")
     if pos > len(body.data):
         raise RemoteProtocolError("truncated PARK body")
     rules, tags = 0, tuple[bytes, ...]()
@@ -1063,7 +1087,7 @@ def _unusual_park(
         tags,
         bool(flags & _PARK_RESENT),
     )
-    append((fd, token, pending, idle, flags, entry))
+    append((fd, token, pending, idle, flags & ~_OVER_LIMIT, entry))
     return pos
 
 
@@ -1197,6 +1221,7 @@ class Decoder:
         max_message: int = DEFAULT_MAX_MESSAGE,
         join_split: bool = True,
         lean_park: bool = False,
+        lean_limits: tuple[int, int] = (0xFFFF, 0xFFFFFFFF),
         rows: bool = False,
     ) -> None:
         #: The worker's hot path: hand out PARKED and WAKE as ``ParkedRows`` and
@@ -1208,6 +1233,9 @@ class Decoder:
         self.join_split = join_split
         #: True: PARK comes out as ``LeanPark`` (tuples, not ``ParkEntry`` objects).
         self.lean_park = lean_park
+        #: (max token, max pending) bytes: a ``LeanEntry`` over either is unusual
+        #: (it carries its ``ParkEntry``): the container's general path refuses it.
+        self.lean_limits = lean_limits
         self.max_body = max_body
         self.max_fds_per_frame = max_fds_per_frame
         self.max_entries = max_entries
@@ -1309,7 +1337,7 @@ class Decoder:
             lean = self.lean_park
             try:
                 if lean and mtype is MessageType.PARK:
-                    head = _decode_lean_park_untrusted(body, frame_fds, entries)
+                    head = _decode_lean_park_untrusted(body, frame_fds, entries, *self.lean_limits)
                 else:
                     head = _decode_entries_untrusted(mtype, body, frame_fds, entries)
             except RemoteProtocolError:

@@ -139,3 +139,48 @@ def test_wake_frames_split_by_entries_bytes_and_budget() -> None:
     frames, groups, n = wake_frames(outq[97:], 10)  # fd 100 carries 300 kB: alone
     assert n == 1
     assert len(frames[0].data) > 300_000
+
+
+def test_plain_wake_frames_match_the_general_encoding() -> None:
+    """The column-by-column WAKE of plain entries is byte for byte the entry-by-entry
+    one: reasons, INET6, budgets, 253-entry frames, and a notice (no fd) among them."""
+    from connpark._container import _WAKE_ENTRY, _WAKE_HEAD, wake_frames
+    from connpark._lot import INET6, Lot, SessionState
+    from connpark._wire import Decoder, MessageType, Wake
+
+    lot = Lot(window=10_000)
+    owner = SessionState(1, lot.pool("p"))
+    lot.add_session(owner)
+    slots = lot.park_many(
+        owner, [(fd, b"", b"", INET6 if fd % 3 else 0, 9000) for fd in range(3, 603)]
+    )
+    reasons = [Reason.READABLE, Reason.HANGUP, Reason.TIMEOUT]
+    for i, x in enumerate(slots):
+        lot.wake(x, reasons[i % 3], 1.0)
+    outq = list(owner.outq)
+
+    def general(group: list) -> bytes:  # type: ignore[type-arg]
+        body = b"".join(
+            _WAKE_ENTRY.pack(x.ticket, x.reason, 3 if x.flags & INET6 else 1, 0, 0) for x in group
+        )
+        return _WAKE_HEAD.pack(len(body) + 2, MessageType.WAKE, 0, len(group), len(group)) + body
+
+    frames, groups, n = wake_frames(outq, 1 << 40)
+    assert (n, [len(g) for g in groups]) == (600, [253, 253, 94])
+    for frame, group in zip(frames, groups, strict=True):
+        assert frame.data == general(group)
+        assert frame.fds == tuple(x.fd for x in group)
+    frames, groups, n = wake_frames(outq, 16 * 40 + 5)  # the byte budget: 40 entries
+    assert (n, frames[0].data) == (40, general(outq[:40]))
+    dec = Decoder(join_split=False)
+    dec.receive_data(frames[0].data, frames[0].fds)
+    msg = dec.next_message()
+    assert isinstance(msg, Wake)
+    assert [(e.ticket, e.reason, e.fd) for e in msg.entries] == [
+        (x.ticket, x.reason, x.fd) for x in outq[:40]
+    ]
+    # A notice (the container closed its fd) takes the general path, and is encoded alike.
+    lot.forget_fd(outq[5])
+    frames, groups, n = wake_frames(outq[:10], 1 << 40)
+    assert n == 10
+    assert frames[0].fds == tuple(x.fd for x in outq[:10] if x.fd >= 0)

@@ -1653,14 +1653,42 @@ def test_lean_park_decodes_what_park_does(template: Message, cuts: list[int]) ->
         (p("I", 1) + p("H", 1) + p("I", 0) + p("B", 0x10) + p("H", 0) + p("I", 0), 1, "0x10"),
         (p("I", 1) + p("H", 1) + p("I", 0) + p("B", 0x83) + p("H", 0) + p("I", 0), 1, "0x83"),
         (park_bytes(2)[8:] + b"zzz", 2, "3 trailing bytes in PARK body"),
+        # Entries' length exactly (the one-pass case), but a token claimed: cut short.
+        (p("I", 1) + p("H", 1) + p("I", 0) + p("B", 0) + p("H", 0) + p("I", 0), 1, None),
+        (p("I", 1) + p("H", 2) + (p("I", 0) + p("B", 0) + p("H", 1) + p("I", 0)) * 2, 2, "trunc"),
         (park_bytes(2)[8:], 1, "PARK has 2 entries but 1 fds"),
         (park_bytes(2)[8:], 3, "PARK has 2 entries but 3 fds"),
     ],
 )
-def test_lean_park_rejects_what_park_does(body: bytes, nfds: int, match: str) -> None:
+def test_lean_park_rejects_what_park_does(body: bytes, nfds: int, match: str | None) -> None:
     data = frame(3, body, nfds=nfds)
+    if match is None:  # (a valid one, next to its bad twin)
+        return
     reject([(data, nfds)], match)
     reject([(data, nfds)], match, dec=Decoder(join_split=False, lean_park=True))
+
+
+@needs_proc
+def test_lean_park_of_plain_entries_decodes_in_one_pass() -> None:
+    """253 entries without token or pending bytes (the container's usual frame)."""
+    n = 253
+    flags = [i % 4 for i in range(n)]  # the returns flags stay lean
+    body = (
+        p("I", 7)
+        + p("H", n)
+        + b"".join(p("I", 1000 + i) + p("B", flags[i]) + p("H", 0) + p("I", 0) for i in range(n))
+    )
+    with real_fds(n) as fds:
+        dec = Decoder(join_split=False, lean_park=True)
+        dec.receive_data(frame(3, body, nfds=n), list(fds))
+        msg = dec.next_message()
+        assert isinstance(msg, LeanPark)
+        assert msg.request_id == 7
+        assert list(msg.entries) == [
+            (fd, b"", b"", 1000 + i, flags[i], None) for i, fd in enumerate(fds)
+        ]
+        assert dec.next_message() is None
+        assert dec.held_fds == 0
 
 
 @needs_proc

@@ -42,7 +42,9 @@ import os
 import resource
 import socket
 import struct
+import sys
 import time
+from array import array
 from bisect import bisect_left
 from collections import Counter, deque
 from collections.abc import Sequence
@@ -156,6 +158,17 @@ def wake_frames(
     start = total = 0  # the frame's first slot; entry bytes taken before it
     while start < n:
         limit = min(_WAKE_BODY - 2, budget - total)  # this frame's entry bytes
+        group = slots[start : start + min(MAX_FDS_PER_FRAME, limit // _PLAIN_ENTRY)]
+        if group and not [1 for x in group if x.token or x.pending or x.extra is not None]:
+            # All plain (no bytes, no extension), the usual: built column by column.
+            held = [x.fd for x in group]
+            if min(held) >= 0:
+                count = len(group)
+                frames.append(Frame(_plain_wake(group), tuple(held)))
+                groups.append(group)
+                start += count
+                total += count * _PLAIN_ENTRY
+                continue
         parts: list[bytes] = [b""]  # [0]: the header and entry count, once known
         add = parts.append
         fds: list[int] = []
@@ -208,6 +221,31 @@ def wake_frames(
         start += count
         total += used
     return frames, groups, start
+
+
+#: A plain WAKE entry (fd, no token, pending or extension): 16 bytes.
+_PLAIN_ENTRY = _WAKE_ENTRY.size
+#: A slot's flags (< 256) -> a plain WAKE entry's flags byte.
+_WAKE_FLAGS_OF = bytes(_HAS_FD_INET6 if f & INET6 else _HAS_FD for f in range(256))
+_SWAP = sys.byteorder == "little"
+
+
+def _plain_wake(group: list[Slot]) -> bytes:
+    """A WAKE frame of plain entries (each 16 bytes: ticket, reason, flags, two
+    zero lengths), written column by column into zeros: ~3x cheaper than an
+    entry at a time, and the usual case of the hot path."""
+    count = len(group)
+    tickets = array("Q", [x.ticket for x in group])
+    if _SWAP:
+        tickets.byteswap()  # big-endian
+    body = bytearray(_WAKE_HEAD.size + count * _PLAIN_ENTRY)
+    _WAKE_HEAD.pack_into(body, 0, len(body) - HEADER.size, MessageType.WAKE, 0, count, count)
+    with memoryview(body) as view, view[_WAKE_HEAD.size :] as entries:
+        with entries.cast("Q") as q:
+            q[0::2] = tickets
+        entries[8::_PLAIN_ENTRY] = bytes([x.reason for x in group])
+        entries[9::_PLAIN_ENTRY] = bytes([x.flags for x in group]).translate(_WAKE_FLAGS_OF)
+    return bytes(body)
 
 
 def wake_frame(slots: list[Slot], ext: bool = True) -> Frame:

@@ -500,13 +500,18 @@ class Lot:
         # their timer entry once per tick, not appended one by one.
         fresh = self._fresh
         start = 0
+        base = epoch | seq << FD_BITS  # the ticket less its fd, a sequence step each
+        step = 1 << FD_BITS
         try:
             for fd, token, pending, flags, deadline_ms in entries:
-                seq += 1
-                ticket = epoch | seq << FD_BITS | fd
-                if fd >= len(by_fd):
+                base += step
+                ticket = base | fd
+                try:
+                    held = by_fd[fd]
+                except IndexError:
                     by_fd.extend([None] * _more(len(by_fd), fd))
-                if by_fd[fd] is not None:
+                    held = None
+                if held is not None:
                     raise InternalError(f"fd {fd} parked twice")
                 # Slot(...) inlined: calling the class costs three times these stores.
                 # Keep in step with Slot.__init__.

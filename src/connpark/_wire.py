@@ -32,6 +32,7 @@ import os
 import struct
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import repeat
 from typing import Final, TypeAlias, cast
 
 import attrs
@@ -1021,6 +1022,21 @@ def _decode_lean_park_untrusted(
     unusual = _UNUSUAL_PARK
     out: list[LeanEntry] = []
     append = out.append
+    if len(data) == pos + count * step and count:
+        # No token or pending bytes (else the body is longer, or cut short: the
+        # loop below says so): the usual frame, decoded at once.
+        fields = _park_entries(count).unpack_from(data, pos)
+        idles, flags = fields[0::4], fields[1::4]
+        if (
+            not any(fields[2::4])
+            and not any(fields[3::4])
+            and 1 not in bytes(flags).translate(_UNUSUAL_FLAGS)
+        ):
+            body.pos = len(data)
+            body.done()
+            entries.extend(zip(fds, repeat(b""), repeat(b""), idles, flags, repeat(None)))
+            fds.clear()
+            return int(head)
     try:
         for fd in fds:
             idle, flags, tlen, plen = unpack(data, pos)  # struct.error past the end
@@ -1052,6 +1068,19 @@ def _decode_lean_park_untrusted(
     fds.clear()
     entries.extend(out)
     return int(head)
+
+
+#: A PARK entry's flags byte -> 1 if it takes the general path (``_UNUSUAL_PARK``).
+_UNUSUAL_FLAGS = bytes(1 if f & _UNUSUAL_PARK else 0 for f in range(256))
+#: PARK entries without token or pending bytes, by count.
+_PARK_ENTRIES: dict[int, struct.Struct] = {}
+
+
+def _park_entries(count: int) -> struct.Struct:
+    layout = _PARK_ENTRIES.get(count)
+    if layout is None:
+        layout = _PARK_ENTRIES[count] = struct.Struct("!" + _PARK_ENTRY.format[1:] * count)
+    return layout
 
 
 def _unusual_park(

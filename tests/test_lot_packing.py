@@ -34,96 +34,7 @@ from connpark._lot import (
 )
 from connpark._wire import Reason
 
-from .test_lot import LotMachine, park, session
-
-
-def check_lot_unconfirmed(
-    lot: Lot, live: list[Slot] | None = None, excused: frozenset[int] = frozenset()
-) -> None:
-    """Recompute the lot's counters from its tables and check each slot's one home.
-
-    ``live`` is every slot the test parked and has not removed; it is needed
-    because notice slots (fd closed, ``forget_fd``) are in no by-fd entry.
-    """
-    table = [s for s in lot._by_fd if s is not None and s.state is not State.MOVED]
-    if live is None:
-        live = table
-    live_ids = {id(s) for s in live}
-    assert len(live_ids) == len(live)
-    assert all(s.state is not State.GONE for s in live)
-    # Everything in the by-fd table is live and sits at its own fd.
-    for slot in table:
-        assert id(slot) in live_ids
-        assert slot.fd >= 0
-        assert lot._by_fd[slot.fd] is slot
-    # A retired object's connection is packed at its fd, under its ticket.
-    moved = [s for s in live if s.state is State.MOVED]
-    assert lot.packed == len(moved)
-    for slot in moved:
-        assert lot._by_fd[slot.fd] is _PACKED
-        assert lot._pticket[slot.fd] == slot.ticket
-    # Every live slot that still has its fd is findable at it.
-    for slot in live:
-        if slot.state is State.MOVED:
-            continue
-        if slot.fd >= 0:
-            assert lot.by_fd(slot.fd) is slot
-            assert lot.find(slot.ticket) is slot
-        else:
-            assert slot.state is not State.PARKED, "a parked slot always holds its fd"
-
-    sessions = [s for pool in lot.pools.values() for s in pool.sessions]
-    inflight: dict[int, list[SessionState]] = {}
-    for s in sessions:
-        assert s.alive
-        # An unconfirmed wake goes to its parker past its window (``_route``):
-        # ``excused`` are the ids of slots that were parked unconfirmed.
-        over = sum(1 for x in s.inflight.values() if id(x) in excused)
-        assert s.load - over <= lot.window
-        for ticket, slot in s.inflight.items():
-            assert slot.ticket == ticket
-            assert slot.pool is s.pool
-            inflight.setdefault(id(slot), []).append(s)
-        for slot in s.outq:
-            assert s.inflight.get(slot.ticket) is slot, "outq entries are inflight"
-    waiting: dict[int, int] = {}
-    for pool in lot.pools.values():
-        for slot in pool.waiting:
-            if slot.state is State.QUEUED:
-                assert slot.pool is pool
-                waiting[id(slot)] = waiting.get(id(slot), 0) + 1
-        if any(s.state is State.QUEUED for s in pool.waiting):
-            # Work-conserving: nothing waits while a session of its pool has room.
-            assert all(s.load >= lot.window for s in pool.sessions)
-
-    counts = dict.fromkeys(State, 0)
-    for slot in live:
-        counts[State.PARKED if slot.state is State.MOVED else slot.state] += 1
-        if slot.state in (State.PARKED, State.MOVED):
-            assert id(slot) not in inflight
-            assert id(slot) not in waiting
-        elif slot.state is State.QUEUED:
-            assert waiting.get(id(slot)) == 1, "a queued slot waits exactly once"
-            assert id(slot) not in inflight
-        else:
-            assert slot.state in (State.SENT, State.WRITTEN)
-            assert id(slot) not in waiting
-            owners = inflight.get(id(slot), [])
-            assert len(owners) == 1, "a sent slot is in exactly one session's inflight"
-            assert slot.session is owners[0]
-    # Nothing is in flight or waiting that the test does not know about.
-    assert set(inflight) <= live_ids
-    assert set(waiting) <= live_ids
-
-    assert lot.parked == counts[State.PARKED]
-    assert lot.queued == counts[State.QUEUED]
-    assert lot.sent == counts[State.SENT] + counts[State.WRITTEN]
-    assert lot.queued == sum(waiting.values())
-    assert lot.sent == sum(s.load for s in sessions)
-    held = {s.ticket for s in table if s.state is State.PARKED}
-    held |= {t for t in lot._pticket if t}
-    assert held == {s.ticket for s in live if s.state in (State.PARKED, State.MOVED)}
-
+from .test_lot import LotMachine, check_lot, park, session
 
 # -- the timer and packed-column bookkeeping -------------------------------------------
 
@@ -243,7 +154,7 @@ class PackingLotMachine(LotMachine):
 
     @invariant()
     def consistent(self) -> None:
-        check_lot_unconfirmed(self.lot, self.live, frozenset(self.excused))
+        check_lot(self.lot, self.live, frozenset(self.excused))
 
     @invariant()
     def timers(self) -> None:

@@ -406,17 +406,17 @@ class Lot:
         parker, if that session has ended since, is gone (None: as a restored one)."""
         if self._by_fd[fd] is not _PACKED:
             raise InternalError(f"fd {fd}: not packed")
-        slot = _new_slot(Slot)
-        slot.ticket = self._pticket[fd]
-        slot.fd = fd
-        slot.token, slot.pending = self._pdata.pop(fd, _NO_DATA)
-        slot.flags = self._pflags[fd]
-        slot.pool = self._pool_list[self._ppool[fd]]
-        slot.state = _PARKED
+        token, pending = self._pdata.pop(fd, _NO_DATA)
+        slot = Slot(
+            self._pticket[fd],
+            fd,
+            token,
+            pending,
+            self._pflags[fd],
+            self._pool_list[self._ppool[fd]],
+            self._sessions.get(self._psession[fd]),
+        )
         slot.key = self._pkey[fd]
-        slot.reason = _READABLE
-        slot.session = self._sessions.get(self._psession[fd])
-        slot.extra = None
         self._pticket[fd] = 0
         self._by_fd[fd] = slot
         self._packed -= 1

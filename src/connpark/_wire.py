@@ -899,23 +899,9 @@ def _decode_entries_untrusted(
                 raise RemoteProtocolError(f"bad PARK field flags: {flags:#x}")
             token = take(tlen) if tlen else b""
             pending = take(plen) if plen else b""
-            rules, tags = 0, tuple[bytes, ...]()
-            if flags & _PARK_EXT:
-                rules, ntags = body.unpack(_PARK_EXT_HEAD)
-                tags = tuple(body.take(body.unpack(_U8)[0]) for _ in range(ntags))
-            entries.append(
-                ParkEntry(
-                    fds.popleft(),
-                    token,
-                    pending,
-                    idle,
-                    bool(flags & _PARK_HANGUP_RETURNS),
-                    bool(flags & _PARK_TIMEOUT_RETURNS),
-                    rules,
-                    tags,
-                    bool(flags & _PARK_RESENT),
-                )
-            )
+            # The fd leaves ``fds`` once its entry is read whole (else the caller closes it).
+            entries.append(_decode_park_tail(body, fds[0], token, pending, idle, flags))
+            fds.popleft()
     elif mtype is MessageType.WAKE:
         (count,) = body.unpack(_U16)
         if _plain_wake_rows(body, count, fds, entries):
@@ -1099,13 +1085,22 @@ def _unusual_park(
         raise RemoteProtocolError(f"bad PARK field flags: {flags & 0xFF:#x}")
     if pos > len(body.data):
         raise RemoteProtocolError("truncated PARK body")
+    body.pos = pos
+    entry = _decode_park_tail(body, fd, token, pending, idle, flags)
+    append((fd, token, pending, idle, flags & ~_OVER_LIMIT, entry))
+    return body.pos
+
+
+def _decode_park_tail(
+    body: _Body, fd: int, token: bytes, pending: bytes, idle: int, flags: int
+) -> ParkEntry:
+    """A PARK entry as a ``ParkEntry``, its v3 rules and tags (``_PARK_EXT``) read
+    from ``body`` at its position (both decoders: one reading of the tail)."""
     rules, tags = 0, tuple[bytes, ...]()
     if flags & _PARK_EXT:
-        body.pos = pos
         rules, ntags = body.unpack(_PARK_EXT_HEAD)
         tags = tuple(body.take(body.unpack(_U8)[0]) for _ in range(ntags))
-        pos = body.pos
-    entry = ParkEntry(
+    return ParkEntry(
         fd,
         token,
         pending,
@@ -1116,8 +1111,6 @@ def _unusual_park(
         tags,
         bool(flags & _PARK_RESENT),
     )
-    append((fd, token, pending, idle, flags & ~_OVER_LIMIT, entry))
-    return pos
 
 
 _LIST_TYPES = frozenset(

@@ -17,7 +17,10 @@ connection parked and woken. Three contenders, alternating in the same run:
 
 CPU per cycle is measured for the container process (``/proc/PID/task/*/
 schedstat``, ns) and for the worker (this process, ``time.process_time``;
-target: <= 8 us at batch 253 against connpark).
+target: <= 8 us at batch 253 against connpark). Within a repetition connpark
+and the minimal loop take turns in ``--slices`` slices, so that a slow spell of
+the shared machine weighs on both; the ratio is the median of the
+repetitions' ratios.
 
     python benchmarks/bench_throughput.py [--batches 1,64,253] [--seconds 1.0] [--repeat 5]
 """
@@ -151,6 +154,35 @@ def _result(cycles: int, elapsed: float, container_us: float, worker_us: float) 
     }
 
 
+def _merged(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Slices of one measurement as one: their cycles, time and CPU added up."""
+    cycles = sum(r["cycles"] for r in results)
+    return _result(
+        cycles,
+        sum(r["seconds"] for r in results),
+        sum(r["container_us_per_cycle"] * r["cycles"] for r in results),
+        sum(r["worker_us_per_cycle"] * r["cycles"] for r in results),
+    )
+
+
+def paired_rates(
+    servers: list[socket.socket],
+    contenders: list[tuple[str, Container | Minimal]],
+    seconds: float,
+    slices: int,
+) -> dict[str, dict[str, Any]]:
+    """connpark and the minimal loop, each for ``seconds`` in all, taking turns in
+    ``slices`` slices (the order flipping slice by slice): a slow spell of the
+    shared machine falls on both, which is what their ratio needs."""
+    parts: dict[str, list[dict[str, Any]]] = {who: [] for who, _ in contenders}
+    for i in range(slices):
+        for who, server in contenders if i % 2 == 0 else contenders[::-1]:
+            parts[who].append(
+                trio.run(connpark_rate, str(server.path), servers, seconds / slices, server.pid)
+            )
+    return {who: _merged(results) for who, results in parts.items()}
+
+
 # -- baseline -------------------------------------------------------------------------------
 
 
@@ -204,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,64,253")
     parser.add_argument("--seconds", type=float, default=1.0, help="per measurement")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument(
+        "--slices", type=int, default=4, help="turns connpark and the minimal loop take per repeat"
+    )
     parser.add_argument("--quick", action="store_true", help="3 repeats of 0.5 s")
     parser.add_argument("--tiny", action="store_true", help="seconds, for the test suite")
     parser.add_argument("--no-plot", action="store_true")
@@ -216,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seconds, args.repeat = 0.5, 3
     if args.tiny:
         args.seconds, args.repeat, args.batches, args.no_plot = 0.1, 1, "1,8", True
+        args.slices = 2
     raise_nofile()
     batches = [int(b) for b in args.batches.split(",")]
 
@@ -229,21 +265,17 @@ def main(argv: list[str] | None = None) -> int:
                 for batch in batches:
                     clients, servers = tcp_pairs(batch)
                     try:
-                        # Rotate which contender goes first, repetition by repetition.
-                        k = rep % len(CONTENDERS)
-                        for who in CONTENDERS[k:] + CONTENDERS[:k]:
-                            if who == "bare":
-                                r = baseline_rate(servers, args.seconds)
-                            else:
-                                server = container if who == "connpark" else minimal
-                                r = trio.run(
-                                    connpark_rate,
-                                    str(server.path),
-                                    servers,
-                                    args.seconds,
-                                    server.pid,
-                                )
+                        pair: list[tuple[str, Container | Minimal]] = [
+                            ("connpark", container),
+                            ("minimal", minimal),
+                        ]
+                        if rep % 2:  # which of the pair goes first, repetition by repetition
+                            pair.reverse()
+                        for who, r in paired_rates(
+                            servers, pair, args.seconds, args.slices
+                        ).items():
                             runs[batch][who].append(r)
+                        runs[batch]["bare"].append(baseline_rate(servers, args.seconds))
                     finally:
                         for s in (*clients, *servers):
                             s.close()

@@ -65,6 +65,12 @@ def park(lot: Lot, fd: int, owner: SessionState, deadline: float = 100.0, flags:
     )
 
 
+def pack_now(lot: Lot, now: float) -> int:
+    """Two packs: the first marks what it finds parked, the second packs those (a
+    pack packs only what the one before found parked already). Returns how many."""
+    return lot.pack(now) + lot.pack(now)
+
+
 def ack_and_remove(lot: Lot, s: SessionState, tickets: list[int]) -> list[Slot]:
     """A worker ACKs what it received (the writer wrote it); the container removes each."""
     lot.written(lot.take_outq(s))
@@ -956,7 +962,7 @@ class LotMachine(RuleBasedStateMachine):
     @rule()
     def pack(self) -> None:
         objects = [x for x in self.live if x.state is State.PARKED]
-        assert self.lot.pack(self.now) == len(objects)
+        assert pack_now(self.lot, self.now) == len(objects)
         assert all(x.state is State.MOVED for x in objects)
         assert self.lot.next_pack() is None  # every parked one is packed
         assert self.lot.pack(self.now) == 0
@@ -1279,6 +1285,8 @@ def _packed_lot() -> tuple[Lot, SessionState, list[Slot]]:
 def test_pack_retires_plain_confirmed_slots_and_keeps_the_rest() -> None:
     lot, _a, slots = _packed_lot()
     assert lot.next_pack() == 0.0  # parked objects: pack at the first chance
+    assert lot.pack(5.0) == 0  # parked since the last pack (none): marked, not packed
+    assert lot.packed == 0
     assert lot.pack(5.0) == 4
     assert lot.packed == 4
     assert lot.parked == 6  # counts do not change: packed is a way of holding PARKED
@@ -1290,14 +1298,15 @@ def test_pack_retires_plain_confirmed_slots_and_keeps_the_rest() -> None:
     assert slots[0].fd == 3  # (and it was not touched on the way)
     assert not lot.wake(slots[1], Reason.READABLE, 6.0)  # nor be woken (a no-op)
     Lot.confirm([slots[3]])
-    assert lot.pack(6.0) == 1
+    assert lot.pack(6.0) == 0  # confirmed since: packed by the pack after
+    assert pack_now(lot, 7.0) == 1
     assert lot.next_pack() is None  # the rest are not for packing: no timer
     check_lot(lot, slots)
 
 
 def test_packed_connections_unpack_as_they_were_by_fd_and_by_ticket() -> None:
     lot, a, slots = _packed_lot()
-    lot.pack(5.0)
+    pack_now(lot, 5.0)
     by_fd = lot.by_fd(4)
     assert by_fd is not None
     assert by_fd is not slots[1]
@@ -1323,7 +1332,7 @@ def test_packed_connections_unpack_as_they_were_by_fd_and_by_ticket() -> None:
 
 def test_unpark_and_expiry_reach_packed_connections() -> None:
     lot, a, slots = _packed_lot()
-    lot.pack(5.0)
+    pack_now(lot, 5.0)
     woke = lot.unpark(a, [slots[1].ticket, slots[1].ticket, 77 << FD_BITS | 4], 6.0)
     assert [(w.ticket, w.state, w.reason, w.token) for w in woke] == [
         (slots[1].ticket, State.SENT, Reason.REQUESTED, b"tk")
@@ -1345,7 +1354,7 @@ def test_compaction_and_epochs_see_packed_connections() -> None:
     lot = Lot(window=1 << 20)
     a = session(lot)
     keep = [park(lot, fd, a, deadline=1e6 + fd) for fd in range(100, 150)]
-    assert lot.pack(0.0) == 50
+    assert pack_now(lot, 0.0) == 50
     now = 0.0
     for i in range(3000):  # stale timer entries: compacted, packed deadlines kept
         now += 0.001
@@ -1364,7 +1373,7 @@ def test_compaction_and_epochs_see_packed_connections() -> None:
 
 def test_parked_slots_unpacks_everything_for_a_shutdown() -> None:
     lot, _a, slots = _packed_lot()
-    lot.pack(5.0)
+    pack_now(lot, 5.0)
     parked = lot.parked_slots()
     assert len(parked) == 6
     assert all(s.state is State.PARKED for s in parked)

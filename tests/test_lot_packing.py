@@ -34,7 +34,7 @@ from connpark._lot import (
 )
 from connpark._wire import Reason
 
-from .test_lot import LotMachine, check_lot, park, session
+from .test_lot import LotMachine, check_lot, pack_now, park, session
 
 # -- the timer and packed-column bookkeeping -------------------------------------------
 
@@ -97,7 +97,7 @@ class PackingLotMachine(LotMachine):
             for x in self.live
             if x.state is State.PARKED and not x.flags & UNCONFIRMED and x.extra is None
         ]
-        n = self.lot.pack(self.now)
+        n = pack_now(self.lot, self.now)
         # Restored under another fd number (an alias): packed or not, as the lot does.
         objects = [x for x in packable if x.ticket & ((1 << FD_BITS) - 1) == x.fd]
         assert all(x.state is State.MOVED for x in objects)
@@ -190,12 +190,12 @@ def test_a_packed_fd_reused_on_the_same_tick_wakes_only_its_new_connection() -> 
     a = session(lot)
     due = due_ms(0.0, 60.0)
     old = lot.park(5, token=b"o", pending=b"", flags=0, session=a, deadline_ms=due)
-    lot.pack(0.0)
+    pack_now(lot, 0.0)
     found = lot.find(old.ticket)
     assert found is not None
     lot.remove(found)  # CLOSE: the container closed fd 5; the number comes back
     new = lot.park(5, token=b"n", pending=b"", flags=0, session=a, deadline_ms=due)
-    lot.pack(1.0)
+    pack_now(lot, 1.0)
     check_timers(lot)
     got = lot.expired(due / 1000)
     assert [(x.ticket, x.token) for x in got] == [(new.ticket, b"n")]
@@ -298,7 +298,7 @@ def test_unpack_keeps_tokens_and_the_parker() -> None:
     a = session(lot)
     b = session(lot)
     x = lot.park(3, token=b"tok", pending=b"pend", flags=0, session=b, deadline_ms=5000)
-    lot.pack(0.0)
+    pack_now(lot, 0.0)
     got = lot.by_fd(3)
     assert got is not None
     assert got is not x
@@ -323,6 +323,32 @@ class _CountingList(list):  # type: ignore[type-arg]
             yield item
 
 
+@pytest.mark.parametrize("rounds", [1, 300])  # 300: more listed than the table holds
+def test_a_park_and_wake_storm_packs_nothing(rounds: int) -> None:
+    """The same fds parked and woken over and over between packs (what a busy worker
+    does): whatever a pack finds parked was parked since the last one, so it is
+    marked, not packed; packing it would only mean unpacking it a moment later."""
+    lot = Lot(window=1 << 20)
+    a = session(lot)
+    now = 0.0
+    for _ in range(4):
+        for _ in range(rounds):
+            slots = lot.park_many(a, [(fd, b"", b"", 0, 60_000) for fd in range(3, 256)])
+            tickets = [x.ticket for x in slots]
+            lot.written(lot.unpark(a, tickets, now))
+            lot.take_outq(a)
+            lot.take_acked(a, tickets, now)
+        lot.park_many(a, [(fd, b"", b"", 0, 60_000) for fd in range(3, 256)])
+        now += 1.0
+        assert lot.pack(now) == 0
+        assert lot.packed == 0
+        woke = lot.unpark(a, [lot.by_fd(fd).ticket for fd in range(3, 256)], now)  # type: ignore[union-attr]
+        assert len(woke) == 253
+        lot.written(lot.take_outq(a))
+        lot.take_acked(a, [x.ticket for x in woke], now)
+    check_lot(lot, [])
+
+
 def test_pack_looks_at_its_candidates_not_at_every_fd() -> None:
     """``pack`` runs every second while one parked object may be packable, and walks
     the whole by-fd table each time: with a million packed connections and a park a
@@ -332,11 +358,11 @@ def test_pack_looks_at_its_candidates_not_at_every_fd() -> None:
     lot = Lot(window=1 << 20)
     a = session(lot)
     lot.park_many(a, [(fd, b"", b"", 0, 60_000) for fd in range(3, 20_003)])
-    assert lot.pack(0.0) == 20_000
+    assert pack_now(lot, 0.0) == 20_000
     lot._by_fd = _CountingList(lot._by_fd)
     _CountingList.walked = 0
     park(lot, 1, a)
-    assert lot.pack(1.0) == 1
+    assert pack_now(lot, 1.0) == 1
     assert _CountingList.walked <= 1000, f"pack walked {_CountingList.walked} fds for 1 park"
 
 
@@ -357,7 +383,7 @@ def test_restored_connections_are_packed_too() -> None:
             deadline_ms=60_000,
         )
     assert lot.next_pack() is not None, "no pack scheduled for 100 restored parks"
-    assert lot.pack(1.0) == 100
+    assert pack_now(lot, 1.0) == 100
 
 
 def test_connections_restored_under_another_fd_number_are_packed_too() -> None:
@@ -381,7 +407,7 @@ def test_connections_restored_under_another_fd_number_are_packed_too() -> None:
         )
         for fd in range(3, 103)
     ]
-    lot.pack(1.0)
+    pack_now(lot, 1.0)
     assert lot.packed == 100
     for slot in restored:  # and each is still found by its ticket, as it was
         found = lot.find(slot.ticket)

@@ -680,18 +680,18 @@ class Container:
             self._flush()
 
     def _next_timer(self) -> float:
+        """The timer task's next deadline: idle deadlines, orphans, the next pack."""
         lot = self.lot
-        times = [t for t in (lot.next_deadline(), lot.next_orphan_deadline()) if t]
+        at = min(lot.next_deadline() or math.inf, lot.next_orphan_deadline() or math.inf)
         pack_at = lot.next_pack()
-        if pack_at is not None:
-            times.append(pack_at)
-        return min(times) if times else math.inf
+        return at if pack_at is None or pack_at > at else pack_at
 
     def _flush(self) -> None:
         """Send sessions their new output (or wake their writers); re-aim the timer."""
         if self._tearing_down:
             return  # a dying session's wakes must not bounce to one dying next
-        self._flush_mirror()
+        if self._mirror_del:
+            self._flush_mirror()
         dirty = self.lot.dirty
         while dirty:
             self._pump(dirty.pop())  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 import threading
@@ -14,6 +15,7 @@ from connpark._fdpass import (
     BlockingChannel,
     Outbox,
     TrioChannel,
+    _fds_from_ancillary,
     fd_free_prefix,
     recv_fdless,
     recv_fds,
@@ -166,7 +168,7 @@ def test_outbox_coalesces_fdless_frames_and_keeps_fd_boundaries() -> None:
     outbox = Outbox()
     frames = [Frame(b"a"), Frame(b"b", (r,)), Frame(b"c"), Frame(b"d"), Frame(b"e", (w,))]
     outbox.add(frames)
-    chunks = [(bytes(d), [_inode(fd) for fd in f]) for d, f, _tag in outbox._chunks]
+    chunks = [(bytes(d), [_inode(fd) for fd in f]) for d, f, _tag, _n in outbox._chunks]
     assert chunks == [(b"a", []), (b"bcd", [_inode(r)]), (b"e", [_inode(w)])]
     # The outbox holds its own copies: closing ours cannot change what it sends.
     os.close(r)
@@ -298,3 +300,76 @@ def test_blocking_receive_times_out_and_eof_is_none() -> None:
     a.close()
     assert chan.receive_message(Decoder(), timeout=1) is None
     chan.close()
+
+
+def test_outbox_tags_pad_with_none_and_extra_tags_are_ignored() -> None:
+    outbox = Outbox(own_fds=False)
+    outbox.add([Frame(b"a"), Frame(b"b"), Frame(b"c")], ["t"])  # b and c: untagged
+    outbox.add([Frame(b"d")], ["u", "ignored"])
+    assert [(bytes(d), tag, n) for d, _f, tag, n in outbox._chunks] == [
+        (b"a", "t", 1),
+        (b"bc", None, 2),
+        (b"d", "u", 1),
+    ]
+    assert (outbox.queued_bytes, outbox.queued_frames) == (4, 4)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    outbox.send_some(a)
+    assert outbox.take_sent() == ["t", "u"]
+    assert (outbox.queued_bytes, outbox.queued_frames, bool(outbox)) == (0, 0, False)
+    assert b.recv(16) == b"abcd"
+    a.close()
+    b.close()
+
+
+def test_outbox_half_sent_tagged_chunk_reports_once_and_stays_apart() -> None:
+    before = open_fd_count()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.setblocking(False)
+    (fd,) = _distinct_files(1)
+    outbox = Outbox(own_fds=False)
+    outbox.add([Frame(b"x" * 300_000, (fd,))], ["big"])
+    with pytest.raises(BlockingIOError):
+        outbox.send_some(a)
+    assert outbox.take_sent() == ["big"]
+    outbox.add([Frame(b"y")])  # fd-less and untagged, yet not merged into the tagged one
+    assert len(outbox._chunks) == 2
+    assert outbox.take_unstarted() == (False, [])
+    assert (len(outbox._chunks), outbox.queued_frames) == (1, 1)
+    got = []
+    while outbox:
+        _data, fds = recv_fds(b)
+        got += fds
+        try:
+            outbox.send_some(a)
+        except BlockingIOError:
+            pass
+    assert len(got) == 1  # the fd went once, with the first byte
+    assert outbox.take_sent() == []
+    close_fds([*got, fd])
+    a.close()
+    b.close()
+    assert open_fd_count() == before
+
+
+def test_outbox_counts_only_what_it_queued_when_a_dup_fails() -> None:
+    before = open_fd_count()
+    (fd,) = _distinct_files(1)
+    bad = 1 << 20  # above any fd open here: EBADF
+    outbox = Outbox()
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        outbox.add([Frame(b"a", (fd,)), Frame(b"bb", (fd, bad))])
+    assert (outbox.queued_bytes, outbox.queued_frames, len(outbox._chunks)) == (1, 1, 1)
+    outbox.close()
+    os.close(fd)
+    assert open_fd_count() == before
+
+
+def test_fds_from_ancillary_of_several_messages_and_partial_ints() -> None:
+    raw = array.array("i", [5, 6, 7]).tobytes()
+    anc = [
+        (socket.SOL_SOCKET, socket.SCM_RIGHTS, raw[:8]),
+        (socket.SOL_SOCKET, socket.SCM_CREDENTIALS, raw),  # not fds
+        (socket.SOL_SOCKET, socket.SCM_RIGHTS, raw[8:] + b"\x01"),  # a partial int
+    ]
+    assert _fds_from_ancillary(anc) == [5, 6, 7]
+    assert _fds_from_ancillary([]) == []

@@ -75,6 +75,7 @@ from connpark._wire import (
     WakeEntry,
     WakeRows,
     Welcome,
+    close_fds,
     encode,
     encode_all,
     encode_park,
@@ -1831,3 +1832,184 @@ def test_lean_limits_do_not_hide_bad_flags() -> None:
         dec.receive_data(frame(3, body, nfds=2), [os.dup(fd) for fd in fds])
         with pytest.raises(RemoteProtocolError, match="bad PARK field flags: 0x40"):
             dec.next_message()
+
+
+# ------------------------------------------- the decoder's whole-frame fast path
+
+#: An empty frame of each list type (its head, no entries) with FLAG_MORE: the
+#: frame after it is decoded by the general (split) path, not the fast one.
+_SPLIT_START = {
+    MessageType.PARK: p("IH", 7, 0),
+    MessageType.PARKED: p("II", 7, 0),
+    MessageType.WAKE: p("H", 0),
+    MessageType.ACK: p("I", 0),
+    MessageType.UNPARK: p("I", 0),
+    MessageType.CLOSE: p("I", 0),
+}
+
+_unusual = ParkEntry(FD, b"tok", b"pend", 5, True, False, rules=3, tags=(b"a",), resent=True)
+_wakes = (
+    WakeEntry(1, Reason.READABLE, fd=FD),
+    WakeEntry(2, Reason.HANGUP, b"t", b"p", inet6=True),
+    WakeEntry(3, Reason.UNSENT, fd=FD, autoresponses=2, last_autoresponse_ms=9, unsent=b"u"),
+)
+_park_body = body_of(Park(7, (ParkEntry(FD, idle_timeout_ms=3, timeout_returns=True),) * 2))
+_acks = body_of(Ack((1, 2, 3)))
+
+#: (first type, frame, fds sent with it, decoder options): each decoded alone
+#: (the fast path when the frame is whole) and after a split start of the type.
+_FAST_CASES = [
+    # whole frames of every list type, decoded
+    (MessageType.PARK, frame(MessageType.PARK, _park_body, nfds=2), 2, {}),
+    (MessageType.PARK, frame(MessageType.PARK, _park_body, nfds=2), 2, {"lean_park": True}),
+    *[
+        (MessageType.PARK, frame(MessageType.PARK, body, nfds=2), 2, {"lean_park": lean})
+        for body in [body_of(Park(7, (ParkEntry(FD, b"x" * 9, b"y"), _unusual)))]
+        for lean in (False, True)
+    ],
+    *[
+        (MessageType.PARKED, frame(MessageType.PARKED, body), 0, {"rows": rows})
+        for body in [body_of(Parked(7, (ParkResult(Refusal.OK, 5), ParkResult(Refusal.FULL))))]
+        for rows in (False, True)
+    ],
+    *[
+        (MessageType.WAKE, frame(MessageType.WAKE, body_of(Wake(w)), nfds=n), n, {"rows": rows})
+        for w, n in [(_wakes[:1], 1), (_wakes, 2)]
+        for rows in (False, True)
+    ],
+    (MessageType.ACK, frame(MessageType.ACK, _acks), 0, {}),
+    (MessageType.UNPARK, frame(MessageType.UNPARK, body_of(Unpark((9,)))), 0, {}),
+    (MessageType.CLOSE, frame(MessageType.CLOSE, body_of(Close((CloseEntry(4, b"bye"),)))), 0, {}),
+    # the limits: at them, and one over (entries, then message bytes)
+    (MessageType.ACK, frame(MessageType.ACK, _acks), 0, {"max_entries": 3}),
+    (MessageType.ACK, frame(MessageType.ACK, _acks), 0, {"max_entries": 2}),
+    (MessageType.ACK, frame(MessageType.ACK, _acks), 0, {"max_message": len(_acks)}),
+    (MessageType.ACK, frame(MessageType.ACK, _acks), 0, {"max_message": len(_acks) - 1}),
+    (MessageType.PARK, frame(MessageType.PARK, _park_body, nfds=2), 2, {"max_entries": 1}),
+    *[
+        (
+            MessageType.PARK,
+            frame(MessageType.PARK, _park_body, nfds=2),
+            2,
+            {"lean_park": True, **kw},
+        )
+        for kw in [{"max_entries": 1}, {"max_message": len(_park_body) - 1}]
+    ],
+    # bodies the decoders refuse: truncated, trailing bytes, bad fields, fds
+    *[
+        (MessageType.PARK, frame(MessageType.PARK, body, nfds=n), n, {"lean_park": lean})
+        for body, n in [
+            (_park_body[:-1], 2),
+            (_park_body + b"\0", 2),
+            (_park_body[:4], 0),
+            (_park_body[:10] + b"\x80" + _park_body[11:], 2),  # a bad entry flag
+            (_park_body, 1),  # 2 entries, 1 fd
+        ]
+        for lean in (False, True)
+    ],
+    (MessageType.ACK, frame(MessageType.ACK, _acks[:2]), 0, {}),
+    (MessageType.ACK, frame(MessageType.ACK, _acks[:-1]), 0, {}),
+    (MessageType.UNPARK, frame(MessageType.UNPARK, _acks + b"\0" * 8), 0, {}),
+    (MessageType.PARKED, frame(MessageType.PARKED, p("IIBQ", 7, 1, 99, 1)), 0, {}),
+    (MessageType.PARKED, frame(MessageType.PARKED, p("IIBQ", 7, 1, 0, 1) + b"\0"), 0, {}),
+    (MessageType.WAKE, frame(MessageType.WAKE, p("HQBBHI", 1, 1, 0, 0, 0, 0)), 0, {}),  # reason 0
+    (MessageType.WAKE, frame(MessageType.WAKE, body_of(Wake(_wakes[:1])), nfds=2), 2, {}),
+    (MessageType.CLOSE, frame(MessageType.CLOSE, p("IQI", 1, 4, 3) + b"by"), 0, {}),
+    # headers the decoder refuses: a bad type, bad flags, fds on a type without them
+    (MessageType.ACK, frame(16, b""), 0, {}),
+    (MessageType.ACK, frame(MessageType.ACK, _acks, flags=0x02), 0, {}),
+    (MessageType.ACK, frame(MessageType.ACK, _acks, flags=FLAG_MORE | 0x80), 0, {}),
+    (MessageType.ACK, frame(MessageType.ACK, _acks, nfds=1), 1, {}),
+    # a split frame: not a whole message, so never the fast path's
+    (MessageType.ACK, frame(MessageType.ACK, _acks, flags=FLAG_MORE), 0, {}),
+    (MessageType.PARK, frame(MessageType.PARK, _park_body, flags=FLAG_MORE, nfds=2), 2, {}),
+]
+
+
+def outcome(
+    chunks: Sequence[tuple[bytes, int]], dec: Decoder, skip: int = 0
+) -> tuple[list[Message], str | None]:
+    """Decode, then EOF: the messages after the first ``skip`` (fds as the order
+    they were given in) and the error; checks that no fd was lost or leaked."""
+    src = FdSource()
+    given: list[int] = []
+    msgs: list[Message] = []
+    error = None
+    try:
+        for data, n in chunks:
+            fds = src.take(n)
+            given += fds
+            dec.receive_data(data, fds)
+            msgs.extend(dec)
+        dec.eof()
+    except RemoteProtocolError as exc:
+        error = str(exc)
+    index = {fd: i for i, fd in enumerate(given)}
+    returned = [fd for m in msgs for fd in message_fds(m)]
+    assert dec.held_fds == 0
+    assert [fd for fd in given if fd not in returned and is_open(fd)] == []
+    close_fds(returned)
+    src.close()
+    out = [unlean(m) if isinstance(m, LeanPark) else plain(m) for m in msgs[skip:]]
+    return [with_fds(m, [index[fd] for fd in message_fds(m)]) for m in out], error
+
+
+@needs_proc
+@pytest.mark.parametrize(
+    ("first", "data", "nfds", "options"), _FAST_CASES, ids=[str(i) for i in range(len(_FAST_CASES))]
+)
+@pytest.mark.parametrize("join_split", [False, True])
+def test_a_whole_frame_decodes_as_the_last_frame_of_a_split_message_does(
+    first: MessageType, data: bytes, nfds: int, options: dict[str, int], join_split: bool
+) -> None:
+    """The fast path (a frame that is a whole message) against the general one:
+    the same frame after an empty split start of its type (request id 7), which
+    the general path joins to nothing or hands out on its own (``skip``)."""
+    before = open_fd_count()
+    start = frame(first, _SPLIT_START[first], flags=FLAG_MORE)
+    general_options = dict(options)
+    if "max_message" in options:  # the split start's bytes count towards the message
+        general_options["max_message"] += len(_SPLIT_START[first])
+    fast = outcome([(data, nfds)], Decoder(join_split=join_split, **options))  # type: ignore[arg-type]
+    general = outcome(
+        [(start, 0), (data, nfds)],
+        Decoder(join_split=join_split, **general_options),  # type: ignore[arg-type]
+        skip=0 if join_split else 1,
+    )
+    if general[1] is not None and "max_message" in options:  # it names its own limit
+        limits = str(general_options["max_message"]), str(options["max_message"])
+        general = (general[0], general[1].replace(*limits))
+    assert fast == general
+    assert open_fd_count() == before
+
+
+def test_fast_path_cases_cover_messages_and_errors() -> None:
+    """The cases above decode what they should and refuse the rest, each for its reason."""
+    results = [outcome([(d, n)], Decoder(**o)) for _, d, n, o in _FAST_CASES]  # type: ignore[arg-type]
+    assert [len(msgs) for msgs, _ in results[:16]] == [1] * 14 + [0, 1]
+    over = f"ACK message is over the limit of {len(_acks) - 1} bytes"
+    lean_over = f"PARK message is over the limit of {len(_park_body) - 1} bytes"
+    park = ["truncated", "1 trailing bytes in", "truncated"]
+    assert [error for _, error in results] == [None] * 14 + [
+        "ACK message has over 2 entries",
+        None,
+        over,
+        *["PARK message has over 1 entries"] * 2,
+        lean_over,
+        *[f"{what} PARK body" for what in park for _ in "lg"],
+        *["bad PARK field flags: 0x80"] * 2,
+        *["PARK has 2 entries but 1 fds"] * 2,
+        "truncated ACK body",
+        "bad ACK body: 3 tickets need 24 bytes, got 23",
+        "bad UNPARK body: 3 tickets need 24 bytes, got 32",
+        "bad PARKED field code: 99",
+        "1 trailing bytes in PARKED body",
+        "bad WAKE field reason: 0",
+        "WAKE has 1 fd entries but 2 fds",
+        "truncated CLOSE body",
+        "unknown message type 16",
+        "bad ACK frame flags 0x2",
+        "bad ACK frame flags 0x81",
+        "ACK frame cannot carry fds",
+        *["connection closed mid-message"] * 2,
+    ]

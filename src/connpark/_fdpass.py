@@ -28,7 +28,9 @@ import termios
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from itertools import repeat
+from typing import Final
 
 import trio
 
@@ -48,16 +50,20 @@ def ancillary_space(max_fds: int = MAX_FDS_PER_FRAME) -> int:
 
 
 _SPACE = ancillary_space()
+_SOL_SOCKET = socket.SOL_SOCKET
+_SCM_RIGHTS = socket.SCM_RIGHTS
 
 
 def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
+    """The fds of every SCM_RIGHTS message, in order (the kernel sends one)."""
+    fds = array.array("i")
     for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - len(data) % _INT_SIZE])
-            fds.extend(arr)
-    return fds
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+            try:
+                fds.frombytes(data)
+            except ValueError:  # a partial int at the end (never seen): the whole ones
+                fds.frombytes(data[: len(data) - len(data) % _INT_SIZE])
+    return fds.tolist()
 
 
 def recv_fds(
@@ -69,7 +75,7 @@ def recv_fds(
     """
     space = _SPACE if max_fds == MAX_FDS_PER_FRAME else ancillary_space(max_fds)
     data, ancdata, msg_flags, _ = sock.recvmsg(bufsize, space, MSG_CMSG_CLOEXEC)
-    fds = _fds_from_ancillary(ancdata)
+    fds = _fds_from_ancillary(ancdata) if ancdata else []
     if not MSG_CMSG_CLOEXEC:  # macOS: close the race window as soon as we can
         for fd in fds:
             os.set_inheritable(fd, False)
@@ -153,9 +159,9 @@ def unread_by_peer(sock: socket.socket) -> int | None:
 class Outbox:
     """Frames waiting to be sent, coalesced: fd-less frames ride with the one before.
 
-    Each chunk is [bytes, fds, tag]; a chunk's fds go with its first byte only,
-    so appending fd-less bytes to the last chunk is always safe, even after
-    part of it went out.
+    Each chunk is (bytes, fds, tag, how many frames); a chunk's fds go with
+    its first byte only, so appending fd-less bytes to the last chunk is always
+    safe, even after part of it went out.
 
     With ``own_fds`` (the default) the outbox holds its own ``dup`` of every
     fd it queues, closed once the fd has gone out (or the outbox is dropped):
@@ -170,62 +176,54 @@ class Outbox:
 
     def __init__(self, *, own_fds: bool = True) -> None:
         self._dup = own_fds
-        self._chunks: deque[tuple[bytearray, list[int], object]] = deque()
+        self._chunks: deque[tuple[bytearray, Sequence[int], object, int]] = deque()
         #: The head chunk has started going out (its fds, if any, went with it).
         self._started = False
         self._sent_tags: list[object] = []
         #: Bytes and frames queued (a frame counts until its chunk is all sent).
         self.queued_bytes = 0
         self.queued_frames = 0
-        self._chunk_frames: deque[int] = deque()
 
     def __bool__(self) -> bool:
         return bool(self._chunks)
 
     def add(self, frames: Iterable[Frame], tags: Iterable[object] | None = None) -> None:
         """Queue frames; ``tags`` (one per frame, None for none) come back from ``take_sent``."""
-        tag_iter = iter(tags) if tags is not None else None
-        for frame in frames:
-            tag = next(tag_iter, None) if tag_iter is not None else None
-            self.queued_bytes += len(frame.data)
-            self.queued_frames += 1
-            if self._chunks and not frame.fds and tag is None and self._chunks[-1][2] is None:
-                self._chunks[-1][0].extend(frame.data)
-                self._chunk_frames[-1] += 1
-                continue
-            fds: list[int] = []
-            if self._dup:
-                try:
-                    for fd in frame.fds:
-                        fds.append(os.dup(fd))
-                except OSError:
-                    close_fds(fds)
-                    raise
+        chunks = self._chunks
+        tag_iter = _NO_TAGS if tags is None else iter(tags)
+        for data, fds in frames:
+            tag = next(tag_iter, None)
+            if not fds and tag is None and chunks and chunks[-1][2] is None:
+                buf, held, _, n = chunks[-1]
+                buf += data
+                chunks[-1] = (buf, held, None, n + 1)
             else:
-                fds.extend(frame.fds)
-            self._chunks.append((bytearray(frame.data), fds, tag))
-            self._chunk_frames.append(1)
+                chunks.append((bytearray(data), _dup_all(fds) if self._dup else fds, tag, 1))
+            self.queued_bytes += len(data)
+            self.queued_frames += 1
 
     def send_some(self, sock: socket.socket) -> None:
         """Send until empty. Raises BlockingIOError (socket full) or OSError."""
-        while self._chunks:
-            data, fds, tag = self._chunks[0]
+        chunks = self._chunks
+        while chunks:
+            data, fds, tag, frames = chunks[0]
             if fds:
-                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+                anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))]
                 sent = sock.sendmsg([data], anc)
                 if self._dup:
                     close_fds(fds)  # the peer has its own now
-                fds.clear()
             else:
                 sent = sock.send(data)
-            if not self._started and tag is not None:
+            if tag is not None and not self._started:
                 self._sent_tags.append(tag)
-            self._started = True
             self.queued_bytes -= sent
-            del data[:sent]
-            if not data:
-                self._chunks.popleft()
-                self.queued_frames -= self._chunk_frames.popleft()
+            if sent < len(data):  # the rest goes on as plain bytes: its fds are gone
+                del data[:sent]
+                chunks[0] = (data, (), tag, frames)
+                self._started = True
+            else:
+                chunks.popleft()
+                self.queued_frames -= frames
                 self._started = False
 
     def take_sent(self) -> list[object]:
@@ -246,24 +244,23 @@ class Outbox:
         tagged one), and ``keep_tag`` the tagged ones it says yes to: the
         container drops its WAKEs but still sends its PARKED.
         """
-        head_started = self._started and bool(self._chunks)
-        keep = [self._chunks.popleft()] if head_started else []
-        keep_frames = [self._chunk_frames.popleft()] if head_started else []
+        chunks = self._chunks
+        head_started = self._started and bool(chunks)
+        keep = [chunks.popleft()] if head_started else []
         tags: list[object] = []
-        while self._chunks:
-            data, fds, tag = self._chunks.popleft()
+        while chunks:
+            chunk = chunks.popleft()
+            data, fds, tag, frames = chunk
             if (only_tagged and tag is None) or (keep_tag is not None and keep_tag(tag)):
-                keep.append((data, fds, tag))
-                keep_frames.append(self._chunk_frames.popleft())
+                keep.append(chunk)
                 continue
             self.queued_bytes -= len(data)
-            self.queued_frames -= self._chunk_frames.popleft()
+            self.queued_frames -= frames
             if self._dup:
                 close_fds(fds)
             if tag is not None:
                 tags.append(tag)
-        self._chunks.extend(keep)
-        self._chunk_frames.extend(keep_frames)
+        chunks.extend(keep)
         return not head_started, tags
 
     def close(self) -> None:
@@ -272,8 +269,23 @@ class Outbox:
             fds = self._chunks.popleft()[1]
             if self._dup:
                 close_fds(fds)
-        self._chunk_frames.clear()
         self.queued_bytes = self.queued_frames = 0
+
+
+#: ``Outbox.add``'s tags when it is given none: None for every frame.
+_NO_TAGS: Final = repeat(None)
+
+
+def _dup_all(fds: Iterable[int]) -> list[int]:
+    """Our own copies of ``fds`` (none left open if one ``dup`` fails)."""
+    held: list[int] = []
+    try:
+        for fd in fds:
+            held.append(os.dup(fd))
+    except OSError:
+        close_fds(held)
+        raise
+    return held
 
 
 class TrioChannel:

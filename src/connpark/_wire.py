@@ -32,8 +32,9 @@ import os
 import struct
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import cache, partial
 from itertools import repeat
-from typing import Final, TypeAlias, cast
+from typing import Any, Final, NamedTuple, TypeAlias
 
 import attrs
 
@@ -47,6 +48,8 @@ TICKET_SHARD_SHIFT: Final = 48
 #: The most tickets a HELLO v2 may report from the previous session.
 MAX_RESUME_TICKETS: Final = 4096
 HEADER: Final = struct.Struct("!IBBH")
+_HEAD: Final = HEADER.size
+_unpack_header: Final = HEADER.unpack_from
 #: SCM_MAX_FD on Linux: the most fds one sendmsg may carry.
 MAX_FDS_PER_FRAME: Final = 253
 DEFAULT_MAX_BODY: Final = 1 << 20
@@ -178,9 +181,12 @@ class ErrorCode(enum.IntEnum):
     LIMIT = 7
 
 
-@attrs.frozen
-class Frame:
-    """One encoded frame: its bytes and the fds that go with its first byte."""
+class Frame(NamedTuple):
+    """One encoded frame: its bytes and the fds that go with its first byte.
+
+    A named tuple, not an attrs class: the container makes one per frame it
+    sends, and a tuple costs half as much Python to build.
+    """
 
     data: bytes
     fds: tuple[int, ...] = ()
@@ -257,13 +263,13 @@ LEAN_TIMEOUT_RETURNS: Final = _PARK_TIMEOUT_RETURNS
 LeanEntry: TypeAlias = tuple[int, bytes, bytes, int, int, ParkEntry | None]
 
 
-@attrs.frozen
-class LeanPark:
+class LeanPark(NamedTuple):
     """One PARK frame as the container's decoder hands it out (``Decoder(lean_park=True)``).
 
     The same content as ``Park``, with a plain tuple per entry instead of a
     ``ParkEntry`` object: the container admits 253 of these per frame, and
-    building objects it reads once was most of the cost of decoding them.
+    building objects it reads once was most of the cost of decoding them. A
+    named tuple itself, for the same reason (one per frame).
     """
 
     request_id: int
@@ -806,6 +812,10 @@ def encode_all(
 # ----------------------------------------------------------------- decoding
 
 
+def _truncated(what: str) -> RemoteProtocolError:
+    return RemoteProtocolError(f"truncated {what} body")
+
+
 class _Body:
     """A cursor over one untrusted frame body: every read is bounds-checked."""
 
@@ -818,14 +828,14 @@ class _Body:
 
     def unpack(self, s: struct.Struct) -> tuple[int, ...]:
         if self.pos + s.size > len(self.data):
-            raise RemoteProtocolError(f"truncated {self.what} body")
+            raise _truncated(self.what)
         out = s.unpack_from(self.data, self.pos)
         self.pos += s.size
         return out
 
     def take(self, n: int) -> bytes:
         if self.pos + n > len(self.data):
-            raise RemoteProtocolError(f"truncated {self.what} body")
+            raise _truncated(self.what)
         out = self.data[self.pos : self.pos + n]
         self.pos += n
         return out
@@ -878,101 +888,119 @@ def _plain_wake_rows(body: _Body, count: int, fds: deque[int], entries: list[obj
     return True
 
 
-def _decode_entries_untrusted(
-    mtype: MessageType, body: _Body, fds: deque[int], entries: list[object]
-) -> int:
-    """Decode one list-carrying frame body into ``entries``; return its head value.
+# Each list type's decoder reads one frame body (``data``, of a ``what`` frame)
+# into ``entries`` (moving fds from ``fds`` into them) and returns the frame's
+# head (request id, else 0); on error the caller closes what is left in both.
 
-    Moves fds from ``fds`` into the entries; on error the caller closes what
-    is left in both.
-    """
-    head = 0
-    if mtype is MessageType.PARK:
-        head, count = body.unpack(_PARK_HEAD)
-        if count != len(fds):
-            raise RemoteProtocolError(f"PARK has {count} entries but {len(fds)} fds")
-        unpack_entry = body.unpack
-        take = body.take
-        for _ in range(count):
-            idle, flags, tlen, plen = unpack_entry(_PARK_ENTRY)
-            if flags & ~(_PARK_HANGUP_RETURNS | _PARK_TIMEOUT_RETURNS | _PARK_EXT | _PARK_RESENT):
-                raise RemoteProtocolError(f"bad PARK field flags: {flags:#x}")
-            token = take(tlen) if tlen else b""
-            pending = take(plen) if plen else b""
-            # The fd leaves ``fds`` once its entry is read whole (else the caller closes it).
-            entries.append(_decode_park_tail(body, fds[0], token, pending, idle, flags))
-            fds.popleft()
-    elif mtype is MessageType.WAKE:
-        (count,) = body.unpack(_U16)
-        if _plain_wake_rows(body, count, fds, entries):
-            return head
-        with_fd = 0
-        unpack_entry = body.unpack
-        take = body.take
-        for _ in range(count):
-            ticket, reason, flags, tlen, plen = unpack_entry(_WAKE_ENTRY)
-            if flags & ~(_WAKE_HAS_FD | _WAKE_INET6 | _WAKE_EXT):
-                raise RemoteProtocolError(f"bad WAKE field flags: {flags:#x}")
-            why = _REASONS.get(reason)  # a dict, not Reason(): this loop is the hot path
-            if why is None:
-                raise RemoteProtocolError(f"bad WAKE field reason: {reason}")
-            token = take(tlen) if tlen else b""
-            pending = take(plen) if plen else b""
-            count_ar = last_ms = 0
-            unsent = b""
-            if flags & _WAKE_EXT:
-                count_ar, last_ms, ulen = body.unpack(_WAKE_EXT_HEAD)
-                unsent = body.take(ulen)
-            fd: int | None = None  # taken last: nothing can fail while we hold it
-            if flags & _WAKE_HAS_FD:
-                with_fd += 1
-                if not fds:
-                    raise RemoteProtocolError("WAKE has more fd entries than fds")
-                fd = fds.popleft()
-            # A row (WakeEntry's fields): ``_build`` makes the entries, if wanted.
-            inet6 = bool(flags & _WAKE_INET6)
-            entries.append((ticket, why, token, pending, fd, inet6, count_ar, last_ms, unsent))
-        if fds:
-            raise RemoteProtocolError(f"WAKE has {with_fd} fd entries but {with_fd + len(fds)} fds")
-    elif mtype is MessageType.PARKED:
-        head, count = body.unpack(_PARKED_HEAD)
-        data = body.data
-        if len(data) - body.pos == count * _PARKED_ENTRY.size:
-            # Every code checked at once (a code byte starts each entry), then
-            # (code, ticket) rows in bulk: ``_build`` makes the results.
-            if _REFUSAL_CODES.issuperset(data[body.pos :: _PARKED_ENTRY.size]):
-                entries.extend(_PARKED_ENTRY.iter_unpack(memoryview(data)[body.pos :]))
-                body.pos = len(data)
-                return head
-        unpack_entry = body.unpack
-        for _ in range(count):
-            code, ticket = unpack_entry(_PARKED_ENTRY)
-            refusal = _REFUSALS.get(code)  # a dict, not Refusal(): the hot path
-            if refusal is None:
-                raise RemoteProtocolError(f"bad PARKED field code: {code}")
-            entries.append((refusal, ticket))
-    elif mtype in (MessageType.ACK, MessageType.UNPARK):
-        (count,) = body.unpack(_U32)
-        if count * 8 != len(body.data) - body.pos:
-            raise RemoteProtocolError(
-                f"bad {body.what} body: {count} tickets need {count * 8} bytes,"
-                f" got {len(body.data) - body.pos}"
-            )
-        # One unpack for all of them (struct caches the compiled format).
-        entries.extend(struct.unpack_from(f"!{count}Q", body.data, body.pos))
-        body.pos = len(body.data)
-    else:  # CLOSE
-        (count,) = body.unpack(_U32)
-        for _ in range(count):
-            ticket, glen = body.unpack(_CLOSE_ENTRY)
-            entries.append(CloseEntry(ticket, body.take(glen)))
+
+def _decode_park_untrusted(data: bytes, what: str, fds: deque[int], entries: list[Any]) -> int:
+    """PARK as ``ParkEntry`` objects (the lean decoder is ``_decode_lean_park_untrusted``)."""
+    body = _Body(data, what)
+    head, count = body.unpack(_PARK_HEAD)
+    if count != len(fds):
+        raise RemoteProtocolError(f"PARK has {count} entries but {len(fds)} fds")
+    unpack_entry = body.unpack
+    take = body.take
+    for _ in range(count):
+        idle, flags, tlen, plen = unpack_entry(_PARK_ENTRY)
+        if flags & ~_PARK_FLAGS:
+            raise RemoteProtocolError(f"bad PARK field flags: {flags:#x}")
+        token = take(tlen) if tlen else b""
+        pending = take(plen) if plen else b""
+        # The fd leaves ``fds`` once its entry is read whole (else the caller closes it).
+        entries.append(_decode_park_tail(body, fds[0], token, pending, idle, flags))
+        fds.popleft()
     body.done()
     return head
 
 
-_MESSAGE_TYPES: Final = {int(t): t for t in MessageType}
-_TYPE_NAMES: Final = {t: t.name for t in MessageType}
-_FD_TYPES: Final = frozenset({MessageType.PARK, MessageType.WAKE})
+def _decode_wake_untrusted(data: bytes, what: str, fds: deque[int], entries: list[Any]) -> int:
+    """WAKE as rows (``WakeEntry``'s fields): the kind's builder makes the entries, if wanted."""
+    body = _Body(data, what)
+    (count,) = body.unpack(_U16)
+    if _plain_wake_rows(body, count, fds, entries):
+        return 0
+    with_fd = 0
+    unpack_entry = body.unpack
+    take = body.take
+    for _ in range(count):
+        ticket, reason, flags, tlen, plen = unpack_entry(_WAKE_ENTRY)
+        if flags & ~(_WAKE_HAS_FD | _WAKE_INET6 | _WAKE_EXT):
+            raise RemoteProtocolError(f"bad WAKE field flags: {flags:#x}")
+        why = _REASONS.get(reason)  # a dict, not Reason(): this loop is the hot path
+        if why is None:
+            raise RemoteProtocolError(f"bad WAKE field reason: {reason}")
+        token = take(tlen) if tlen else b""
+        pending = take(plen) if plen else b""
+        count_ar = last_ms = 0
+        unsent = b""
+        if flags & _WAKE_EXT:
+            count_ar, last_ms, ulen = body.unpack(_WAKE_EXT_HEAD)
+            unsent = body.take(ulen)
+        fd: int | None = None  # taken last: nothing can fail while we hold it
+        if flags & _WAKE_HAS_FD:
+            with_fd += 1
+            if not fds:
+                raise RemoteProtocolError("WAKE has more fd entries than fds")
+            fd = fds.popleft()
+        inet6 = bool(flags & _WAKE_INET6)
+        entries.append((ticket, why, token, pending, fd, inet6, count_ar, last_ms, unsent))
+    if fds:
+        raise RemoteProtocolError(f"WAKE has {with_fd} fd entries but {with_fd + len(fds)} fds")
+    body.done()
+    return 0
+
+
+def _decode_parked_untrusted(data: bytes, what: str, fds: deque[int], entries: list[Any]) -> int:
+    """PARKED as (code, ticket) rows: the kind's builder makes the results."""
+    body = _Body(data, what)
+    head, count = body.unpack(_PARKED_HEAD)
+    if len(data) - body.pos == count * _PARKED_ENTRY.size:
+        # Every code checked at once (a code byte starts each entry), then the
+        # rows in bulk.
+        if _REFUSAL_CODES.issuperset(data[body.pos :: _PARKED_ENTRY.size]):
+            entries.extend(_PARKED_ENTRY.iter_unpack(memoryview(data)[body.pos :]))
+            return head
+    unpack_entry = body.unpack
+    for _ in range(count):
+        code, ticket = unpack_entry(_PARKED_ENTRY)
+        refusal = _REFUSALS.get(code)  # a dict, not Refusal(): the hot path
+        if refusal is None:
+            raise RemoteProtocolError(f"bad PARKED field code: {code}")
+        entries.append((refusal, ticket))
+    body.done()
+    return head
+
+
+def _decode_tickets_untrusted(data: bytes, what: str, fds: deque[int], entries: list[Any]) -> int:
+    """ACK and UNPARK: a count, then exactly that many tickets.
+
+    Read without a ``_Body``: the count is the only field that can be cut
+    short, and the one unpack of the tickets reads the body to its end.
+    """
+    try:
+        (count,) = _U32.unpack_from(data)
+    except struct.error:
+        raise _truncated(what) from None
+    left = len(data) - _U32.size
+    if count * 8 != left:
+        raise RemoteProtocolError(
+            f"bad {what} body: {count} tickets need {count * 8} bytes, got {left}"
+        )
+    entries.extend(struct.unpack_from(f"!{count}Q", data, _U32.size))  # the format is cached
+    return 0
+
+
+def _decode_close_untrusted(data: bytes, what: str, fds: deque[int], entries: list[Any]) -> int:
+    body = _Body(data, what)
+    (count,) = body.unpack(_U32)
+    for _ in range(count):
+        ticket, glen = body.unpack(_CLOSE_ENTRY)
+        entries.append(CloseEntry(ticket, body.take(glen)))
+    body.done()
+    return 0
+
+
 _PARK_FLAGS = _PARK_HANGUP_RETURNS | _PARK_TIMEOUT_RETURNS | _PARK_EXT | _PARK_RESENT
 #: Flags a lean entry cannot carry alone: unknown bits, v3 extensions, re-sent.
 _UNUSUAL_PARK = ~(_PARK_HANGUP_RETURNS | _PARK_TIMEOUT_RETURNS)
@@ -982,47 +1010,48 @@ _OVER_LIMIT = 0x100
 
 
 def _decode_lean_park_untrusted(
-    body: _Body,
+    data: bytes,
+    what: str,
     fds: deque[int],
-    entries: list[object],
+    entries: list[Any],
     max_token: int = 0xFFFF,
     max_pending: int = 0xFFFFFFFF,
 ) -> int:
     """A PARK body as ``LeanEntry`` tuples (``Decoder(lean_park=True)``); its request id.
 
-    The checks of ``_decode_entries_untrusted``, inlined: this is the
+    The checks of ``_decode_park_untrusted``, inlined: this is the
     container's hot path. ``fds`` are taken (and ``entries`` filled) only once
     the whole body is valid; on error both are as they were. An entry whose
     token or pending bytes are longer than ``max_token`` or ``max_pending``
     comes out unusual (with its ``ParkEntry``), for the caller to refuse.
     """
-    data = body.data
-    if len(data) < _PARK_HEAD.size:
-        raise RemoteProtocolError("truncated PARK body")
-    head, count = _PARK_HEAD.unpack_from(data)
+    head: int
+    try:
+        head, count = _PARK_HEAD.unpack_from(data)
+    except struct.error:
+        raise _truncated(what) from None
     if count != len(fds):
         raise RemoteProtocolError(f"PARK has {count} entries but {len(fds)} fds")
-    unpack = _PARK_ENTRY.unpack_from
-    step = _PARK_ENTRY.size
     pos = _PARK_HEAD.size
-    unusual = _UNUSUAL_PARK
-    out: list[LeanEntry] = []
-    append = out.append
+    step = _PARK_ENTRY.size
     if len(data) == pos + count * step and count:
         # No token or pending bytes (else the body is longer, or cut short: the
-        # loop below says so): the usual frame, decoded at once.
-        fields = _park_entries(count).unpack_from(data, pos)
-        idles, flags = fields[0::4], fields[1::4]
+        # loop below says so): the usual frame, decoded at once, to its end.
+        fields = (_PARK_ENTRIES.get(count) or _park_entries(count)).unpack_from(data, pos)
+        flags = fields[1::4]
         if (
             not any(fields[2::4])
             and not any(fields[3::4])
             and 1 not in bytes(flags).translate(_UNUSUAL_FLAGS)
         ):
-            body.pos = len(data)
-            body.done()
-            entries.extend(zip(fds, repeat(b""), repeat(b""), idles, flags, repeat(None)))
+            entries.extend(zip(fds, repeat(b""), repeat(b""), fields[0::4], flags, repeat(None)))
             fds.clear()
-            return int(head)
+            return head
+    body = _Body(data, what)  # for the general path's reads and the trailing bytes
+    unpack = _PARK_ENTRY.unpack_from
+    unusual = _UNUSUAL_PARK
+    out: list[LeanEntry] = []
+    append = out.append
     try:
         for fd in fds:
             idle, flags, tlen, plen = unpack(data, pos)  # struct.error past the end
@@ -1046,14 +1075,14 @@ def _decode_lean_park_untrusted(
             else:
                 append((fd, token, pending, idle, flags, None))
     except struct.error:
-        raise RemoteProtocolError("truncated PARK body") from None
+        raise _truncated(what) from None
     if pos > len(data):  # a token or pending cut short
-        raise RemoteProtocolError("truncated PARK body")
+        raise _truncated(what)
     body.pos = pos
     body.done()
     fds.clear()
     entries.extend(out)
-    return int(head)
+    return head
 
 
 #: A PARK entry's flags byte -> 1 if it takes the general path (``_UNUSUAL_PARK``).
@@ -1063,9 +1092,8 @@ _PARK_ENTRIES: dict[int, struct.Struct] = {}
 
 
 def _park_entries(count: int) -> struct.Struct:
-    layout = _PARK_ENTRIES.get(count)
-    if layout is None:
-        layout = _PARK_ENTRIES[count] = struct.Struct("!" + _PARK_ENTRY.format[1:] * count)
+    """The layout of ``count`` such entries, made once (callers look in the cache first)."""
+    layout = _PARK_ENTRIES[count] = struct.Struct("!" + _PARK_ENTRY.format[1:] * count)
     return layout
 
 
@@ -1084,7 +1112,7 @@ def _unusual_park(
     if flags & ~(_PARK_FLAGS | _OVER_LIMIT):
         raise RemoteProtocolError(f"bad PARK field flags: {flags & 0xFF:#x}")
     if pos > len(body.data):
-        raise RemoteProtocolError("truncated PARK body")
+        raise _truncated(body.what)
     body.pos = pos
     entry = _decode_park_tail(body, fd, token, pending, idle, flags)
     append((fd, token, pending, idle, flags & ~_OVER_LIMIT, entry))
@@ -1113,42 +1141,95 @@ def _decode_park_tail(
     )
 
 
-_LIST_TYPES = frozenset(
-    {
-        MessageType.PARK,
-        MessageType.PARKED,
-        MessageType.WAKE,
-        MessageType.ACK,
-        MessageType.UNPARK,
-        MessageType.CLOSE,
+# Each list type's builder makes its message from a frame's (or a joined
+# message's) decoded entries.
+
+
+def _park(head: int, entries: list[Any]) -> Message:
+    return Park(head, tuple(entries))
+
+
+def _lean_park(head: int, entries: list[Any]) -> Message:
+    return LeanPark(head, tuple(entries))
+
+
+def _parked(head: int, pairs: list[Any]) -> Message:
+    return Parked(head, tuple(ParkResult(_REFUSALS[c], t) for c, t in pairs))
+
+
+def _parked_rows(head: int, pairs: list[Any]) -> Message:
+    codes, tickets = zip(*pairs, strict=True) if pairs else ((), ())
+    return ParkedRows(head, codes, tickets)
+
+
+def _wake(head: int, rows: list[Any]) -> Message:
+    return Wake(tuple(WakeEntry(*row) for row in rows))
+
+
+def _wake_rows(head: int, rows: list[Any]) -> Message:
+    return WakeRows(tuple(rows))
+
+
+def _ack(head: int, tickets: list[Any]) -> Message:
+    return Ack(tuple(tickets))
+
+
+def _unpark(head: int, tickets: list[Any]) -> Message:
+    return Unpark(tuple(tickets))
+
+
+def _close(head: int, entries: list[Any]) -> Message:
+    return Close(tuple(entries))
+
+
+_Entries: TypeAlias = Callable[[bytes, str, deque[int], list[Any]], int]
+_Build: TypeAlias = Callable[[int, list[Any]], Message]
+
+
+class _Kind(NamedTuple):
+    """A message type as the decoder sees it: one dict lookup per frame finds it all."""
+
+    mtype: MessageType
+    name: str
+    #: Header flags this type may not carry: every one but ``FLAG_MORE`` for a list type.
+    bad_flags: int
+    #: Its frames may carry fds (PARK, WAKE).
+    fds: bool
+    #: A list type's entry decoder and builder; None: one frame, one message
+    #: (``_decode_single_untrusted``).
+    lists: tuple[_Entries, _Build] | None = None
+
+
+@cache
+def _kinds(*, lean_park: bool, lean_limits: tuple[int, int], rows: bool) -> dict[int, _Kind]:
+    """A decoder's table: the wire's type byte -> its ``_Kind`` (shared, never changed)."""
+    T = MessageType
+    kinds = {int(t): _Kind(t, t.name, 0xFF, False) for t in T}
+    lists: dict[MessageType, tuple[_Entries, _Build]] = {
+        T.PARK: (_decode_park_untrusted, _park),
+        T.PARKED: (_decode_parked_untrusted, _parked_rows if rows else _parked),
+        T.WAKE: (_decode_wake_untrusted, _wake_rows if rows else _wake),
+        T.ACK: (_decode_tickets_untrusted, _ack),
+        T.UNPARK: (_decode_tickets_untrusted, _unpark),
+        T.CLOSE: (_decode_close_untrusted, _close),
     }
-)
+    if lean_park:
+        max_token, max_pending = lean_limits
+        lean = partial(_decode_lean_park_untrusted, max_token=max_token, max_pending=max_pending)
+        lists[T.PARK] = (lean, _lean_park)
+    for t, pair in lists.items():
+        kinds[int(t)] = _Kind(t, t.name, 0xFF & ~FLAG_MORE, t in (T.PARK, T.WAKE), pair)
+    return kinds
 
 
-def _build(
-    mtype: MessageType, head: int, entries: list[object], lean: bool = False, rows: bool = False
-) -> Message:
-    """The message from its decoded entries (PARKED and WAKE ones are rows)."""
-    if mtype is MessageType.PARK:
-        if lean:
-            return LeanPark(head, tuple(entries))  # type: ignore[arg-type]
-        return Park(head, tuple(entries))  # type: ignore[arg-type]
-    if mtype is MessageType.PARKED:
-        pairs = cast("list[tuple[int, int]]", entries)
-        if rows:
-            codes, tickets = zip(*pairs, strict=True) if pairs else ((), ())
-            return ParkedRows(head, codes, tickets)
-        return Parked(head, tuple(ParkResult(_REFUSALS[c], t) for c, t in pairs))
-    if mtype is MessageType.WAKE:
-        wake_rows = cast("list[WakeRow]", entries)
-        if rows:
-            return WakeRows(tuple(wake_rows))
-        return Wake(tuple(WakeEntry(*row) for row in wake_rows))
-    if mtype is MessageType.ACK:
-        return Ack(tuple(entries))  # type: ignore[arg-type]
-    if mtype is MessageType.UNPARK:
-        return Unpark(tuple(entries))  # type: ignore[arg-type]
-    return Close(tuple(entries))  # type: ignore[arg-type]
+class _Split(NamedTuple):
+    """A message being joined from FLAG_MORE frames (or, unjoined, followed)."""
+
+    kind: _Kind
+    build: _Build
+    head: int
+    #: Joined so far (always empty when the decoder does not join).
+    entries: list[Any]
 
 
 def _decode_single_untrusted(mtype: MessageType, body: _Body) -> Message:
@@ -1246,6 +1327,8 @@ class Decoder:
         lean_limits: tuple[int, int] = (0xFFFF, 0xFFFFFFFF),
         rows: bool = False,
     ) -> None:
+        # ``rows``, ``lean_park`` and ``lean_limits`` choose the decoder's
+        # type table (``_kinds``): they are fixed at construction.
         #: The worker's hot path: hand out PARKED and WAKE as ``ParkedRows`` and
         #: ``WakeRows`` (plain tuples) instead of an object per entry.
         self.rows = rows
@@ -1262,21 +1345,21 @@ class Decoder:
         self.max_fds_per_frame = max_fds_per_frame
         self.max_entries = max_entries
         self.max_message = max_message
-        self._partial_bytes = 0
-        self._partial_entries = 0
+        self._kinds = _kinds(lean_park=lean_park, lean_limits=lean_limits, rows=rows)
+        self._split_bytes = 0
+        self._split_entries = 0
         self._buf = bytearray()
         self._fds: deque[int] = deque()
-        # A message being joined from FLAG_MORE frames: type, head, entries.
-        self._partial: tuple[MessageType, int, list[object]] | None = None
+        self._split: _Split | None = None
         self._broken: RemoteProtocolError | None = None
 
     @property
     def held_fds(self) -> int:
         """How many fds the decoder owns right now (queued or in a partial message)."""
-        n = len(self._fds)
-        if self._partial is not None:
-            n += len(message_fds(_build(*self._partial, self.lean_park)))
-        return n
+        if self._split is None:
+            return len(self._fds)
+        split = self._split
+        return len(self._fds) + len(message_fds(split.build(split.head, split.entries)))
 
     @property
     def buffered(self) -> int:
@@ -1289,11 +1372,12 @@ class Decoder:
 
     def frame_head(self) -> bytes:
         """The buffered start (up to a header) of the next frame, for fd-less reads."""
-        return bytes(self._buf[: HEADER.size])
+        return bytes(self._buf[:_HEAD])
 
     def receive_data(self, data: bytes, fds: Iterable[int] = ()) -> None:
         """Feed bytes and the fds that came with them. The decoder now owns the fds."""
-        self._fds.extend(fds)
+        if fds:
+            self._fds.extend(fds)
         if self._broken is not None:
             self.close()
             raise self._broken
@@ -1317,93 +1401,97 @@ class Decoder:
     def _next(self) -> Message | None:
         while True:
             buf = self._buf
-            if len(buf) < HEADER.size:
+            if len(buf) < _HEAD:
                 if not buf and self._fds:
                     raise RemoteProtocolError(f"{len(self._fds)} fds arrived without a frame")
                 return None
-            length, raw_type, flags, nfds = HEADER.unpack_from(buf)
-            mtype = _MESSAGE_TYPES.get(raw_type)  # a dict, not MessageType(): per frame
-            if mtype is None:
+            length, raw_type, flags, nfds = _unpack_header(buf)
+            kind = self._kinds.get(raw_type)  # the type, its name and its rules, at once
+            if kind is None:
                 raise RemoteProtocolError(f"unknown message type {raw_type}")
+            mtype, name, bad_flags, carries_fds, lists = kind
             if length > self.max_body:
                 raise RemoteProtocolError(
-                    f"{mtype.name} frame length {length} is over the limit {self.max_body}"
+                    f"{name} frame length {length} is over the limit {self.max_body}"
                 )
             if nfds > self.max_fds_per_frame:
                 raise RemoteProtocolError(
-                    f"{mtype.name} frame has {nfds} fds, over the limit {self.max_fds_per_frame}"
+                    f"{name} frame has {nfds} fds, over the limit {self.max_fds_per_frame}"
                 )
-            if flags & ~FLAG_MORE or (flags and mtype not in _LIST_TYPES):
-                raise RemoteProtocolError(f"bad {mtype.name} frame flags {flags:#x}")
-            if nfds and mtype not in _FD_TYPES:
-                raise RemoteProtocolError(f"{mtype.name} frame cannot carry fds")
-            if self._partial is not None and self._partial[0] is not mtype:
-                raise RemoteProtocolError(
-                    f"{mtype.name} frame inside a split {self._partial[0].name} message"
-                )
-            if len(buf) < HEADER.size + length:
+            if flags & bad_flags:
+                raise RemoteProtocolError(f"bad {name} frame flags {flags:#x}")
+            if nfds and not carries_fds:
+                raise RemoteProtocolError(f"{name} frame cannot carry fds")
+            split = self._split
+            if split is not None and split.kind is not kind:
+                raise RemoteProtocolError(f"{name} frame inside a split {split.kind.name} message")
+            end = _HEAD + length
+            if len(buf) < end:
                 return None
-            if len(self._fds) < nfds:
-                raise RemoteProtocolError(
-                    f"{mtype.name} frame needs {nfds} fds, only {len(self._fds)} arrived"
-                )
-            body = _Body(bytes(buf[HEADER.size : HEADER.size + length]), _TYPE_NAMES[mtype])
-            del buf[: HEADER.size + length]
-            if mtype not in _LIST_TYPES:
-                return _decode_single_untrusted(mtype, body)
-            if nfds == len(self._fds):  # the usual: the frame's fds are all there are
-                frame_fds, self._fds = self._fds, deque()
+            fds = self._fds
+            if len(fds) < nfds:
+                raise RemoteProtocolError(f"{name} frame needs {nfds} fds, only {len(fds)} arrived")
+            data = bytes(buf[_HEAD:end])
+            del buf[:end]
+            if lists is None:
+                return _decode_single_untrusted(mtype, _Body(data, name))
+            decode, build = lists
+            if not nfds:
+                frame_fds: deque[int] = deque()
+            elif nfds == len(fds):  # the usual: the frame's fds are all there are
+                frame_fds, self._fds = fds, deque()
             else:
-                frame_fds = deque([self._fds.popleft() for _ in range(nfds)])
-            entries: list[object] = []
-            lean = self.lean_park
+                frame_fds = deque([fds.popleft() for _ in range(nfds)])
+            entries: list[Any] = []
             try:
-                if lean and mtype is MessageType.PARK:
-                    head = _decode_lean_park_untrusted(body, frame_fds, entries, *self.lean_limits)
-                else:
-                    head = _decode_entries_untrusted(mtype, body, frame_fds, entries)
+                head = decode(data, name, frame_fds, entries)
             except RemoteProtocolError:
                 close_fds(frame_fds)
-                close_fds(message_fds(_build(mtype, 0, entries, lean)))
+                close_fds(message_fds(build(0, entries)))
                 raise
-            if self._partial is None:
-                self._partial_bytes = 0
-                self._partial_entries = 0
-                self._partial = (mtype, head, [])
-            joined = self._partial[2]
-            if self.join_split:
-                joined.extend(entries)  # from here close() sees their fds
+            if split is None and not flags:
+                # The usual: a whole message in one frame. Within the limits, it
+                # is what the general path below would hand out.
+                if length <= self.max_message and len(entries) <= self.max_entries:
+                    return build(head, entries)
+            # The message's limits, over its frames so far.
+            count, size = len(entries), length
+            if split is not None:
+                count += self._split_entries
+                size += self._split_bytes
             problem = None
-            if head != self._partial[1]:
-                problem = f"split {mtype.name} changed its request id"
-            self._partial_entries += len(entries)
-            self._partial_bytes += length
-            if self._partial_entries > self.max_entries:
-                problem = f"{mtype.name} message has over {self.max_entries} entries"
-            if self._partial_bytes > self.max_message:
-                problem = f"{mtype.name} message is over the limit of {self.max_message} bytes"
+            if size > self.max_message:
+                problem = f"{name} message is over the limit of {self.max_message} bytes"
+            elif count > self.max_entries:
+                problem = f"{name} message has over {self.max_entries} entries"
+            elif split is not None and head != split.head:
+                problem = f"split {name} changed its request id"
             if problem is not None:
-                if not self.join_split:
-                    close_fds(message_fds(_build(mtype, head, entries, lean)))
+                close_fds(message_fds(build(head, entries)))
                 raise RemoteProtocolError(problem)
-            more = bool(flags & FLAG_MORE)
-            if not self.join_split:
-                if not more:
-                    self._partial = None
-                return _build(mtype, head, entries, lean, self.rows)
-            if more:
+            if flags:  # FLAG_MORE (the only one left): more frames of this message follow
+                if split is None:
+                    split = self._split = _Split(kind, build, head, [])
+                self._split_entries, self._split_bytes = count, size
+                if not self.join_split:
+                    return build(head, entries)
+                split.entries.extend(entries)  # from here close() sees their fds
                 continue
-            self._partial = None
-            return _build(mtype, head, joined, lean, self.rows)
+            if split is not None:  # the last frame of a split message
+                self._split = None
+                if self.join_split:
+                    split.entries.extend(entries)
+                    entries = split.entries
+            return build(head, entries)
 
     def eof(self) -> None:
         """The peer closed: raise if it stopped mid-frame or left fds behind."""
         if self._broken is not None:
             raise self._broken
-        if self._buf or self._fds or self._partial is not None:
+        if self._buf or self._fds or self._split is not None:
             if self._buf:
                 what = "mid-frame"
-            elif self._partial is not None:
+            elif self._split is not None:
                 what = "mid-message"
             else:
                 what = f"with {len(self._fds)} fds that belong to no frame"
@@ -1415,8 +1503,9 @@ class Decoder:
         """Close every fd the decoder still owns; drop buffered data."""
         fds = list(self._fds)
         self._fds.clear()
-        if self._partial is not None:
-            fds.extend(message_fds(_build(*self._partial, self.lean_park)))
-            self._partial = None
+        split = self._split
+        if split is not None:
+            fds.extend(message_fds(split.build(split.head, split.entries)))
+            self._split = None
         self._buf.clear()
         close_fds(fds)

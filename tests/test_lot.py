@@ -610,6 +610,23 @@ def test_next_deadline_empty() -> None:
     assert lot.next_orphan_deadline() is None
 
 
+def test_next_due_is_the_first_of_deadlines_pack_and_orphans() -> None:
+    """The container's timer sleeps until ``next_due``: whichever comes first."""
+    lot = Lot(orphan_timeout=5.0)
+    assert lot.next_due() == math.inf
+    a = session(lot)
+    slot = park(lot, 3, a, deadline=50.0)
+    assert lot.next_due() == 0.0  # a fresh park: the first pack is due at once
+    pack_now(lot, 1.0)
+    assert lot.next_due() == 50.0  # packed: only its deadline is left
+    lot.remove_session(a)
+    assert lot.wake(lot.by_fd(3), Reason.READABLE, 7.0)  # type: ignore[arg-type]
+    assert lot.next_due() == 2.0  # unpacked to wake: a pack looks again, a second on
+    assert lot.pack(2.0) == 0
+    assert lot.next_due() == 12.0  # no session to take it: an orphan at 7 + 5 s
+    assert slot.state is State.MOVED
+
+
 def test_heap_compaction_keeps_heap_small() -> None:
     lot = Lot(window=1 << 20)
     a = session(lot)

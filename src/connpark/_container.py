@@ -437,6 +437,11 @@ class Container:
         self._conns = 0
         self._fd_limit = raise_nofile_limit()
         self._fd_base = count_open_fds() - len(self._restore)  # those count as held
+        #: fds we may have open beyond those open at start, less the reserve.
+        self._capacity = self._fd_limit - self._fd_base - config.fd_reserve
+        #: A session's output cap (``_over``), read once per message.
+        self._max_out_bytes = config.max_output_bytes
+        self._max_out_frames = config.max_output_messages
         self._room = trio.Event()
         self._room_waiters = 0
         self._started = 0.0
@@ -568,11 +573,6 @@ class Container:
     # -- fd accounting -------------------------------------------------------------
 
     @property
-    def _capacity(self) -> int:
-        """fds we may have open beyond those open at start, less the reserve."""
-        return self._fd_limit - self._fd_base - self.config.fd_reserve
-
-    @property
     def fd_budget(self) -> int:
         """How many connection fds we may hold right now: what a full read leaves free."""
         used_elsewhere = self._fds_in + self._conns + MAX_FDS_PER_FRAME
@@ -658,7 +658,7 @@ class Container:
 
     async def _timer_loop(self) -> None:
         while True:
-            with trio.CancelScope(deadline=self._next_timer()) as scope:
+            with trio.CancelScope(deadline=self.lot.next_due()) as scope:
                 self._timer_scope = scope
                 await trio.sleep_forever()
             self._timer_scope = None
@@ -679,13 +679,6 @@ class Container:
                 self.lot.pack(now)  # the long-parked ones: ~40 B each instead of ~200
             self._flush()
 
-    def _next_timer(self) -> float:
-        """The timer task's next deadline: idle deadlines, orphans, the next pack."""
-        lot = self.lot
-        at = min(lot.next_deadline() or math.inf, lot.next_orphan_deadline() or math.inf)
-        pack_at = lot.next_pack()
-        return at if pack_at is None or pack_at > at else pack_at
-
     def _flush(self) -> None:
         """Send sessions their new output (or wake their writers); re-aim the timer."""
         if self._tearing_down:
@@ -695,11 +688,13 @@ class Container:
         dirty = self.lot.dirty
         while dirty:
             self._pump(dirty.pop())  # type: ignore[arg-type]
-        if self._timer_scope is not None:
-            nxt = self._next_timer()
-            if nxt < self._timer_scope.deadline:
-                self._timer_scope.deadline = nxt
-        self._freed()
+        scope = self._timer_scope
+        if scope is not None:
+            nxt = self.lot.next_due()
+            if nxt < scope.deadline:
+                scope.deadline = nxt
+        if self._room_waiters:
+            self._freed()
 
     # -- sessions ----------------------------------------------------------------------
 
@@ -819,8 +814,9 @@ class Container:
             if s.discard:
                 close_fds(fds)
                 continue
-            s.fds_in += len(fds)
-            self._fds_in += len(fds)
+            if fds:
+                s.fds_in += len(fds)
+                self._fds_in += len(fds)
             try:
                 decoder.receive_data(data, fds)
             except ProtocolError:  # broken already: it closed the fds
@@ -1349,10 +1345,7 @@ class Container:
 
     def _over(self, s: _Session) -> bool:
         ob = s.outbox
-        cfg = self.config
-        return (
-            ob.queued_bytes >= cfg.max_output_bytes or ob.queued_frames >= cfg.max_output_messages
-        )
+        return ob.queued_bytes >= self._max_out_bytes or ob.queued_frames >= self._max_out_frames
 
     def _encode_wakes(self, s: _Session) -> None:
         """Encode queued wakes into the outbox, one frame per WAKE, up to the byte cap."""

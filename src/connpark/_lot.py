@@ -1058,6 +1058,15 @@ class Lot:
                 out.append(slot)
         return out
 
+    def next_due(self) -> float:
+        """When the timer has work next: the first idle deadline, orphan deadline
+        or ``pack`` (inf: none)."""
+        at = self._ticks[0] / 1000 if self._ticks else math.inf
+        if self._fresh and self._pack_at < at:
+            at = self._pack_at
+        orphan = self.next_orphan_deadline()
+        return at if orphan is None or orphan > at else orphan
+
     def next_orphan_deadline(self) -> float | None:
         """When the first wake queued for a pool with no session is closed."""
         first = None

@@ -270,6 +270,7 @@ class Outbox:
             if self._dup:
                 close_fds(fds)
         self.queued_bytes = self.queued_frames = 0
+        self._started = False  # (a half-sent head went with the rest)
 
 
 #: ``Outbox.add``'s tags when it is given none: None for every frame.

@@ -1,10 +1,10 @@
-"""Review 5: ``Lot.pack``'s SEEN mark, ``Lot.next_due``, the reworked Outbox.
+"""Models checked against ``Lot.pack``'s SEEN mark, ``Lot.next_due``, the Outbox and the Decoder.
 
 - SEEN (a flag bit of ``Slot.flags``) never reaches the wire, the packed flags
   column or an unpacked slot; a pack packs exactly what the pack before found
   PARKED, plain and confirmed (the very object: a young connection at the fd
   of an old, SEEN one is new to ``pack``); ``_fresh`` stays bounded;
-  ``next_due`` is the earliest of what the container's ``_next_timer`` took.
+  ``next_due`` is the earliest of the idle deadlines, the orphans and the pack.
 - ``Outbox`` (a state machine over a real socketpair with a small send
   buffer, so sends are partial): every byte goes out once and in order, whole
   frames only (a dropped frame is dropped whole), each fd with its frame's
@@ -566,13 +566,9 @@ def test_decoder_options_fix_its_type_table() -> None:
     assert set(plain_._kinds) == {int(t) for t in MessageType}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Outbox.close() leaves _started set (as before this change): an outbox used "
-    "again after close() takes its next head chunk for a half-sent one (its tag is "
-    "never reported, take_unstarted keeps it); latent: no caller reuses a closed outbox",
-)
 def test_outbox_reused_after_close_reports_its_next_tag() -> None:
+    """``close()`` with a chunk half sent forgets that too: the next head chunk is a
+    new one (its tag reported, ``take_unstarted`` takes it)."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     a.setblocking(False)
     try:

@@ -283,7 +283,7 @@ async def test_garbage_on_control_socket_leaves_container_serving(serve: ServePr
 async def test_sigterm_returns_everything_with_shutdown_and_exits_0(
     sockdir: Path, packed: bool
 ) -> None:
-    """Objects or packed (parked for a second): each comes back once, as parked."""
+    """Objects or packed (parked for a second or two): each comes back once, as parked."""
     proc = ServeProcess(sockdir / "term.sock")
     clients, servers = tcp_pairs(50)
     try:
@@ -510,7 +510,7 @@ async def test_concurrent_big_parks_near_the_fd_limit_are_refusals_not_errors(
 
 
 async def test_long_parked_connections_are_packed_and_wake_as_parked(serve: ServeProcess) -> None:
-    """A plain park still parked a second after its PARKED is packed (~40 B, no
+    """A plain park still parked a second or two after its PARKED is packed (~40 B, no
     object); data, UNPARK, CLOSE, hangups and timeouts reach it as before, with
     its token, pending and policies."""
     clients, servers = tcp_pairs(25)
@@ -577,7 +577,7 @@ async def test_long_parked_connections_are_packed_and_wake_as_parked(serve: Serv
         c.close()
 
 
-# -- packed connections (the lot packs plain parks after a second) ----------------
+# -- packed connections (the lot packs plain parks after a second or two) ----------------
 
 
 async def _until_packed(serve: ServeProcess, n: int, timeout: float = 10) -> None:
@@ -673,7 +673,7 @@ def test_packed_connections_survive_a_shard_crash_and_keep_their_tickets(sockdir
             os.kill(shard, signal.SIGKILL)
             _shard_pid(serve, not_=shard)
             deadline = time.monotonic() + 20
-            while True:  # the restored ones: parked again (and, a second later, packed)
+            while True:  # the restored ones: parked again (and, a second or two later, packed)
                 try:
                     if serve.stats().parked == 40:
                         break

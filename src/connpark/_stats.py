@@ -172,8 +172,8 @@ class ContainerStats:
     #: Parked connections with tags, and distinct tags among them.
     tagged: int = 0
     tags: int = 0
-    #: Of ``parked``: those held packed (~40 B each; a plain park still parked a
-    #: second after its PARKED went out), the rest as objects (~200 B).
+    #: Of ``parked``: those held packed (~40 B each; a plain park still parked one
+    #: to two seconds after its PARKED went out), the rest as objects (~200 B).
     packed: int = 0
     #: Several shards (``serve --shards``): each one's figures; the rest are totals.
     shards: tuple[ShardFigures, ...] = ()

@@ -1061,11 +1061,9 @@ class Lot:
     def next_due(self) -> float:
         """When the timer has work next: the first idle deadline, orphan deadline
         or ``pack`` (inf: none)."""
-        at = self._ticks[0] / 1000 if self._ticks else math.inf
-        if self._fresh and self._pack_at < at:
-            at = self._pack_at
-        orphan = self.next_orphan_deadline()
-        return at if orphan is None or orphan > at else orphan
+        at = min(self.next_deadline() or math.inf, self.next_orphan_deadline() or math.inf)
+        pack_at = self.next_pack()
+        return at if pack_at is None or pack_at > at else pack_at
 
     def next_orphan_deadline(self) -> float | None:
         """When the first wake queued for a pool with no session is closed."""

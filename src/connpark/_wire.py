@@ -1327,25 +1327,22 @@ class Decoder:
         lean_limits: tuple[int, int] = (0xFFFF, 0xFFFFFFFF),
         rows: bool = False,
     ) -> None:
-        # ``rows``, ``lean_park`` and ``lean_limits`` choose the decoder's
-        # type table (``_kinds``): they are fixed at construction.
-        #: The worker's hot path: hand out PARKED and WAKE as ``ParkedRows`` and
-        #: ``WakeRows`` (plain tuples) instead of an object per entry.
-        self.rows = rows
+        # The type table (``_kinds``) is chosen once, from three options:
+        # ``rows``: the worker's hot path, PARKED and WAKE handed out as
+        # ``ParkedRows`` and ``WakeRows`` (plain tuples), not an object per entry;
+        # ``lean_park``: PARK comes out as ``LeanPark`` (tuples, not ``ParkEntry``);
+        # ``lean_limits``: (max token, max pending) bytes, over which a
+        # ``LeanEntry`` is unusual (it carries its ``ParkEntry``): the container's
+        # general path refuses it.
+        self._kinds = _kinds(lean_park=lean_park, lean_limits=lean_limits, rows=rows)
         #: False: hand out each frame of a split message as its own message
         #: (same type and request id, in order) instead of joining them. The
         #: container uses it so a big PARK never piles up fds in the decoder.
         self.join_split = join_split
-        #: True: PARK comes out as ``LeanPark`` (tuples, not ``ParkEntry`` objects).
-        self.lean_park = lean_park
-        #: (max token, max pending) bytes: a ``LeanEntry`` over either is unusual
-        #: (it carries its ``ParkEntry``): the container's general path refuses it.
-        self.lean_limits = lean_limits
         self.max_body = max_body
         self.max_fds_per_frame = max_fds_per_frame
         self.max_entries = max_entries
         self.max_message = max_message
-        self._kinds = _kinds(lean_park=lean_park, lean_limits=lean_limits, rows=rows)
         self._split_bytes = 0
         self._split_entries = 0
         self._buf = bytearray()

@@ -151,8 +151,9 @@ def test_plain_wake_frames_match_the_general_encoding() -> None:
     lot = Lot(window=10_000)
     owner = SessionState(1, lot.pool("p"))
     lot.add_session(owner)
+    fds = range(3, 603)
     slots = lot.park_many(
-        owner, [(fd, b"", b"", INET6 if fd % 3 else 0, 9000) for fd in range(3, 603)]
+        owner, fds, [b""] * 600, [b""] * 600, [INET6 if fd % 3 else 0 for fd in fds], [9000] * 600
     )
     reasons = [Reason.READABLE, Reason.HANGUP, Reason.TIMEOUT]
     for i, x in enumerate(slots):

@@ -156,6 +156,60 @@ def test_a_frame_of_every_kind_of_fd_gets_one_result_per_entry(serve: ServeProce
         s.close()
 
 
+@pytest.mark.parametrize("where", [0, 3, 6])
+@pytest.mark.parametrize("odd", ["pipe", "dup", "listening"])
+def test_one_odd_fd_in_a_frame_of_plain_entries_is_refused_alone(
+    serve: ServeProcess, odd: str, where: int
+) -> None:
+    """A frame the hot path admits at once (no tokens, one decode) but for one entry:
+    that one is refused, wherever it is, and every other parks and wakes."""
+    peer = RawPeer(serve.path)
+    baseline = serve.fd_count()
+    clients, servers = tcp_pairs(6)
+    spare = socket.socket()
+    if odd == "pipe":
+        r, w = os.pipe()
+        extra, others, expected = r, [r, w], Refusal.NOT_A_SOCKET
+    elif odd == "dup":
+        extra = os.dup(servers[2].fileno())
+        others, expected = [extra], Refusal.DUPLICATE
+    else:
+        spare.bind(("127.0.0.1", 0))
+        spare.listen(1)
+        extra, others, expected = spare.fileno(), [], Refusal.LISTENING
+    fds = [s.fileno() for s in servers]
+    fds.insert(where, extra)
+    # The later of two entries of one socket is the duplicate: the dup or server 2.
+    refused = max(where, fds.index(servers[2].fileno())) if odd == "dup" else where
+    parked = peer.park([ParkEntry(fd) for fd in fds])
+    codes = [res.refusal for res in parked.results]
+    assert codes == [expected if i == refused else Refusal.OK for i in range(7)]
+    owner = [*range(6)]  # the client of each entry's socket
+    owner.insert(where, 2)  # (the dup's: server 2's)
+    expected_bytes = {
+        res.ticket: b"client %d" % owner[i] for i, res in enumerate(parked.results) if i != refused
+    }
+    for s in servers:
+        s.close()
+    for fd in others:
+        os.close(fd)
+    assert serve.fd_count() == baseline + 6
+    for i, c in enumerate(clients):
+        c.sendall(b"client %d" % i)
+    got = {}
+    for ticket, _token, fd in peer.wakes(6):
+        assert fd is not None
+        with socket.socket(fileno=fd) as s:
+            s.settimeout(5)
+            got[ticket] = s.recv(100)
+    assert got == expected_bytes
+    assert _wait(lambda: serve.fd_count() == baseline)
+    peer.close()
+    spare.close()
+    for c in clients:
+        c.close()
+
+
 def _junk_fds(n: int) -> list[int]:
     """n fds a hostile peer might send (dups of one pipe end)."""
     r, w = os.pipe()

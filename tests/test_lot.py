@@ -896,7 +896,7 @@ def test_take_acked_is_ack_and_remove_in_one() -> None:
 def test_park_many_is_park_of_each() -> None:
     lot = Lot(window=8)
     a = session(lot)
-    got = lot.park_many(a, [(3, b"t", b"p", HANGUP_RETURNS, 2500), (70, b"", b"", 0, 1000)])
+    got = lot.park_many(a, (3, 70), (b"t", b""), (b"p", b""), (HANGUP_RETURNS, 0), (2500, 1000))
     assert [x.fd for x in got] == [3, 70]
     assert [(x.token, x.pending, x.flags) for x in got] == [
         (b"t", b"p", HANGUP_RETURNS),
@@ -905,9 +905,12 @@ def test_park_many_is_park_of_each() -> None:
     assert all(x.session is a and x.state is State.PARKED for x in got)
     assert lot.next_deadline() == 1.0
     assert lot.expired(1.0) == [got[1]]
-    with pytest.raises(InternalError, match="parked twice"):
-        lot.park_many(a, [(5, b"", b"", 0, 9000), (3, b"", b"", 0, 9000)])
-    assert lot.parked == 3  # fd 5 went in before the error
+    # An fd already parked, or one fd twice in the frame: nothing of the frame goes in.
+    for fds in ((5, 3), (5, 5)):
+        with pytest.raises(InternalError, match="parked twice"):
+            lot.park_many(a, fds, (b"", b""), (b"", b""), (0, 0), (9000, 9000))
+        assert lot.parked == 2
+        assert lot.by_fd(5) is None
     check_lot(lot)
 
 
@@ -1156,7 +1159,7 @@ class LotMachine(RuleBasedStateMachine):
             entries.append((fd, b"m%d" % fd, b"", 0, math.ceil((self.now + delay) * 1000)))
             self.live.append(Slot(0, fd, b"", b"", 0, s.pool))  # holds the fd number
         del self.live[-n:]
-        got = self.lot.park_many(s, entries)
+        got = self.lot.park_many(s, *zip(*entries, strict=True))
         assert [x.fd for x in got] == [e[0] for e in entries]
         for slot in got:
             self.live.append(slot)
@@ -1254,8 +1257,10 @@ def test_parks_of_one_tick_share_one_timer_entry() -> None:
     a = session(lot)
     due = due_ms(1000.0, 300.0)
     assert due == due_ms(1000.3, 300.0)  # 0.3 s later: the same tick (of 1,024 ms)
-    lot.park_many(a, [(fd, b"", b"", 0, due) for fd in range(3, 503)])
-    lot.park_many(a, [(fd, b"", b"", 0, due_ms(1000.3, 300.0)) for fd in range(503, 603)])
+    lot.park_many(a, *zip(*[(fd, b"", b"", 0, due) for fd in range(3, 503)], strict=True))
+    lot.park_many(
+        a, *zip(*[(fd, b"", b"", 0, due_ms(1000.3, 300.0)) for fd in range(503, 603)], strict=True)
+    )
     assert len(lot._due) == 1
     assert lot._entries == 600
     assert lot.expired(due / 1000 - 0.002) == []

@@ -333,12 +333,14 @@ def test_a_park_and_wake_storm_packs_nothing(rounds: int) -> None:
     now = 0.0
     for _ in range(4):
         for _ in range(rounds):
-            slots = lot.park_many(a, [(fd, b"", b"", 0, 60_000) for fd in range(3, 256)])
+            slots = lot.park_many(
+                a, *zip(*[(fd, b"", b"", 0, 60_000) for fd in range(3, 256)], strict=True)
+            )
             tickets = [x.ticket for x in slots]
             lot.written(lot.unpark(a, tickets, now))
             lot.take_outq(a)
             lot.take_acked(a, tickets, now)
-        lot.park_many(a, [(fd, b"", b"", 0, 60_000) for fd in range(3, 256)])
+        lot.park_many(a, *zip(*[(fd, b"", b"", 0, 60_000) for fd in range(3, 256)], strict=True))
         now += 1.0
         assert lot.pack(now) == 0
         assert lot.packed == 0
@@ -357,7 +359,7 @@ def test_pack_looks_at_its_candidates_not_at_every_fd() -> None:
     PARKED or ACK moves. Its work should follow the new parks, not the parked count."""
     lot = Lot(window=1 << 20)
     a = session(lot)
-    lot.park_many(a, [(fd, b"", b"", 0, 60_000) for fd in range(3, 20_003)])
+    lot.park_many(a, *zip(*[(fd, b"", b"", 0, 60_000) for fd in range(3, 20_003)], strict=True))
     assert pack_now(lot, 0.0) == 20_000
     lot._by_fd = _CountingList(lot._by_fd)
     _CountingList.walked = 0

@@ -232,6 +232,12 @@ TestSeenPackingMachine.settings = settings(
 )
 
 
+def _columns(fds: range) -> tuple[range, list[bytes], list[bytes], list[int], list[int]]:
+    """``park_many``'s columns for plain fds, unconfirmed, one minute each."""
+    n = len(fds)
+    return fds, [b""] * n, [b""] * n, [UNCONFIRMED] * n, [60_000] * n
+
+
 def test_fresh_stays_bounded_while_a_parker_never_reads_its_parked() -> None:
     """Unconfirmed for ever (a worker that does not read): the same fds parked and
     woken many times between packs; ``_fresh`` never grows past the table."""
@@ -240,11 +246,11 @@ def test_fresh_stays_bounded_while_a_parker_never_reads_its_parked() -> None:
     now = 0.0
     for _ in range(20):
         for _ in range(30):
-            slots = lot.park_many(a, [(fd, b"", b"", UNCONFIRMED, 60_000) for fd in range(3, 40)])
+            slots = lot.park_many(a, *_columns(range(3, 40)))
             lot.unpark(a, [x.ticket for x in slots], now)
             lot.written(lot.take_outq(a))
             lot.take_acked(a, [x.ticket for x in slots], now)
-        lot.park_many(a, [(fd, b"", b"", UNCONFIRMED, 60_000) for fd in range(3, 40)])
+        lot.park_many(a, *_columns(range(3, 40)))
         now += 1.0
         assert lot.pack(now) == 0
         assert len(lot._fresh) <= len(lot._by_fd)

@@ -48,17 +48,16 @@ from array import array
 from bisect import bisect_left
 from collections import Counter, deque
 from collections.abc import Sequence
+from itertools import repeat
+from operator import or_
 from typing import Any
 
 import attrs
 import trio
 
 from ._admit import (
-    BORROWED,
-    inline_options,
     inspect,
-    new_borrowed,
-    new_unbound,
+    inspect_many,
     peek_has_data,
     same_open_file,
     send_goodbye,
@@ -96,6 +95,7 @@ from ._wire import (
     ErrorCode,
     Frame,
     Hello,
+    LeanEntry,
     LeanPark,
     Message,
     MessageType,
@@ -277,22 +277,24 @@ def parked_frame(request_id: int, results: list[tuple[int, int]]) -> Frame:
     return parked_frame_flat(request_id, [v for pair in results for v in pair])
 
 
-#: LeanEntry flags (hang-up and timeout returns; two bits) and the socket's family,
-#: as ``family << 2 | flags`` -> the lot's flags of its new slot.
-_RETURNS = _LEAN_HANGUP | _LEAN_TIMEOUT
-_FLAGS_OF = {
-    family << 2 | w: UNCONFIRMED
-    | (HANGUP_RETURNS if w & _LEAN_HANGUP else 0)
-    | (TIMEOUT_RETURNS if w & _LEAN_TIMEOUT else 0)
-    | (INET6 if family == socket.AF_INET6 else 0)
-    for w in (0, _LEAN_HANGUP, _LEAN_TIMEOUT, _RETURNS)
-    for family in (socket.AF_INET, socket.AF_INET6)
-}
+#: A family (< 64) -> four times it: the high bits of ``_FLAGS_OF``'s index.
+_TIMES4 = bytes(i * 4 & 0xFF for i in range(256))
+#: A plain entry's ``family << 2 | LeanEntry flags`` (hang-up and timeout returns;
+#: two bits) -> its new slot's flags (never 0: UNCONFIRMED); 0 for what cannot be.
+_FLAGS_OF = bytes(
+    UNCONFIRMED
+    | (HANGUP_RETURNS if k & _LEAN_HANGUP else 0)
+    | (TIMEOUT_RETURNS if k & _LEAN_TIMEOUT else 0)
+    | (INET6 if k >> 2 == socket.AF_INET6 else 0)
+    if k >> 2 in (socket.AF_INET, socket.AF_INET6)
+    else 0
+    for k in range(256)
+)
+#: ``Lot.park_many``'s columns: fds, tokens, pending bytes, flags, deadlines (ms).
+_Columns = tuple[Sequence[int], Sequence[bytes], Sequence[bytes], Sequence[int], Sequence[int]]
 #: A PARK frame this big takes the watcher out of trio's epoll while admitted
 #: (``Container._unnest``): below it, the round trip costs more than it saves.
 _UNNEST_AT = 32
-#: TCP states a connection may be parked in (ESTABLISHED, CLOSE_WAIT): ``inspect``'s.
-_LIVE_TCP = (1, 8)
 
 
 def raise_nofile_limit() -> int:
@@ -961,87 +963,39 @@ class Container:
     def _on_park(self, s: _Session, msg: LeanPark) -> None:
         """Admit each entry on its own; answer the frame with its own PARKED.
 
-        The hot path: a plain entry (no rules or tags, not re-sent, within the
-        limits: the decoder's ``lean_limits`` sent any other as unusual) of a
-        frame that fits in the room left, is admitted inline: ``inspect``'s
-        common case, the duplicate check, the watcher, then the lot for them
-        all at once. Anything else (a refusal, a peer seen before in the
-        frame, shutting down) goes through ``_admit_entry``.
+        The hot path: a frame of plain entries (no rules or tags, not re-sent,
+        within the limits: the decoder's ``lean_limits`` sent any other as
+        unusual) that fits in the room left is admitted at once
+        (``_admit_plain``), then parked at once. Any other frame (an unusual
+        entry, one ``_admit_plain`` would refuse, no room for all, shutting
+        down) goes entry by entry through ``_admit_entry``, which says why.
         """
         entries = msg.entries
         n = len(entries)
         self._take_fds(s, n)
         now = trio.current_time()
-        cfg = self.config
         lot = self.lot
         # Per frame, not per entry: nothing else runs while it is admitted.
         room = min(
             self.fd_budget - self._held,
-            cfg.max_parked - (lot.parked + lot.queued + lot.sent),
+            self.config.max_parked - (lot.parked + lot.queued + lot.sent),
         )
-        # Inline only when every entry fits; else (and shutting down) the general path.
-        fast = room >= n and not self._shutting_down
         if n >= _UNNEST_AT:
             self._unnest()
         mirrored: list[Record] | None = [] if self._mirror is not None else None
         wall = time.time() - now
-        peers: dict[object, int | list[int]] = {}
-        setdefault = peers.setdefault
-        default_ms = due_ms(now, cfg.idle_timeout)
-        #: idle_timeout_ms -> the deadline (ms, rounded up).
-        deadlines: dict[int, int] = {}
-        flags_of = _FLAGS_OF
-        register, watch = self.watcher.registrar()
-        ok = Refusal.OK
-        # ``inspect``'s common case, inlined: wrap (getsockname), TCP_INFO, SO_COOKIE.
-        inline = inline_options()
-        tcp, tcp_info, cookie = inline if inline is not None else (0, 0, 0)
-        rebind, borrowed, live = new_borrowed.__init__, BORROWED, _LIVE_TCP
-        sol_socket = socket.SOL_SOCKET
-        peer: object  # the duplicate check's key (SO_COOKIE, else the peer address)
-        plain: list[tuple[int, bytes, bytes, int, int]] = []  # parked at once, below
-        add = plain.append
-        #: The entries that took another way: (index, refusal, ticket).
-        other: list[tuple[int, Refusal, int]] = []
-        admitted: list[Slot] = []  # parked on the way (``_admit_entry``)
-        # One borrowed socket object for the frame, pointed at each fd in turn
-        # (``__init__`` again: no object made and freed per fd). It never owns
-        # an fd: a failed wrap leaves it on the last one, and it is detached below.
-        sock = new_unbound()
-        try:
+        plain = self._admit_plain(entries, now) if room >= n and not self._shutting_down else None
+        if plain is not None:  # the usual
+            admitted = lot.park_many(s, *plain)
+            flat = [Refusal.OK, 0] * n
+            flat[1::2] = [x.ticket for x in admitted]
+            if mirrored is not None:
+                self._mirror_records(mirrored, s, admitted, plain, wall)
+        else:
+            admitted = []
+            flat = []
+            peers: dict[object, int | list[int]] = {}
             for fd, token, pending, idle_ms, wflags, unusual in entries:
-                if unusual is None and fast:
-                    peer = None
-                    if inline is not None:
-                        try:
-                            rebind(sock, -1, borrowed, 0, fd)
-                            if sock.getsockopt(tcp, tcp_info, 1)[0] in live:
-                                peer = sock.getsockopt(sol_socket, cookie, 8)
-                                flags = flags_of[sock.family << 2 | wflags]
-                        except Exception:  # ``inspect`` names it (one entry never ends a session)
-                            peer = None
-                    else:
-                        code, family, found = inspect(fd)
-                        if code is ok:
-                            peer = found
-                            flags = flags_of[family << 2 | wflags & _RETURNS]
-                    # A peer seen before in this frame (rare): the general path tells.
-                    if peer is not None and setdefault(peer, fd) == fd:
-                        try:
-                            register(fd, watch)
-                        except OSError as exc:
-                            code = self._unwatchable(fd, exc)
-                            self._refuse(fd, code)
-                            other.append((len(plain) + len(other), code, 0))
-                            continue
-                        if idle_ms:
-                            deadline_ms = deadlines.get(idle_ms, 0)
-                            if not deadline_ms:
-                                deadline_ms = deadlines[idle_ms] = due_ms(now, idle_ms / 1000)
-                        else:
-                            deadline_ms = default_ms
-                        add((fd, token, pending, flags, deadline_ms))
-                        continue
                 if unusual is None:
                     unusual = ParkEntry(
                         fd,
@@ -1051,33 +1005,11 @@ class Container:
                         bool(wflags & _LEAN_HANGUP),
                         bool(wflags & _LEAN_TIMEOUT),
                     )
-                left = room - len(plain) - len(admitted)
+                left = room - len(admitted)
                 code, ticket, slot = self._admit_entry(s, unusual, peers, left, now, mirrored, wall)
-                other.append((len(plain) + len(other), code, ticket))
+                flat += (code, ticket)
                 if slot is not None:
                     admitted.append(slot)
-        finally:
-            sock.detach()
-        tickets: list[int] = []
-        if plain:
-            slots = lot.park_many(s, plain)
-            tickets = [x.ticket for x in slots]
-            admitted += slots
-            if mirrored is not None:
-                self._mirror_records(mirrored, s, slots, plain, wall)
-        if other:  # in entry order: the others' answers, the tickets in between
-            flat: list[int] = []
-            it = iter(tickets)
-            k = 0
-            for i in range(n):
-                if k < len(other) and other[k][0] == i:
-                    flat += other[k][1:]
-                    k += 1
-                else:
-                    flat += (ok, next(it))
-        else:  # all of them inline: the usual
-            flat = [ok, 0] * n
-            flat[1::2] = tickets
         if mirrored:  # before PARKED: the worker keeps its copy until the mirror has one
             self._mirror_send(encode_records(MirrorKind.ADD, mirrored))
         self._held += len(admitted)
@@ -1091,17 +1023,44 @@ class Container:
         else:
             Lot.confirm(admitted)  # no PARKED will go: the worker sends them again
 
+    def _admit_plain(self, entries: tuple[LeanEntry, ...], now: float) -> _Columns | None:
+        """A frame of plain entries, checked (``inspect_many``) and watched at once:
+        ``Lot.park_many``'s columns. None, with nothing watched, unless every
+        entry passes: then ``_admit_entry`` takes each and says why not."""
+        if not entries:
+            return None
+        fds, tokens, pendings, idles, wflags, unusual = zip(*entries, strict=True)
+        if unusual.count(None) != len(fds):
+            return None
+        families = inspect_many(fds)
+        if families is None:
+            return None
+        # Each entry's flags from its family and return flags, one table for all.
+        flags = bytes(map(or_, families.translate(_TIMES4), wflags)).translate(_FLAGS_OF)
+        if 0 in flags:  # a family or a flag the table has not
+            return None
+        default_ms = due_ms(now, self.config.idle_timeout)
+        if idles.count(0) == len(idles):
+            deadlines = [default_ms] * len(idles)
+        else:
+            due = {ms: due_ms(now, ms / 1000) if ms else default_ms for ms in set(idles)}
+            deadlines = list(map(due.__getitem__, idles))
+        register, watch = self.watcher.registrar()
+        done: list[None] = []
+        try:
+            done.extend(map(register, fds, repeat(watch)))  # kept up to a failure
+        except OSError:
+            self.watcher.unregister_many(fds[: len(done)])
+            return None  # ``_admit_entry`` refuses the one the watcher would not take
+        return fds, tokens, pendings, flags, deadlines
+
     @staticmethod
     def _mirror_records(
-        mirrored: list[Record],
-        s: _Session,
-        slots: list[Slot],
-        plain: list[tuple[int, bytes, bytes, int, int]],
-        wall: float,
+        mirrored: list[Record], s: _Session, slots: list[Slot], plain: _Columns, wall: float
     ) -> None:
         """The mirror's ADD records of the plain entries ``park_many`` just parked."""
         wall_ms = wall * 1000
-        for slot, (fd, token, pending, flags, deadline_ms) in zip(slots, plain, strict=True):
+        for slot, fd, token, pending, flags, deadline_ms in zip(slots, *plain, strict=True):
             mirrored.append(
                 Record(
                     slot.ticket,

@@ -203,7 +203,6 @@ _PACKED.key = 0
 _PACKED.extra = None
 #: How often ``pack`` runs while some parked connection is still an object (seconds).
 PACK_EVERY = 1.0
-_no_fds: array[int] = array("i")
 _ticket_of = operator.attrgetter("ticket")
 
 
@@ -487,69 +486,68 @@ class Lot:
     ) -> Slot:
         """Record a new parked fd (already validated and in the watcher) with its
         deadline (``due_ms``)."""
-        return self.park_many(session, [(fd, token, pending, flags, deadline_ms)])[0]
+        return self.park_many(session, (fd,), (token,), (pending,), (flags,), (deadline_ms,))[0]
 
     def park_many(
-        self, session: SessionState, entries: list[tuple[int, bytes, bytes, int, int]]
+        self,
+        session: SessionState,
+        fds: Sequence[int],
+        tokens: Sequence[bytes],
+        pendings: Sequence[bytes],
+        flags: Sequence[int],
+        deadlines: Sequence[int],
     ) -> list[Slot]:
-        """``park`` for the hot path, a PARK frame at once: (fd, token, pending, flags,
-        ``due_ms`` deadline) each. Returns their slots, in order."""
+        """``park`` for the hot path, a PARK frame at once, in columns: fds, tokens,
+        pending bytes, flags, ``due_ms`` deadlines. Returns their slots, in order."""
+        n = len(fds)
+        if not n:
+            return []
+        by_fd = self._by_fd
+        top = max(fds)
+        if top >= len(by_fd):
+            by_fd.extend([None] * _more(len(by_fd), top))
+        if any(map(by_fd.__getitem__, fds)) or len(set(fds)) != n:
+            raise InternalError(f"an fd of {list(fds)} parked twice")
         seq = self._seq
-        if seq + len(entries) >= SEQ_LIMIT:
+        if seq + n >= SEQ_LIMIT:
             self._next_epoch()
             seq = 0
-        self._seq = seq + len(entries)
-        epoch = self._epoch
-        by_fd = self._by_fd
+        self._seq = seq + n
         pool = session.pool
         parked, readable = _PARKED, _READABLE
         slots: list[Slot] = []
         keep = slots.append
-        tick = -1
-        due_fds = _no_fds
-        # The new fds also go to ``_fresh`` (for ``pack``): copied from the end of
-        # their timer entry once per tick, not appended one by one.
-        fresh = self._fresh
-        start = 0
-        base = epoch | seq << FD_BITS  # the ticket less its fd, a sequence step each
+        base = self._epoch | seq << FD_BITS  # the ticket less its fd, a sequence step each
         step = 1 << FD_BITS
-        try:
-            for fd, token, pending, flags, deadline_ms in entries:
-                base += step
-                ticket = base | fd
-                try:
-                    held = by_fd[fd]
-                except IndexError:
-                    by_fd.extend([None] * _more(len(by_fd), fd))
-                    held = None
-                if held is not None:
-                    raise InternalError(f"fd {fd} parked twice")
-                # Slot(...) inlined: calling the class costs three times these stores.
-                # Keep in step with Slot.__init__.
-                slot = _new_slot(Slot)
-                slot.ticket = ticket
-                slot.fd = fd
-                slot.token = token
-                slot.pending = pending
-                slot.flags = flags
-                slot.pool = pool
-                slot.state = parked
-                slot.key = deadline_ms
-                slot.reason = readable
-                slot.session = session
-                slot.extra = None
-                by_fd[fd] = slot
-                if deadline_ms != tick:  # a frame's entries mostly share one
-                    fresh.extend(due_fds[start:])
-                    tick = deadline_ms
-                    due_fds = self._timer(tick)
-                    start = len(due_fds)
-                due_fds.append(fd)
-                keep(slot)
-        finally:
-            fresh.extend(due_fds[start:])
-            self._counts[parked] += len(slots)
-            self._entries += len(slots)
+        for fd, token, pending, flag, deadline_ms in zip(
+            fds, tokens, pendings, flags, deadlines, strict=True
+        ):
+            base += step
+            # Slot(...) inlined: calling the class costs three times these stores.
+            # Keep in step with Slot.__init__.
+            slot = _new_slot(Slot)
+            slot.ticket = base | fd
+            slot.fd = fd
+            slot.token = token
+            slot.pending = pending
+            slot.flags = flag
+            slot.pool = pool
+            slot.state = parked
+            slot.key = deadline_ms
+            slot.reason = readable
+            slot.session = session
+            slot.extra = None
+            by_fd[fd] = slot
+            keep(slot)
+        first = deadlines[0]
+        if deadlines.count(first) == n:  # a frame's entries mostly share one
+            self._timer(first).extend(fds)
+        else:
+            for fd, deadline_ms in zip(fds, deadlines, strict=True):
+                self._timer(deadline_ms).append(fd)
+        self._fresh.extend(fds)
+        self._counts[parked] += n
+        self._entries += n
         return slots
 
     def _timer(self, tick: int) -> array[int]:

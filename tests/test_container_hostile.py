@@ -23,6 +23,7 @@ import pytest
 
 import connpark
 from connpark._wire import (
+    Ack,
     Error,
     ErrorCode,
     Park,
@@ -395,6 +396,60 @@ def test_a_frozen_worker_pool_mate_gets_the_new_wakes_and_nothing_is_lost(
             worker.stdout.close()
         if mate is not None:
             mate.close()
+        assert proc.stop() == 0
+        for c in clients:
+            c.close()
+
+
+def test_a_park_whose_parked_is_not_written_yet_wakes_only_to_its_parker(
+    sockdir: Path,
+) -> None:
+    """A worker that does not read, past the ACK deadline: its pool's new wakes go
+    to its mate, but not the wake of a connection whose PARKED still waits in
+    the container (the worker would send it again while the mate has it)."""
+    proc = ServeProcess(sockdir / "unc.sock", ["--ack-deadline", "0.5"])
+    clients, servers = tcp_pairs(3)
+    slow = mate = None
+    try:
+        slow = RawPeer(proc.path, pool="web", name="slow")
+        mate = RawPeer(proc.path, pool="web", name="mate")
+        early = slow.park([ParkEntry(servers[0].fileno(), token=b"early")])
+        confirmed = slow.park([ParkEntry(servers[1].fileno(), token=b"confirmed")])
+        assert early.results[0].refusal is Refusal.OK
+        assert confirmed.results[0].refusal is Refusal.OK
+        clients[0].sendall(b"x")  # a wake to slow, never ACKed: slow is frozen in 0.5 s
+        # Fill slow's socket: its output waits in the container (under the cap).
+        slow.send(*[Stats() for _ in range(500)])
+        slow.send(Park(99, (ParkEntry(servers[2].fileno(), token=b"unwritten"),)))
+        time.sleep(1.0)
+        assert proc.stats().parked == 2  # the PARK was taken: its PARKED waits
+        for s in servers:
+            s.close()
+        clients[1].sendall(b"to the mate")
+        clients[2].sendall(b"to the parker")
+        # The connection slow knows is parked goes to the mate; the other does not.
+        assert _read_wakes(mate, 1) == {b"confirmed": b"to the mate"}
+        with pytest.raises(TimeoutError):
+            mate.receive(timeout=1.0)
+        # slow reads at last: the early wake, its STATS, the PARKED, then the wake.
+        seen: list[object] = []
+        got: dict[bytes, bytes] = {}
+        while len(got) < 2:
+            msg = slow.receive()
+            if isinstance(msg, Wake):
+                slow.send(Ack(tuple(e.ticket for e in msg.entries)))
+                for e in msg.entries:
+                    assert e.fd is not None
+                    with socket.socket(fileno=e.fd) as c:
+                        c.settimeout(5)
+                        got[e.token] = c.recv(100)
+            seen.append(type(msg).__name__)
+        assert got == {b"early": b"x", b"unwritten": b"to the parker"}
+        assert seen.index("Parked") < len(seen) - 1  # the PARKED first, then its wake
+    finally:
+        for peer in (slow, mate):
+            if peer is not None:
+                peer.close()
         assert proc.stop() == 0
         for c in clients:
             c.close()

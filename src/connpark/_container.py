@@ -279,17 +279,18 @@ def parked_frame(request_id: int, results: list[tuple[int, int]]) -> Frame:
 
 #: A family (< 64) -> four times it: the high bits of ``_FLAGS_OF``'s index.
 _TIMES4 = bytes(i * 4 & 0xFF for i in range(256))
-#: A plain entry's ``family << 2 | LeanEntry flags`` (hang-up and timeout returns;
-#: two bits) -> its new slot's flags (never 0: UNCONFIRMED); 0 for what cannot be.
+#: A plain entry's ``family << 2 | LeanEntry flags`` (hang-up and timeout returns:
+#: the two low bits, the only ones a plain entry has) -> its new slot's flags;
+#: ``_NO_FLAGS`` for a family other than the two.
 _FLAGS_OF = bytes(
-    UNCONFIRMED
-    | (HANGUP_RETURNS if k & _LEAN_HANGUP else 0)
+    (HANGUP_RETURNS if k & _LEAN_HANGUP else 0)
     | (TIMEOUT_RETURNS if k & _LEAN_TIMEOUT else 0)
     | (INET6 if k >> 2 == socket.AF_INET6 else 0)
     if k >> 2 in (socket.AF_INET, socket.AF_INET6)
-    else 0
+    else 0xFF
     for k in range(256)
 )
+_NO_FLAGS = 0xFF
 #: ``Lot.park_many``'s columns: fds, tokens, pending bytes, flags, deadlines (ms).
 _Columns = tuple[Sequence[int], Sequence[bytes], Sequence[bytes], Sequence[int], Sequence[int]]
 #: A PARK frame this big takes the watcher out of trio's epoll while admitted
@@ -321,12 +322,17 @@ def count_open_fds() -> int:
 
 
 class _Confirm:
-    """The outbox tag of a PARKED frame: once it is written, its slots are confirmed."""
+    """The outbox tag of a PARKED frame: once it is written, its slots are confirmed.
 
-    __slots__ = ("slots",)
+    ``marked``: its slots carry UNCONFIRMED, only when the frame was not written
+    at once (``Container._on_park``); most never need the flag set or cleared.
+    """
+
+    __slots__ = ("marked", "slots")
 
     def __init__(self, slots: list[Slot]) -> None:
         self.slots = slots
+        self.marked = False
 
 
 class _Session(SessionState):
@@ -1016,12 +1022,16 @@ class Container:
         self._parks_total += len(admitted)
         if s.ending is None:
             confirm = _Confirm(admitted)
-            s.outbox.add((parked_frame_flat(msg.request_id, flat),), (confirm,))
             if admitted:
                 s.unconfirmed.add(confirm)
-            lot.dirty.add(s)
-        else:
-            Lot.confirm(admitted)  # no PARKED will go: the worker sends them again
+            s.outbox.add((parked_frame_flat(msg.request_id, flat),), (confirm,))
+            # Written now, as a rule (``_written`` confirms it): then nothing could
+            # wake these in between, and they need no UNCONFIRMED. Else they do.
+            self._pump(s)
+            if confirm in s.unconfirmed:
+                confirm.marked = True
+                Lot.unconfirm(admitted)
+        # (Ending: no PARKED will go; the worker sends them again.)
 
     def _admit_plain(self, entries: tuple[LeanEntry, ...], now: float) -> _Columns | None:
         """A frame of plain entries, checked (``inspect_many``) and watched at once:
@@ -1037,7 +1047,7 @@ class Container:
             return None
         # Each entry's flags from its family and return flags, one table for all.
         flags = bytes(map(or_, families.translate(_TIMES4), wflags)).translate(_FLAGS_OF)
-        if 0 in flags:  # a family or a flag the table has not
+        if _NO_FLAGS in flags:
             return None
         default_ms = due_ms(now, self.config.idle_timeout)
         if idles.count(0) == len(idles):
@@ -1126,7 +1136,7 @@ class Container:
             fd,
             token=entry.token,
             pending=entry.pending,
-            flags=flags | UNCONFIRMED,
+            flags=flags,
             session=s,
             deadline_ms=due_ms(now, idle),
         )
@@ -1373,7 +1383,8 @@ class Container:
             now = trio.current_time()
             for group in sent:
                 if isinstance(group, _Confirm):
-                    Lot.confirm(group.slots)
+                    if group.marked:
+                        Lot.confirm(group.slots)
                     s.unconfirmed.discard(group)
                     if self._mirror is not None and group.slots:
                         tickets = [x.ticket for x in group.slots]

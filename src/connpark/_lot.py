@@ -132,7 +132,8 @@ TIMEOUT_RETURNS = 2
 INET6 = 4
 #: Its PARKED answer has not been written yet: its wake may only go to its
 #: parker (stream order then puts PARKED first), or the parker, never told,
-#: would send it again while another worker has it.
+#: would send it again while another worker has it. (The container sets it
+#: only when the PARKED could not be written at once: the usual one is.)
 UNCONFIRMED = 8
 #: ``pack`` found it PARKED (and confirmed) once: it packs it the next time, so
 #: only a connection parked over a second is packed, never one about to be woken.
@@ -841,6 +842,12 @@ class Lot:
         out = outq[:n]
         del outq[:n]
         return out
+
+    @staticmethod
+    def unconfirm(slots: Iterable[Slot]) -> None:
+        """Their PARKED is not written yet: their wakes go to their parker only."""
+        for slot in slots:
+            slot.flags |= UNCONFIRMED
 
     @staticmethod
     def confirm(slots: Iterable[Slot]) -> None:

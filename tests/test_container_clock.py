@@ -152,7 +152,7 @@ def test_plain_wake_frames_match_the_general_encoding() -> None:
     owner = SessionState(1, lot.pool("p"))
     lot.add_session(owner)
     fds = range(3, 603)
-    slots = lot.park_many(
+    slots, _ = lot.park_many(
         owner, fds, [b""] * 600, [b""] * 600, [INET6 if fd % 3 else 0 for fd in fds], [9000] * 600
     )
     reasons = [Reason.READABLE, Reason.HANGUP, Reason.TIMEOUT]

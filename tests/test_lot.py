@@ -896,8 +896,13 @@ def test_take_acked_is_ack_and_remove_in_one() -> None:
 def test_park_many_is_park_of_each() -> None:
     lot = Lot(window=8)
     a = session(lot)
-    got = lot.park_many(a, (3, 70), (b"t", b""), (b"p", b""), (HANGUP_RETURNS, 0), (2500, 1000))
+    got, tickets = lot.park_many(
+        a, (3, 70), (b"t", b""), (b"p", b""), (HANGUP_RETURNS, 0), (2500, 1000)
+    )
     assert [x.fd for x in got] == [3, 70]
+    assert tickets == [x.ticket for x in got]
+    assert len(set(tickets)) == 2
+    assert [t & 0xFFFFFF for t in tickets] == [3, 70]  # the fd is the ticket's low bits
     assert [(x.token, x.pending, x.flags) for x in got] == [
         (b"t", b"p", HANGUP_RETURNS),
         (b"", b"", 0),
@@ -1159,7 +1164,7 @@ class LotMachine(RuleBasedStateMachine):
             entries.append((fd, b"m%d" % fd, b"", 0, math.ceil((self.now + delay) * 1000)))
             self.live.append(Slot(0, fd, b"", b"", 0, s.pool))  # holds the fd number
         del self.live[-n:]
-        got = self.lot.park_many(s, *zip(*entries, strict=True))
+        got, _ = self.lot.park_many(s, *zip(*entries, strict=True))
         assert [x.fd for x in got] == [e[0] for e in entries]
         for slot in got:
             self.live.append(slot)

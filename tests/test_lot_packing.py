@@ -333,7 +333,7 @@ def test_a_park_and_wake_storm_packs_nothing(rounds: int) -> None:
     now = 0.0
     for _ in range(4):
         for _ in range(rounds):
-            slots = lot.park_many(
+            slots, _ = lot.park_many(
                 a, *zip(*[(fd, b"", b"", 0, 60_000) for fd in range(3, 256)], strict=True)
             )
             tickets = [x.ticket for x in slots]

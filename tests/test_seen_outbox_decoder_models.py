@@ -246,7 +246,7 @@ def test_fresh_stays_bounded_while_a_parker_never_reads_its_parked() -> None:
     now = 0.0
     for _ in range(20):
         for _ in range(30):
-            slots = lot.park_many(a, *_columns(range(3, 40)))
+            slots, _ = lot.park_many(a, *_columns(range(3, 40)))
             lot.unpark(a, [x.ticket for x in slots], now)
             lot.written(lot.take_outq(a))
             lot.take_acked(a, [x.ticket for x in slots], now)

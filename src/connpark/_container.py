@@ -992,9 +992,9 @@ class Container:
         wall = time.time() - now
         plain = self._admit_plain(entries, now) if room >= n and not self._shutting_down else None
         if plain is not None:  # the usual
-            admitted = lot.park_many(s, *plain)
+            admitted, tickets = lot.park_many(s, *plain)
             flat = [Refusal.OK, 0] * n
-            flat[1::2] = [x.ticket for x in admitted]
+            flat[1::2] = tickets
             if mirrored is not None:
                 self._mirror_records(mirrored, s, admitted, plain, wall)
         else:
@@ -1394,19 +1394,21 @@ class Container:
                 self._observe_latency(group, now)  # type: ignore[arg-type]
 
     def _observe_latency(self, slots: list[Slot], now: float) -> None:
-        """Wake latencies (readiness seen -> written); the slots of one WAKE frame
-        were most often woken at one instant: one bucket update for them all."""
-        keys = [x.key for x in slots]
-        first = keys[0]
-        n = len(keys)
-        if keys.count(first) == n:
+        """Wake latencies (readiness seen -> written). A frame's slots joined their
+        session's queue in order of readiness: when the first and the last were
+        woken at one instant (the usual: one UNPARK, one poll), so were all, and
+        one bucket update counts them. (Wakes re-routed from two ended sessions,
+        with one in between, break the order: that one then counts as theirs.)"""
+        first = slots[0].key
+        n = len(slots)
+        if first == slots[-1].key:
             latency = now - float(first)
             self._latencies.extend([latency] * n)
             buckets = self._latency_buckets  # LatencyBuckets.observe, n at once
             buckets.counts[bisect_left(buckets.bounds, latency)] += n
             buckets.sum_s += latency * n
             return
-        latencies = [now - float(k) for k in keys]
+        latencies = [now - float(x.key) for x in slots]
         self._latencies.extend(latencies)
         self._latency_buckets.observe(latencies)
 

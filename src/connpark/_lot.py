@@ -487,7 +487,7 @@ class Lot:
     ) -> Slot:
         """Record a new parked fd (already validated and in the watcher) with its
         deadline (``due_ms``)."""
-        return self.park_many(session, (fd,), (token,), (pending,), (flags,), (deadline_ms,))[0]
+        return self.park_many(session, (fd,), (token,), (pending,), (flags,), (deadline_ms,))[0][0]
 
     def park_many(
         self,
@@ -497,12 +497,13 @@ class Lot:
         pendings: Sequence[bytes],
         flags: Sequence[int],
         deadlines: Sequence[int],
-    ) -> list[Slot]:
+    ) -> tuple[list[Slot], list[int]]:
         """``park`` for the hot path, a PARK frame at once, in columns: fds, tokens,
-        pending bytes, flags, ``due_ms`` deadlines. Returns their slots, in order."""
+        pending bytes, flags, ``due_ms`` deadlines. Returns their slots and
+        tickets, in order."""
         n = len(fds)
         if not n:
-            return []
+            return [], []
         by_fd = self._by_fd
         top = max(fds)
         if top >= len(by_fd):
@@ -518,16 +519,17 @@ class Lot:
         parked, readable = _PARKED, _READABLE
         slots: list[Slot] = []
         keep = slots.append
-        base = self._epoch | seq << FD_BITS  # the ticket less its fd, a sequence step each
+        # A ticket is its fd and a sequence number (a step each) over the epoch.
+        base = self._epoch | seq << FD_BITS
         step = 1 << FD_BITS
-        for fd, token, pending, flag, deadline_ms in zip(
-            fds, tokens, pendings, flags, deadlines, strict=True
+        tickets = list(map(operator.or_, range(base + step, base + step * (n + 1), step), fds))
+        for ticket, fd, token, pending, flag, deadline_ms in zip(
+            tickets, fds, tokens, pendings, flags, deadlines, strict=True
         ):
-            base += step
             # Slot(...) inlined: calling the class costs three times these stores.
             # Keep in step with Slot.__init__.
             slot = _new_slot(Slot)
-            slot.ticket = base | fd
+            slot.ticket = ticket
             slot.fd = fd
             slot.token = token
             slot.pending = pending
@@ -549,7 +551,7 @@ class Lot:
         self._fresh.extend(fds)
         self._counts[parked] += n
         self._entries += n
-        return slots
+        return slots, tickets
 
     def _timer(self, tick: int) -> array[int]:
         """The fds due at ``tick`` (a new, empty entry the first time)."""

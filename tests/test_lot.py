@@ -819,6 +819,21 @@ def test_unpark_batch_routes_like_one_wake_each(window: int, confirmed: bool) ->
     assert result[0] == result[1]
 
 
+def test_unpark_takes_unknown_and_out_of_range_tickets_as_no_ops() -> None:
+    """Tickets whose fd is past the table's end (or unknown, or repeated) among
+    good ones: the good ones wake, in order, once each."""
+    lot = Lot(window=8)
+    a = session(lot)
+    slots = [park(lot, fd, a) for fd in (3, 4, 5)]
+    t3, t4, t5 = (x.ticket for x in slots)
+    far = (t3 & ~0xFFFFFF) | 0xFFFFF0  # an fd number far past any we hold
+    woken = lot.unpark(a, [far, t3, t3 + (1 << 24), t4, far, t3, t5], 1.0)
+    assert woken == slots
+    assert all(x.state is State.SENT for x in slots)
+    assert lot.unpark(a, [far, t4], 2.0) == []  # not parked any more
+    check_lot(lot, slots)
+
+
 def test_unpark_batch_skips_a_frozen_asker_like_route() -> None:
     lot = Lot(window=8, ack_deadline=2.0)
     a, b = session(lot), session(lot)

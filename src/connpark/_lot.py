@@ -622,7 +622,7 @@ class Lot:
         self._route(slot, now)
         return True
 
-    def unpark(self, session: SessionState, tickets: Iterable[int], now: float) -> list[Slot]:
+    def unpark(self, session: SessionState, tickets: Sequence[int], now: float) -> list[Slot]:
         """UNPARK: wake (REQUESTED) the tickets still PARKED in the session's pool, and
         send them to it first. Returns them: the caller takes their fds out of the watcher.
 
@@ -647,13 +647,14 @@ class Lot:
         others: list[Slot] = []  # QUEUED: routed below
         take, defer = mine.append, others.append
         stale = 0
-        for ticket in tickets:
-            fd = ticket & fd_mask
-            try:
-                slot = by_fd[fd]
-            except IndexError:  # an fd number above any we hold
-                slot = None
+        try:  # each ticket's slot by its fd (the ticket's low bits), at C speed
+            held = list(map(by_fd.__getitem__, map(operator.and_, tickets, repeat(fd_mask))))
+        except IndexError:  # an fd number above any we hold
+            size = len(by_fd)
+            held = [by_fd[t & fd_mask] if t & fd_mask < size else None for t in tickets]
+        for ticket, slot in zip(tickets, held, strict=True):
             if slot is None or slot.ticket != ticket:
+                fd = ticket & fd_mask
                 if slot is _PACKED and self._pticket[fd] == ticket:
                     slot = self._unpack(fd)
                 else:

@@ -45,6 +45,7 @@ SAMPLE = ContainerStats(
     wake_latency=LatencySummary(count=12, p50_ms=0.25, p99_ms=0.5, max_ms=1.125),
     uptime_s=3723.0,
     shutting_down=False,
+    packed=1000,
 )
 
 
@@ -54,7 +55,7 @@ def test_table_layout() -> None:
     assert format_table(SAMPLE, source="./connpark.sock", at=at) == "\n".join(
         [
             f"{when}  connpark ./connpark.sock, up 1 h 02 min",
-            "parked              1,234",
+            "parked              1,234   packed 1,000",
             "queued                  2",
             "un-ACKed                3",
             "orphaned                0",
@@ -141,7 +142,7 @@ def test_stats_table_watch_and_json(busy_container: ServeProcess) -> None:
     assert header, lines[0]
     assert header.group(1) == path
     rows = {line[:15].strip(): line[15:].split() for line in lines[1:]}
-    assert rows["parked"] == ["1"]
+    assert rows["parked"] == ["1", "packed", "0"]
     assert rows["un-ACKed"] == ["0"]
     # The asking session counts, in its own pool.
     assert rows["sessions"] == ["2", "web", "1,", "_stats", "1"]

@@ -307,7 +307,7 @@ def format_table(stats: ContainerStats, *, source: str = "", at: float | None = 
         latency = "no wakes yet"
     share = 100 * stats.fds_held / stats.fd_budget if stats.fd_budget else 100.0
     rows: list[tuple[str, int | None, str]] = [
-        ("parked", stats.parked, ""),
+        ("parked", stats.parked, f"packed {stats.packed:,}"),
         ("queued", stats.queued, ""),
         ("un-ACKed", stats.unacked, ""),
         ("orphaned", stats.orphaned, ""),

@@ -1,0 +1,311 @@
+"""Review of the PARK hot path (review 6) against a real ``connpark serve``.
+
+The column-wise admission of plain frames (``inspect_many``, ``_admit_plain``,
+``Lot.park_many``), the watcher taken out of trio's epoll while a big frame
+is admitted (``_unnest``) and the lazily set UNCONFIRMED flag, attacked by
+raw peers (``_raw.RawPeer``) with real loopback TCP clients: every entry
+gets its own answer in its place, every connection wakes once with its
+flags and bytes, and the container's fd count comes back to its baseline.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from connpark._wire import (
+    Ack,
+    Park,
+    ParkEntry,
+    Reason,
+    Refusal,
+    Wake,
+    WakeEntry,
+)
+
+from ._procs import ServeProcess, tcp_pairs
+from ._raw import RawPeer
+
+pytestmark = pytest.mark.linux
+
+
+def _wait(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+def _v6_pairs(n: int) -> tuple[list[socket.socket], list[socket.socket]]:
+    """n connected IPv6 loopback TCP pairs: (clients, server-side sockets)."""
+    listener = socket.socket(socket.AF_INET6)
+    listener.bind(("::1", 0))
+    listener.listen(n)
+    clients, servers = [], []
+    try:
+        for _ in range(n):
+            clients.append(socket.create_connection(listener.getsockname()[:2]))
+            servers.append(listener.accept()[0])
+    finally:
+        listener.close()
+    return clients, servers
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _entries(peer: RawPeer, n: int, timeout: float = 10.0) -> list[WakeEntry]:
+    """n wake entries, each WAKE ACKed as it arrives."""
+    out: list[WakeEntry] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n:
+        msg = peer.receive(timeout=max(0.01, deadline - time.monotonic()))
+        assert isinstance(msg, Wake), msg
+        out += msg.entries
+        peer.send(Ack(tuple(e.ticket for e in msg.entries)))
+    return out
+
+
+@pytest.fixture
+def serve(sockdir: Path) -> Iterator[ServeProcess]:
+    proc = ServeProcess(sockdir / "c.sock")
+    yield proc
+    assert proc.proc.poll() is None, "the container died:\n" + proc.log_text()
+    assert proc.stop() == 0
+    assert "Traceback" not in proc.log_text()
+
+
+#: What each entry of the big frame below is for (its index modulo 6).
+_EARLY, _DATA, _HUP_FD, _HUP_NOTICE, _TIMEOUT_FD, _TIMEOUT_NOTICE = range(6)
+#: ... and the reason it wakes for.
+_REASONS = [Reason.READABLE] * 2 + [Reason.HANGUP] * 2 + [Reason.TIMEOUT] * 2
+
+
+def test_a_big_plain_frame_wakes_each_entry_with_its_family_flags_and_deadline(
+    serve: ServeProcess,
+) -> None:
+    """48 plain entries in one frame (the hot path, watcher unnested): IPv4 and
+    IPv6, hang-up and timeout returns in every combination, per-entry idle
+    timeouts, clients that sent before the park. Each entry wakes once, for its
+    reason, with or without its fd as its flags say, INET6 where it is."""
+    peer = RawPeer(serve.path)
+    baseline = serve.fd_count()
+    v4c, v4s = tcp_pairs(24)
+    v6c, v6s = _v6_pairs(24)
+    n = 48
+    # Blocks of six entries, one of each kind, alternately IPv4 and IPv6.
+    clients = [(v6c if i // 6 % 2 else v4c)[i // 12 * 6 + i % 6] for i in range(n)]
+    servers = [(v6s if i // 6 % 2 else v4s)[i // 12 * 6 + i % 6] for i in range(n)]
+    entries = []
+    for i, s in enumerate(servers):
+        kind, other = i % 6, i % 12 >= 6  # other: the flag that does not matter, set
+        entries.append(
+            ParkEntry(
+                s.fileno(),
+                token=b"e%d" % i,
+                idle_timeout_ms={_TIMEOUT_FD: 400, _TIMEOUT_NOTICE: 600}.get(kind, 0),
+                hangup_returns=kind == _HUP_FD or (other and kind >= _TIMEOUT_FD),
+                timeout_returns=kind == _TIMEOUT_FD or (other and kind < _TIMEOUT_FD),
+            )
+        )
+        if kind == _EARLY:
+            clients[i].sendall(b"early %d" % i)
+    time.sleep(0.05)  # those bytes are in before the park: their watch fires at once
+    parked = peer.park(entries)
+    assert [r.refusal for r in parked.results] == [Refusal.OK] * n
+    tickets = [r.ticket for r in parked.results]
+    assert len(set(tickets)) == n
+    for s in servers:
+        s.close()
+    assert serve.fd_count() == baseline + n
+    for i, c in enumerate(clients):
+        if i % 6 == _DATA:
+            c.sendall(b"data %d" % i)
+        elif i % 6 in (_HUP_FD, _HUP_NOTICE):
+            c.close()
+    woken = _entries(peer, n)
+    assert sorted(e.ticket for e in woken) == sorted(tickets)  # each once
+    for e in woken:
+        i = tickets.index(e.ticket)
+        kind = i % 6
+        assert e.token == b"e%d" % i
+        assert e.inet6 == bool(i // 6 % 2), i
+        assert e.reason is _REASONS[kind], i
+        assert (e.fd is not None) == (kind in (_EARLY, _DATA, _HUP_FD, _TIMEOUT_FD)), i
+        if e.fd is None:
+            continue
+        with socket.socket(fileno=e.fd) as s:
+            assert s.family == (socket.AF_INET6 if e.inet6 else socket.AF_INET)
+            s.settimeout(5)
+            if kind == _TIMEOUT_FD:  # a live connection: bytes sent now reach us
+                clients[i].sendall(b"late %d" % i)
+            expected = {_EARLY: b"early", _DATA: b"data", _TIMEOUT_FD: b"late"}.get(kind)
+            # (a hung-up client's connection: at its end, nothing more to read)
+            assert s.recv(100) == (b"" if expected is None else b"%s %d" % (expected, i)), i
+    assert _wait(lambda: serve.fd_count() == baseline)
+    peer.close()
+    for c in clients:
+        c.close()
+
+
+def test_a_frame_bigger_than_the_room_left_parks_what_fits_in_order(sockdir: Path) -> None:
+    """max_parked 12, five parked: a plain frame of ten (IPv4 and IPv6) cannot go
+    in at once. The first seven are parked, the last three refused FULL (their
+    sockets stay the worker's, and work); a frame after that is refused whole."""
+    proc = ServeProcess(sockdir / "room.sock", ["--max-parked", "12"])
+    peer = RawPeer(proc.path)
+    baseline = proc.fd_count()
+    v4c, v4s = tcp_pairs(11)
+    v6c, v6s = _v6_pairs(6)
+    clients, servers = v4c + v6c, v4s + v6s
+    try:
+        first = peer.park([ParkEntry(s.fileno()) for s in servers[:5]])
+        assert [r.refusal for r in first.results] == [Refusal.OK] * 5
+        frame = servers[5:9] + servers[11:15] + servers[9:11]  # v4, v6, v4 again
+        second = peer.park([ParkEntry(s.fileno()) for s in frame])
+        assert [r.refusal for r in second.results] == [Refusal.OK] * 7 + [Refusal.FULL] * 3
+        assert all(r.ticket for r in second.results[:7])
+        assert not any(r.ticket for r in second.results[7:])
+        third = peer.park([ParkEntry(s.fileno()) for s in servers[15:17]])
+        assert [r.refusal for r in third.results] == [Refusal.FULL] * 2
+        assert proc.fd_count() == baseline + 12  # the refused ones were closed
+        refused = set(frame[7:] + servers[15:17])
+        by_ticket = {}
+        for res, s in zip(first.results + second.results, servers[:5] + frame, strict=True):
+            if res.ticket:
+                by_ticket[res.ticket] = clients[servers.index(s)]
+        for s in refused:  # still the worker's, and working
+            s.sendall(b"kept")
+            assert clients[servers.index(s)].recv(10) == b"kept"
+        for s in set(servers) - refused:
+            s.close()
+        for t, c in by_ticket.items():
+            c.sendall(b"%d" % t)
+        got = {}
+        for ticket, _token, fd in peer.wakes(12):
+            assert fd is not None
+            with socket.socket(fileno=fd) as s:
+                s.settimeout(5)
+                got[ticket] = s.recv(30)
+        assert got == {t: b"%d" % t for t in by_ticket}
+        assert _wait(lambda: proc.fd_count() == baseline)
+        peer.close()
+    finally:
+        assert proc.stop() == 0
+        for s in (*clients, *servers):
+            s.close()
+    assert "Traceback" not in proc.log_text()
+
+
+def test_a_stream_of_big_frames_holds_up_no_wake_and_the_watcher_never_spins(
+    serve: ServeProcess,
+) -> None:
+    """Each frame of 32 or more entries takes the watcher out of trio's epoll
+    (``_unnest``), even one that is refused whole. A hostile peer sending such
+    frames back to back must not delay anybody's wakes, nor leave the watch loop
+    spinning afterwards; nothing it sent stays open."""
+    worker = RawPeer(serve.path, pool="p", name="worker")
+    baseline = serve.fd_count()
+    clients, servers = tcp_pairs(8)
+    parked = worker.park([ParkEntry(s.fileno(), token=b"w%d" % i) for i, s in enumerate(servers)])
+    assert all(r.refusal is Refusal.OK for r in parked.results)
+    for s in servers:
+        s.close()
+    hostile = RawPeer(serve.path, pool="h", name="hostile")
+    stop = threading.Event()
+    frames = [0]
+
+    def flood() -> None:
+        r, w = os.pipe()
+        try:
+            while not stop.is_set():
+                out = hostile.park([ParkEntry(r) for _ in range(40)])
+                assert all(x.refusal is Refusal.NOT_A_SOCKET for x in out.results)
+                frames[0] += 1
+        finally:
+            os.close(r)
+            os.close(w)
+
+    flooder = threading.Thread(target=flood)
+    flooder.start()
+    try:
+        for i, c in enumerate(clients):
+            time.sleep(0.1)
+            sent = time.monotonic()
+            c.sendall(b"b%d" % i)
+            ((_ticket, token, fd),) = worker.wakes(1)
+            assert time.monotonic() - sent < 1.0, i  # (a wake takes < 5 ms here)
+            assert token == b"w%d" % i
+            assert fd is not None
+            with socket.socket(fileno=fd) as s:
+                s.settimeout(5)
+                assert s.recv(10) == b"b%d" % i
+    finally:
+        stop.set()
+        flooder.join()
+    assert frames[0] > 20  # the frames did come while the wakes were taken
+    hostile.close()
+    assert _wait(lambda: serve.fd_count() == baseline + 1)  # + the worker's session
+    # Now idle: a watch loop that spun would burn a core.
+    before = _cpu_seconds(serve.pid)
+    time.sleep(0.5)
+    assert _cpu_seconds(serve.pid) - before < 0.1
+    worker.close()
+    for c in clients:
+        c.close()
+
+
+def test_a_parker_gone_before_its_parked_is_written_gets_its_tickets_when_it_sends_again(
+    serve: ServeProcess,
+) -> None:
+    """P sends a big plain frame and closes its end: writing the PARKED fails
+    inside the admission (the session ends there, its slots parked and
+    unconfirmed). Sent again, marked re-sent, from P's next session: each entry
+    gets the ticket it has, nothing is parked twice, and each connection wakes
+    once, with its bytes."""
+    baseline = serve.fd_count()
+    clients, servers = tcp_pairs(40)
+    p = RawPeer(serve.path, pool="web", name="p")
+    p.sock.shutdown(socket.SHUT_RD)  # the container's next write fails (EPIPE)
+    p.send(Park(1, tuple(ParkEntry(s.fileno()) for s in servers)))
+    p.close()
+    assert _wait(lambda: serve.stats().pools.get("web", 0) == 0)
+    assert "send failed" in serve.log_text()
+    stats = serve.stats()
+    assert (stats.parked, stats.fds_held) == (40, 40)
+    p2 = RawPeer(serve.path, pool="web", name="p2")
+    again = p2.park([ParkEntry(s.fileno(), resent=True) for s in servers])
+    assert [r.refusal for r in again.results] == [Refusal.OK] * 40
+    tickets = [r.ticket for r in again.results]
+    assert len(set(tickets)) == 40
+    stats = serve.stats()
+    assert (stats.parked, stats.fds_held) == (40, 40)
+    # (+ p2's session; the STATS session just made may take a moment to go)
+    assert _wait(lambda: serve.fd_count() == baseline + 40 + 1)
+    for s in servers:
+        s.close()
+    for i, c in enumerate(clients):
+        c.sendall(b"c%d" % i)
+    got = {}
+    for ticket, _token, fd in p2.wakes(40):
+        assert fd is not None
+        with socket.socket(fileno=fd) as s:
+            s.settimeout(5)
+            got[ticket] = s.recv(10)
+    assert got == {t: b"c%d" % i for i, t in enumerate(tickets)}
+    p2.close()
+    assert _wait(lambda: serve.fd_count() == baseline)
+    for c in clients:
+        c.close()

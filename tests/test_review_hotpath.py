@@ -5,7 +5,8 @@ The column-wise admission of plain frames (``inspect_many``, ``_admit_plain``,
 is admitted (``_unnest``) and the lazily set UNCONFIRMED flag, attacked by
 raw peers (``_raw.RawPeer``) with real loopback TCP clients: every entry
 gets its own answer in its place, every connection wakes once with its
-flags and bytes, and the container's fd count comes back to its baseline.
+flags and bytes, the container's fd count comes back to its baseline, and a
+worker that never saw its PARKED cannot end up sharing a connection.
 """
 
 from __future__ import annotations
@@ -25,8 +26,13 @@ from connpark._wire import (
     ParkEntry,
     Reason,
     Refusal,
+    Stats,
+    Tagged,
+    TagOp,
+    Unpark,
     Wake,
     WakeEntry,
+    Welcome,
 )
 
 from ._procs import ServeProcess, tcp_pairs
@@ -64,6 +70,18 @@ def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _fd_in(pid: int, sock: socket.socket) -> int:
+    """The fd number under which process ``pid`` holds ``sock``'s open file."""
+    target = f"socket:[{os.fstat(sock.fileno()).st_ino}]"
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{name}") == target:
+                return int(name)
+        except OSError:
+            continue
+    raise AssertionError("the process does not hold this socket")
 
 
 def _entries(peer: RawPeer, n: int, timeout: float = 10.0) -> list[WakeEntry]:
@@ -265,6 +283,80 @@ def test_a_stream_of_big_frames_holds_up_no_wake_and_the_watcher_never_spins(
     worker.close()
     for c in clients:
         c.close()
+
+
+def _flood_unread(peer: RawPeer) -> None:
+    """Requests whose replies the peer will not read: its PARKED waits behind them."""
+    peer.send(*[Stats() for _ in range(500)])
+
+
+@pytest.mark.parametrize("how", ["ended", "unpark", "tagged"])
+def test_a_resent_park_of_a_connection_another_worker_took_is_not_parked_again(
+    sockdir: Path, how: str
+) -> None:
+    """P parks X while its socket is full: X's PARKED waits in the container. X
+    still reaches P's pool-mate M, which ACKs it: re-routed when the container
+    ends P (``ended``), or asked for by M with a guessed ticket (``unpark``) or
+    by tag (``tagged``). P never saw the PARKED, so once its session is over it
+    parks X again, marked re-sent: the answer must be the ticket M has, and X
+    must not be parked a second time (two owners: X's next bytes would wake
+    it to a second worker while M has it)."""
+    proc = ServeProcess(sockdir / "twin.sock", ["--end-grace", "1"])
+    (client,), (server,) = tcp_pairs(1)
+    p = RawPeer(proc.path, pool="web", name="p")
+    m = RawPeer(proc.path, pool="web", name="m")
+    p2 = None
+    try:
+        baseline = proc.fd_count()
+        _flood_unread(p)
+        tags = (b"t",) if how == "tagged" else ()
+        p.send(Park(9, (ParkEntry(server.fileno(), token=b"x", tags=tags),)))
+        assert _wait(lambda: proc.stats().parked == 1)  # taken; its PARKED is not written
+        if how == "ended":
+            client.sendall(b"one")  # the wake goes to P, behind the PARKED...
+            assert _wait(lambda: proc.stats().unacked == 1)
+            p.send(Welcome(1, 1, 1))  # ...until the container ends P: then to M
+        elif how == "unpark":
+            fd = _fd_in(proc.pid, server)
+            m.send(Unpark(tuple(seq << 24 | fd for seq in range(1, 5))))
+        else:
+            m.send(Tagged(TagOp.UNPARK, b"t"))
+        (woken,) = _entries(m, 1, timeout=5)
+        assert woken.token == b"x"
+        assert woken.fd is not None
+        mine = socket.socket(fileno=woken.fd)  # M has X now
+        if how != "ended":
+            client.sendall(b"one")
+        mine.settimeout(5)
+        assert mine.recv(10) == b"one"
+        assert _wait(lambda: proc.stats().fds_held == 0)  # ACKed: the container's copy is closed
+        if how != "ended":
+            p.send(Welcome(1, 1, 1))  # P's session ends with its PARKED never written
+        p.close()
+        assert _wait(lambda: proc.stats().pools.get("web") == 1)  # P's session is over
+        # P comes back and sends again what was never answered.
+        p2 = RawPeer(proc.path, pool="web", name="p2")
+        again = p2.park([ParkEntry(server.fileno(), token=b"x", resent=True)])
+        assert again.results[0].refusal is Refusal.OK  # P closes its copy
+        assert again.results[0].ticket == woken.ticket
+        stats = proc.stats()
+        assert (stats.parked, stats.fds_held) == (0, 0)
+        server.close()
+        client.sendall(b"two")  # M's, and only M's
+        assert mine.recv(10) == b"two"
+        for peer in (m, p2):
+            with pytest.raises(TimeoutError):
+                peer.receive(timeout=0.5)
+        mine.close()
+        assert _wait(lambda: proc.fd_count() == baseline)  # (+ p2 - p)
+    finally:
+        for peer in (p, m, p2):
+            if peer is not None:
+                peer.close()
+        assert proc.stop() == 0
+        client.close()
+        server.close()
+    assert "Traceback" not in proc.log_text()
 
 
 def test_a_parker_gone_before_its_parked_is_written_gets_its_tickets_when_it_sends_again(

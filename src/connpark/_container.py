@@ -326,13 +326,17 @@ class _Confirm:
 
     ``marked``: its slots carry UNCONFIRMED, only when the frame was not written
     at once (``Container._on_park``); most never need the flag set or cleared.
+    ``inodes``: then also their sockets' inodes (``_twins``' keys), taken while
+    their fds are surely open: a slot may be woken, ACKed and closed before its
+    session ends, and a re-sent park of it must still find its ticket.
     """
 
-    __slots__ = ("marked", "slots")
+    __slots__ = ("inodes", "marked", "slots")
 
     def __init__(self, slots: list[Slot]) -> None:
         self.slots = slots
         self.marked = False
+        self.inodes: list[int] = []
 
 
 class _Session(SessionState):
@@ -1031,6 +1035,7 @@ class Container:
             if confirm in s.unconfirmed:
                 confirm.marked = True
                 Lot.unconfirm(admitted)
+                confirm.inodes = [_inode(x.fd) for x in admitted]
         # (Ending: no PARKED will go; the worker sends them again.)
 
     def _admit_plain(self, entries: tuple[LeanEntry, ...], now: float) -> _Columns | None:
@@ -1246,10 +1251,12 @@ class Container:
         self._flush()
 
     def _remember_twin(self, fd: int, ticket: int, now: float) -> None:
-        try:
-            self._twins[os.fstat(fd).st_ino] = (ticket, now)
-        except OSError:
+        self._remember_inode(_inode(fd), ticket, now)
+
+    def _remember_inode(self, inode: int, ticket: int, now: float) -> None:
+        if not inode:
             return
+        self._twins[inode] = (ticket, now)
         if len(self._twins) > 2 * (self.lot.parked + self.lot.queued + self.lot.sent) + 1024:
             self._twins = {k: v for k, v in self._twins.items() if now - v[1] < TWIN_MEMORY}
 
@@ -1517,9 +1524,10 @@ class Container:
         if s.unconfirmed:  # its worker never saw these PARKED: it will send them again
             now = trio.current_time()
             for confirm in s.unconfirmed:
-                for slot in confirm.slots:
-                    if slot.state is not State.GONE and slot.fd >= 0:
-                        self._remember_twin(slot.fd, slot.ticket, now)
+                # Whatever became of them since (parked, woken, even ACKed by
+                # another worker and closed): their fds may be gone, not their inodes.
+                for slot, inode in zip(confirm.slots, confirm.inodes, strict=False):
+                    self._remember_inode(inode, slot.ticket, now)
                 Lot.confirm(confirm.slots)
             s.unconfirmed.clear()
         self._sessions.pop(s.id, None)
@@ -1642,6 +1650,15 @@ class Container:
 
 class _FdFlood(RemoteProtocolError):
     """More fds than the incomplete frame can take: the stream cannot be trusted."""
+
+
+def _inode(fd: int) -> int:
+    """The inode of ``fd``'s open file, 0 if none (sockfs numbers sockets in
+    sequence: a closed one's is not soon reused)."""
+    try:
+        return os.fstat(fd).st_ino
+    except OSError:
+        return 0
 
 
 async def _send_now(sock: socket.socket, msg: Message) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from connpark._container import _UNNEST_AT
 from connpark._wire import (
     Ack,
     Park,
@@ -114,15 +115,16 @@ _REASONS = [Reason.READABLE] * 2 + [Reason.HANGUP] * 2 + [Reason.TIMEOUT] * 2
 def test_a_big_plain_frame_wakes_each_entry_with_its_family_flags_and_deadline(
     serve: ServeProcess,
 ) -> None:
-    """48 plain entries in one frame (the hot path, watcher unnested): IPv4 and
+    """144 plain entries in one frame (the hot path, watcher unnested): IPv4 and
     IPv6, hang-up and timeout returns in every combination, per-entry idle
     timeouts, clients that sent before the park. Each entry wakes once, for its
     reason, with or without its fd as its flags say, INET6 where it is."""
     peer = RawPeer(serve.path)
     baseline = serve.fd_count()
-    v4c, v4s = tcp_pairs(24)
-    v6c, v6s = _v6_pairs(24)
-    n = 48
+    n = 144
+    assert n >= _UNNEST_AT
+    v4c, v4s = tcp_pairs(n // 2)
+    v6c, v6s = _v6_pairs(n // 2)
     # Blocks of six entries, one of each kind, alternately IPv4 and IPv6.
     clients = [(v6c if i // 6 % 2 else v4c)[i // 12 * 6 + i % 6] for i in range(n)]
     servers = [(v6s if i // 6 % 2 else v4s)[i // 12 * 6 + i % 6] for i in range(n)]
@@ -230,7 +232,7 @@ def test_a_frame_bigger_than_the_room_left_parks_what_fits_in_order(sockdir: Pat
 def test_a_stream_of_big_frames_holds_up_no_wake_and_the_watcher_never_spins(
     serve: ServeProcess,
 ) -> None:
-    """Each frame of 32 or more entries takes the watcher out of trio's epoll
+    """Each frame of ``_UNNEST_AT`` or more entries takes the watcher out of trio's epoll
     (``_unnest``), even one that is refused whole. A hostile peer sending such
     frames back to back must not delay anybody's wakes, nor leave the watch loop
     spinning afterwards; nothing it sent stays open."""
@@ -249,7 +251,7 @@ def test_a_stream_of_big_frames_holds_up_no_wake_and_the_watcher_never_spins(
         r, w = os.pipe()
         try:
             while not stop.is_set():
-                out = hostile.park([ParkEntry(r) for _ in range(40)])
+                out = hostile.park([ParkEntry(r) for _ in range(_UNNEST_AT)])
                 assert all(x.refusal is Refusal.NOT_A_SOCKET for x in out.results)
                 frames[0] += 1
         finally:

@@ -35,11 +35,19 @@ class RawPeer:
     """One session: HELLO/WELCOME done in ``__init__``; then send and receive messages."""
 
     def __init__(
-        self, path: Path | str, pool: str = "default", name: str = "raw", version: int = 0
+        self,
+        path: Path | str,
+        pool: str = "default",
+        name: str = "raw",
+        version: int = 0,
+        resume_session: int = 0,
     ) -> None:
         self.chan = BlockingChannel(connect_unix(path))
         self.decoder = Decoder()
-        self.send(Hello(version, pool=pool, name=name) if version else Hello(pool=pool, name=name))
+        if version:
+            self.send(Hello(version, pool=pool, name=name, resume_session=resume_session))
+        else:
+            self.send(Hello(pool=pool, name=name, resume_session=resume_session))
         welcome = self.receive()
         assert isinstance(welcome, Welcome), welcome
         self.welcome = welcome

@@ -307,7 +307,7 @@ def test_a_resent_park_of_a_connection_another_worker_took_is_not_parked_again(
     (client,), (server,) = tcp_pairs(1)
     p = RawPeer(proc.path, pool="web", name="p")
     m = RawPeer(proc.path, pool="web", name="m")
-    p2 = None
+    p2 = m2 = None
     try:
         baseline = proc.fd_count()
         _flood_unread(p)
@@ -336,8 +336,8 @@ def test_a_resent_park_of_a_connection_another_worker_took_is_not_parked_again(
             p.send(Welcome(1, 1, 1))  # P's session ends with its PARKED never written
         p.close()
         assert _wait(lambda: proc.stats().pools.get("web") == 1)  # P's session is over
-        # P comes back and sends again what was never answered.
-        p2 = RawPeer(proc.path, pool="web", name="p2")
+        # P comes back (resuming its session) and sends again what was never answered.
+        p2 = RawPeer(proc.path, pool="web", name="p2", resume_session=p.welcome.session_id)
         again = p2.park([ParkEntry(server.fileno(), token=b"x", resent=True)])
         assert again.results[0].refusal is Refusal.OK  # P closes its copy
         assert again.results[0].ticket == woken.ticket
@@ -349,10 +349,26 @@ def test_a_resent_park_of_a_connection_another_worker_took_is_not_parked_again(
         for peer in (m, p2):
             with pytest.raises(TimeoutError):
                 peer.receive(timeout=0.5)
+        # M parks X in its turn and loses that park with its session: sent again
+        # from M's next session, it is a new park, not a copy of P's (P's old
+        # ticket would close X: nobody would have it).
+        m2 = RawPeer(proc.path, pool="web", name="m2", resume_session=m.welcome.session_id)
+        anew = m2.park([ParkEntry(mine.fileno(), token=b"m", resent=True)])
+        assert anew.results[0].refusal is Refusal.OK
+        assert anew.results[0].ticket not in (0, woken.ticket)
         mine.close()
+        assert proc.stats().parked == 1
+        client.sendall(b"three")
+        (back,) = _entries(m2, 1, timeout=5)
+        assert (back.ticket, back.token) == (anew.results[0].ticket, b"m")
+        assert back.fd is not None
+        with socket.socket(fileno=back.fd) as x:
+            x.settimeout(5)
+            assert x.recv(10) == b"three"
+        m2.close()
         assert _wait(lambda: proc.fd_count() == baseline)  # (+ p2 - p)
     finally:
-        for peer in (p, m, p2):
+        for peer in (p, m, p2, m2):
             if peer is not None:
                 peer.close()
         assert proc.stop() == 0
@@ -379,7 +395,7 @@ def test_a_parker_gone_before_its_parked_is_written_gets_its_tickets_when_it_sen
     assert "send failed" in serve.log_text()
     stats = serve.stats()
     assert (stats.parked, stats.fds_held) == (40, 40)
-    p2 = RawPeer(serve.path, pool="web", name="p2")
+    p2 = RawPeer(serve.path, pool="web", name="p2", resume_session=p.welcome.session_id)
     again = p2.park([ParkEntry(s.fileno(), resent=True) for s in servers])
     assert [r.refusal for r in again.results] == [Refusal.OK] * 40
     tickets = [r.ticket for r in again.results]

@@ -126,6 +126,8 @@ STATS_POOL = "_stats"
 #: How long a socket may come back as a re-sent park (a worker reconnecting
 #: within its hook's backoff, 60 s by default) and still get its old ticket.
 TWIN_MEMORY = 300.0
+#: How many resumed sessions back ``_descends`` looks (each a lost session).
+_LINEAGE_STEPS = 64
 #: WAKE body bytes per frame, leaving room for the count.
 _WAKE_BODY = DEFAULT_MAX_BODY - 64
 # The hot path's own encoders (WAKE, PARKED): the layouts of docs/protocol.md
@@ -352,6 +354,7 @@ class _Session(SessionState):
         "over_since",
         "quiet",
         "read_scope",
+        "resumes",
         "sock",
         "unconfirmed",
         "version",
@@ -386,6 +389,8 @@ class _Session(SessionState):
         self.unconfirmed: set[_Confirm] = set()
         #: The HELLO's protocol version: v3 and later get WAKE extensions.
         self.version = 1
+        #: The session this one resumed (HELLO ``resume_session``; 0: none).
+        self.resumes = 0
 
 
 class Container:
@@ -427,9 +432,12 @@ class Container:
         #: Restored connections that may be in a worker's hands: ticket -> record.
         self._quarantine: dict[int, Record] = {}
         #: Sockets a worker may send again, marked ``resent`` (its session ended
-        #: before our PARKED reached it, or we restarted): inode -> (ticket, when).
-        #: Such a park gets the ticket we gave; the connection keeps one owner.
-        self._twins: dict[int, tuple[int, float]] = {}
+        #: before our PARKED reached it, or we restarted): inode -> (ticket, when,
+        #: the parker's session id, 0 after a restart: any). Such a park, from
+        #: that session's successor, gets the ticket we gave: one owner.
+        self._twins: dict[int, tuple[int, float, int]] = {}
+        #: Session id -> (the session it resumed (HELLO ``resume_session``), when).
+        self._lineage: dict[int, tuple[int, float]] = {}
         self.watcher = make_watcher()
         self.serving = Serving(
             max_rule_sets=config.max_rule_sets,
@@ -1114,7 +1122,7 @@ class Container:
         shutting down): (refusal, ticket, its new slot). A re-sent park of a socket
         we hold already is (OK, its ticket, None)."""
         fd = entry.fd
-        if entry.resent and self._twins and (twin := self._twin(fd, now)) is not None:
+        if entry.resent and self._twins and (twin := self._twin(fd, now, s)) is not None:
             close_fds((fd,))  # we took this connection already, under this ticket
             return Refusal.OK, twin, None
         rules = None
@@ -1252,20 +1260,24 @@ class Container:
         self._flush()
 
     def _remember_twin(self, fd: int, ticket: int, now: float) -> None:
-        self._remember_inode(_inode(fd), ticket, now)
+        """A restored connection its parker may send again (any session may)."""
+        self._remember_inode(_inode(fd), ticket, now, 0)
 
-    def _remember_inode(self, inode: int, ticket: int, now: float) -> None:
+    def _remember_inode(self, inode: int, ticket: int, now: float, parker: int) -> None:
         if not inode:
             return
-        self._twins[inode] = (ticket, now)
+        self._twins[inode] = (ticket, now, parker)
         if len(self._twins) > 2 * (self.lot.parked + self.lot.queued + self.lot.sent) + 1024:
             self._twins = {k: v for k, v in self._twins.items() if now - v[1] < TWIN_MEMORY}
 
-    def _twin(self, fd: int, now: float) -> int | None:
+    def _twin(self, fd: int, now: float, s: _Session) -> int | None:
         """A re-sent park of a socket we took already: its ticket, else None.
 
         Whatever became of that connection since (still parked, woken to
         another worker, closed), the sender's copy must go: the answer is OK.
+        Only from a successor of the session that parked it (or after a
+        restart, from anyone): a worker that got the connection since, parked
+        it and lost that park with its session sends a new one, not a copy.
         """
         try:
             found = self._twins.get(os.fstat(fd).st_ino)
@@ -1273,13 +1285,30 @@ class Container:
             return None
         if found is None or now - found[1] > TWIN_MEMORY:
             return None
-        ticket = found[0]
+        ticket, _, parker = found
+        if parker and not self._descends(s, parker):
+            return None
         r = self._quarantine.pop(ticket, None)
         if r is not None:  # its wake never reached the worker: parked again, not woken
             r = attrs.evolve(r, woken=0)
             if self._readmit(r, now, now - time.time()) is not None:
                 self._mirror_send(encode_records(MirrorKind.ADD, [r]))
         return ticket
+
+    def _note_lineage(self, sid: int, resumed: int) -> None:
+        now = trio.current_time()
+        self._lineage[sid] = (resumed, now)
+        if len(self._lineage) > 2 * len(self._sessions) + 1024:  # the old ones: done
+            self._lineage = {k: v for k, v in self._lineage.items() if now - v[1] < TWIN_MEMORY}
+
+    def _descends(self, s: _Session, parker: int) -> bool:
+        """Whether ``s`` resumed ``parker``'s session, directly or through others."""
+        sid = s.resumes
+        for _ in range(_LINEAGE_STEPS):
+            if not sid or sid == parker:
+                return sid == parker
+            sid = self._lineage.get(sid, (0, 0.0))[0]
+        return False
 
     def _claimed(self, tickets: Sequence[int]) -> None:
         """A reconnecting worker has these (HELLO resume): drop our restored copies."""
@@ -1528,7 +1557,7 @@ class Container:
                 # Whatever became of them since (parked, woken, even ACKed by
                 # another worker and closed): their fds may be gone, not their inodes.
                 for slot, inode in zip(confirm.slots, confirm.inodes, strict=False):
-                    self._remember_inode(inode, slot.ticket, now)
+                    self._remember_inode(inode, slot.ticket, now, s.id)
                 Lot.confirm(confirm.slots)
             s.unconfirmed.clear()
         self._sessions.pop(s.id, None)
@@ -1589,6 +1618,9 @@ class Container:
             pool = self.lot.pool(hello.pool)
             session = _Session(self._next_session, pool, hello.name, conn, decoder)
             session.version = hello.version
+            if hello.resume_session:
+                session.resumes = hello.resume_session
+                self._note_lineage(session.id, hello.resume_session)
             self._next_session += 1
             await _send_now(
                 conn,

@@ -88,6 +88,17 @@ class RawPeer:
             self.send(Ack(tuple(e.ticket for e in msg.entries)))
         return out
 
+    def woken_bytes(self, n: int, size: int = 100) -> dict[int, bytes]:
+        """Take n wakes (``wakes``); read up to ``size`` bytes from each woken fd,
+        then close it: ticket -> the bytes. Each wake must carry its fd."""
+        got: dict[int, bytes] = {}
+        for ticket, _token, fd in self.wakes(n):
+            assert fd is not None
+            with socket.socket(fileno=fd) as s:
+                s.settimeout(5)
+                got[ticket] = s.recv(size)
+        return got
+
     def close(self) -> None:
         self.decoder.close()
         self.chan.close()

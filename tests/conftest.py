@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from ._procs import ServeProcess
+
 LINUX = sys.platform.startswith("linux")
 
 
@@ -23,6 +25,17 @@ def sockdir() -> Iterator[Path]:
     """A short directory for AF_UNIX paths (pytest's tmp_path can be too long)."""
     with tempfile.TemporaryDirectory(prefix="cp-") as d:
         yield Path(d)
+
+
+@pytest.fixture
+def serve(sockdir: Path) -> Iterator[ServeProcess]:
+    """A ``connpark serve`` that must outlive the test, stop cleanly (exit 0)
+    and log no traceback (test files with other needs define their own)."""
+    proc = ServeProcess(sockdir / "c.sock")
+    yield proc
+    assert proc.proc.poll() is None, "the container died:\n" + proc.log_text()
+    assert proc.stop() == 0
+    assert "Traceback" not in proc.log_text()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -70,7 +70,7 @@ async def test_default_idle_timeout_orphans_and_late_worker(
 
 def test_hot_path_encoders_match_the_codec() -> None:
     """The container packs WAKE and PARKED itself; the bytes are the codec's."""
-    from connpark._container import parked_frame, wake_frame
+    from connpark._encode import parked_frame, wake_frame
     from connpark._lot import INET6, Lot, SessionState
     from connpark._wire import Parked, ParkResult, Refusal, Wake, WakeEntry, encode
 
@@ -94,7 +94,7 @@ def test_hot_path_encoders_match_the_codec() -> None:
 
 def test_wake_frames_split_by_entries_bytes_and_budget() -> None:
     """253 entries or ~1 MiB per frame; the byte budget stops early, after one entry at least."""
-    from connpark._container import _WAKE_BODY, wake_frames
+    from connpark._encode import _WAKE_BODY, wake_frames
     from connpark._lot import Lot, SessionState
     from connpark._wire import Decoder, Wake
 
@@ -144,7 +144,7 @@ def test_wake_frames_split_by_entries_bytes_and_budget() -> None:
 def test_plain_wake_frames_match_the_general_encoding() -> None:
     """The column-by-column WAKE of plain entries is byte for byte the entry-by-entry
     one: reasons, INET6, budgets, 253-entry frames, and a notice (no fd) among them."""
-    from connpark._container import _WAKE_ENTRY, _WAKE_HEAD, wake_frames
+    from connpark._encode import _WAKE_ENTRY, _WAKE_HEAD, wake_frames
     from connpark._lot import INET6, Lot, SessionState
     from connpark._wire import Decoder, MessageType, Wake
 

@@ -15,7 +15,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -95,15 +95,6 @@ def _entries(peer: RawPeer, n: int, timeout: float = 10.0) -> list[WakeEntry]:
         out += msg.entries
         peer.send(Ack(tuple(e.ticket for e in msg.entries)))
     return out
-
-
-@pytest.fixture
-def serve(sockdir: Path) -> Iterator[ServeProcess]:
-    proc = ServeProcess(sockdir / "c.sock")
-    yield proc
-    assert proc.proc.poll() is None, "the container died:\n" + proc.log_text()
-    assert proc.stop() == 0
-    assert "Traceback" not in proc.log_text()
 
 
 #: What each entry of the big frame below is for (its index modulo 6).
@@ -213,13 +204,7 @@ def test_a_frame_bigger_than_the_room_left_parks_what_fits_in_order(sockdir: Pat
             s.close()
         for t, c in by_ticket.items():
             c.sendall(b"%d" % t)
-        got = {}
-        for ticket, _token, fd in peer.wakes(12):
-            assert fd is not None
-            with socket.socket(fileno=fd) as s:
-                s.settimeout(5)
-                got[ticket] = s.recv(30)
-        assert got == {t: b"%d" % t for t in by_ticket}
+        assert peer.woken_bytes(12, 30) == {t: b"%d" % t for t in by_ticket}
         assert _wait(lambda: proc.fd_count() == baseline)
         peer.close()
     finally:
@@ -408,13 +393,7 @@ def test_a_parker_gone_before_its_parked_is_written_gets_its_tickets_when_it_sen
         s.close()
     for i, c in enumerate(clients):
         c.sendall(b"c%d" % i)
-    got = {}
-    for ticket, _token, fd in p2.wakes(40):
-        assert fd is not None
-        with socket.socket(fileno=fd) as s:
-            s.settimeout(5)
-            got[ticket] = s.recv(10)
-    assert got == {t: b"c%d" % i for i, t in enumerate(tickets)}
+    assert p2.woken_bytes(40, 10) == {t: b"c%d" % i for i, t in enumerate(tickets)}
     p2.close()
     assert _wait(lambda: serve.fd_count() == baseline)
     for c in clients:

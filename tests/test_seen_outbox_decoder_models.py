@@ -32,7 +32,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import connpark._wire as wire
 from connpark import LocalProtocolError
-from connpark._container import _plain_wake, wake_frames
+from connpark._encode import _plain_wake, wake_frames
 from connpark._fdpass import Outbox, recv_fds
 from connpark._lot import (
     _PACKED,

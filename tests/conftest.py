@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from ._procs import ServeProcess
 
@@ -25,6 +26,17 @@ def sockdir() -> Iterator[Path]:
     """A short directory for AF_UNIX paths (pytest's tmp_path can be too long)."""
     with tempfile.TemporaryDirectory(prefix="cp-") as d:
         yield Path(d)
+
+
+def model_settings(env: str, examples: int, steps: int) -> settings:
+    """A state machine's hypothesis settings: ``examples`` runs (the environment
+    variable ``env`` may say otherwise) of ``steps`` steps, no deadline."""
+    return settings(
+        max_examples=int(os.environ.get(env, str(examples))),
+        stateful_step_count=steps,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
 
 
 @pytest.fixture

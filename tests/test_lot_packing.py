@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import invariant, rule
 
@@ -34,6 +32,7 @@ from connpark._lot import (
 )
 from connpark._wire import Reason
 
+from .conftest import model_settings
 from .test_lot import LotMachine, check_lot, pack_now, park, session
 
 # -- the timer and packed-column bookkeeping -------------------------------------------
@@ -164,12 +163,7 @@ class PackingLotMachine(LotMachine):
 
 
 TestPackingLotMachine = PackingLotMachine.TestCase
-TestPackingLotMachine.settings = settings(
-    max_examples=int(os.environ.get("CONNPARK_LOT_EXAMPLES", "300")),
-    stateful_step_count=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
+TestPackingLotMachine.settings = model_settings("CONNPARK_LOT_EXAMPLES", 300, 60)
 
 
 class FrozenAwarePackingLotMachine(PackingLotMachine):

@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -59,7 +59,7 @@ from connpark._wire import (
     message_fds,
 )
 
-from .conftest import open_fd_count
+from .conftest import model_settings, open_fd_count
 from .test_lot import check_lot, park, session
 from .test_lot_packing import PackingLotMachine, check_timers
 from .test_wire import (
@@ -224,12 +224,7 @@ class SeenPackingMachine(PackingLotMachine):
 
 
 TestSeenPackingMachine = SeenPackingMachine.TestCase
-TestSeenPackingMachine.settings = settings(
-    max_examples=int(os.environ.get("CONNPARK_LOT_EXAMPLES", "200")),
-    stateful_step_count=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
+TestSeenPackingMachine.settings = model_settings("CONNPARK_LOT_EXAMPLES", 200, 60)
 
 
 def _columns(fds: range) -> tuple[range, list[bytes], list[bytes], list[int], list[int]]:
@@ -467,12 +462,7 @@ class OutboxMachine(RuleBasedStateMachine):
 
 
 TestOutboxMachine = OutboxMachine.TestCase
-TestOutboxMachine.settings = settings(
-    max_examples=int(os.environ.get("CONNPARK_OUTBOX_EXAMPLES", "150")),
-    stateful_step_count=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
+TestOutboxMachine.settings = model_settings("CONNPARK_OUTBOX_EXAMPLES", 150, 40)
 
 
 class OutboxNoDupMachine(OutboxMachine):

@@ -10,6 +10,7 @@ import trio.testing
 
 import connpark
 from connpark import Reason
+from connpark._container import LINEAGE_MAX
 
 from ._procs import tcp_pairs
 
@@ -185,3 +186,18 @@ def test_plain_wake_frames_match_the_general_encoding() -> None:
     frames, groups, n = wake_frames(outq[:10], 1 << 40)
     assert n == 10
     assert frames[0].fds == tuple(x.fd for x in outq[:10] if x.fd >= 0)
+
+
+async def test_the_session_lineage_stays_bounded(sockdir: Path) -> None:
+    """A peer opening session after session, each resuming the last (HELLO
+    ``resume_session``), grows the lineage the re-sent parks are matched by:
+    it keeps at most ``LINEAGE_MAX`` sessions, the newest."""
+    config = connpark.ContainerConfig(path=str(sockdir / "c.sock"))
+    async with trio.open_nursery() as nursery:
+        container: connpark.Container = await nursery.start(connpark.serve, config)
+        for sid in range(1, 3 * LINEAGE_MAX):
+            container._note_lineage(sid, sid - 1)
+            assert len(container._lineage) <= LINEAGE_MAX
+        newest = 3 * LINEAGE_MAX - 1
+        assert container._lineage[newest][0] == newest - 1
+        nursery.cancel_scope.cancel()

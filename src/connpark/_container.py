@@ -123,6 +123,8 @@ STATS_POOL = "_stats"
 TWIN_MEMORY = 300.0
 #: How many resumed sessions back ``_descends`` looks (each a lost session).
 _LINEAGE_STEPS = 64
+#: Most sessions ``_lineage`` remembers (the newest; a peer may open many).
+LINEAGE_MAX = 8192
 #: A family (< 64) -> four times it: the high bits of ``_FLAGS_OF``'s index.
 _TIMES4 = bytes(i * 4 & 0xFF for i in range(256))
 #: A plain entry's ``family << 2 | LeanEntry flags`` (hang-up and timeout returns:
@@ -1144,6 +1146,8 @@ class Container:
         self._lineage[sid] = (resumed, now)
         if len(self._lineage) > 2 * len(self._sessions) + 1024:  # the old ones: done
             self._lineage = {k: v for k, v in self._lineage.items() if now - v[1] < TWIN_MEMORY}
+            if len(self._lineage) > LINEAGE_MAX:  # many, quickly: keep the newest half
+                self._lineage = dict(list(self._lineage.items())[-LINEAGE_MAX // 2 :])
 
     def _descends(self, s: _Session, parker: int) -> bool:
         """Whether ``s`` resumed ``parker``'s session, directly or through others."""

@@ -8,6 +8,7 @@ one container and against ``--shards 3``); here: what only a fleet has.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -29,7 +30,7 @@ import trio
 
 import connpark
 from connpark._config import ContainerConfig
-from connpark._fleet import SHARD_OVERHEAD, auto_shards
+from connpark._fleet import MIRROR_EPOCH_STRIDE, SHARD_OVERHEAD, auto_shards, next_mirror_epoch
 from connpark._shards import shard_of
 from connpark._stats_client import fetch_stats
 from connpark._worker import Phase
@@ -354,6 +355,19 @@ def test_sixty_thousand_parked_beyond_one_process_fd_limit(sockdir: Path) -> Non
                 p.stdout.close()
         listener.close()
         assert serve.stop() == 0
+
+
+def test_successive_mirrors_of_a_shard_start_at_far_apart_epochs() -> None:
+    """One shard's mirrors in turn: 256 of them start at 256 different ticket
+    epochs, each far from the last (its shards take the epochs after it)."""
+    for first in (0, 54, 255):
+        epochs = [first]
+        for _ in range(255):
+            epochs.append(next_mirror_epoch(epochs[-1]))
+        assert sorted(epochs) == list(range(256))
+        for a, b in itertools.pairwise(epochs):
+            assert (b - a) % 256 == MIRROR_EPOCH_STRIDE
+    assert 32 <= MIRROR_EPOCH_STRIDE <= 224
 
 
 def test_a_new_mirror_issues_new_tickets_and_the_fleet_s_death_stops_everything(

@@ -75,6 +75,19 @@ def auto_shards(config: ContainerConfig) -> int:
     return max(cores or 1, need)
 
 
+#: How far apart the first ticket epochs of one shard's successive mirrors are.
+#: Odd, so 256 mirrors in turn start at 256 different epochs; and far, because a
+#: mirror's shard takes the epochs after its first, one per generation.
+MIRROR_EPOCH_STRIDE = 97
+
+
+def next_mirror_epoch(epoch: int) -> int:
+    """The first ticket epoch of the mirror after one that started at ``epoch``:
+    not the tickets the dead mirror's shards issued (a random pick was once in
+    256 the same), unless it went through 97 shard generations."""
+    return (epoch + MIRROR_EPOCH_STRIDE) & 0xFF
+
+
 class Fleet:
     """Starts a mirror (and so a shard) per shard index and keeps them running."""
 
@@ -116,6 +129,8 @@ class Fleet:
         self._last: list[ContainerStats | None] = [None] * shards
         self._answered: list[float] = [0.0] * shards
         self._started: list[float] = [time.monotonic()] * shards
+        #: Each shard's next mirror's first ticket epoch (``next_mirror_epoch``).
+        self._epochs = [secrets.randbelow(256) for _ in range(shards)]
         #: Zygotes of our images before an upgrade: they exit once their mirrors
         #: are upgraded, and we reap them.
         self._old_zygotes: list[int] = []
@@ -228,8 +243,9 @@ class Fleet:
             shards=self.shards,
             fleet_pid=os.getpid(),
             hang_limit=min(SHARD_HANG, interval / 2) if interval else SHARD_HANG,
-            epoch=secrets.randbelow(256),  # not the tickets a previous mirror's shard issued
+            epoch=self._epochs[i],
         )
+        self._epochs[i] = next_mirror_epoch(self._epochs[i])
         if self._lifeline is None:
             self._lifeline = os.pipe()
         # Its share of max_parked: a hook tries another shard when one is full.

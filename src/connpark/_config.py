@@ -96,6 +96,9 @@ class ContainerConfig:
         65536, attrs.validators.ge(0), attrs.validators.le(DEFAULT_MAX_BODY - MAX_TOKEN - 64)
     )
     max_sessions: int = _count(1024)
+    #: Pools known at once (names are the workers' choice; one with no session
+    #: and no connection is forgotten). At most 2048: STATS lists each.
+    max_pools: int = _count(1024, attrs.validators.ge(1), attrs.validators.le(2048))
     #: Unacknowledged wakes per session before further wakes queue in the container.
     window: int = _count(1024)
     #: How long a woken connection waits for a session of its pool, then is closed.

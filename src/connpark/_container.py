@@ -125,6 +125,9 @@ TWIN_MEMORY = 300.0
 _LINEAGE_STEPS = 64
 #: Most sessions ``_lineage`` remembers (the newest; a peer may open many).
 LINEAGE_MAX = 8192
+#: Most sockets ``_twins`` remembers past twice those held (the newest): a peer
+#: that never reads its PARKED and ends session after session leaves one per park.
+TWINS_MAX = 65536
 #: A family (< 64) -> four times it: the high bits of ``_FLAGS_OF``'s index.
 _TIMES4 = bytes(i * 4 & 0xFF for i in range(256))
 #: A plain entry's ``family << 2 | LeanEntry flags`` (hang-up and timeout returns:
@@ -282,6 +285,8 @@ class Container:
         #: the parker's session id, 0 after a restart: any). Such a park, from
         #: that session's successor, gets the ticket we gave: one owner.
         self._twins: dict[int, tuple[int, float, int]] = {}
+        #: ``_twins``' size at which ``_remember_inode`` next prunes it.
+        self._twins_at = 1024
         #: Session id -> (the session it resumed (HELLO ``resume_session``), when).
         self._lineage: dict[int, tuple[int, float]] = {}
         self.watcher = make_watcher()
@@ -305,6 +310,8 @@ class Container:
         self._fds_in = 0
         #: Open session sockets (handshaking ones too).
         self._conns = 0
+        #: Connections in their handshake (they count against ``max_sessions``).
+        self._handshaking = 0
         self._fd_limit = raise_nofile_limit()
         self._fd_base = count_open_fds() - len(self._restore)  # those count as held
         #: fds we may have open beyond those open at start, less the reserve.
@@ -1113,8 +1120,13 @@ class Container:
         if not inode:
             return
         self._twins[inode] = (ticket, now, parker)
-        if len(self._twins) > 2 * (self.lot.parked + self.lot.queued + self.lot.sent) + 1024:
+        if len(self._twins) > self._twins_at:
+            live = self.lot.parked + self.lot.queued + self.lot.sent
             self._twins = {k: v for k, v in self._twins.items() if now - v[1] < TWIN_MEMORY}
+            if len(self._twins) > 2 * live + TWINS_MAX:  # many, quickly: keep the newest
+                self._twins = dict(list(self._twins.items())[-(live + TWINS_MAX // 2) :])
+            # The next look once it has doubled (each look is a walk), within the cap.
+            self._twins_at = min(2 * live + TWINS_MAX, max(2 * live + 1024, 2 * len(self._twins)))
 
     def _twin(self, fd: int, now: float, s: _Session) -> int | None:
         """A re-sent park of a socket we took already: its ticket, else None.
@@ -1412,6 +1424,7 @@ class Container:
         self.serving.forget_session(s.id)
         if s.alive or s.inflight:  # cancelled (teardown) before settling
             self.lot.remove_session(s, now=trio.current_time())
+        self._drop_pools((s.pool.name,))  # its last session, no connection: gone
         self._fds_in -= s.fds_in
         s.fds_in = 0
         self._close_sock(s)
@@ -1442,10 +1455,22 @@ class Container:
                     Error(ErrorCode.NOT_ALLOWED, f"uid {uid} is not allowed to use this container"),
                 )
             return None
-        if len(self._sessions) >= self.config.max_sessions:
+        # Connections still in their handshake count: else all that said HELLO
+        # after connecting became sessions, past the limit.
+        if len(self._sessions) + self._handshaking >= self.config.max_sessions:
             with trio.move_on_after(1.0):
                 await _send_now(conn, Error(ErrorCode.TOO_MANY_SESSIONS, "too many sessions"))
             return None
+        self._handshaking += 1
+        try:
+            return await self._greet(conn, decoder, uid)
+        finally:
+            self._handshaking -= 1
+
+    async def _greet(
+        self, conn: socket.socket, decoder: Decoder, uid: int | None
+    ) -> _Session | None:
+        """HELLO, then WELCOME (or ERROR): the handshake past the session count."""
         with trio.move_on_after(HANDSHAKE_TIMEOUT):
             hello = await _receive_hello(conn, decoder)
             if hello is None:
@@ -1460,20 +1485,27 @@ class Container:
                     ),
                 )
                 return None
+            if not self._pool_room(hello.pool):
+                await _send_now(
+                    conn,
+                    Error(
+                        ErrorCode.TOO_MANY_SESSIONS,
+                        f"too many pools ({self.config.max_pools} in use):"
+                        f" no session in a new pool {hello.pool!r}",
+                    ),
+                )
+                return None
             if hello.resume_tickets:
                 self._claimed(hello.resume_tickets)
                 self._flush_mirror()  # before WELCOME: the worker forgets them after it
-            pool = self.lot.pool(hello.pool)
-            session = _Session(self._next_session, pool, hello.name, conn, decoder)
-            session.version = hello.version
-            if hello.resume_session:
-                session.resumes = hello.resume_session
-                self._note_lineage(session.id, hello.resume_session)
+            sid = self._next_session
             self._next_session += 1
+            if hello.resume_session:
+                self._note_lineage(sid, hello.resume_session)
             await _send_now(
                 conn,
                 Welcome(
-                    session.id,
+                    sid,
                     self.config.max_token,
                     self.config.max_pending,
                     window=self.config.window,
@@ -1481,6 +1513,11 @@ class Container:
                     shards=self.shards if hello.version >= 4 else 0,
                 ),
             )
+            # The pool now, not before the await: a session ending meanwhile may
+            # drop it (``_drop_pools``), and this one must join the lot's own.
+            session = _Session(sid, self.lot.pool(hello.pool), hello.name, conn, decoder)
+            session.version = hello.version
+            session.resumes = hello.resume_session
             self._sessions[session.id] = session
             self.lot.add_session(session, trio.current_time())
             self._flush()
@@ -1496,6 +1533,21 @@ class Container:
             return session
         LOGGER.info("handshake timed out")
         return None
+
+    def _pool_room(self, name: str) -> bool:
+        """Whether a session of pool ``name`` may come in: a known pool, or fewer
+        than ``max_pools`` known once the unused ones are dropped."""
+        pools = self.lot.pools
+        if name in pools or len(pools) < self.config.max_pools:
+            return True
+        self._drop_pools(list(pools))
+        return len(pools) < self.config.max_pools
+
+    def _drop_pools(self, names: Sequence[str]) -> None:
+        """Forget pools with no session and no connection, and their rule sets."""
+        in_use = {s.pool.name for s in self._sessions.values()}  # ending ones too
+        for name in self.lot.drop_unused(n for n in names if n not in in_use):
+            self.serving.forget_pool(name)
 
     # -- statistics ----------------------------------------------------------------------
 

@@ -241,7 +241,7 @@ def _more(size: int, fd: int) -> int:
 class Pool:
     """A named group of interchangeable sessions, and the wakes waiting for one."""
 
-    __slots__ = ("index", "name", "sessions", "waiting")
+    __slots__ = ("held", "index", "name", "sessions", "waiting")
 
     def __init__(self, name: str, index: int = 0) -> None:
         #: Its number in its lot (the packed table names pools by number).
@@ -249,6 +249,9 @@ class Pool:
         self.name = name
         self.sessions: list[SessionState] = []
         self.waiting: deque[Slot] = deque()
+        #: Its connections in the lot (any state but GONE): while there are
+        #: some, or sessions, the lot keeps the pool (``drop_unused``).
+        self.held = 0
 
 
 class Lot:
@@ -279,6 +282,8 @@ class Lot:
         self._entries = 0
         self._stale = 0
         self._pool_list: list[Pool] = []
+        #: Numbers of dropped pools (``drop_unused``), for new pools to take.
+        self._free_pool_ix: list[int] = []
         #: Live sessions by id (a packed connection names its parker by id).
         self._sessions: dict[int, SessionState] = {}
         #: Packed PARKED connections, by fd (``pack``): ticket (0: none), deadline
@@ -311,9 +316,27 @@ class Lot:
     def pool(self, name: str) -> Pool:
         pool = self.pools.get(name)
         if pool is None:
-            pool = self.pools[name] = Pool(name, len(self._pool_list))
-            self._pool_list.append(pool)
+            if self._free_pool_ix:  # a dropped pool's number: no packed entry names it
+                pool = self.pools[name] = Pool(name, self._free_pool_ix.pop())
+                self._pool_list[pool.index] = pool
+            else:
+                pool = self.pools[name] = Pool(name, len(self._pool_list))
+                self._pool_list.append(pool)
         return pool
+
+    def drop_unused(self, names: Iterable[str]) -> list[str]:
+        """Forget the pools of ``names`` that have no session and no connection
+        (pool names are the peers' choice: unused ones must not pile up).
+        Returns the names dropped; a session of one later makes it anew."""
+        dropped = []
+        for name in names:
+            pool = self.pools.get(name)
+            if pool is not None and not pool.sessions and not pool.held:
+                del self.pools[name]
+                pool.waiting.clear()  # (GONE slots only: a QUEUED one counts in ``held``)
+                self._free_pool_ix.append(pool.index)
+                dropped.append(name)
+        return dropped
 
     def by_fd(self, fd: int) -> Slot | None:
         slot = self._by_fd[fd] if 0 <= fd < len(self._by_fd) else None
@@ -550,6 +573,7 @@ class Lot:
                 self._timer(deadline_ms).append(fd)
         self._fresh.extend(fds)
         self._counts[parked] += n
+        pool.held += n
         self._entries += n
         return slots, tickets
 
@@ -591,6 +615,7 @@ class Lot:
         if self._by_fd[fd] is not None:
             raise InternalError(f"fd {fd} parked twice")
         slot = Slot(ticket, fd, token, pending, flags, self.pool(pool))
+        slot.pool.held += 1
         self._counts[State.PARKED] += 1
         self._by_fd[fd] = slot
         slot.key = deadline_ms
@@ -720,6 +745,7 @@ class Lot:
             self._drop_deadline(slot)
         self.forget_fd(slot)
         self._move(slot, State.GONE)
+        slot.pool.held -= 1
         if self._alias:
             self._alias.pop(slot.ticket, None)
 
@@ -916,6 +942,7 @@ class Lot:
             append(slot)
         if done:
             self._move_all(written, gone, len(done))
+            session.pool.held -= len(done)  # a session's wakes are of its pool
             if self._alias:
                 for slot in done:
                     self._alias.pop(slot.ticket, None)

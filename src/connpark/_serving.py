@@ -110,6 +110,10 @@ class Serving:
     def forget_session(self, session_id: int) -> None:
         self._session_rules.pop(session_id, None)
 
+    def forget_pool(self, pool: str) -> None:
+        """The pool is gone (no session, no connection): its sets go with it."""
+        self._pool_rules.pop(pool, None)
+
     @property
     def rule_sets(self) -> int:
         return sum(map(len, self._session_rules.values())) + sum(

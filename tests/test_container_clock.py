@@ -191,13 +191,19 @@ def test_plain_wake_frames_match_the_general_encoding() -> None:
 async def test_the_session_lineage_stays_bounded(sockdir: Path) -> None:
     """A peer opening session after session, each resuming the last (HELLO
     ``resume_session``), grows the lineage the re-sent parks are matched by:
-    it keeps at most ``LINEAGE_MAX`` sessions, the newest."""
+    it keeps at most ``LINEAGE_MAX`` sessions, the newest, and walks it only
+    once it has doubled."""
     config = connpark.ContainerConfig(path=str(sockdir / "c.sock"))
     async with trio.open_nursery() as nursery:
         container: connpark.Container = await nursery.start(connpark.serve, config)
+        walks = 0
         for sid in range(1, 3 * LINEAGE_MAX):
+            before = container._lineage
             container._note_lineage(sid, sid - 1)
+            walks += container._lineage is not before  # each pruning walk makes a new dict
             assert len(container._lineage) <= LINEAGE_MAX
+        # Not a walk of thousands of young entries per session: one per doubling.
+        assert walks <= 3 * 3
         newest = 3 * LINEAGE_MAX - 1
         assert container._lineage[newest][0] == newest - 1
         nursery.cancel_scope.cancel()

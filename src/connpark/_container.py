@@ -289,6 +289,8 @@ class Container:
         self._twins_at = 1024
         #: Session id -> (the session it resumed (HELLO ``resume_session``), when).
         self._lineage: dict[int, tuple[int, float]] = {}
+        #: ``_lineage``'s size at which ``_note_lineage`` next prunes it.
+        self._lineage_at = 1024
         self.watcher = make_watcher()
         self.serving = Serving(
             max_rule_sets=config.max_rule_sets,
@@ -1156,10 +1158,13 @@ class Container:
     def _note_lineage(self, sid: int, resumed: int) -> None:
         now = trio.current_time()
         self._lineage[sid] = (resumed, now)
-        if len(self._lineage) > 2 * len(self._sessions) + 1024:  # the old ones: done
+        if len(self._lineage) > self._lineage_at:
             self._lineage = {k: v for k, v in self._lineage.items() if now - v[1] < TWIN_MEMORY}
             if len(self._lineage) > LINEAGE_MAX:  # many, quickly: keep the newest half
                 self._lineage = dict(list(self._lineage.items())[-LINEAGE_MAX // 2 :])
+            # The next walk once it has doubled (young entries survive one), within the cap.
+            floor = 2 * len(self._sessions) + 1024
+            self._lineage_at = min(LINEAGE_MAX, max(floor, 2 * len(self._lineage)))
 
     def _descends(self, s: _Session, parker: int) -> bool:
         """Whether ``s`` resumed ``parker``'s session, directly or through others."""

@@ -47,7 +47,7 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from itertools import repeat
 from operator import or_
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import trio
@@ -1124,11 +1124,9 @@ class Container:
         self._twins[inode] = (ticket, now, parker)
         if len(self._twins) > self._twins_at:
             live = self.lot.parked + self.lot.queued + self.lot.sent
-            self._twins = {k: v for k, v in self._twins.items() if now - v[1] < TWIN_MEMORY}
-            if len(self._twins) > 2 * live + TWINS_MAX:  # many, quickly: keep the newest
-                self._twins = dict(list(self._twins.items())[-(live + TWINS_MAX // 2) :])
-            # The next look once it has doubled (each look is a walk), within the cap.
-            self._twins_at = min(2 * live + TWINS_MAX, max(2 * live + 1024, 2 * len(self._twins)))
+            self._twins, self._twins_at = _pruned(
+                self._twins, now, 2 * live + 1024, 2 * live + TWINS_MAX
+            )
 
     def _twin(self, fd: int, now: float, s: _Session) -> int | None:
         """A re-sent park of a socket we took already: its ticket, else None.
@@ -1159,12 +1157,8 @@ class Container:
         now = trio.current_time()
         self._lineage[sid] = (resumed, now)
         if len(self._lineage) > self._lineage_at:
-            self._lineage = {k: v for k, v in self._lineage.items() if now - v[1] < TWIN_MEMORY}
-            if len(self._lineage) > LINEAGE_MAX:  # many, quickly: keep the newest half
-                self._lineage = dict(list(self._lineage.items())[-LINEAGE_MAX // 2 :])
-            # The next walk once it has doubled (young entries survive one), within the cap.
             floor = 2 * len(self._sessions) + 1024
-            self._lineage_at = min(LINEAGE_MAX, max(floor, 2 * len(self._lineage)))
+            self._lineage, self._lineage_at = _pruned(self._lineage, now, floor, LINEAGE_MAX)
 
     def _descends(self, s: _Session, parker: int) -> bool:
         """Whether ``s`` resumed ``parker``'s session, directly or through others."""
@@ -1584,6 +1578,23 @@ class Container:
             tags=lot.tags.tags,
             packed=lot.packed,
         )
+
+
+_Entry = TypeVar("_Entry", bound=tuple[Any, ...])
+
+
+def _pruned(
+    table: dict[int, _Entry], now: float, floor: int, cap: int
+) -> tuple[dict[int, _Entry], int]:
+    """A memory of recent sessions or sockets (``_twins``, ``_lineage``: each
+    value's [1] is when) without the entries past ``TWIN_MEMORY``, and, if over
+    ``cap`` still (a peer going fast), only the newest ``cap // 2``. With the size
+    at which to prune next: twice what is left, from ``floor`` up to ``cap``; each
+    pruning is a walk, so a peer cannot make every new entry pay for one."""
+    kept = {k: v for k, v in table.items() if now - v[1] < TWIN_MEMORY}
+    if len(kept) > cap:
+        kept = dict(list(kept.items())[-(cap // 2) :])
+    return kept, min(cap, max(floor, 2 * len(kept)))
 
 
 class _FdFlood(RemoteProtocolError):

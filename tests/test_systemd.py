@@ -425,3 +425,47 @@ def test_serve_refuses_an_activated_socket_it_cannot_use(sockdir: Path) -> None:
         "unix stream socket (ListenStream=/path), got AF_INET SOCK_DGRAM, not listening\n"
     )
     assert not (sockdir / "cp.sock").exists()
+
+
+def test_a_shard_with_every_session_taken_is_healthy(sockdir: Path) -> None:
+    """Workers holding all ``max_sessions``: the health check (a STATS session)
+    still gets in, so the supervisor does not kill the shard as hung and the
+    watchdog pings go on; ``connpark stats`` answers too."""
+    m = FakeManager(f"@connpark-test-{uuid.uuid4().hex}")
+    path = sockdir / "cp.sock"
+    toml = sockdir / "c.toml"
+    toml.write_text("[connpark]\nmax_sessions = 2\n")
+    proc = _start(
+        [
+            *(sys.executable, "-m", "connpark", "serve", "--socket", str(path)),
+            *("--crash-recovery", "--config", str(toml)),
+        ],
+        {"NOTIFY_SOCKET": m.address, "WATCHDOG_USEC": "1000000"},
+        sockdir / "serve.log",
+    )
+    try:
+        m.wait_for("READY")
+        with (
+            connpark.BlockingParking(str(path), pool="web") as one,
+            connpark.BlockingParking(str(path), pool="web") as two,
+        ):
+            shard = next(p.pid for p in one.stats().processes if p.role == "shard")
+            with pytest.raises(connpark.ContainerLost, match="too many sessions"):
+                with connpark.BlockingParking(str(path), pool="web", reconnect=False) as third:
+                    third.stats(timeout=5)
+            m.drain()
+            for _ in range(3):  # well past the hang limit (0.5 s)
+                m.wait_for("WATCHDOG", timeout=2)
+                time.sleep(0.5)
+            out = subprocess.run(
+                [sys.executable, "-m", "connpark", "stats", "--socket", str(path)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert out.returncode == 0, out.stderr
+            assert next(p.pid for p in two.stats().processes if p.role == "shard") == shard
+        assert "has not answered" not in (sockdir / "serve.log").read_text()
+    finally:
+        _stop(proc)
+        m.close()

@@ -118,6 +118,10 @@ LOGGER = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT = 10.0
 #: The pool ``connpark stats`` uses: its sessions are logged at DEBUG.
 STATS_POOL = "_stats"
+#: Sessions of ``STATS_POOL`` at once, on top of ``max_sessions``: the health
+#: checks (supervisor, systemd watchdog) and ``connpark stats`` must get in when
+#: workers hold every session, or a full container would be killed as hung.
+STATS_SESSIONS_MAX = 16
 #: How long a socket may come back as a re-sent park (a worker reconnecting
 #: within its hook's backoff, 60 s by default) and still get its old ticket.
 TWIN_MEMORY = 300.0
@@ -312,8 +316,10 @@ class Container:
         self._fds_in = 0
         #: Open session sockets (handshaking ones too).
         self._conns = 0
-        #: Connections in their handshake (they count against ``max_sessions``).
+        #: Connections in their handshake (they count against the sessions' limits).
         self._handshaking = 0
+        #: Sessions past HELLO, not yet joined, by kind: [workers, statistics].
+        self._joining = [0, 0]
         self._fd_limit = raise_nofile_limit()
         self._fd_base = count_open_fds() - len(self._restore)  # those count as held
         #: fds we may have open beyond those open at start, less the reserve.
@@ -1456,7 +1462,7 @@ class Container:
             return None
         # Connections still in their handshake count: else all that said HELLO
         # after connecting became sessions, past the limit.
-        if len(self._sessions) + self._handshaking >= self.config.max_sessions:
+        if len(self._sessions) + self._handshaking >= self.config.max_sessions + STATS_SESSIONS_MAX:
             with trio.move_on_after(1.0):
                 await _send_now(conn, Error(ErrorCode.TOO_MANY_SESSIONS, "too many sessions"))
             return None
@@ -1484,54 +1490,77 @@ class Container:
                     ),
                 )
                 return None
-            if not self._pool_room(hello.pool):
+            stats = hello.pool == STATS_POOL
+            cap = STATS_SESSIONS_MAX if stats else self.config.max_sessions
+            if self._session_count(stats) >= cap:
+                kind = "statistics sessions" if stats else "sessions"
                 await _send_now(
-                    conn,
-                    Error(
-                        ErrorCode.TOO_MANY_SESSIONS,
-                        f"too many pools ({self.config.max_pools} in use):"
-                        f" no session in a new pool {hello.pool!r}",
-                    ),
+                    conn, Error(ErrorCode.TOO_MANY_SESSIONS, f"too many {kind} ({cap} open)")
                 )
                 return None
-            if hello.resume_tickets:
-                self._claimed(hello.resume_tickets)
-                self._flush_mirror()  # before WELCOME: the worker forgets them after it
-            sid = self._next_session
-            self._next_session += 1
-            if hello.resume_session:
-                self._note_lineage(sid, hello.resume_session)
-            await _send_now(
-                conn,
-                Welcome(
-                    sid,
-                    self.config.max_token,
-                    self.config.max_pending,
-                    window=self.config.window,
-                    shard=self.shard if hello.version >= 4 else 0,
-                    shards=self.shards if hello.version >= 4 else 0,
-                ),
-            )
-            # The pool now, not before the await: a session ending meanwhile may
-            # drop it (``_drop_pools``), and this one must join the lot's own.
-            session = _Session(sid, self.lot.pool(hello.pool), hello.name, conn, decoder)
-            session.version = hello.version
-            session.resumes = hello.resume_session
-            self._sessions[session.id] = session
-            self.lot.add_session(session, trio.current_time())
-            self._flush()
-            self._log(
-                session,
-                logging.INFO,
-                "session %d: pool %r, worker %r, uid %s",
-                session.id,
-                hello.pool,
-                hello.name,
-                uid,
-            )
-            return session
+            self._joining[stats] += 1  # counted from here: WELCOME's send may wait
+            try:
+                return await self._welcome(conn, decoder, hello, uid)
+            finally:
+                self._joining[stats] -= 1
         LOGGER.info("handshake timed out")
         return None
+
+    def _session_count(self, stats: bool) -> int:
+        """Sessions of workers (or of statistics), those joining included."""
+        joined = sum(1 for x in self._sessions.values() if x.quiet is stats)
+        return joined + self._joining[stats]
+
+    async def _welcome(
+        self, conn: socket.socket, decoder: Decoder, hello: Hello, uid: int | None
+    ) -> _Session | None:
+        """WELCOME (or ERROR: too many pools): a session now."""
+        if not self._pool_room(hello.pool):
+            await _send_now(
+                conn,
+                Error(
+                    ErrorCode.TOO_MANY_SESSIONS,
+                    f"too many pools ({self.config.max_pools} in use):"
+                    f" no session in a new pool {hello.pool!r}",
+                ),
+            )
+            return None
+        if hello.resume_tickets:
+            self._claimed(hello.resume_tickets)
+            self._flush_mirror()  # before WELCOME: the worker forgets them after it
+        sid = self._next_session
+        self._next_session += 1
+        if hello.resume_session:
+            self._note_lineage(sid, hello.resume_session)
+        await _send_now(
+            conn,
+            Welcome(
+                sid,
+                self.config.max_token,
+                self.config.max_pending,
+                window=self.config.window,
+                shard=self.shard if hello.version >= 4 else 0,
+                shards=self.shards if hello.version >= 4 else 0,
+            ),
+        )
+        # The pool now, not before the await: a session ending meanwhile may
+        # drop it (``_drop_pools``), and this one must join the lot's own.
+        session = _Session(sid, self.lot.pool(hello.pool), hello.name, conn, decoder)
+        session.version = hello.version
+        session.resumes = hello.resume_session
+        self._sessions[session.id] = session
+        self.lot.add_session(session, trio.current_time())
+        self._flush()
+        self._log(
+            session,
+            logging.INFO,
+            "session %d: pool %r, worker %r, uid %s",
+            session.id,
+            hello.pool,
+            hello.name,
+            uid,
+        )
+        return session
 
     def _pool_room(self, name: str) -> bool:
         """Whether a session of pool ``name`` may come in: a known pool, or fewer

@@ -181,14 +181,19 @@ class _Confirm:
     ``inodes``: then also their sockets' inodes (``_twins``' keys), taken while
     their fds are surely open: a slot may be woken, ACKed and closed before its
     session ends, and a re-sent park of it must still find its ticket.
+    ``twins``: (inode, ticket) of the re-sent entries it answers with a twin's
+    ticket. Once written, the sender knows: that twin has done its work (the
+    connection may come back to this worker and a later park of it, lost and
+    sent again, is a new park, not a copy of the first).
     """
 
-    __slots__ = ("inodes", "marked", "slots")
+    __slots__ = ("inodes", "marked", "slots", "twins")
 
-    def __init__(self, slots: list[Slot]) -> None:
+    def __init__(self, slots: list[Slot], twins: list[tuple[int, int]]) -> None:
         self.slots = slots
         self.marked = False
         self.inodes: list[int] = []
+        self.twins = twins
 
 
 class _Session(SessionState):
@@ -855,6 +860,7 @@ class Container:
         if n >= _UNNEST_AT:
             self._unnest()
         mirrored: list[Record] | None = [] if self._mirror is not None else None
+        twins: list[tuple[int, int]] = []
         wall = time.time() - now
         plain = self._admit_plain(entries, now) if room >= n and not self._shutting_down else None
         if plain is not None:  # the usual
@@ -878,7 +884,9 @@ class Container:
                         bool(wflags & _LEAN_TIMEOUT),
                     )
                 left = room - len(admitted)
-                code, ticket, slot = self._admit_entry(s, unusual, peers, left, now, mirrored, wall)
+                code, ticket, slot = self._admit_entry(
+                    s, unusual, peers, left, now, mirrored, wall, twins
+                )
                 flat += (code, ticket)
                 if slot is not None:
                     admitted.append(slot)
@@ -887,7 +895,7 @@ class Container:
         self._held += len(admitted)
         self._parks_total += len(admitted)
         if s.ending is None:
-            confirm = _Confirm(admitted)
+            confirm = _Confirm(admitted, twins)
             if admitted:
                 s.unconfirmed.add(confirm)
             s.outbox.add((parked_frame_flat(msg.request_id, flat),), (confirm,))
@@ -970,14 +978,16 @@ class Container:
         now: float,
         mirrored: list[Record] | None,
         wall: float,
+        twins: list[tuple[int, int]],
     ) -> tuple[Refusal, int, Slot | None]:
         """An entry off the hot path (rules or tags, re-sent, over a limit, no room,
         shutting down): (refusal, ticket, its new slot). A re-sent park of a socket
-        we hold already is (OK, its ticket, None)."""
+        we took already is (OK, its ticket, None), and its twin goes in ``twins``."""
         fd = entry.fd
         if entry.resent and self._twins and (twin := self._twin(fd, now, s)) is not None:
             close_fds((fd,))  # we took this connection already, under this ticket
-            return Refusal.OK, twin, None
+            twins.append(twin)
+            return Refusal.OK, twin[1], None
         rules = None
         try:
             if entry.rules or entry.tags:  # v3: checked first, before the fd
@@ -1128,8 +1138,8 @@ class Container:
             # The next look once it has doubled (each look is a walk), within the cap.
             self._twins_at = min(2 * live + TWINS_MAX, max(2 * live + 1024, 2 * len(self._twins)))
 
-    def _twin(self, fd: int, now: float, s: _Session) -> int | None:
-        """A re-sent park of a socket we took already: its ticket, else None.
+    def _twin(self, fd: int, now: float, s: _Session) -> tuple[int, int] | None:
+        """A re-sent park of a socket we took already: (its inode, its ticket), else None.
 
         Whatever became of that connection since (still parked, woken to
         another worker, closed), the sender's copy must go: the answer is OK.
@@ -1138,9 +1148,10 @@ class Container:
         it and lost that park with its session sends a new one, not a copy.
         """
         try:
-            found = self._twins.get(os.fstat(fd).st_ino)
+            inode = os.fstat(fd).st_ino
         except OSError:
             return None
+        found = self._twins.get(inode)
         if found is None or now - found[1] > TWIN_MEMORY:
             return None
         ticket, _, parker = found
@@ -1151,7 +1162,7 @@ class Container:
             r = attrs.evolve(r, woken=0)
             if self._readmit(r, now, now - time.time()) is not None:
                 self._mirror_send(encode_records(MirrorKind.ADD, [r]))
-        return ticket
+        return inode, ticket
 
     def _note_lineage(self, sid: int, resumed: int) -> None:
         now = trio.current_time()
@@ -1282,6 +1293,9 @@ class Container:
                 if isinstance(group, _Confirm):
                     if group.marked:
                         Lot.confirm(group.slots)
+                    for inode, ticket in group.twins:  # (unless remembered anew since)
+                        if self._twins.get(inode, (0,))[0] == ticket:
+                            del self._twins[inode]
                     s.unconfirmed.discard(group)
                     if self._mirror is not None and group.slots:
                         tickets = [x.ticket for x in group.slots]

@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import resource
+import secrets
 import socket
 import time
 from bisect import bisect_left
@@ -287,8 +288,9 @@ class Container:
         self._quarantine: dict[int, Record] = {}
         #: Sockets a worker may send again, marked ``resent`` (its session ended
         #: before our PARKED reached it, or we restarted): inode -> (ticket, when,
-        #: the parker's session id, 0 after a restart: any). Such a park, from
-        #: that session's successor, gets the ticket we gave: one owner.
+        #: the parker's session id; after a restart 0: any, or minus the session
+        #: that claimed its wake: any but its successors). Such a park, from that
+        #: session's successor, gets the ticket we gave: one owner.
         self._twins: dict[int, tuple[int, float, int]] = {}
         #: ``_twins``' size at which ``_remember_inode`` next prunes it.
         self._twins_at = 1024
@@ -301,7 +303,10 @@ class Container:
             max_tag_len=config.max_tag_len,
         )
         self._sessions: dict[int, _Session] = {}
-        self._next_session = 1
+        #: From a random start, not 1: a worker back after a restart resumes a
+        #: session of the process before (HELLO ``resume_session``), and its
+        #: lineage must not run through a session of ours that had that id.
+        self._next_session = 1 + secrets.randbelow(1 << 62)
         self._refused: Counter[str] = Counter()
         self._latencies: deque[float] = deque(maxlen=4096)
         self._latency_buckets = LatencyBuckets()
@@ -1144,8 +1149,10 @@ class Container:
         Whatever became of that connection since (still parked, woken to
         another worker, closed), the sender's copy must go: the answer is OK.
         Only from a successor of the session that parked it (or after a
-        restart, from anyone): a worker that got the connection since, parked
-        it and lost that park with its session sends a new one, not a copy.
+        restart, from anyone but the successors of a session that claimed
+        its wake: ``_claimed``): a worker that got the connection since,
+        parked it and lost that park with its session sends a new one, not a
+        copy.
         """
         try:
             inode = os.fstat(fd).st_ino
@@ -1155,13 +1162,12 @@ class Container:
         if found is None or now - found[1] > TWIN_MEMORY:
             return None
         ticket, _, parker = found
-        if parker and not self._descends(s, parker):
+        if parker > 0 and not self._descends(s, parker):
             return None
-        r = self._quarantine.pop(ticket, None)
-        if r is not None:  # its wake never reached the worker: parked again, not woken
-            r = attrs.evolve(r, woken=0)
-            if self._readmit(r, now, now - time.time()) is not None:
-                self._mirror_send(encode_records(MirrorKind.ADD, [r]))
+        if parker < 0 and self._descends(s, -parker):
+            return None
+        # (Restored and in quarantine: its wake may be in another worker's
+        # hands, one a tag or UNPARK woke it to: it stays there to be claimed.)
         return inode, ticket
 
     def _note_lineage(self, sid: int, resumed: int) -> None:
@@ -1181,17 +1187,19 @@ class Container:
             sid = self._lineage.get(sid, (0, 0.0))[0]
         return False
 
-    def _claimed(self, tickets: Sequence[int]) -> None:
-        """A reconnecting worker has these (HELLO resume): drop our restored copies."""
+    def _claimed(self, tickets: Sequence[int], sid: int) -> None:
+        """A reconnecting worker (its new session: ``sid``) has these (HELLO
+        resume): drop our restored copies."""
         for t in tickets:
             r = self._quarantine.pop(t, None)
             if r is not None:
-                # The worker has this connection: a park of it from now on is
-                # a new one, not a copy of ours.
-                try:
-                    self._twins.pop(os.fstat(r.fd).st_ino, None)
-                except OSError:
-                    pass
+                # The worker has this connection: a park of it by its lineage is
+                # a new one, not a copy of ours. Another worker's may be one: the
+                # parker never saw its PARKED, and a tag or UNPARK woke it to this one.
+                inode = _inode(r.fd)
+                twin = self._twins.get(inode)
+                if twin is not None and twin[0] == t:
+                    self._twins[inode] = (t, twin[1], -sid)
                 os.close(r.fd)
                 self._held -= 1
                 self._mirror_del.append(t)
@@ -1510,7 +1518,7 @@ class Container:
                 )
                 return None
             if hello.resume_tickets:
-                self._claimed(hello.resume_tickets)
+                self._claimed(hello.resume_tickets, self._next_session)
                 self._flush_mirror()  # before WELCOME: the worker forgets them after it
             sid = self._next_session
             self._next_session += 1

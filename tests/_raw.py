@@ -41,13 +41,15 @@ class RawPeer:
         name: str = "raw",
         version: int = 0,
         resume_session: int = 0,
+        resume_tickets: tuple[int, ...] = (),
     ) -> None:
         self.chan = BlockingChannel(connect_unix(path))
         self.decoder = Decoder()
+        resume = {"resume_session": resume_session, "resume_tickets": resume_tickets}
         if version:
-            self.send(Hello(version, pool=pool, name=name, resume_session=resume_session))
+            self.send(Hello(version, pool=pool, name=name, **resume))
         else:
-            self.send(Hello(pool=pool, name=name, resume_session=resume_session))
+            self.send(Hello(pool=pool, name=name, **resume))
         welcome = self.receive()
         assert isinstance(welcome, Welcome), welcome
         self.welcome = welcome

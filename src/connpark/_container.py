@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import resource
+import secrets
 import socket
 import time
 from bisect import bisect_left
@@ -185,14 +186,19 @@ class _Confirm:
     ``inodes``: then also their sockets' inodes (``_twins``' keys), taken while
     their fds are surely open: a slot may be woken, ACKed and closed before its
     session ends, and a re-sent park of it must still find its ticket.
+    ``twins``: (inode, ticket) of the re-sent entries it answers with a twin's
+    ticket. Once written, the sender knows: that twin has done its work (the
+    connection may come back to this worker and a later park of it, lost and
+    sent again, is a new park, not a copy of the first).
     """
 
-    __slots__ = ("inodes", "marked", "slots")
+    __slots__ = ("inodes", "marked", "slots", "twins")
 
-    def __init__(self, slots: list[Slot]) -> None:
+    def __init__(self, slots: list[Slot], twins: list[tuple[int, int]]) -> None:
         self.slots = slots
         self.marked = False
         self.inodes: list[int] = []
+        self.twins = twins
 
 
 class _Session(SessionState):
@@ -286,8 +292,9 @@ class Container:
         self._quarantine: dict[int, Record] = {}
         #: Sockets a worker may send again, marked ``resent`` (its session ended
         #: before our PARKED reached it, or we restarted): inode -> (ticket, when,
-        #: the parker's session id, 0 after a restart: any). Such a park, from
-        #: that session's successor, gets the ticket we gave: one owner.
+        #: the parker's session id; after a restart 0: any, or minus the session
+        #: that claimed its wake: any but its successors). Such a park, from that
+        #: session's successor, gets the ticket we gave: one owner.
         self._twins: dict[int, tuple[int, float, int]] = {}
         #: ``_twins``' size at which ``_remember_inode`` next prunes it.
         self._twins_at = 1024
@@ -302,7 +309,10 @@ class Container:
             max_tag_len=config.max_tag_len,
         )
         self._sessions: dict[int, _Session] = {}
-        self._next_session = 1
+        #: From a random start, not 1: a worker back after a restart resumes a
+        #: session of the process before (HELLO ``resume_session``), and its
+        #: lineage must not run through a session of ours that had that id.
+        self._next_session = 1 + secrets.randbelow(1 << 62)
         self._refused: Counter[str] = Counter()
         self._latencies: deque[float] = deque(maxlen=4096)
         self._latency_buckets = LatencyBuckets()
@@ -863,6 +873,7 @@ class Container:
         if n >= _UNNEST_AT:
             self._unnest()
         mirrored: list[Record] | None = [] if self._mirror is not None else None
+        twins: list[tuple[int, int]] = []
         wall = time.time() - now
         plain = self._admit_plain(entries, now) if room >= n and not self._shutting_down else None
         if plain is not None:  # the usual
@@ -886,7 +897,9 @@ class Container:
                         bool(wflags & _LEAN_TIMEOUT),
                     )
                 left = room - len(admitted)
-                code, ticket, slot = self._admit_entry(s, unusual, peers, left, now, mirrored, wall)
+                code, ticket, slot = self._admit_entry(
+                    s, unusual, peers, left, now, mirrored, wall, twins
+                )
                 flat += (code, ticket)
                 if slot is not None:
                     admitted.append(slot)
@@ -895,7 +908,7 @@ class Container:
         self._held += len(admitted)
         self._parks_total += len(admitted)
         if s.ending is None:
-            confirm = _Confirm(admitted)
+            confirm = _Confirm(admitted, twins)
             if admitted:
                 s.unconfirmed.add(confirm)
             s.outbox.add((parked_frame_flat(msg.request_id, flat),), (confirm,))
@@ -978,14 +991,16 @@ class Container:
         now: float,
         mirrored: list[Record] | None,
         wall: float,
+        twins: list[tuple[int, int]],
     ) -> tuple[Refusal, int, Slot | None]:
         """An entry off the hot path (rules or tags, re-sent, over a limit, no room,
         shutting down): (refusal, ticket, its new slot). A re-sent park of a socket
-        we hold already is (OK, its ticket, None)."""
+        we took already is (OK, its ticket, None), and its twin goes in ``twins``."""
         fd = entry.fd
         if entry.resent and self._twins and (twin := self._twin(fd, now, s)) is not None:
             close_fds((fd,))  # we took this connection already, under this ticket
-            return Refusal.OK, twin, None
+            twins.append(twin)
+            return Refusal.OK, twin[1], None
         rules = None
         try:
             if entry.rules or entry.tags:  # v3: checked first, before the fd
@@ -1134,30 +1149,32 @@ class Container:
                 self._twins, now, 2 * live + 1024, 2 * live + TWINS_MAX
             )
 
-    def _twin(self, fd: int, now: float, s: _Session) -> int | None:
-        """A re-sent park of a socket we took already: its ticket, else None.
+    def _twin(self, fd: int, now: float, s: _Session) -> tuple[int, int] | None:
+        """A re-sent park of a socket we took already: (its inode, its ticket), else None.
 
         Whatever became of that connection since (still parked, woken to
         another worker, closed), the sender's copy must go: the answer is OK.
         Only from a successor of the session that parked it (or after a
-        restart, from anyone): a worker that got the connection since, parked
-        it and lost that park with its session sends a new one, not a copy.
+        restart, from anyone but the successors of a session that claimed
+        its wake: ``_claimed``): a worker that got the connection since,
+        parked it and lost that park with its session sends a new one, not a
+        copy.
         """
         try:
-            found = self._twins.get(os.fstat(fd).st_ino)
+            inode = os.fstat(fd).st_ino
         except OSError:
             return None
+        found = self._twins.get(inode)
         if found is None or now - found[1] > TWIN_MEMORY:
             return None
         ticket, _, parker = found
-        if parker and not self._descends(s, parker):
+        if parker > 0 and not self._descends(s, parker):
             return None
-        r = self._quarantine.pop(ticket, None)
-        if r is not None:  # its wake never reached the worker: parked again, not woken
-            r = attrs.evolve(r, woken=0)
-            if self._readmit(r, now, now - time.time()) is not None:
-                self._mirror_send(encode_records(MirrorKind.ADD, [r]))
-        return ticket
+        if parker < 0 and self._descends(s, -parker):
+            return None
+        # (Restored and in quarantine: its wake may be in another worker's
+        # hands, one a tag or UNPARK woke it to: it stays there to be claimed.)
+        return inode, ticket
 
     def _note_lineage(self, sid: int, resumed: int) -> None:
         now = trio.current_time()
@@ -1175,17 +1192,19 @@ class Container:
             sid = self._lineage.get(sid, (0, 0.0))[0]
         return False
 
-    def _claimed(self, tickets: Sequence[int]) -> None:
-        """A reconnecting worker has these (HELLO resume): drop our restored copies."""
+    def _claimed(self, tickets: Sequence[int], sid: int) -> None:
+        """A reconnecting worker (its new session: ``sid``) has these (HELLO
+        resume): drop our restored copies."""
         for t in tickets:
             r = self._quarantine.pop(t, None)
             if r is not None:
-                # The worker has this connection: a park of it from now on is
-                # a new one, not a copy of ours.
-                try:
-                    self._twins.pop(os.fstat(r.fd).st_ino, None)
-                except OSError:
-                    pass
+                # The worker has this connection: a park of it by its lineage is
+                # a new one, not a copy of ours. Another worker's may be one: the
+                # parker never saw its PARKED, and a tag or UNPARK woke it to this one.
+                inode = _inode(r.fd)
+                twin = self._twins.get(inode)
+                if twin is not None and twin[0] == t:
+                    self._twins[inode] = (t, twin[1], -sid)
                 os.close(r.fd)
                 self._held -= 1
                 self._mirror_del.append(t)
@@ -1287,6 +1306,9 @@ class Container:
                 if isinstance(group, _Confirm):
                     if group.marked:
                         Lot.confirm(group.slots)
+                    for inode, ticket in group.twins:  # (unless remembered anew since)
+                        if self._twins.get(inode, (0,))[0] == ticket:
+                            del self._twins[inode]
                     s.unconfirmed.discard(group)
                     if self._mirror is not None and group.slots:
                         tickets = [x.ticket for x in group.slots]
@@ -1526,7 +1548,7 @@ class Container:
             )
             return None
         if hello.resume_tickets:
-            self._claimed(hello.resume_tickets)
+            self._claimed(hello.resume_tickets, self._next_session)
             self._flush_mirror()  # before WELCOME: the worker forgets them after it
         sid = self._next_session
         self._next_session += 1

@@ -1440,7 +1440,7 @@ class EngineMachine(RuleBasedStateMachine):
         was = req.state
         self.engine.withdraw(req)
         self.withdrawn.add(id(req))
-        if was is ReqState.QUEUED:
+        if was is ReqState.QUEUED and not req.resent:  # never sent: dropped
             assert req.state is ReqState.DONE
             assert not any(s.closed for s in req.socks[req.answered :])
         else:

@@ -210,7 +210,7 @@ class Outbox:
             if fds:
                 anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))]
                 sent = sock.sendmsg([data], anc)
-                if self._dup:
+                if self._dup or type(fds) is _Held:
                     close_fds(fds)  # the peer has its own now
             else:
                 sent = sock.send(data)
@@ -225,6 +225,17 @@ class Outbox:
                 chunks.popleft()
                 self.queued_frames -= frames
                 self._started = False
+
+    def hold_fds(self) -> None:
+        """Take a ``dup`` of every fd still queued (not ``own_fds``): for when the
+        caller can no longer keep its copies open until they go out (a park it
+        stopped waiting for is its own again, to close and reuse the number)."""
+        if self._dup:
+            return
+        chunks = self._chunks
+        for i, (data, fds, tag, frames) in enumerate(chunks):
+            if fds and type(fds) is not _Held:
+                chunks[i] = (data, _Held(_dup_all(fds)), tag, frames)
 
     def take_sent(self) -> list[object]:
         """Tags of the frames that went out since the last call, in order."""
@@ -256,7 +267,7 @@ class Outbox:
                 continue
             self.queued_bytes -= len(data)
             self.queued_frames -= frames
-            if self._dup:
+            if self._dup or type(fds) is _Held:
                 close_fds(fds)
             if tag is not None:
                 tags.append(tag)
@@ -267,7 +278,7 @@ class Outbox:
         """Forget everything queued; close the fds we held for it (``dup`` only)."""
         while self._chunks:
             fds = self._chunks.popleft()[1]
-            if self._dup:
+            if self._dup or type(fds) is _Held:
                 close_fds(fds)
         self.queued_bytes = self.queued_frames = 0
         self._started = False  # (a half-sent head went with the rest)
@@ -275,6 +286,12 @@ class Outbox:
 
 #: ``Outbox.add``'s tags when it is given none: None for every frame.
 _NO_TAGS: Final = repeat(None)
+
+
+class _Held(list[int]):
+    """fds an ``Outbox`` without ``own_fds`` holds copies of all the same (``hold_fds``)."""
+
+    __slots__ = ()
 
 
 def _dup_all(fds: Iterable[int]) -> list[int]:
@@ -370,6 +387,10 @@ class TrioChannel:
     def discard_unstarted(self) -> bool:
         """Drop queued frames nobody has begun to send; False if one is half sent."""
         return self._outbox.discard_unstarted()
+
+    def hold_fds(self) -> None:
+        """Hold copies of the queued fds: their owners may close them now."""
+        self._outbox.hold_fds()
 
     def close(self) -> None:
         if not self.closed:

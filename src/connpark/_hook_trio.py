@@ -292,6 +292,8 @@ class Parking(HandleInfo):
             await req.waiter.wait()
         except BaseException:
             self._engine.withdraw(req)  # cancelled: the engine keeps one owner
+            if self._chan is not None:
+                self._chan.hold_fds()  # the caller may close a socket not sent yet
             raise
 
     def _raise_if_gave_up(self) -> None:

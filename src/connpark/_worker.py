@@ -23,8 +23,11 @@ Ownership rules, kept here once for every hook:
   253 fds by the codec), then SENT. On PARKED "ok" the engine closes the
   caller's copy; on a refusal the socket stays the caller's. A cancelled
   caller ``withdraw``s: a QUEUED park is dropped (the socket is the caller's),
-  a SENT one is *abandoned*: its answer still closes the socket if it was
-  parked. So the socket is always exactly the caller's or closed, never both.
+  a SENT one (or one sent in a lost session) is *abandoned*: its answer still
+  closes the socket if it was parked. So the socket is always exactly the
+  caller's or closed, never both. Until that answer, a new park of the socket
+  is held (``_limbo``, ``_release``): it gets the ticket, or goes out after a
+  refusal; one connection is never parked twice.
   Until an fd has gone out, its socket stays open (PARKED cannot come
   earlier), so no fd number can be reused under a queued frame.
 - **ACK rule.** A WAKE's tickets are ACKed as soon as the message is decoded:
@@ -367,6 +370,17 @@ class ParkRequest:
     answered: int = 0
     #: Wakes nobody took, parked again at close: the engine's own sockets.
     handback: bool = False
+    #: Sent in a session that ended unanswered: queued again, but the container
+    #: may hold some of its sockets already (withdrawn, it is abandoned, not dropped).
+    resent: bool = False
+    #: Index -> (an abandoned park of the same socket, its index): this one waits
+    #: for that answer (``Engine._release``) instead of parking the socket twice.
+    after: dict[int, tuple[ParkRequest, int]] = attrs.field(factory=dict)
+    #: The part of a held park sent once the earlier answers came: its results go
+    #: to ``parent`` at ``slots``.
+    child: ParkRequest | None = None
+    parent: ParkRequest | None = None
+    slots: list[int] = attrs.field(factory=list)
 
     def __attrs_post_init__(self) -> None:
         self.results = [None] * len(self.entries)
@@ -575,6 +589,11 @@ class Engine:
         self._out: list[Frame] = []
         self._acks: list[int] = []
         self._batch: list[ParkRequest] = []
+        #: fd -> (request, index) of the unanswered entries of abandoned parks: their
+        #: sockets are the caller's or the container's only once the answer comes.
+        self._limbo: dict[int, tuple[ParkRequest, int]] = {}
+        #: Parks of sockets in ``_limbo``: they wait for those answers (``_release``).
+        self._held: list[ParkRequest] = []
         #: request id -> the park requests it carries, answered in order.
         self._sent: dict[int, _Batch] = {}
         self._stats: deque[StatsRequest] = deque()
@@ -761,7 +780,12 @@ class Engine:
         ``park_entries`` or ``park_many_entries``)."""
         self._check_open()
         req = ParkRequest(socks, entries, waiter)
-        if entries:
+        if self._limbo and entries:
+            limbo = self._limbo
+            req.after = {i: limbo[fd] for i, fd in enumerate(req.fds) if fd in limbo}
+        if req.after:
+            self._held.append(req)  # parked again before the first answer came
+        elif entries:
             self._batch.append(req)
         else:
             req.state = ReqState.DONE
@@ -779,12 +803,19 @@ class Engine:
                 if isinstance(req, ControlRequest):
                     self._control_reqs.pop(req.msg.request_id, None)
             return
-        if req.state is ReqState.QUEUED:
-            self._batch.remove(req)
+        if req.child is not None:
+            req.abandoned = True
+            self.withdraw(req.child)
+        elif req.state is ReqState.QUEUED and not req.resent:
+            (self._held if req.after else self._batch).remove(req)
             req.state = ReqState.DONE
             req.error = ParkingClosed("park withdrawn")
         else:
+            # Sent (or sent in a lost session, and queued again): the container
+            # may have taken a socket already, so the answer decides its owner.
             req.abandoned = True
+            for i in range(req.answered, len(req.fds)):
+                self._limbo[req.fds[i]] = (req, i)
 
     def stats(self, waiter: Any) -> StatsRequest:
         self._check_open()
@@ -882,9 +913,10 @@ class Engine:
         if self.phase in (Phase.CLOSING, Phase.CLOSED):
             return None
         closed = ParkingClosed("the parking session is closed")
-        for req in self._batch:
+        for req in [*self._batch, *self._held]:
             self._settle_error(req, closed)
         self._batch = []
+        self._held = []
         live = self.phase is Phase.READY
         self.phase = Phase.CLOSING if live else Phase.CLOSED
         socks = [w.socket for w in untaken if w.socket is not None]
@@ -1046,10 +1078,65 @@ class Engine:
                     if req.handback:
                         self.closer((sock,))  # a wake we could not hand back: nobody else owns it
         req.answered = end
+        if req.abandoned and self._limbo:
+            for fd in req.fds[start:end]:
+                self._limbo.pop(fd, None)
         if end == len(req.results):
             req.state = ReqState.DONE
+            self._finished(req)
+        if self._held:
+            self._release()
+
+    def _finished(self, req: ParkRequest) -> None:
+        """A park is done: wake its caller, or, for the sent part of a held park,
+        settle that park with its results."""
+        parent = req.parent
+        if parent is None:
             if not req.abandoned:
                 self._events.append(Settled(req))
+            return
+        for k, i in enumerate(req.slots):
+            parent.results[i] = req.results[k]
+        parent.error = req.error
+        parent.answered = len(parent.results) if req.error is None else 0
+        parent.state = ReqState.DONE
+        if not parent.abandoned:
+            self._events.append(Settled(parent))
+
+    def _release(self) -> None:
+        """Send the held parks whose earlier (abandoned) parks are answered now: a
+        socket the container took then has its ticket; the others go out."""
+        held, self._held = self._held, []
+        for req in held:
+            if req.state is ReqState.DONE:
+                continue
+            if any(
+                old.state is not ReqState.DONE and old.answered <= j
+                for old, j in req.after.values()
+            ):
+                self._held.append(req)
+                continue
+            taken = {
+                i: r for i, (old, j) in req.after.items() if isinstance(r := old.results[j], int)
+            }
+            req.after = {}
+            if not taken:
+                self._batch.append(req)
+                continue
+            for i, ticket in taken.items():
+                req.results[i] = ticket
+            slots = [i for i in range(len(req.results)) if i not in taken]
+            if not slots:
+                req.answered = len(req.results)
+                req.state = ReqState.DONE
+                self._finished(req)
+                continue
+            child = ParkRequest(
+                [req.socks[i] for i in slots], [req.entries[i] for i in slots], None
+            )
+            child.parent, child.slots, req.child = req, slots, child
+            req.state = ReqState.SENT
+            self._batch.append(child)
 
     def _on_stats(self, msg: StatsReply) -> None:
         """Replies come in the order requests were sent: the oldest SENT one is answered."""
@@ -1100,6 +1187,7 @@ class Engine:
             # ones too, nobody waiting: an OK closes the socket, a refusal leaves
             # it the caller's, as when the answer comes in time.
             req.state = ReqState.QUEUED
+            req.resent = True
             req.items[req.answered :] = [mark_resent(i) for i in req.items[req.answered :]]
         self._batch[:0] = [r for r in requeue if r.state is ReqState.QUEUED]
         for sreq in self._stats:
@@ -1126,19 +1214,28 @@ class Engine:
             return
         req.state = ReqState.DONE
         req.error = error
-        if isinstance(req, ParkRequest) and req.handback:
+        if not isinstance(req, ParkRequest):
+            if not req.abandoned:
+                self._events.append(Settled(req))
+            return
+        if req.handback:
             self.closer(req.socks[req.answered :])  # wakes we were handing back: ours alone
-        if not req.abandoned:
-            self._events.append(Settled(req))
+        if req.abandoned and self._limbo:  # never answered: the caller's again
+            for fd in req.fds[req.answered :]:
+                self._limbo.pop(fd, None)
+        self._finished(req)
+        if self._held:
+            self._release()
 
     def _fail_all(self, error: ConnparkError) -> None:
         for batch in self._sent.values():
             for req in batch.unanswered():
                 self._settle_error(req, error)
         self._sent.clear()
-        for req in self._batch:
+        for req in [*self._held, *self._batch]:
             self._settle_error(req, error)
         self._batch = []
+        self._held = []
         while self._stats:
             self._settle_error(self._stats.popleft(), error)
         while self._control_reqs:

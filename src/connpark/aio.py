@@ -102,6 +102,10 @@ class _Channel:
             except OSError:
                 pass
 
+    def hold_fds(self) -> None:
+        """Hold copies of the queued fds: their owners may close them now."""
+        self._outbox.hold_fds()
+
     async def receive(self) -> tuple[bytes, list[int]]:
         while True:
             try:
@@ -305,6 +309,8 @@ class AsyncioParking(HandleInfo):
             await asyncio.shield(req.waiter)
         except asyncio.CancelledError:
             self._engine.withdraw(req)  # the engine keeps one owner
+            if self._chan is not None:
+                self._chan.hold_fds()  # the caller may close a socket not sent yet
             raise
 
     # -- I/O ----------------------------------------------------------------------

@@ -1,0 +1,309 @@
+"""A hostile review of the worker hooks: one owner under cancellation, timeouts,
+stopped and killed containers.
+
+Each test drives a real ``connpark serve`` subprocess and real loopback TCP
+connections through the three hooks (the drivers of ``test_hooks``); the
+container is frozen with SIGSTOP / SIGCONT or killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import connpark
+from connpark._wire import Parked, ParkResult, Refusal
+
+from ._procs import ServeProcess, recv_exactly, tcp_pairs
+from .conftest import open_fd_count
+from .test_engine import FakeSock, entry, ok, parks, settled, started
+from .test_hooks import DRIVERS, IDS, AsyncioDriver, BlockingDriver, Driver, TrioDriver
+
+pytestmark = pytest.mark.linux
+
+Factory = Callable[..., Driver]
+
+
+@pytest.fixture(params=DRIVERS, ids=IDS)
+def make(request: pytest.FixtureRequest) -> Iterator[Factory]:
+    """Open drivers of one kind; each is shut down and fds are checked at the end."""
+    before = open_fd_count()
+    opened: list[Driver] = []
+
+    def factory(path: Path, **kw: Any) -> Driver:
+        driver: Driver = request.param(path, **kw)
+        opened.append(driver)
+        return driver
+
+    factory.kind = request.param.kind  # type: ignore[attr-defined]
+    yield factory
+    for d in opened:
+        d.shutdown()
+    assert open_fd_count() == before, "fds leaked in the worker process"
+
+
+@pytest.fixture
+def proc(sockdir: Path) -> Iterator[ServeProcess]:
+    """A container of the test's own (it gets frozen): resumed and stopped at the end."""
+    p = ServeProcess(sockdir / "c.sock")
+    yield p
+    if p.proc.poll() is None:
+        os.kill(p.pid, signal.SIGCONT)
+    p.stop()
+
+
+@pytest.fixture
+def closing() -> Iterator[list[socket.socket]]:
+    """Sockets closed at the end whatever happens (before ``make`` counts fds)."""
+    socks: list[socket.socket] = []
+    yield socks
+    for s in socks:
+        s.close()
+
+
+def park_within(driver: Driver, sock: socket.socket, seconds: float, **kw: Any) -> int | None:
+    """``park`` with each world's deadline; None when it passed."""
+    if isinstance(driver, BlockingDriver):
+        try:
+            return driver.parking.park(sock, timeout=seconds, **kw)
+        except connpark.ContainerTimeout:
+            return None
+    if isinstance(driver, AsyncioDriver):
+        return driver._within(driver.parking.park(sock, **kw), seconds)  # type: ignore[no-any-return]
+    assert isinstance(driver, TrioDriver)
+    return driver._within(functools.partial(driver.parking.park, sock, **kw), seconds)  # type: ignore[no-any-return]
+
+
+def until(cond: Callable[[], bool], timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def no_wake_within(driver: Driver, seconds: float) -> bool:
+    try:
+        woken = driver.next_wake(timeout=seconds)
+    except (AssertionError, TimeoutError):
+        return True
+    except BaseException as exc:  # trio.TooSlowError, asyncio.TimeoutError
+        if "Timeout" in type(exc).__name__ or "TooSlow" in type(exc).__name__:
+            return True
+        raise
+    if woken.socket is not None:
+        woken.socket.close()
+    return False
+
+
+# ------------------------------------------------------------------ timeouts, retries
+
+
+def test_a_park_retried_after_a_timeout_parks_the_connection_once(
+    make: Factory, proc: ServeProcess
+) -> None:
+    """Timed out twice against a frozen container, then it resumes: both PARKs
+    reach it. The connection must be parked once and wake once, not twice."""
+    driver = make(proc.path, pool="retry")
+    (client,), (server,) = tcp_pairs(1)
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        assert park_within(driver, server, 0.3, token=b"first") is None
+        assert server.fileno() != -1  # "still yours": so the caller tries again
+        assert park_within(driver, server, 0.3, token=b"again") is None
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    # The container took it after all: the hook closes the caller's copy.
+    assert until(lambda: server.fileno() == -1)
+    assert until(lambda: proc.stats().parks_total >= 1)
+    time.sleep(0.3)  # the second PARK, if sent, is read by now
+    client.sendall(b"ping")
+    woken = driver.next_wake(timeout=10)
+    assert woken.socket is not None
+    assert recv_exactly(woken.socket, 4) == b"ping"
+    twice = not no_wake_within(driver, 1.0)
+    woken.socket.close()
+    client.close()
+    assert not twice, "one connection was delivered twice"
+    assert proc.stats().parked == 0
+
+
+def park_many_within(
+    driver: Driver, socks: list[socket.socket], seconds: float, **kw: Any
+) -> list[Any] | None:
+    """``park_many`` with each world's deadline; None when it passed."""
+    if isinstance(driver, BlockingDriver):
+        try:
+            return driver.parking.park_many(socks, timeout=seconds, **kw)
+        except connpark.ContainerTimeout:
+            return None
+    if isinstance(driver, AsyncioDriver):
+        return driver._within(driver.parking.park_many(socks, **kw), seconds)  # type: ignore[no-any-return]
+    assert isinstance(driver, TrioDriver)
+    return driver._within(functools.partial(driver.parking.park_many, socks, **kw), seconds)  # type: ignore[no-any-return]
+
+
+def blocking_hangs(make: Factory, request: pytest.FixtureRequest) -> None:
+    if make.kind == "blocking":  # type: ignore[attr-defined]
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="threads: park's write blocks on a full control socket, past timeout=",
+            )
+        )
+
+
+#: Enough PARK bytes to fill the control socket while the container reads nothing.
+FILL = 8
+FILL_PENDING = 60_000
+
+
+def test_a_park_timing_out_behind_a_full_control_socket_keeps_its_deadline(
+    make: Factory,
+    proc: ServeProcess,
+    request: pytest.FixtureRequest,
+    closing: list[socket.socket],
+) -> None:
+    """A frozen container that reads nothing: the PARK cannot all be written. The
+    caller's deadline still holds (threads: ``timeout=`` covers the write too)."""
+    blocking_hangs(make, request)
+    driver = make(proc.path, pool="full")
+    clients, servers = tcp_pairs(FILL)
+    closing += clients + servers
+    os.kill(proc.pid, signal.SIGSTOP)
+    guard = threading.Timer(3.0, os.kill, (proc.pid, signal.SIGCONT))  # a hang ends
+    guard.start()
+    try:
+        t0 = time.monotonic()
+        got = park_many_within(driver, servers, 0.3, pendings=[b"p" * FILL_PENDING] * FILL)
+        took = time.monotonic() - t0
+    finally:
+        guard.cancel()
+        os.kill(proc.pid, signal.SIGCONT)
+    assert got is None
+    assert took < 2, f"park_many(timeout=0.3) returned after {took:.1f} s"
+    assert until(lambda: all(s.fileno() == -1 for s in servers))  # taken after all
+    for c in clients:
+        c.close()
+
+
+def test_a_cancelled_park_still_queued_cannot_carry_a_reused_fd_number(
+    make: Factory,
+    proc: ServeProcess,
+    request: pytest.FixtureRequest,
+    closing: list[socket.socket],
+) -> None:
+    """A PARK stuck behind a full control socket is cancelled: the socket is "still
+    yours", so the caller closes it, and the fd number goes to a new connection.
+    When the container reads again, it must not get that new connection."""
+    blocking_hangs(make, request)
+    driver = make(proc.path, pool="reuse")
+    clients, servers = tcp_pairs(FILL)
+    (vclient,), (victim,) = tcp_pairs(1)
+    (nclient,), (newcomer,) = tcp_pairs(1)
+    closing += [*clients, *servers, vclient, victim, nclient, newcomer]
+    os.kill(proc.pid, signal.SIGSTOP)
+    guard = threading.Timer(3.0, os.kill, (proc.pid, signal.SIGCONT))  # a hang ends
+    guard.start()
+    try:
+        assert park_many_within(driver, servers, 0.3, pendings=[b"p" * FILL_PENDING] * FILL) is None
+        assert park_within(driver, victim, 0.3, token=b"victim") is None
+        assert victim.fileno() != -1, "never sent: the caller's"
+        number = victim.fileno()
+        victim.close()  # the caller's to close
+        os.dup2(newcomer.fileno(), number)  # the number is reused (accept() would do it too)
+        newcomer.close()
+        newcomer = socket.socket(fileno=number)
+        closing.append(newcomer)
+    finally:
+        guard.cancel()
+        os.kill(proc.pid, signal.SIGCONT)
+    assert until(lambda: all(s.fileno() == -1 for s in servers))
+    time.sleep(0.5)  # every queued frame is read by now
+    vclient.settimeout(0.5)
+    try:
+        closed = vclient.recv(1) == b""  # never sent: the caller's close ended it
+    except TimeoutError:
+        closed = False
+    if not closed:  # sent before the cancel: the container took it after all
+        vclient.sendall(b"late")
+        woken = driver.next_wake(timeout=10)
+        assert woken.token == b"victim"
+        assert woken.socket is not None
+        woken.socket.close()
+    nclient.sendall(b"mine")
+    stolen = not no_wake_within(driver, 1.0)
+    assert newcomer.recv(4, socket.MSG_DONTWAIT) == b"mine"
+    for s in (newcomer, vclient, nclient, *clients):
+        s.close()
+    assert not stolen, "the container took a connection nobody parked"
+
+
+# ------------------------------------------------------------------ the engine alone
+
+
+def test_a_park_withdrawn_while_reconnecting_is_still_sent_again() -> None:
+    """Sent, then the session is lost: the container may hold the socket (a shard
+    restored from its mirror). Cancelled while the hook reconnects, the park must
+    still go out again (RESENT), so the answer decides the owner."""
+    engine, peer = started()
+    sock = FakeSock()
+    req = engine.park([sock], [entry(sock)], None)
+    (first,) = parks(peer.recv())
+    engine.receive_eof()
+    peer.events()
+    engine.withdraw(req)  # the caller's deadline passes during the backoff
+    peer.connect()
+    peer.welcome()
+    (again,) = parks(peer.recv())
+    assert [e.resent for e in again.entries] == [True]
+    peer.send(Parked(again.request_id, ok(7)))
+    assert settled(peer.events()) == []  # nobody waits
+    assert sock.closed, "the container has it, and so does the caller"
+    assert first.request_id != again.request_id
+
+
+def test_park_many_retried_after_a_timeout_waits_for_the_first_answer() -> None:
+    """The retry is held until the first answer: a socket it parked gets that ticket
+    and is not sent twice; one it refused goes out again."""
+    engine, peer = started()
+    a, b = FakeSock(), FakeSock()
+    first = engine.park([a, b], [entry(a), entry(b)], None)
+    (p1,) = parks(peer.recv())
+    engine.withdraw(first)  # timed out
+    retry = engine.park([a, b], [entry(a), entry(b)], None)
+    assert parks(peer.recv()) == []  # held
+    peer.send(Parked(p1.request_id, (ParkResult(Refusal.OK, 7), ParkResult(Refusal.FULL, 0))))
+    assert settled(peer.events()) == []
+    assert a.closed
+    assert not b.closed
+    (p2,) = parks(peer.recv())
+    assert [e.fd for e in p2.entries] == [b.fd]
+    peer.send(Parked(p2.request_id, ok(9)))
+    assert settled(peer.events()) == [retry]
+    assert retry.outcome() == [7, 9]
+    assert b.closed
+
+
+def test_a_retry_withdrawn_while_held_leaves_the_first_answer_in_charge() -> None:
+    engine, peer = started()
+    sock = FakeSock()
+    first = engine.park([sock], [entry(sock)], None)
+    (p1,) = parks(peer.recv())
+    engine.withdraw(first)
+    retry = engine.park([sock], [entry(sock)], None)
+    engine.withdraw(retry)  # timed out too, before the first answer came
+    peer.send(Parked(p1.request_id, (ParkResult(Refusal.FULL, 0),)))
+    assert settled(peer.events()) == []
+    assert parks(peer.recv()) == []  # nothing sent again: the socket is the caller's
+    assert not sock.closed

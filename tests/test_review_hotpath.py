@@ -224,52 +224,60 @@ def test_a_stream_of_big_frames_holds_up_no_wake_and_the_watcher_never_spins(
     worker = RawPeer(serve.path, pool="p", name="worker")
     baseline = serve.fd_count()
     clients, servers = tcp_pairs(8)
-    parked = worker.park([ParkEntry(s.fileno(), token=b"w%d" % i) for i, s in enumerate(servers)])
-    assert all(r.refusal is Refusal.OK for r in parked.results)
-    for s in servers:
-        s.close()
-    hostile = RawPeer(serve.path, pool="h", name="hostile")
-    stop = threading.Event()
-    frames = [0]
-
-    def flood() -> None:
-        r, w = os.pipe()
-        try:
-            while not stop.is_set():
-                out = hostile.park([ParkEntry(r) for _ in range(_UNNEST_AT)])
-                assert all(x.refusal is Refusal.NOT_A_SOCKET for x in out.results)
-                frames[0] += 1
-        finally:
-            os.close(r)
-            os.close(w)
-
-    flooder = threading.Thread(target=flood)
-    flooder.start()
+    hostile = None
     try:
-        for i, c in enumerate(clients):
-            time.sleep(0.1)
-            sent = time.monotonic()
-            c.sendall(b"b%d" % i)
-            ((_ticket, token, fd),) = worker.wakes(1)
-            assert time.monotonic() - sent < 1.0, i  # (a wake takes < 5 ms here)
-            assert token == b"w%d" % i
-            assert fd is not None
-            with socket.socket(fileno=fd) as s:
-                s.settimeout(5)
-                assert s.recv(10) == b"b%d" % i
+        parked = worker.park(
+            [ParkEntry(s.fileno(), token=b"w%d" % i) for i, s in enumerate(servers)]
+        )
+        assert all(r.refusal is Refusal.OK for r in parked.results)
+        for s in servers:
+            s.close()
+        hostile = RawPeer(serve.path, pool="h", name="hostile")
+        stop = threading.Event()
+        frames = [0]
+
+        def flood() -> None:
+            r, w = os.pipe()
+            try:
+                while not stop.is_set():
+                    out = hostile.park([ParkEntry(r) for _ in range(_UNNEST_AT)])
+                    assert all(x.refusal is Refusal.NOT_A_SOCKET for x in out.results)
+                    frames[0] += 1
+            finally:
+                os.close(r)
+                os.close(w)
+
+        flooder = threading.Thread(target=flood)
+        flooder.start()
+        try:
+            for i, c in enumerate(clients):
+                time.sleep(0.1)
+                sent = time.monotonic()
+                c.sendall(b"b%d" % i)
+                ((_ticket, token, fd),) = worker.wakes(1)
+                assert time.monotonic() - sent < 1.0, i  # (a wake takes < 5 ms here)
+                assert token == b"w%d" % i
+                assert fd is not None
+                with socket.socket(fileno=fd) as s:
+                    s.settimeout(5)
+                    assert s.recv(10) == b"b%d" % i
+        finally:
+            stop.set()
+            flooder.join()
+        assert frames[0] > 20  # the frames did come while the wakes were taken
+        hostile.close()
+        # The hostile session closed and all it sent with it (the worker's is in ``baseline``).
+        assert _wait(lambda: serve.fd_count() == baseline)
+        # Now idle: a watch loop that spun would burn a core.
+        before = _cpu_seconds(serve.pid)
+        time.sleep(0.5)
+        assert _cpu_seconds(serve.pid) - before < 0.1
     finally:
-        stop.set()
-        flooder.join()
-    assert frames[0] > 20  # the frames did come while the wakes were taken
-    hostile.close()
-    assert _wait(lambda: serve.fd_count() == baseline + 1)  # + the worker's session
-    # Now idle: a watch loop that spun would burn a core.
-    before = _cpu_seconds(serve.pid)
-    time.sleep(0.5)
-    assert _cpu_seconds(serve.pid) - before < 0.1
-    worker.close()
-    for c in clients:
-        c.close()
+        worker.close()
+        if hostile is not None:
+            hostile.close()
+        for c in clients + servers:
+            c.close()
 
 
 def _flood_unread(peer: RawPeer) -> None:

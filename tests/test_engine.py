@@ -1360,6 +1360,8 @@ class EngineMachine(RuleBasedStateMachine):
         self.unacked: set[int] = set()
         self.acked: set[int] = set()
         self.session_up = False
+        #: The hook's send failed this session (``send_failed``): the error it gave.
+        self.send_error: ContainerLost | None = None
         self.resume: tuple[int, tuple[int, ...]] = (0, ())
         self.connect()
         self.welcome()
@@ -1369,7 +1371,9 @@ class EngineMachine(RuleBasedStateMachine):
     def flush(self) -> None:
         """Take the engine's events, then deliver what it sends, as a hook does."""
         self.take_events()
-        for msg in self.peer.recv():
+        msgs = self.peer.recv()
+        assert not (msgs and self.send_error), "sent after the send failed"
+        for msg in msgs:
             if isinstance(msg, Park):
                 fds = [e.fd for e in msg.entries]
                 assert all(fd not in self.ok_fds for fd in fds), "a parked fd sent again"
@@ -1400,6 +1404,7 @@ class EngineMachine(RuleBasedStateMachine):
 
     def connect(self) -> None:
         hello = self.peer.connect()
+        self.send_error = None
         assert (hello.resume_session, hello.resume_tickets) == self.resume
         self.pieces.clear()
         self.stats_due = 0
@@ -1533,6 +1538,26 @@ class EngineMachine(RuleBasedStateMachine):
             assert not any(is_open(fd) for fd in fds), "a WAKE while closing leaked its fds"
             assert all(t not in self.acked for t in tickets), "a WAKE while closing was ACKed"
 
+    @precondition(
+        lambda self: (
+            self.engine.phase in (Phase.HANDSHAKE, Phase.READY, Phase.CLOSING)
+            and self.send_error is None
+        )
+    )
+    @rule(now=st.integers(0, 2))
+    def send_fails(self, now: int) -> None:
+        """The hook's write failed (the container died after writing some answers):
+        nothing more goes out, but what the container wrote is still read (the
+        container rules go on answering and waking until the session is lost)."""
+        if now:
+            return
+        self.send_error = ContainerLost("broken pipe")
+        self.engine.send_failed(self.send_error)
+        assert self.engine.send_broken
+        assert not self.engine.ready
+        assert self.engine.phase in (Phase.HANDSHAKE, Phase.READY, Phase.CLOSING)
+        self.flush()
+
     @precondition(lambda self: self.engine.phase in (Phase.HANDSHAKE, Phase.READY, Phase.CLOSING))
     @rule(how=st.sampled_from(["eof", "error", "reset", "garbage"]), now=st.integers(0, 2))
     def lose_session(self, how: str, now: int) -> None:
@@ -1550,6 +1575,8 @@ class EngineMachine(RuleBasedStateMachine):
         if was_ready:
             self.resume = (self.peer.session_id, tuple(self.received[-MAX_RESUME_TICKETS:]))
         self.flush()
+        if self.send_error is not None and how in ("eof", "reset"):
+            assert self.engine.last_error is self.send_error, "not the failed send's error"
         self.session_up = False
         self.pieces.clear()  # what it did not answer, it did not keep
         self.stats_due = 0

@@ -34,6 +34,7 @@ from ._unixsock import connect_unix, peer_uid
 from ._wire import Result, Rule
 from ._worker import (
     DEFAULT_BACKOFF,
+    DRAIN_TIMEOUT,
     Backoff,
     ControlRequest,
     Engine,
@@ -128,6 +129,9 @@ class BlockingParking(HandleInfo):
         self._lock = threading.Lock()  # the engine
         self._send_lock = threading.Lock()  # the order of writes
         self._chan: BlockingChannel | None = None
+        #: After a failed send: ends the reads of the session if no EOF does (under
+        #: ``_send_lock``, as ``_chan``).
+        self._drain_timer: threading.Timer | None = None
         self._wakes = wakes
         #: Shard 0's handle ends the shared wake queue; the other shards' do not.
         self._primary = primary
@@ -435,7 +439,38 @@ class BlockingParking(HandleInfo):
             try:
                 chan.send_frames(frames)
             except OSError as exc:
-                self._broken(exc)
+                self._send_broke(chan, exc)
+
+    def _send_broke(self, chan: BlockingChannel, exc: OSError) -> None:
+        """Under ``_send_lock``: a send failed. Send nothing more, but let the reader
+        take what the container wrote before it went (a PARKED there means it took
+        sockets) until EOF; after ``DRAIN_TIMEOUT`` s a timer ends the reads."""
+        with self._lock:
+            self._engine.send_failed(lost_from_os_error(exc, "lost the container"))
+            self._pump()
+        if self._drain_timer is None:
+            timer = threading.Timer(DRAIN_TIMEOUT, self._drain_over, args=(chan,))
+            timer.daemon = True
+            self._drain_timer = timer
+            timer.start()
+
+    def _drain_over(self, chan: BlockingChannel) -> None:
+        """No EOF came in time after a failed send: the reader's recv sees EOF now."""
+        with self._send_lock:
+            if self._chan is chan:  # not closed yet: its fd is still its own
+                try:
+                    chan.sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+
+    def _drop_chan(self, chan: BlockingChannel) -> None:
+        """The session is over: forget its channel (and drain timer), close it."""
+        with self._send_lock:
+            self._chan = None
+            timer, self._drain_timer = self._drain_timer, None
+        if timer is not None:
+            timer.cancel()
+        chan.close()
 
     def _broken(self, exc: OSError) -> None:
         with self._lock:
@@ -460,8 +495,7 @@ class BlockingParking(HandleInfo):
             if not self._engine.welcomed:
                 raise self._engine.session_error()
         except BaseException:
-            self._chan = None
-            chan.close()
+            self._drop_chan(chan)
             raise
         return chan
 
@@ -488,9 +522,7 @@ class BlockingParking(HandleInfo):
                 while engine.connected:
                     self._read_once(chan)
                 self._flush()  # last words: ACK what we read before the socket goes
-                with self._send_lock:
-                    self._chan = None
-                chan.close()
+                self._drop_chan(chan)
                 if engine.phase is not Phase.LOST or self._stop.is_set():
                     return
                 chan = self._reconnect()

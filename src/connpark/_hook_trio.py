@@ -36,6 +36,7 @@ from ._unixsock import connect_unix, peer_uid
 from ._wire import Result, Rule
 from ._worker import (
     DEFAULT_BACKOFF,
+    DRAIN_TIMEOUT,
     Backoff,
     ControlRequest,
     Engine,
@@ -134,6 +135,10 @@ class Parking(HandleInfo):
         self._engine = engine
         self._connect_timeout = connect_timeout
         self._chan: TrioChannel | None = None
+        #: The scope the session's reads run in: a failed send moves its deadline
+        #: in to bound the drain (``_broken``).
+        self._read_scope: trio.CancelScope | None = None
+        self._drain_deadline = math.inf
         self._write_needed = trio.Event()
         if wakes is None:
             wakes = trio.open_memory_channel[Woken[TrioSocket]](math.inf)
@@ -318,21 +323,30 @@ class Parking(HandleInfo):
     def _flush_now(self) -> None:
         """Send what the engine has without yielding, unless the writer is mid-send."""
         chan = self._chan
+        if self._engine.send_broken:
+            return
         if chan is None or chan.busy:
             self._write_needed.set()
             return
         try:
             chan.try_send_nowait(self._engine.data_to_send())
         except OSError as exc:
-            self._broken(exc)
+            self._broken(chan, exc)
+            return
         if chan.flush_needed:
             self._write_needed.set()
 
-    def _broken(self, exc: OSError) -> None:
-        self._engine.connection_failed(lost_from_os_error(exc, "lost the container"))
+    def _broken(self, chan: TrioChannel, exc: OSError) -> None:
+        """A send failed: send nothing more, but let the reader take what the
+        container wrote before it went (a PARKED there means it took sockets)
+        until EOF, for ``DRAIN_TIMEOUT`` s at most."""
+        if chan is not self._chan:
+            return  # an earlier session's socket: that session is over
+        self._engine.send_failed(lost_from_os_error(exc, "lost the container"))
         self._pump()
-        if self._chan is not None:
-            self._chan.close()  # the reader sees it and ends the session
+        self._drain_deadline = min(self._drain_deadline, trio.current_time() + DRAIN_TIMEOUT)
+        if self._read_scope is not None:
+            self._read_scope.deadline = min(self._read_scope.deadline, self._drain_deadline)
 
     async def _writer(self) -> None:
         while True:
@@ -340,12 +354,14 @@ class Parking(HandleInfo):
             self._write_needed = trio.Event()
             await trio.lowlevel.cancel_shielded_checkpoint()  # let sibling park() calls join
             chan = self._chan
-            if chan is None:
+            if chan is None or self._engine.send_broken:
                 continue
             try:
                 await chan.send_frames(self._engine.data_to_send())
             except OSError as exc:
-                self._broken(exc)
+                self._broken(chan, exc)
+            except trio.ClosedResourceError:
+                continue  # the session ended (and closed it) while we waited to write
 
     async def _session(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, handshake, then read until the session is lost."""
@@ -355,23 +371,37 @@ class Parking(HandleInfo):
             raise lost_from_os_error(exc, f"cannot connect to {self._path}") from exc
         try:
             self._engine.start_session(peer_uid(chan.sock))
+            self._drain_deadline = math.inf
+            handshake = trio.CancelScope(deadline=trio.current_time() + self._connect_timeout)
+            self._read_scope = handshake
             self._chan = chan
             self._flush_now()
-            with trio.move_on_after(self._connect_timeout) as handshake:
+            with handshake:
                 while self._engine.phase is Phase.HANDSHAKE:
                     await self._read_once(chan)
             if handshake.cancelled_caught:
-                raise self._engine.handshake_timed_out(self._connect_timeout)
+                if not self._engine.send_broken:
+                    raise self._engine.handshake_timed_out(self._connect_timeout)
+                self._drain_timed_out()
             if not self._engine.welcomed:
                 raise self._engine.session_error()
             task_status.started()
-            while self._engine.connected:
-                await self._read_once(chan)
+            self._read_scope = reading = trio.CancelScope(deadline=self._drain_deadline)
+            with reading:
+                while self._engine.connected and not reading.cancel_called:
+                    await self._read_once(chan)
+            if self._engine.connected:
+                self._drain_timed_out()
         finally:
+            self._read_scope = None
             self._chan = None
             await self._last_words(chan)
             chan.close()
             self._pump()
+
+    def _drain_timed_out(self) -> None:
+        """No EOF came within ``DRAIN_TIMEOUT`` of a failed send: the session is over."""
+        self._engine.connection_failed(ContainerLost("lost the container"))
 
     async def _last_words(self, chan: TrioChannel) -> None:
         """ACK what we read before the socket goes (bounded, even when cancelled)."""
@@ -445,8 +475,12 @@ class Parking(HandleInfo):
         req = self._engine.begin_close(untaken, trio.Event())
         with trio.move_on_after(CLOSE_TIMEOUT):
             # Every wake anyone could take is ACKed before the socket goes.
-            if self._chan is not None:
-                await self._chan.send_frames(self._engine.data_to_send())
+            chan = self._chan
+            if chan is not None and not self._engine.send_broken:
+                try:
+                    await chan.send_frames(self._engine.data_to_send())
+                except OSError as exc:
+                    self._broken(chan, exc)  # the reader drains, then ends the session
             if req is not None:
                 await req.waiter.wait()
         self._engine.finish_close()

@@ -42,6 +42,12 @@ Ownership rules, kept here once for every hook:
   and answers OK, so the copy here is closed); UNPARK, CLOSE and stats
   requests are re-sent too. The next HELLO (v2) reports the previous session
   and the tickets received in it, which may be un-ACKed.
+- **A failed send** (``send_failed``: EPIPE, reset) does not end the session
+  at once: what the container wrote before it went is still to be read (a
+  PARKED saying it took a socket, WAKEs), and dropping it would re-send a park
+  the container answered OK: two owners. The engine sends nothing more; the
+  hook reads on until EOF or a read error (bounded in time), and that ends
+  the session with the send's error.
 - **Failure.** ``give_up`` fails every waiter with one error.
 
 On the hot path (a batch of 253 parks and wakes) the only attrs object made
@@ -521,6 +527,9 @@ class Backoff:
 
 
 DEFAULT_BACKOFF = Backoff()
+#: How long a hook reads on after a failed send (``Engine.send_failed``) for what
+#: the container wrote before it went, if no EOF ends the session first (s).
+DRAIN_TIMEOUT = 1.0
 
 
 # ------------------------------------------------------------- the engine
@@ -617,6 +626,8 @@ class Engine:
         #: Sessions established so far (1 after the first WELCOME).
         self.sessions = 0
         self._sessions_before = 0
+        #: This session's write side broke (``send_failed``): nothing more is sent.
+        self._send_error: ConnparkError | None = None
 
     # -- session lifecycle ---------------------------------------------------------
 
@@ -629,6 +640,7 @@ class Engine:
         self.decoder.close()
         self.decoder = Decoder(rows=True)
         self._acks = []
+        self._send_error = None
         self._out = [
             *encode(Hello(PROTOCOL_VERSION, self.pool, self.name, *self._resume)),
         ]
@@ -636,8 +648,13 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        """The session is up and the handle open: parks are taken."""
-        return self.phase is Phase.READY
+        """The session is up and the handle open: parks are taken (and can be sent)."""
+        return self.phase is Phase.READY and self._send_error is None
+
+    @property
+    def send_broken(self) -> bool:
+        """``send_failed`` was called for this session: do not write; read until it ends."""
+        return self._send_error is not None
 
     @property
     def welcomed(self) -> bool:
@@ -676,12 +693,25 @@ class Engine:
                 error: ConnparkError = ContainerLost("the container closed the session")
             except RemoteProtocolError as exc:
                 error = ContainerLost(f"the container closed the session: {exc}")
-            self._lose(error)
+            self._lose(self._send_error or error)
 
     def connection_failed(self, error: ConnparkError) -> None:
-        """The session's socket broke (an OSError, translated by the hook)."""
+        """The session's socket broke (an OSError, translated by the hook), or the
+        drain after a failed send ran out of time: after ``send_failed`` the
+        send's error is the one reported (it came first, and says why)."""
         if self.phase in (Phase.HANDSHAKE, Phase.READY, Phase.CLOSING):
-            self._lose(error)
+            self._lose(self._send_error or error)
+
+    def send_failed(self, error: ConnparkError) -> None:
+        """Writing to the session failed (EPIPE, ECONNRESET: the container died or
+        closed it). Not the end yet: what it wrote before is still readable, and a
+        PARKED in there means it took sockets, which a re-sent park would give it
+        twice. So nothing more is sent (``data_to_send`` is empty), and the hook
+        reads on, bounded in time, until EOF or a read error ends the session
+        (``receive_eof``, ``connection_failed``) with ``error``."""
+        if self.phase in (Phase.HANDSHAKE, Phase.READY, Phase.CLOSING):
+            if self._send_error is None:
+                self._send_error = error
 
     def next_event(self) -> Event | None:
         """The next event, or None when more data is needed."""
@@ -700,6 +730,10 @@ class Engine:
 
     def data_to_send(self) -> list[Frame]:
         """Frames to write now, in order (the caller's fds are borrowed, not owned)."""
+        if self._send_error is not None:
+            # The socket takes no more: parks stay queued for the next session,
+            # ACKs are dropped (the container's side handles un-ACKed wakes).
+            return []
         if self.phase is Phase.HANDSHAKE:
             out, self._out = self._out, []
             return out
@@ -821,7 +855,7 @@ class Engine:
         self._check_open()
         req = StatsRequest(waiter)
         self._stats.append(req)
-        if self.phase is Phase.READY:
+        if self.ready:  # else sent with the next WELCOME
             self._out.extend(encode(Stats()))
             req.state = ReqState.SENT
         return req
@@ -894,7 +928,7 @@ class Engine:
         self._check_open()
         req = ControlRequest(waiter, msg)
         self._control_reqs[msg.request_id] = req
-        if self.phase is Phase.READY:
+        if self.ready:  # else sent with the next WELCOME
             self._out.extend(encode(msg))
             req.state = ReqState.SENT
         return req
@@ -951,7 +985,7 @@ class Engine:
             raise ParkingClosed("the parking session is closing")
 
     def _control(self, msg: Message) -> None:
-        if self.phase is Phase.READY:
+        if self.ready:
             self._out.extend(encode(msg))
         # Otherwise sent with the next WELCOME (``_unparks``, ``_closes``).
 
@@ -1305,6 +1339,7 @@ def closed_error(error: BaseException | None) -> ConnparkError:
 
 
 __all__ = [
+    "DRAIN_TIMEOUT",
     "Backoff",
     "ControlRequest",
     "Engine",

@@ -32,6 +32,7 @@ from ._unixsock import connect_unix, peer_uid
 from ._wire import Result, Rule
 from ._worker import (
     DEFAULT_BACKOFF,
+    DRAIN_TIMEOUT,
     Backoff,
     ControlRequest,
     Engine,
@@ -64,9 +65,15 @@ class _Channel:
         self._loop = asyncio.get_running_loop()
         self._lock = asyncio.Lock()
         self._outbox = Outbox(own_fds=False)
+        #: The reader's readiness wait, and the bound on reading (``stop_reading_after``).
+        self._reading: asyncio.Future[None] | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self._read_over = False
 
     async def wait(self, writable: bool) -> None:
         fut: asyncio.Future[None] = self._loop.create_future()
+        if not writable:
+            self._reading = fut
         fd = self.sock.fileno()
         add, remove = (
             (self._loop.add_writer, self._loop.remove_writer)
@@ -106,14 +113,29 @@ class _Channel:
         """Hold copies of the queued fds: their owners may close them now."""
         self._outbox.hold_fds()
 
+    def stop_reading_after(self, seconds: float) -> None:
+        """Bound the reads from now (a failed send's drain): ``receive`` raises
+        TimeoutError once ``seconds`` have passed without EOF."""
+        if self._drain_timer is None:
+            self._drain_timer = self._loop.call_later(seconds, self._stop_reading)
+
+    def _stop_reading(self) -> None:
+        self._read_over = True
+        if self._reading is not None and not self._reading.done():
+            self._reading.set_result(None)
+
     async def receive(self) -> tuple[bytes, list[int]]:
         while True:
+            if self._read_over:
+                raise TimeoutError("no end of the session after a failed send")
             try:
                 return recv_fds(self.sock)
             except BlockingIOError:
                 await self.wait(writable=False)
 
     def close(self) -> None:
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
         self.sock.close()
         self._outbox.close()
 
@@ -347,9 +369,13 @@ class AsyncioParking(HandleInfo):
         try:
             await chan.send_frames(frames)
         except OSError as exc:
-            self._engine.connection_failed(lost_from_os_error(exc, "lost the container"))
+            if chan is not self._chan:
+                return  # an earlier session's socket: that session is over
+            # Send nothing more, but read what the container wrote before it went
+            # (a PARKED there means it took sockets) until EOF, bounded.
+            self._engine.send_failed(lost_from_os_error(exc, "lost the container"))
             self._pump()
-            chan.close()
+            chan.stop_reading_after(DRAIN_TIMEOUT)
 
     async def _session(self, started: asyncio.Future[None] | None) -> None:
         """Connect, handshake, then read until the session is lost."""

@@ -115,3 +115,13 @@ def recv_exactly(sock: socket.socket, n: int, timeout: float = 10) -> bytes:
     while len(buf) < n and (chunk := sock.recv(n - len(buf))):
         buf += chunk
     return buf
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``cond`` every 20 ms until it holds (True) or ``timeout`` s pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()

@@ -36,6 +36,7 @@ from connpark._wire import (
 )
 
 from ._procs import ServeProcess, tcp_pairs
+from ._procs import wait_until as _wait
 from ._raw import RawPeer, partial_park, tcp_state
 
 pytestmark = pytest.mark.linux
@@ -53,15 +54,6 @@ def _settled_fd_count(proc: ServeProcess, timeout: float = 10.0) -> int:
         if len(set(seen[-3:])) == 1 and len(seen) >= 3:
             return seen[-1]
     return seen[-1]
-
-
-def _wait(cond, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return bool(cond())
 
 
 def _rss(pid: int) -> int:

@@ -23,32 +23,16 @@ import pytest
 import connpark
 from connpark._wire import Parked, ParkResult, Refusal
 
+from . import test_hooks
 from ._procs import ServeProcess, recv_exactly, tcp_pairs
-from .conftest import open_fd_count
 from .test_engine import FakeSock, entry, ok, parks, settled, started
-from .test_hooks import DRIVERS, IDS, AsyncioDriver, BlockingDriver, Driver, TrioDriver
+from .test_hooks import AsyncioDriver, BlockingDriver, Driver, TrioDriver
 
 pytestmark = pytest.mark.linux
 
+make = test_hooks.make  # the drivers fixture: each kind, shut down and fd-checked
+
 Factory = Callable[..., Driver]
-
-
-@pytest.fixture(params=DRIVERS, ids=IDS)
-def make(request: pytest.FixtureRequest) -> Iterator[Factory]:
-    """Open drivers of one kind; each is shut down and fds are checked at the end."""
-    before = open_fd_count()
-    opened: list[Driver] = []
-
-    def factory(path: Path, **kw: Any) -> Driver:
-        driver: Driver = request.param(path, **kw)
-        opened.append(driver)
-        return driver
-
-    factory.kind = request.param.kind  # type: ignore[attr-defined]
-    yield factory
-    for d in opened:
-        d.shutdown()
-    assert open_fd_count() == before, "fds leaked in the worker process"
 
 
 @pytest.fixture

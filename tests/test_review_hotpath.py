@@ -15,7 +15,6 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,18 +36,10 @@ from connpark._wire import (
 )
 
 from ._procs import ServeProcess, tcp_pairs
+from ._procs import wait_until as _wait
 from ._raw import RawPeer
 
 pytestmark = pytest.mark.linux
-
-
-def _wait(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
 
 
 def _v6_pairs(n: int) -> tuple[list[socket.socket], list[socket.socket]]:

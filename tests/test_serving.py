@@ -246,6 +246,13 @@ async def _parked(path: Path, n: int, timeout: float = 30) -> None:
     await _until(check, timeout, f"{n} parked")
 
 
+async def _published(path: Path, n: int, timeout: float = 20) -> None:
+    def check() -> bool:
+        return fetch_stats(path).publishes_total >= n
+
+    await _until(check, timeout, f"{n} publishes")
+
+
 def test_websockets_clients_pings_messages_and_a_room_of_1000(
     serve: ServeProcess, ws_server: ExampleProcess
 ) -> None:
@@ -308,25 +315,36 @@ def test_websockets_member_with_a_stalled_receive_side_gets_every_message(
         # A websockets client that stops reading: a tiny socket receive buffer, and
         # the library stops reading the socket once max_queue messages wait unread.
         slow_sock = socket.socket()
-        slow_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        slow_sock.connect((host, port))
-        slow = await connect(f"{url}/slow", sock=slow_sock, ping_interval=None, max_queue=1)
-        poster = await connect(f"{url}/slow", ping_interval=None, max_size=None)
-        await _parked(serve.path, 2)
-        s0 = fetch_stats(serve.path)
-        posts: list[str] = []
-        for i in range(200):  # until the stalled socket's buffers are full (bounded)
-            posts.append(f"{i}:" + "x" * 60_000)
-            await poster.send(posts[-1])
-            assert await asyncio.wait_for(poster.recv(), 20) == posts[-1]
-            if fetch_stats(serve.path).publish_woken_total > s0.publish_woken_total:
-                break  # `slow` was woken with the rest of a post: the server writes it
-        else:
-            raise AssertionError("the stalled socket took 12 MB")
-        received = [await asyncio.wait_for(slow.recv(), 20) for _ in posts]
-        assert received == posts  # whole, in order
-        await slow.close()
-        await poster.close()
+        slow = poster = None
+        try:
+            slow_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            slow_sock.connect((host, port))
+            slow = await connect(
+                f"{url}/slow", sock=slow_sock, ping_interval=None, max_queue=1, close_timeout=2
+            )
+            poster = await connect(f"{url}/slow", ping_interval=None, max_size=None)
+            await _parked(serve.path, 2)
+            s0 = fetch_stats(serve.path)
+            posts: list[str] = []
+            for i in range(200):  # until the stalled socket's buffers are full (bounded)
+                posts.append(f"{i}:" + "x" * 60_000)
+                await poster.send(posts[-1])
+                assert await asyncio.wait_for(poster.recv(), 20) == posts[-1]
+                # The echo comes before the server's SEND: wait for the container to
+                # have published this post, or the next one could land while `slow`
+                # is being woken, which the example does not deliver (its docstring).
+                await _published(serve.path, s0.publishes_total + len(posts))
+                if fetch_stats(serve.path).publish_woken_total > s0.publish_woken_total:
+                    break  # `slow` was woken with the rest of a post: the server writes it
+            else:
+                raise AssertionError("the stalled socket took 12 MB")
+            received = [await asyncio.wait_for(slow.recv(), 20) for _ in posts]
+            assert received == posts  # whole, in order
+        finally:
+            for ws in (slow, poster):
+                if ws is not None:
+                    await ws.close()
+            slow_sock.close()
 
     asyncio.run(main())
     assert open_fd_count() == before

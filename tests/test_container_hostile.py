@@ -26,6 +26,7 @@ from connpark._wire import (
     Error,
     ErrorCode,
     Park,
+    Parked,
     ParkEntry,
     Reason,
     Refusal,
@@ -292,6 +293,35 @@ def test_a_stats_flood_that_never_reads_stays_within_the_output_bound(sockdir: P
         other.close()
         flooder.close()
     finally:
+        assert proc.stop() == 0
+
+
+def test_requests_past_the_output_cap_are_all_answered_as_the_worker_reads(
+    sockdir: Path,
+) -> None:
+    """A worker that sends more requests at once than the output cap allows and
+    reads the answers as they come: the container stops dispatching at the cap,
+    and when its flush takes the output under it at once, the requests still in
+    its buffer come next. (They waited for more data from the socket, which
+    never came: the session stalled with its PARK unanswered.)"""
+    proc = ServeProcess(sockdir / "cap.sock", ["--max-output-messages", "16"])
+    (client,), (server,) = tcp_pairs(1)
+    peer = RawPeer(proc.path, name="pipelined")
+    try:
+        peer.send(*[Stats() for _ in range(400)], Park(7, (ParkEntry(server.fileno()),)))
+        stats = 0
+        while True:
+            msg = peer.receive(timeout=10)  # TimeoutError: the session stalled
+            if not isinstance(msg, StatsReply):
+                break
+            stats += 1
+        assert stats == 400
+        assert isinstance(msg, Parked), msg
+        assert msg.results[0].refusal is Refusal.OK
+    finally:
+        peer.close()
+        client.close()
+        server.close()
         assert proc.stop() == 0
 
 

@@ -64,6 +64,7 @@ def _lose_park_to_a_limit(peer: RawPeer, sock: socket.socket, request_id: int) -
     peer.send(*[Stats() for _ in range(1500)])
     time.sleep(0.3)  # the container is over the limit: it reads no more of it
     peer.send(Park(request_id, (ParkEntry(sock.fileno(), token=b"again"),)))
+    time.sleep(1.5)  # unread past the output timeout (1 s): the container ends the session
     seen = _read_to_end(peer)
     assert not any(isinstance(m, Parked) for m in seen), "the PARK was answered"
     assert all(isinstance(m, (StatsReply, Error)) for m in seen)

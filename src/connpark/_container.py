@@ -682,8 +682,9 @@ class Container:
         """Dispatch messages; read with backpressure (output cap, fd room). Returns at EOF."""
         decoder = s.decoder
         while True:
+            capped = False
             try:
-                self._dispatch_buffered(s)
+                capped = self._dispatch_buffered(s)
             except ProtocolError as exc:
                 self._protocol_errors += 1
                 self._end(s, exc.code, f"protocol error: {exc}")
@@ -693,6 +694,9 @@ class Container:
             if s.ending is None and self._over(s):
                 s.drained = trio.Event()
                 await s.drained.wait()
+                continue
+            if capped:  # the flush took the output under the cap at once: the
+                await trio.lowlevel.checkpoint()  # messages still buffered come first
                 continue
             await trio.lowlevel.wait_readable(s.sock)
             try:
@@ -731,16 +735,22 @@ class Container:
             except ProtocolError:  # broken already: it closed the fds
                 s.discard = True
 
-    def _dispatch_buffered(self, s: _Session) -> None:
+    def _dispatch_buffered(self, s: _Session) -> bool:
+        """Dispatch the complete messages the decoder holds, up to the output cap.
+        True if the cap stopped it: messages may still be buffered, which no
+        new data from the socket would bring up (the peer may have sent all)."""
         decoder = s.decoder
-        while not s.discard and (s.ending is not None or not self._over(s)):
+        while not s.discard:
+            if s.ending is None and self._over(s):
+                return True
             msg = decoder.next_message()
             if msg is None:
                 # What is left is one incomplete frame: its fds at most.
                 if decoder.held_fds > MAX_FDS_PER_FRAME:
                     raise _FdFlood(f"{decoder.held_fds} fds arrived for one incomplete frame")
-                return
+                return False
             self._dispatch(s, msg)
+        return False
 
     def _count_fds_in(self, s: _Session) -> None:
         """Resync the in-flight fd count with what the decoder holds (it may have closed some)."""

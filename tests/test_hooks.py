@@ -49,7 +49,7 @@ from connpark._wire import (
     message_fds,
 )
 
-from ._procs import ServeProcess, recv_exactly, tcp_pairs
+from ._procs import ServeProcess, recv_exactly, tcp_pairs, wait_until
 from .conftest import open_fd_count
 
 pytestmark = pytest.mark.linux
@@ -375,15 +375,6 @@ def hook(make: Factory, container: ServeProcess, request: pytest.FixtureRequest)
     return make(container.path, pool=f"p-{request.node.name}")
 
 
-def _wait_until(cond: Callable[[], bool], timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 # ------------------------------------------------------------------ behaviour
 
 
@@ -637,7 +628,7 @@ def test_cancelled_park_answered_late_is_closed_by_the_hook(make: Factory, sockd
         driver = make(sockdir / "late.sock", reconnect=False)
         assert driver.park_within(server, 0.2) is None
         # The container took it after all: the hook closes the caller's copy.
-        assert _wait_until(lambda: server.fileno() == -1, 10)
+        assert wait_until(lambda: server.fileno() == -1, 10)
         driver.shutdown()
         client.close()
     finally:
@@ -658,7 +649,7 @@ def test_wakes_read_before_an_error_are_acked_before_the_socket_closes(
         assert (woken.ticket, woken.token) == (5, b"t")
         # The container ended the session, but still reads: it must see the ACK,
         # or it would hand the connection to another worker too.
-        assert _wait_until(lambda: fake.acked == [5], 5)
+        assert wait_until(lambda: fake.acked == [5], 5)
         assert woken.socket is not None
         woken.socket.close()
         driver.shutdown()
@@ -695,7 +686,7 @@ def test_40_sessions_each_take_one_wake_and_leave_nothing_delivered_twice(
     for c in clients:
         assert recv_exactly(c, 7) == b"served\n"
         c.close()
-    assert _wait_until(lambda: serve.stats().parked == 0 and serve.stats().unacked == 0)
+    assert wait_until(lambda: serve.stats().parked == 0 and serve.stats().unacked == 0)
 
 
 def test_container_killed_and_restarted_mid_traffic(make: Factory, sockdir: Path) -> None:
@@ -716,7 +707,7 @@ def test_container_killed_and_restarted_mid_traffic(make: Factory, sockdir: Path
             proc = ServeProcess(path)  # a new container on the same path
             ticket = pending.result(timeout=30)  # re-sent to the new one
         assert servers[1].fileno() == -1
-        assert _wait_until(lambda: driver.sessions() == 2)
+        assert wait_until(lambda: driver.sessions() == 2)
         assert driver.park(servers[2], token=b"after")
         for c in clients[1:]:
             c.sendall(b"ping")

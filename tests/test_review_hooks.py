@@ -24,7 +24,7 @@ import connpark
 from connpark._wire import Parked, ParkResult, Refusal
 
 from . import test_hooks
-from ._procs import ServeProcess, recv_exactly, tcp_pairs
+from ._procs import ServeProcess, recv_exactly, tcp_pairs, wait_until
 from .test_engine import FakeSock, entry, ok, parks, settled, started
 from .test_hooks import AsyncioDriver, BlockingDriver, Driver, TrioDriver
 
@@ -67,15 +67,6 @@ def park_within(driver: Driver, sock: socket.socket, seconds: float, **kw: Any) 
     return driver._within(functools.partial(driver.parking.park, sock, **kw), seconds)  # type: ignore[no-any-return]
 
 
-def until(cond: Callable[[], bool], timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def no_wake_within(driver: Driver, seconds: float) -> bool:
     try:
         woken = driver.next_wake(timeout=seconds)
@@ -108,8 +99,8 @@ def test_a_park_retried_after_a_timeout_parks_the_connection_once(
     finally:
         os.kill(proc.pid, signal.SIGCONT)
     # The container took it after all: the hook closes the caller's copy.
-    assert until(lambda: server.fileno() == -1)
-    assert until(lambda: proc.stats().parks_total >= 1)
+    assert wait_until(lambda: server.fileno() == -1)
+    assert wait_until(lambda: proc.stats().parks_total >= 1)
     time.sleep(0.3)  # the second PARK, if sent, is read by now
     client.sendall(b"ping")
     woken = driver.next_wake(timeout=10)
@@ -176,7 +167,7 @@ def test_a_park_timing_out_behind_a_full_control_socket_keeps_its_deadline(
         os.kill(proc.pid, signal.SIGCONT)
     assert got is None
     assert took < 2, f"park_many(timeout=0.3) returned after {took:.1f} s"
-    assert until(lambda: all(s.fileno() == -1 for s in servers))  # taken after all
+    assert wait_until(lambda: all(s.fileno() == -1 for s in servers))  # taken after all
     for c in clients:
         c.close()
 
@@ -212,7 +203,7 @@ def test_a_cancelled_park_still_queued_cannot_carry_a_reused_fd_number(
     finally:
         guard.cancel()
         os.kill(proc.pid, signal.SIGCONT)
-    assert until(lambda: all(s.fileno() == -1 for s in servers))
+    assert wait_until(lambda: all(s.fileno() == -1 for s in servers))
     time.sleep(0.5)  # every queued frame is read by now
     vclient.settimeout(0.5)
     try:

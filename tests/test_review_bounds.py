@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from connpark._autoresponse import MAX_MATCH, MAX_REPLY, MAX_RULES_PER_SET
+from connpark._container import STATS_POOL, STATS_SESSIONS_MAX
 from connpark._fdpass import BlockingChannel
 from connpark._unixsock import connect_unix
 from connpark._wire import (
@@ -197,3 +198,32 @@ async def test_the_twins_stay_bounded(sockdir: Path) -> None:
         newest = 3 * TWINS_MAX - 1
         assert container._twins[newest][0] == newest
         nursery.cancel_scope.cancel()
+
+
+def test_statistics_sessions_have_their_own_bounded_places(sockdir: Path) -> None:
+    """Sessions of pool ``_stats`` (health checks, ``connpark stats``) have places
+    of their own beyond ``max_sessions``, bounded (``STATS_SESSIONS_MAX``): one
+    more is refused, saying why, and they take no worker's place."""
+    proc = _serve(sockdir, max_sessions=2)
+    held: list[BlockingChannel] = []
+    try:
+        workers = [RawPeer(proc.path, pool="w")]
+        for _ in range(STATS_SESSIONS_MAX):
+            chan, answer = _hello(proc.path, STATS_POOL)
+            held.append(chan)
+            assert isinstance(answer, Welcome), answer
+        chan, answer = _hello(proc.path, STATS_POOL)
+        chan.close()
+        assert isinstance(answer, Error), answer
+        assert answer.code == ErrorCode.TOO_MANY_SESSIONS, answer
+        assert "statistics" in answer.text
+        workers.append(RawPeer(proc.path, pool="w"))  # the statistics did not take its place
+        chan, answer = _hello(proc.path, "w")  # now workers hold every place
+        chan.close()
+        assert isinstance(answer, Error), answer
+        for peer in workers:
+            peer.close()
+    finally:
+        for chan in held:
+            chan.close()
+        _stop_clean(proc)

@@ -111,6 +111,7 @@ from ._wire import (
     Unpark,
     Welcome,
     close_fds,
+    close_owned,
     encode,
     message_fds,
 )
@@ -846,7 +847,7 @@ class Container:
     def _close_acked(self, slots: list[Slot], fds: list[int]) -> None:
         """Close our copies of ACKed wakes (``Lot.take_acked`` dropped their slots;
         ``fds``: theirs, notices aside: those we closed at their wake)."""
-        deque(map(os.close, fds), 0)
+        close_owned(fds)
         if self._mirror is not None:  # (a notice's DEL went at its wake: a no-op again)
             self._mirror_del.extend(x.ticket for x in slots)
         self._acks_total += len(slots)

@@ -128,16 +128,6 @@ def park_many_within(
     return driver._within(functools.partial(driver.parking.park_many, socks, **kw), seconds)  # type: ignore[no-any-return]
 
 
-def blocking_hangs(make: Factory, request: pytest.FixtureRequest) -> None:
-    if make.kind == "blocking":  # type: ignore[attr-defined]
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="threads: park's write blocks on a full control socket, past timeout=",
-            )
-        )
-
-
 #: Enough PARK bytes to fill the control socket while the container reads nothing.
 FILL = 8
 FILL_PENDING = 60_000
@@ -146,12 +136,10 @@ FILL_PENDING = 60_000
 def test_a_park_timing_out_behind_a_full_control_socket_keeps_its_deadline(
     make: Factory,
     proc: ServeProcess,
-    request: pytest.FixtureRequest,
     closing: list[socket.socket],
 ) -> None:
     """A frozen container that reads nothing: the PARK cannot all be written. The
     caller's deadline still holds (threads: ``timeout=`` covers the write too)."""
-    blocking_hangs(make, request)
     driver = make(proc.path, pool="full")
     clients, servers = tcp_pairs(FILL)
     closing += clients + servers
@@ -175,13 +163,11 @@ def test_a_park_timing_out_behind_a_full_control_socket_keeps_its_deadline(
 def test_a_cancelled_park_still_queued_cannot_carry_a_reused_fd_number(
     make: Factory,
     proc: ServeProcess,
-    request: pytest.FixtureRequest,
     closing: list[socket.socket],
 ) -> None:
     """A PARK stuck behind a full control socket is cancelled: the socket is "still
     yours", so the caller closes it, and the fd number goes to a new connection.
     When the container reads again, it must not get that new connection."""
-    blocking_hangs(make, request)
     driver = make(proc.path, pool="reuse")
     clients, servers = tcp_pairs(FILL)
     (vclient,), (victim,) = tcp_pairs(1)

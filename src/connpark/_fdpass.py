@@ -18,7 +18,9 @@ methods for small messages); ``BlockingChannel`` is the same for threads.
 from __future__ import annotations
 
 import array
+import errno
 import fcntl
+import math
 import os
 import select
 import socket
@@ -202,18 +204,21 @@ class Outbox:
             self.queued_bytes += len(data)
             self.queued_frames += 1
 
-    def send_some(self, sock: socket.socket) -> None:
-        """Send until empty. Raises BlockingIOError (socket full) or OSError."""
+    def send_some(self, sock: socket.socket, flags: int = 0) -> None:
+        """Send until empty. Raises BlockingIOError (socket full) or OSError.
+
+        ``flags``: MSG_DONTWAIT sends without blocking on a blocking socket.
+        """
         chunks = self._chunks
         while chunks:
             data, fds, tag, frames = chunks[0]
             if fds:
                 anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))]
-                sent = sock.sendmsg([data], anc)
+                sent = sock.sendmsg([data], anc, flags)
                 if self._dup or type(fds) is _Held:
                     close_fds(fds)  # the peer has its own now
             else:
-                sent = sock.send(data)
+                sent = sock.send(data, flags)
             if tag is not None and not self._started:
                 self._sent_tags.append(tag)
             self.queued_bytes -= sent
@@ -401,24 +406,70 @@ class TrioChannel:
 
 
 class BlockingChannel:
-    """The same as ``TrioChannel`` for threads: blocking, thread-safe sends."""
+    """The same as ``TrioChannel`` for threads: blocking reads, thread-safe sends.
+
+    ``try_send`` never blocks: what the socket does not take now stays queued
+    (``flush_needed``) for ``flush``, so that a caller with a deadline is not
+    held past it by a full socket (a frozen peer). ``send_frames`` blocks
+    until all is sent. A lock guards the queue, never held while waiting.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(True)
         self.sock = sock
-        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        #: Without ``own_fds``: a caller keeps each fd open until it has gone out,
+        #: or calls ``hold_fds`` first (a park it stopped waiting for).
+        self._outbox = Outbox(own_fds=False)
+        self.closed = False
+
+    def try_send(self, frames: Iterable[Frame]) -> None:
+        """Queue ``frames`` and send what the socket takes now. Raises OSError if the
+        peer is gone (then nothing more can be sent)."""
+        with self._lock:
+            self._outbox.add(frames)
+            self._send_queued()
+
+    def _send_queued(self) -> None:
+        """Under ``_lock``."""
+        if self.closed:
+            raise OSError(errno.EBADF, "the channel is closed")
+        try:
+            self._outbox.send_some(self.sock, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            pass
+
+    @property
+    def flush_needed(self) -> bool:
+        """Bytes are queued that the socket did not take yet."""
+        return bool(self._outbox)
+
+    def flush(self, timeout: float | None) -> bool:
+        """Send what is queued, waiting up to ``timeout`` s for room; True once all
+        went out. Raises OSError if the peer is gone."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                self._send_queued()
+                if not self._outbox:
+                    return True
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            wait_writable_blocking(self.sock, left)
 
     def send_frames(self, frames: Iterable[Frame]) -> None:
-        with self._send_lock:
-            outbox = Outbox(own_fds=False)  # sent before we return: no copy needed
-            try:
-                outbox.add(frames)
-                outbox.send_some(self.sock)
-            finally:
-                outbox.close()
+        """Send ``frames`` (after anything queued), blocking until all went out."""
+        self.try_send(frames)
+        self.flush(None)
 
     def send(self, *msgs: Message) -> None:
         self.send_frames(encode_all(msgs))
+
+    def hold_fds(self) -> None:
+        """Hold copies of the queued fds: their owners may close them now."""
+        with self._lock:
+            self._outbox.hold_fds()
 
     def receive_message(self, decoder: Decoder, timeout: float | None = None) -> Message | None:
         """Next message, or None at a clean EOF. Raises TimeoutError after ``timeout``."""
@@ -439,12 +490,28 @@ class BlockingChannel:
             decoder.receive_data(data, fds)
 
     def close(self) -> None:
-        self.sock.close()
+        with self._lock:
+            if not self.closed:
+                self.closed = True
+                self.sock.close()
+                self._outbox.close()
 
 
 def wait_readable_blocking(sock: socket.socket, timeout: float | None) -> bool:
     """poll(2) for readability (select(2) cannot see fds above 1023)."""
+    return _poll_blocking(sock, select.POLLIN, timeout)
+
+
+def wait_writable_blocking(sock: socket.socket, timeout: float | None) -> bool:
+    """poll(2) for room to write (or an error: the next send raises it)."""
+    return _poll_blocking(sock, select.POLLOUT, timeout)
+
+
+def _poll_blocking(sock: socket.socket, events: int, timeout: float | None) -> bool:
+    fd = sock.fileno()
+    if fd < 0:  # closed meanwhile (by another thread): nothing to wait for
+        return True
     poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    ms = None if timeout is None else max(0, int(timeout * 1000))
+    poller.register(fd, events)
+    ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
     return bool(poller.poll(ms))

@@ -2,8 +2,10 @@
 
 One background thread runs the session (connect, read, reconnect); any
 thread may call the API. One lock guards the engine; a second orders the
-writes, so frames leave in the order the engine produced them. Woken sockets
-are stdlib sockets in blocking mode.
+writes, so frames leave in the order the engine produced them. A caller sends
+what the socket takes at once; a second thread sends the rest (a slow or
+frozen container), so no call blocks on a full socket past its ``timeout``.
+Woken sockets are stdlib sockets in blocking mode.
 """
 
 from __future__ import annotations
@@ -128,6 +130,8 @@ class BlockingParking(HandleInfo):
         self._connect_timeout = connect_timeout
         self._lock = threading.Lock()  # the engine
         self._send_lock = threading.Lock()  # the order of writes
+        #: Bytes are queued that the socket did not take: the writer thread sends them.
+        self._write_needed = threading.Event()
         self._chan: BlockingChannel | None = None
         #: After a failed send: ends the reads of the session if no EOF does (under
         #: ``_send_lock``, as ``_chan``).
@@ -151,6 +155,10 @@ class BlockingParking(HandleInfo):
                 raise
             with self._lock:
                 self._engine.never_connected(exc)
+        self._writer = threading.Thread(
+            target=self._write_rest, name="connpark-writer", daemon=True
+        )
+        self._writer.start()
         self._reader = threading.Thread(
             target=self._run, args=(chan,), name="connpark-session", daemon=True
         )
@@ -350,14 +358,16 @@ class BlockingParking(HandleInfo):
             self._engine.finish_close()
             self._pump()
         self._stop.set()
+        self._write_needed.set()
         chan = self._chan
         if chan is not None:
             try:
                 chan.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        if threading.current_thread() is not self._reader:
-            self._reader.join(timeout=10)
+        for thread in (self._reader, self._writer):
+            if threading.current_thread() is not thread:
+                thread.join(timeout=10)
 
     def _take_untaken(self) -> list[Woken[Any]]:
         untaken: list[Woken[Any]] = []
@@ -411,7 +421,10 @@ class BlockingParking(HandleInfo):
     def _wait(self, req: Request, timeout: float | None) -> None:
         if not req.waiter.wait(timeout):
             with self._lock:
-                self._engine.withdraw(req)
+                self._engine.withdraw(req)  # the engine keeps one owner
+                chan = self._chan
+            if chan is not None:
+                chan.hold_fds()  # the caller may close a socket not sent yet
             if not req.waiter.is_set():
                 raise ContainerTimeout(f"no answer from the container within {timeout:g} s")
 
@@ -430,16 +443,39 @@ class BlockingParking(HandleInfo):
                     self._wakes.put(Woken.of(e, sock))
 
     def _flush(self) -> None:
+        """Send what the engine has, as far as the socket takes it now; the writer
+        thread sends the rest."""
         with self._send_lock:
             with self._lock:
                 frames = self._engine.data_to_send()
                 chan = self._chan
-            if not frames or chan is None:
+            if chan is None or not (frames or chan.flush_needed):
                 return
             try:
-                chan.send_frames(frames)
+                chan.try_send(frames)
             except OSError as exc:
                 self._send_broke(chan, exc)
+                return
+            if chan.flush_needed:
+                self._write_needed.set()
+
+    def _write_rest(self) -> None:
+        """The writer thread: sends what the socket did not take at once, waiting
+        for room as long as it takes (the callers' deadlines are their own)."""
+        while True:
+            self._write_needed.wait()
+            self._write_needed.clear()
+            if self._stop.is_set():
+                return
+            chan = self._chan
+            while chan is not None and chan.flush_needed and not self._stop.is_set():
+                try:
+                    chan.flush(0.25)  # (then looks at ``_stop`` again)
+                except OSError as exc:
+                    with self._send_lock:
+                        if chan is self._chan:  # else that session is over already
+                            self._send_broke(chan, exc)
+                    break
 
     def _send_broke(self, chan: BlockingChannel, exc: OSError) -> None:
         """Under ``_send_lock``: a send failed. Send nothing more, but let the reader
@@ -521,7 +557,7 @@ class BlockingParking(HandleInfo):
             while True:
                 while engine.connected:
                     self._read_once(chan)
-                self._flush()  # last words: ACK what we read before the socket goes
+                self._last_words(chan)
                 self._drop_chan(chan)
                 if engine.phase is not Phase.LOST or self._stop.is_set():
                     return
@@ -533,6 +569,16 @@ class BlockingParking(HandleInfo):
                 self._pump()
             if self._primary:
                 self._wakes.put(_END)
+
+    def _last_words(self, chan: BlockingChannel) -> None:
+        """Before the socket goes: ACK what we read, however long the container
+        takes to read it (a wake we read but never ACKed could go to a second
+        worker); ``_end``'s shutdown of the socket ends the wait."""
+        self._flush()
+        try:
+            chan.flush(None)
+        except OSError:
+            pass  # the container is gone: it reads nothing more anyway
 
     def _reconnect(self) -> BlockingChannel | None:
         engine = self._engine

@@ -6,8 +6,10 @@ stats, hand-rolled struct parsing: it speaks wire protocol v1 to the same
 worker (the trio hook) as far as ``bench_throughput.py`` needs (HELLO, PARK,
 UNPARK, ACK). Per parked fd it makes the syscalls connpark's container makes
 and cannot avoid: the socket wrap (getsockname), TCP_INFO, getpeername,
-EPOLL_CTL_ADD, EPOLL_CTL_DEL and close (recvmsg/sendmsg are per batch). It
-does not check the token and pending limits, duplicates or anything else.
+EPOLL_CTL_ADD, EPOLL_CTL_DEL and close (recvmsg/sendmsg are per batch, and
+so is the close of an ACKed batch of consecutive fds: one close_range(2), as
+connpark does). It does not check the token and pending limits, duplicates
+or anything else.
 
     python benchmarks/_minimal_container.py SOCKET_PATH
 """
@@ -132,8 +134,14 @@ def main(path: str) -> None:
                         out, out_fds = bytearray(), []
                 elif mtype == ACK:
                     (count,) = U32.unpack_from(buf, body)
-                    for ticket in struct.unpack_from(f"!{count}Q", buf, body + 4):
-                        os.close(table.pop(ticket)[0])
+                    acked = struct.unpack_from(f"!{count}Q", buf, body + 4)
+                    done = [table.pop(t)[0] for t in acked]  # (a repeat: KeyError)
+                    low = min(done, default=0)
+                    if len(done) > 1 and max(done) - low == len(done) - 1:
+                        os.closerange(low, low + len(done))  # consecutive: one close_range(2)
+                    else:
+                        for fd in done:
+                            os.close(fd)
             del buf[:pos]
             _send(s.sock, out, out_fds)
 

@@ -78,6 +78,7 @@ from ._lot import (
 )
 from ._mirror import FLAG_CONFIRMED, Record, encode_records, encode_tickets, encode_woken
 from ._mirror import Kind as MirrorKind
+from ._ratelog import LogLimit
 from ._serving import Serving
 from ._stats import ContainerStats, LatencyBuckets, LatencySummary, ProcessInfo
 from ._unixsock import listen_unix, peer_uid
@@ -304,6 +305,8 @@ class Container:
         #: ``_lineage``'s size at which ``_note_lineage`` next prunes it.
         self._lineage_at = 1024
         self.watcher = make_watcher()
+        #: Every line a peer can cause goes through it: a peer must not fill the disk.
+        self._peer_log = LogLimit(LOGGER)
         self.serving = Serving(
             max_rule_sets=config.max_rule_sets,
             max_tags=config.max_tags,
@@ -640,12 +643,12 @@ class Container:
                 session = await self._handshake(conn, decoder)
             except ProtocolError as exc:
                 self._protocol_errors += 1
-                LOGGER.warning("new session: protocol error: %s", exc)
+                self._peer_log.log(logging.WARNING, "new session: protocol error: %s", exc)
                 with trio.move_on_after(1.0):
                     await _send_now(conn, Error(exc.code, str(exc)))
                 return
             except OSError as exc:
-                LOGGER.info("new session: %s", exc)
+                self._peer_log.log(logging.INFO, "new session: %s", exc)
                 return
             if session is None:
                 return
@@ -1384,7 +1387,8 @@ class Container:
         s.end_deadline = now + self.config.end_grace
         s.read_scope.deadline = min(s.read_scope.deadline, s.end_deadline)
         moved = self._stop_sending(s)
-        LOGGER.warning(
+        self._peer_log.log(
+            logging.WARNING,
             "session %d (pool %r): %s; ending it (%d unsent wakes re-routed)",
             s.id,
             s.pool.name,
@@ -1477,15 +1481,19 @@ class Container:
         s.outbox.close()
 
     def _log(self, s: _Session, level: int, fmt: str, *args: Any) -> None:
-        LOGGER.log(logging.DEBUG if s.quiet else level, fmt, *args)
+        """A session's line: DEBUG for statistics sessions; rate-limited (``LogLimit``)."""
+        self._peer_log.log(logging.DEBUG if s.quiet else level, fmt, *args)
 
     # -- handshake -------------------------------------------------------------------------
 
     async def _handshake(self, conn: socket.socket, decoder: Decoder) -> _Session | None:
         uid = peer_uid(conn)
         if uid is not None and uid not in self.config.allow_uids:
-            LOGGER.warning(
-                "refused a session from uid %d (allowed: %s)", uid, self.config.allow_uids
+            self._peer_log.log(
+                logging.WARNING,
+                "refused a session from uid %d (allowed: %s)",
+                uid,
+                self.config.allow_uids,
             )
             with trio.move_on_after(1.0):
                 await _send_now(
@@ -1536,7 +1544,7 @@ class Container:
                 return await self._welcome(conn, decoder, hello, uid)
             finally:
                 self._joining[stats] -= 1
-        LOGGER.info("handshake timed out")
+        self._peer_log.log(logging.INFO, "handshake timed out")
         return None
 
     def _session_count(self, stats: bool) -> int:

@@ -343,6 +343,8 @@ class BlockingParking(HandleInfo):
         for shard in self._shards:
             shard._flush()  # every wake anyone could take is ACKed before the socket goes
         deadline = time.monotonic() + CLOSE_TIMEOUT
+        for shard in self._shards:
+            shard._flush_until(deadline)
         for req in reqs:
             if req is not None:
                 req.waiter.wait(max(0.0, deadline - time.monotonic()))
@@ -368,6 +370,18 @@ class BlockingParking(HandleInfo):
         for thread in (self._reader, self._writer):
             if threading.current_thread() is not thread:
                 thread.join(timeout=10)
+
+    def _flush_until(self, deadline: float) -> None:
+        """Wait (up to ``deadline``) until what the writer thread has queued went out:
+        ``_end`` shuts the socket, and an ACK left in the queue would let the
+        container give a wake someone took to a second worker."""
+        chan = self._chan
+        if chan is None:
+            return
+        try:
+            chan.flush(max(0.0, deadline - time.monotonic()))
+        except OSError:
+            pass  # the container is gone (or the session ended): it reads nothing more
 
     def _take_untaken(self) -> list[Woken[Any]]:
         untaken: list[Woken[Any]] = []

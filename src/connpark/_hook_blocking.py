@@ -372,16 +372,12 @@ class BlockingParking(HandleInfo):
                 thread.join(timeout=10)
 
     def _flush_until(self, deadline: float) -> None:
-        """Wait (up to ``deadline``) until what the writer thread has queued went out:
-        ``_end`` shuts the socket, and an ACK left in the queue would let the
-        container give a wake someone took to a second worker."""
+        """Wait (up to ``deadline``) until what is queued went out: ``_end`` shuts the
+        socket, and an ACK left in the queue would let the container give a wake
+        someone took to a second worker."""
         chan = self._chan
-        if chan is None:
-            return
-        try:
-            chan.flush(max(0.0, deadline - time.monotonic()))
-        except OSError:
-            pass  # the container is gone (or the session ended): it reads nothing more
+        if chan is not None:
+            self._send_all(chan, deadline)
 
     def _take_untaken(self) -> list[Woken[Any]]:
         untaken: list[Woken[Any]] = []
@@ -458,12 +454,19 @@ class BlockingParking(HandleInfo):
 
     def _flush(self) -> None:
         """Send what the engine has, as far as the socket takes it now; the writer
-        thread sends the rest."""
+        thread sends the rest. Behind frames still queued the engine keeps it (as
+        the trio hook's writer does): a park withdrawn there is the caller's again,
+        never sent, and the queue stays one batch long against a frozen container."""
         with self._send_lock:
+            chan = self._chan
+            if chan is None:
+                return
+            if chan.flush_needed:
+                self._write_needed.set()
+                return
             with self._lock:
                 frames = self._engine.data_to_send()
-                chan = self._chan
-            if chan is None or not (frames or chan.flush_needed):
+            if not frames:
                 return
             try:
                 chan.try_send(frames)
@@ -475,21 +478,40 @@ class BlockingParking(HandleInfo):
 
     def _write_rest(self) -> None:
         """The writer thread: sends what the socket did not take at once, waiting
-        for room as long as it takes (the callers' deadlines are their own)."""
+        for room as long as it takes (the callers' deadlines are their own), then
+        what the engine gathered meanwhile."""
         while True:
             self._write_needed.wait()
             self._write_needed.clear()
             if self._stop.is_set():
                 return
             chan = self._chan
-            while chan is not None and chan.flush_needed and not self._stop.is_set():
-                try:
-                    chan.flush(0.25)  # (then looks at ``_stop`` again)
-                except OSError as exc:
-                    with self._send_lock:
-                        if chan is self._chan:  # else that session is over already
-                            self._send_broke(chan, exc)
-                    break
+            if chan is None:
+                continue
+            try:
+                if not chan.flush(0.25):
+                    self._write_needed.set()  # (looks at ``_stop`` again first)
+                    continue
+            except OSError as exc:
+                with self._send_lock:
+                    if chan is self._chan:  # else that session is over already
+                        self._send_broke(chan, exc)
+                continue
+            self._flush()
+
+    def _send_all(self, chan: BlockingChannel, deadline: float | None) -> None:
+        """Send what is queued and what the engine has, waiting for room until
+        ``deadline`` (None: as long as it takes; a shut socket ends the wait)."""
+        while True:
+            self._flush()
+            if not chan.flush_needed:
+                return
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                if not chan.flush(left):
+                    return
+            except OSError:
+                return  # the container is gone (or the session ended): it reads nothing more
 
     def _send_broke(self, chan: BlockingChannel, exc: OSError) -> None:
         """Under ``_send_lock``: a send failed. Send nothing more, but let the reader
@@ -588,11 +610,7 @@ class BlockingParking(HandleInfo):
         """Before the socket goes: ACK what we read, however long the container
         takes to read it (a wake we read but never ACKed could go to a second
         worker); ``_end``'s shutdown of the socket ends the wait."""
-        self._flush()
-        try:
-            chan.flush(None)
-        except OSError:
-            pass  # the container is gone: it reads nothing more anyway
+        self._send_all(chan, None)
 
     def _reconnect(self) -> BlockingChannel | None:
         engine = self._engine

@@ -150,7 +150,6 @@ def test_a_park_timed_out_behind_a_backlog_is_not_sent_to_the_next_container(
     make: Callable[..., Driver],
     sockdir: Path,
     closing: list[socket.socket],
-    request: pytest.FixtureRequest,
 ) -> None:
     """A frozen container: a PARK fills the control socket, a second park times out
     behind it. The socket is "still yours": the caller closes it and the number goes
@@ -158,10 +157,6 @@ def test_a_park_timed_out_behind_a_backlog_is_not_sent_to_the_next_container(
     re-sends what was sent, flagged RESENT. The second park must not be among them
     (it never left): its fd number now names the new connection, which the new
     container would take while the caller keeps it, two owners."""
-    if make.kind == "asyncio":  # type: ignore[attr-defined]
-        request.applymarker(
-            pytest.mark.xfail(strict=True, reason="asyncio queues every park behind the backlog")
-        )
     path = sockdir / "k.sock"
     proc = ServeProcess(path)
     try:

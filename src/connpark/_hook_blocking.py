@@ -430,11 +430,14 @@ class BlockingParking(HandleInfo):
 
     def _wait(self, req: Request, timeout: float | None) -> None:
         if not req.waiter.wait(timeout):
-            with self._lock:
-                self._engine.withdraw(req)  # the engine keeps one owner
-                chan = self._chan
-            if chan is not None:
-                chan.hold_fds()  # the caller may close a socket not sent yet
+            # Under the send lock: a ``_flush`` between taking the frames from the
+            # engine and queueing them would have them miss ``hold_fds``.
+            with self._send_lock:
+                with self._lock:
+                    self._engine.withdraw(req)  # the engine keeps one owner
+                    chan = self._chan
+                if chan is not None:
+                    chan.hold_fds()  # the caller may close a socket not sent yet
             if not req.waiter.is_set():
                 raise ContainerTimeout(f"no answer from the container within {timeout:g} s")
 

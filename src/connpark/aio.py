@@ -109,6 +109,11 @@ class _Channel:
             except OSError:
                 pass
 
+    @property
+    def sending(self) -> bool:
+        """A ``send_frames`` is under way (waiting for room, maybe)."""
+        return self._lock.locked()
+
     def hold_fds(self) -> None:
         """Hold copies of the queued fds: their owners may close them now."""
         self._outbox.hold_fds()
@@ -362,20 +367,26 @@ class AsyncioParking(HandleInfo):
         task.add_done_callback(_background.discard)
 
     async def _flush(self) -> None:
+        """Send what the engine has. While a send waits for room (a slow or frozen
+        container) the engine keeps what comes meanwhile, and that send takes it
+        next: a park withdrawn there is the caller's again, never sent."""
         chan = self._chan
-        frames = self._engine.data_to_send()
-        if chan is None or not frames:
+        if chan is None or chan.sending:
             return
-        try:
-            await chan.send_frames(frames)
-        except OSError as exc:
+        while frames := self._engine.data_to_send():
+            try:
+                await chan.send_frames(frames)
+            except OSError as exc:
+                if chan is not self._chan:
+                    return  # an earlier session's socket: that session is over
+                # Send nothing more, but read what the container wrote before it went
+                # (a PARKED there means it took sockets) until EOF, bounded.
+                self._engine.send_failed(lost_from_os_error(exc, "lost the container"))
+                self._pump()
+                chan.stop_reading_after(DRAIN_TIMEOUT)
+                return
             if chan is not self._chan:
-                return  # an earlier session's socket: that session is over
-            # Send nothing more, but read what the container wrote before it went
-            # (a PARKED there means it took sockets) until EOF, bounded.
-            self._engine.send_failed(lost_from_os_error(exc, "lost the container"))
-            self._pump()
-            chan.stop_reading_after(DRAIN_TIMEOUT)
+                return
 
     async def _session(self, started: asyncio.Future[None] | None) -> None:
         """Connect, handshake, then read until the session is lost."""

@@ -125,3 +125,13 @@ def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.02)
     return cond()
+
+
+def take_number(old: socket.socket, new: socket.socket) -> socket.socket:
+    """Close ``old`` and move ``new`` to its fd number, as the next accept() would
+    reuse it: returns the socket object for ``new`` under that number."""
+    number = old.fileno()
+    old.close()
+    os.dup2(new.fileno(), number)
+    new.close()
+    return socket.socket(fileno=number)

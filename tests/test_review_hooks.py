@@ -24,7 +24,7 @@ import connpark
 from connpark._wire import Parked, ParkResult, Refusal
 
 from . import test_hooks
-from ._procs import ServeProcess, recv_exactly, tcp_pairs, wait_until
+from ._procs import ServeProcess, recv_exactly, take_number, tcp_pairs, wait_until
 from .test_engine import FakeSock, entry, ok, parks, settled, started
 from .test_hooks import AsyncioDriver, BlockingDriver, Driver, TrioDriver
 
@@ -180,11 +180,7 @@ def test_a_cancelled_park_still_queued_cannot_carry_a_reused_fd_number(
         assert park_many_within(driver, servers, 0.3, pendings=[b"p" * FILL_PENDING] * FILL) is None
         assert park_within(driver, victim, 0.3, token=b"victim") is None
         assert victim.fileno() != -1, "never sent: the caller's"
-        number = victim.fileno()
-        victim.close()  # the caller's to close
-        os.dup2(newcomer.fileno(), number)  # the number is reused (accept() would do it too)
-        newcomer.close()
-        newcomer = socket.socket(fileno=number)
+        newcomer = take_number(victim, newcomer)  # the caller's to close; the number reused
         closing.append(newcomer)
     finally:
         guard.cancel()
@@ -268,3 +264,36 @@ def test_a_retry_withdrawn_while_held_leaves_the_first_answer_in_charge() -> Non
     assert settled(peer.events()) == []
     assert parks(peer.recv()) == []  # nothing sent again: the socket is the caller's
     assert not sock.closed
+
+
+def test_a_new_socket_under_a_number_in_limbo_is_not_held_behind_the_old_park() -> None:
+    """An abandoned park's socket is closed by the caller and its number goes to a
+    new socket: parking that one goes out at once (it is not the one in limbo), the
+    old answer leaves it alone, and the engine's own copy of the old one is closed."""
+    engine, peer = started()
+    before = len(os.listdir("/proc/self/fd"))
+    a, a_peer = socket.socketpair()
+    b, b_peer = socket.socketpair()
+    try:
+        old = FakeSock(a.fileno())
+        first = engine.park([old], [entry(old)], None)
+        (p1,) = parks(peer.recv())
+        engine.withdraw(first)  # timed out: in limbo until the answer
+        number = a.fileno()
+        a.close()  # the caller's, as far as it knows
+        os.dup2(b.fileno(), number)  # the number names another socket now
+        new = FakeSock(number, real=True)
+        second = engine.park([new], [entry(new)], None)
+        (p2,) = parks(peer.recv())  # not held behind the first
+        assert [e.fd for e in p2.entries] == [number]
+        peer.send(Parked(p1.request_id, ok(7)))
+        assert settled(peer.events()) == []  # (the first's caller is gone)
+        assert not new.closed, "the old answer closed the new socket"
+        peer.send(Parked(p2.request_id, ok(9)))
+        assert settled(peer.events()) == [second]
+        assert second.outcome() == [9]
+        assert new.closed
+    finally:
+        for s in (a, a_peer, b, b_peer):
+            s.close()
+    assert len(os.listdir("/proc/self/fd")) == before, "the engine's copy was not closed"

@@ -34,7 +34,7 @@ from connpark._wire import (
 )
 
 from . import test_hooks
-from ._procs import ServeProcess, tcp_pairs, wait_until
+from ._procs import ServeProcess, take_number, tcp_pairs, wait_until
 from .test_hooks import Driver
 from .test_review_hooks import (
     FILL,
@@ -170,15 +170,9 @@ def test_a_park_timed_out_behind_a_backlog_is_not_sent_to_the_next_container(
         assert park_many_within(driver, servers, 0.3, pendings=[b"p" * FILL_PENDING] * FILL) is None
         assert park_within(driver, victim, 0.3, token=b"victim") is None
         assert victim.fileno() != -1, "never answered: the caller's"
-        number = victim.fileno()
-        victim.close()
-        os.dup2(newcomer.fileno(), number)  # the number is reused (accept() would do it too)
-        newcomer.close()
-        newcomer = socket.socket(fileno=number)
+        newcomer = take_number(victim, newcomer)
         closing.append(newcomer)
-        proc.stop(signal.SIGKILL)
-        proc = ServeProcess(path)
-        assert wait_until(lambda: driver.sessions() == 2, 15)
+        proc = _kill_and_restart(proc, driver)
         assert wait_until(lambda: proc.stats().parks_total >= FILL)  # the first park, re-sent
         time.sleep(0.5)  # a re-sent second park is read by now
         nclient.sendall(b"mine")
@@ -187,3 +181,54 @@ def test_a_park_timed_out_behind_a_backlog_is_not_sent_to_the_next_container(
         assert proc.stats().parked == FILL
     finally:
         proc.stop()
+
+
+def test_a_park_timed_out_after_it_went_out_is_resent_with_its_own_socket(
+    make: Callable[..., Driver],
+    sockdir: Path,
+    closing: list[socket.socket],
+) -> None:
+    """A frozen container: a PARK goes out and is never answered, and the caller's
+    deadline passes. The caller closes the socket (still its own as far as it
+    knows) and the number goes to a new connection. The container is killed and a
+    new one starts: the hook re-sends the park (RESENT), and it must carry the
+    connection it was for (the engine's own copy), not what the number names now:
+    else the new container takes a connection the caller keeps (two owners)."""
+    path = sockdir / "r.sock"
+    proc = ServeProcess(path)
+    try:
+        backoff = connpark.Backoff(first=0.05, most=0.1, give_up_after=30)
+        driver = make(path, pool="resend", backoff=backoff)
+        (vclient,), (victim,) = tcp_pairs(1)
+        (nclient,), (newcomer,) = tcp_pairs(1)
+        closing += [vclient, victim, nclient, newcomer]
+        os.kill(proc.pid, signal.SIGSTOP)
+        assert park_within(driver, victim, 0.3, token=b"victim") is None
+        assert victim.fileno() != -1, "never answered: the caller's, for now"
+        newcomer = take_number(victim, newcomer)
+        closing.append(newcomer)
+        proc = _kill_and_restart(proc, driver)
+        assert wait_until(lambda: proc.stats().parks_total >= 1)  # the park, re-sent
+        vclient.sendall(b"late")  # the parked one wakes, with its token and bytes
+        woken = driver.next_wake(timeout=10)
+        assert woken is not None
+        assert woken.token == b"victim"
+        assert woken.socket is not None
+        closing.append(woken.socket)
+        woken.socket.settimeout(5)
+        assert woken.socket.recv(4, socket.MSG_WAITALL) == b"late"
+        nclient.sendall(b"mine")
+        stolen = not no_wake_within(driver, 1.0)
+        assert not stolen, "the new container took a connection nobody parked"
+        assert newcomer.recv(4, socket.MSG_DONTWAIT) == b"mine"
+    finally:
+        proc.stop()
+
+
+def _kill_and_restart(proc: ServeProcess, driver: Driver) -> ServeProcess:
+    """SIGKILL the (frozen) container, start a new one at its path: the driver's
+    hook reconnects (its second session)."""
+    proc.stop(signal.SIGKILL)
+    proc = ServeProcess(proc.path)
+    assert wait_until(lambda: driver.sessions() == 2, 15)
+    return proc

@@ -320,6 +320,14 @@ class SharedEntries(Sequence[ParkEntry]):
         return attrs.evolve(self.template, fd=self.fds[index])
 
 
+def _file_key(fd: int) -> tuple[int, int]:
+    """(fd, inode): which socket an fd number names now (inode -1: none)."""
+    try:
+        return fd, os.fstat(fd).st_ino
+    except OSError:
+        return fd, -1
+
+
 def wrap_woken_fd(entry: WakeEntry) -> socket.socket | None:
     """A stdlib socket for a woken fd, family from the WAKE flags: no syscall spent."""
     if entry.fd is None:
@@ -382,6 +390,10 @@ class ParkRequest:
     #: Index -> (an abandoned park of the same socket, its index): this one waits
     #: for that answer (``Engine._release``) instead of parking the socket twice.
     after: dict[int, tuple[ParkRequest, int]] = attrs.field(factory=dict)
+    #: Abandoned: index -> its key in the engine's ``_limbo``, and our own copy of
+    #: its fd (``Engine._hold_copies``), until it is answered.
+    keys: dict[int, tuple[int, int]] = attrs.field(factory=dict)
+    dups: dict[int, int] = attrs.field(factory=dict)
     #: The part of a held park sent once the earlier answers came: its results go
     #: to ``parent`` at ``slots``.
     child: ParkRequest | None = None
@@ -598,9 +610,10 @@ class Engine:
         self._out: list[Frame] = []
         self._acks: list[int] = []
         self._batch: list[ParkRequest] = []
-        #: fd -> (request, index) of the unanswered entries of abandoned parks: their
-        #: sockets are the caller's or the container's only once the answer comes.
-        self._limbo: dict[int, tuple[ParkRequest, int]] = {}
+        #: (fd, inode) -> (request, index) of the unanswered entries of abandoned
+        #: parks: their sockets are the caller's or the container's only once the
+        #: answer comes. (The inode: a number the caller closed may name another socket.)
+        self._limbo: dict[tuple[int, int], tuple[ParkRequest, int]] = {}
         #: Parks of sockets in ``_limbo``: they wait for those answers (``_release``).
         self._held: list[ParkRequest] = []
         #: request id -> the park requests it carries, answered in order.
@@ -816,7 +829,8 @@ class Engine:
         req = ParkRequest(socks, entries, waiter)
         if self._limbo and entries:
             limbo = self._limbo
-            req.after = {i: limbo[fd] for i, fd in enumerate(req.fds) if fd in limbo}
+            keys = enumerate(map(_file_key, req.fds))
+            req.after = {i: limbo[key] for i, key in keys if key in limbo}
         if req.after:
             self._held.append(req)  # parked again before the first answer came
         elif entries:
@@ -848,8 +862,33 @@ class Engine:
             # Sent (or sent in a lost session, and queued again): the container
             # may have taken a socket already, so the answer decides its owner.
             req.abandoned = True
-            for i in range(req.answered, len(req.fds)):
-                self._limbo[req.fds[i]] = (req, i)
+            self._hold_copies(req)
+
+    def _hold_copies(self, req: ParkRequest) -> None:
+        """An abandoned park's unanswered sockets: until the answer, the caller may
+        close one as its own, and its number go to another socket. So the limbo
+        knows each by fd and inode, and a re-send (a lost session) carries our own
+        copy (``dup``) of the connection it was for, whatever the number names."""
+        fds = req.fds = list(req.fds)  # (a park_many's may be its entries')
+        for i in range(req.answered, len(fds)):
+            key = _file_key(fds[i])
+            try:
+                fds[i] = req.dups[i] = os.dup(fds[i])
+            except OSError:
+                pass  # (EMFILE) the number then, as before
+            req.keys[i] = key
+            self._limbo[key] = (req, i)
+
+    def _let_go(self, req: ParkRequest, start: int, end: int) -> None:
+        """An abandoned park's entries ``start:end`` are answered (or failed): out of
+        the limbo, our copies closed."""
+        for i in range(start, end):
+            key = req.keys.pop(i, None)
+            if key is not None and self._limbo.get(key, (None, 0))[0] is req:
+                del self._limbo[key]
+            dup = req.dups.pop(i, None)
+            if dup is not None:
+                close_fds((dup,))
 
     def stats(self, waiter: Any) -> StatsRequest:
         self._check_open()
@@ -1112,9 +1151,8 @@ class Engine:
                     if req.handback:
                         self.closer((sock,))  # a wake we could not hand back: nobody else owns it
         req.answered = end
-        if req.abandoned and self._limbo:
-            for fd in req.fds[start:end]:
-                self._limbo.pop(fd, None)
+        if req.abandoned:
+            self._let_go(req, start, end)
         if end == len(req.results):
             req.state = ReqState.DONE
             self._finished(req)
@@ -1254,9 +1292,8 @@ class Engine:
             return
         if req.handback:
             self.closer(req.socks[req.answered :])  # wakes we were handing back: ours alone
-        if req.abandoned and self._limbo:  # never answered: the caller's again
-            for fd in req.fds[req.answered :]:
-                self._limbo.pop(fd, None)
+        if req.abandoned:  # never answered: the caller's again
+            self._let_go(req, req.answered, len(req.fds))
         self._finished(req)
         if self._held:
             self._release()

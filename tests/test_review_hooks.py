@@ -8,6 +8,7 @@ container is frozen with SIGSTOP / SIGCONT or killed with SIGKILL.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import signal
@@ -297,3 +298,50 @@ def test_a_new_socket_under_a_number_in_limbo_is_not_held_behind_the_old_park() 
         for s in (a, a_peer, b, b_peer):
             s.close()
     assert len(os.listdir("/proc/self/fd")) == before, "the engine's copy was not closed"
+
+
+def test_asyncio_a_cancelled_sender_leaves_nothing_unsent(
+    proc: ServeProcess, closing: list[socket.socket]
+) -> None:
+    """asyncio: while a send waits for room, other flushes leave their frames in the
+    engine for that sender to take next. Here the sender is the caller's own
+    ``unpark()``, and the caller cancels it (a deadline): a park made meanwhile,
+    and the rest of the UNPARK, must still go out once the container reads again,
+    not wait for the next thing the container happens to write."""
+    driver = AsyncioDriver(proc.path, pool="handoff")
+    try:
+        parking = driver.parking
+        (client,), (server,) = tcp_pairs(1)
+        closing += [client, server]
+        os.kill(proc.pid, signal.SIGSTOP)
+
+        async def stuck() -> Any:
+            # Far more than the control socket holds: this call waits for room.
+            unpark = asyncio.ensure_future(parking.unpark(*range(1, 200_001)))
+            await asyncio.sleep(0.2)
+            park = asyncio.ensure_future(parking.park(server, token=b"late"))
+            await asyncio.sleep(0.2)
+            unpark.cancel()  # the caller's deadline
+            await asyncio.gather(unpark, return_exceptions=True)
+            return park
+
+        park = driver._run(stuck())
+        os.kill(proc.pid, signal.SIGCONT)
+
+        async def finish() -> Any:
+            try:
+                return await asyncio.wait_for(park, 5)
+            except asyncio.TimeoutError:
+                return None
+
+        ticket = driver._run(finish())
+        assert ticket is not None, "the park was left in the engine, never sent"
+        assert server.fileno() == -1
+        client.sendall(b"ping")
+        woken = driver.next_wake(timeout=10)
+        assert woken.token == b"late"
+        assert woken.socket is not None
+        woken.socket.close()
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        driver.shutdown()

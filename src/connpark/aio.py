@@ -110,6 +110,11 @@ class _Channel:
                 pass
 
     @property
+    def flush_needed(self) -> bool:
+        """Bytes are queued that no send is taking (its caller was cancelled)."""
+        return bool(self._outbox) and not self._lock.locked()
+
+    @property
     def sending(self) -> bool:
         """A ``send_frames`` is under way (waiting for room, maybe)."""
         return self._lock.locked()
@@ -373,9 +378,17 @@ class AsyncioParking(HandleInfo):
         chan = self._chan
         if chan is None or chan.sending:
             return
-        while frames := self._engine.data_to_send():
+        engine = self._engine
+        while (frames := engine.data_to_send()) or (
+            chan.flush_needed and engine.connected and not engine.send_broken
+        ):
             try:
                 await chan.send_frames(frames)
+            except asyncio.CancelledError:
+                # Our caller's deadline (``unpark``, ``close``): the flushes that came
+                # meanwhile left their frames to us, so another sends them, and ours.
+                self._schedule_flush()
+                raise
             except OSError as exc:
                 if chan is not self._chan:
                     return  # an earlier session's socket: that session is over

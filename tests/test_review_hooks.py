@@ -345,3 +345,46 @@ def test_asyncio_a_cancelled_sender_leaves_nothing_unsent(
     finally:
         os.kill(proc.pid, signal.SIGCONT)
         driver.shutdown()
+
+
+def test_a_number_in_limbo_known_by_number_only_is_checked_on_its_old_socket() -> None:
+    """Where sockets have no inode (macOS, the BSDs; here: a number naming nothing),
+    the limbo knows a socket by its number: a new socket under that number is the old
+    one only while the old socket object still has it (the caller closed it: not)."""
+    engine, peer = started()
+    old = FakeSock()
+    first = engine.park([old], [entry(old)], None)
+    (p1,) = parks(peer.recv())
+    engine.withdraw(first)
+    again = engine.park([old], [entry(old)], None)  # the same object: held
+    assert parks(peer.recv()) == []
+    engine.withdraw(again)
+    old.close()  # the caller's, as far as it knows
+    new = FakeSock(old.fd)
+    engine.park([new], [entry(new)], None)
+    (p2,) = parks(peer.recv())  # not held: another socket under the number
+    assert [e.fd for e in p2.entries] == [old.fd]
+    peer.send(Parked(p1.request_id, ok(7)))
+    assert not new.closed, "the old answer closed the new socket"
+
+
+def test_a_retry_through_a_dup_of_a_socket_in_limbo_waits_for_its_answer() -> None:
+    """The same socket under another number (``sock.dup()``) is still the socket in
+    limbo (Linux knows it by inode): it waits for the first answer and gets its ticket."""
+    engine, peer = started()
+    a, a_peer = socket.socketpair()
+    try:
+        old = FakeSock(a.fileno())
+        first = engine.park([old], [entry(old)], None)
+        (p1,) = parks(peer.recv())
+        engine.withdraw(first)
+        twin = FakeSock(os.dup(a.fileno()), real=True)
+        retry = engine.park([twin], [entry(twin)], None)
+        assert parks(peer.recv()) == []  # held: one connection is not parked twice
+        peer.send(Parked(p1.request_id, ok(7)))
+        assert settled(peer.events()) == [retry]
+        assert retry.outcome() == [7]
+        assert twin.closed  # the container has it
+    finally:
+        a.close()
+        a_peer.close()

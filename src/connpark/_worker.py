@@ -321,11 +321,15 @@ class SharedEntries(Sequence[ParkEntry]):
 
 
 def _file_key(fd: int) -> tuple[int, int]:
-    """(fd, inode): which socket an fd number names now (inode -1: none)."""
+    """Which socket ``fd`` names now: (device, inode) where sockets have inodes
+    (Linux), which also knows a ``dup`` of it; else (-1, fd): macOS and the BSDs
+    give every TCP socket inode 0, and a number that names nothing has none
+    (``Engine._in_limbo`` then asks the old socket object too)."""
     try:
-        return fd, os.fstat(fd).st_ino
+        st = os.fstat(fd)
     except OSError:
-        return fd, -1
+        return -1, fd
+    return (st.st_dev, st.st_ino) if st.st_ino else (-1, fd)
 
 
 def wrap_woken_fd(entry: WakeEntry) -> socket.socket | None:
@@ -828,9 +832,7 @@ class Engine:
         self._check_open()
         req = ParkRequest(socks, entries, waiter)
         if self._limbo and entries:
-            limbo = self._limbo
-            keys = enumerate(map(_file_key, req.fds))
-            req.after = {i: limbo[key] for i, key in keys if key in limbo}
+            req.after = {i: old for i, fd in enumerate(req.fds) if (old := self._in_limbo(fd))}
         if req.after:
             self._held.append(req)  # parked again before the first answer came
         elif entries:
@@ -863,6 +865,18 @@ class Engine:
             # may have taken a socket already, so the answer decides its owner.
             req.abandoned = True
             self._hold_copies(req)
+
+    def _in_limbo(self, fd: int) -> tuple[ParkRequest, int] | None:
+        """The abandoned park (and index) of the socket ``fd`` names, if any. Known by
+        number only (no inode), it must still be the old socket object's number: a
+        caller that closed that object and got the number back for a new socket
+        parks the new one at once."""
+        key = _file_key(fd)
+        found = self._limbo.get(key)
+        if found is None or key[0] != -1:
+            return found
+        old, i = found
+        return found if old.socks[i].fileno() == fd else None
 
     def _hold_copies(self, req: ParkRequest) -> None:
         """An abandoned park's unanswered sockets: until the answer, the caller may
@@ -1197,6 +1211,9 @@ class Engine:
                 continue
             for i, ticket in taken.items():
                 req.results[i] = ticket
+            # The container has those: the caller's copies close (one object may be
+            # another than the first park's: a dup, or the fd wrapped again).
+            self.closer([req.socks[i] for i in taken])
             slots = [i for i in range(len(req.results)) if i not in taken]
             if not slots:
                 req.answered = len(req.results)

@@ -225,6 +225,43 @@ def test_a_park_timed_out_after_it_went_out_is_resent_with_its_own_socket(
         proc.stop()
 
 
+def test_shutdown_waits_for_the_answer_to_a_park_that_went_out(
+    sockdir: Path, closing: list[socket.socket]
+) -> None:
+    """A slow container: a PARK goes out, and the user shuts the handle down before
+    the answer. The answer decides who owns the socket, so shutdown waits for it
+    (bounded): the park gets its ticket and the caller's copy is closed. Before, it
+    failed with ParkingClosed ("still yours") while the container took it."""
+    path = sockdir / "w.sock"
+    proc = ServeProcess(path)
+    try:
+        (client,), (server,) = tcp_pairs(1)
+        closing += [client, server]
+        parking = connpark.BlockingParking(path, pool="bye")
+        outcome: list[object] = []
+
+        def park() -> None:
+            try:
+                outcome.append(parking.park(server, token=b"late"))
+            except connpark.ConnparkError as exc:
+                outcome.append(exc)
+
+        os.kill(proc.pid, signal.SIGSTOP)
+        parker = threading.Thread(target=park)
+        parker.start()
+        time.sleep(0.3)  # the PARK is in the socket, unanswered
+        threading.Timer(0.5, os.kill, (proc.pid, signal.SIGCONT)).start()
+        parking.shutdown()
+        parker.join(10)
+        assert wait_until(lambda: proc.stats().parked == 1)  # the container has it
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], int), f"told {outcome[0]!r}, yet the container took it"
+        assert server.fileno() == -1, "the caller's copy of a parked socket is still open"
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.stop()
+
+
 def _kill_and_restart(proc: ServeProcess, driver: Driver) -> ServeProcess:
     """SIGKILL the (frozen) container, start a new one at its path: the driver's
     hook reconnects (its second session)."""

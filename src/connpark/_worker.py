@@ -988,14 +988,14 @@ class Engine:
 
     # -- closing ---------------------------------------------------------------------
 
-    def begin_close(
-        self, untaken: Sequence[Woken[Any]] = (), waiter: Any = None
-    ) -> ParkRequest | None:
+    def begin_close(self, untaken: Sequence[Woken[Any]] = (), waiter: Any = None) -> Request | None:
         """The user is done: stop taking wakes, hand the untaken ones back (re-park).
 
         Parks not yet sent fail with ``ParkingClosed`` (those sockets are the
-        callers'). Returns the re-park request, to wait for (bounded) before
-        ``finish_close``; None when there is nothing to hand back.
+        callers'). Returns a request to wait for (bounded) before ``finish_close``:
+        the re-park, or, with nothing to hand back but parks sent and not
+        answered, a STATS, answered after their PARKED (which decide who owns
+        those sockets); None when there is nothing to wait for.
         """
         if self.phase in (Phase.CLOSING, Phase.CLOSED):
             return None
@@ -1005,6 +1005,10 @@ class Engine:
         self._batch = []
         self._held = []
         live = self.phase is Phase.READY
+        barrier = None
+        if live and not any(w.socket for w in untaken):
+            if any(batch.unanswered() for batch in self._sent.values()):
+                barrier = self.stats(waiter)
         self.phase = Phase.CLOSING if live else Phase.CLOSED
         socks = [w.socket for w in untaken if w.socket is not None]
         for w in untaken:
@@ -1016,7 +1020,7 @@ class Engine:
             self._fail_all(closed)
             return None
         if not socks:
-            return None
+            return barrier
         entries = [ParkEntry(s.fileno(), w.token, w.pending) for w in untaken if (s := w.socket)]
         req = ParkRequest(socks, entries, waiter, handback=True)
         self._batch.append(req)

@@ -1603,7 +1603,13 @@ class EngineMachine(RuleBasedStateMachine):
         untaken, self.wake_queue = self.wake_queue, []
         self.handback_socks = [w.socket for w in untaken if w.socket is not None]
         live = self.engine.phase is Phase.READY
-        self.handback = self.engine.begin_close(untaken, None)
+        waited = self.engine.begin_close(untaken, None)
+        if isinstance(waited, StatsRequest):  # parks in flight: their answers come first
+            assert live
+            assert not self.handback_socks
+            self.stats_reqs.append(waited)
+            waited = None
+        self.handback = waited
         assert (self.handback is not None) == (live and bool(self.handback_socks))
         if self.handback is not None:
             self.requests.append(self.handback)

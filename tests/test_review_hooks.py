@@ -388,3 +388,42 @@ def test_a_retry_through_a_dup_of_a_socket_in_limbo_waits_for_its_answer() -> No
     finally:
         a.close()
         a_peer.close()
+
+
+def test_asyncio_leaving_with_a_send_stuck_leaves_the_loop_clean(
+    proc: ServeProcess, closing: list[socket.socket]
+) -> None:
+    """asyncio: the handle is left while a send waits for room (a frozen container).
+    The loop must not go on watching the closed socket's number: the next socket
+    that gets it could not be watched (FileNotFoundError from add_reader)."""
+    driver = AsyncioDriver(proc.path, pool="stale")
+    parking = driver.parking
+    pending: list[Any] = []
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+
+        async def stuck() -> int:
+            assert parking._chan is not None
+            number = parking._chan.sock.fileno()
+            # Far more than the control socket holds: this call waits for room.
+            pending.append(asyncio.ensure_future(parking.unpark(*range(1, 200_001))))
+            await asyncio.sleep(0.2)
+            return number
+
+        number = driver._run(stuck())
+        driver._run(driver._cm.__aexit__(None, None, None))  # (waits CLOSE_TIMEOUT)
+        a, b = socket.socketpair()  # the number goes to a new socket
+        closing += [a, b]
+        if a.fileno() != number:  # (else the lowest free number was it already)
+            os.dup2(a.fileno(), number)
+            closing.append(socket.socket(fileno=number))
+
+        async def watch() -> None:
+            loop = asyncio.get_running_loop()
+            loop.add_reader(number, lambda: None)
+            loop.remove_reader(number)
+
+        driver._run(watch())
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        driver._stop_loop()

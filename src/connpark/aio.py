@@ -69,6 +69,9 @@ class _Channel:
         self._reading: asyncio.Future[None] | None = None
         self._drain_timer: asyncio.TimerHandle | None = None
         self._read_over = False
+        #: Readiness waits under way: ``close`` ends them.
+        self._waits: set[asyncio.Future[None]] = set()
+        self.closed = False
 
     async def wait(self, writable: bool) -> None:
         fut: asyncio.Future[None] = self._loop.create_future()
@@ -86,10 +89,13 @@ class _Channel:
                 fut.set_result(None)
 
         add(fd, ready)
+        self._waits.add(fut)
         try:
             await fut
         finally:
-            remove(fd)
+            self._waits.discard(fut)
+            if not self.closed:  # (else ``close`` did: the number may name another socket now)
+                remove(fd)
 
     async def send_frames(self, frames: list[Any]) -> None:
         self._outbox.add(frames)  # now, in call order: the lock only paces the writing
@@ -144,8 +150,21 @@ class _Channel:
                 await self.wait(writable=False)
 
     def close(self) -> None:
+        """Close the socket, and first stop the loop watching it: a wait still under
+        way (a send to a frozen container) would otherwise leave the loop watching a
+        number the next socket may get (whose own watch then fails)."""
+        if self.closed:
+            return
+        self.closed = True
         if self._drain_timer is not None:
             self._drain_timer.cancel()
+        fd = self.sock.fileno()
+        if fd >= 0:
+            self._loop.remove_reader(fd)
+            self._loop.remove_writer(fd)
+        for fut in self._waits:
+            if not fut.done():
+                fut.set_result(None)  # its send or receive then fails on the closed socket
         self.sock.close()
         self._outbox.close()
 

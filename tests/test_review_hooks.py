@@ -427,3 +427,81 @@ def test_asyncio_leaving_with_a_send_stuck_leaves_the_loop_clean(
     finally:
         os.kill(proc.pid, signal.SIGCONT)
         driver._stop_loop()
+
+
+def test_a_retry_held_at_close_waits_for_the_first_answer() -> None:
+    """A retry (through a dup) of a socket whose first park is out and unanswered
+    when the handle is left: the close waits for that answer (the STATS barrier), and
+    the retry gets it: the container's ticket (its dup closed), not ParkingClosed
+    ('still yours') while the container takes the connection."""
+    engine, peer = started()
+    a, a_peer = socket.socketpair()
+    try:
+        old = FakeSock(a.fileno())
+        first = engine.park([old], [entry(old)], None)
+        (p1,) = parks(peer.recv())
+        engine.withdraw(first)
+        twin = FakeSock(os.dup(a.fileno()), real=True)
+        retry = engine.park([twin], [entry(twin)], None)
+        assert parks(peer.recv()) == []  # held
+        barrier = engine.begin_close((), None)
+        assert barrier is not None  # the first park is out: the close waits for it
+        assert settled(peer.events()) == []
+        peer.send(Parked(p1.request_id, ok(7)))
+        assert settled(peer.events()) == [retry]
+        assert retry.outcome() == [7]
+        assert twin.closed  # the container has it: no second owner
+    finally:
+        a.close()
+        a_peer.close()
+
+
+def test_a_retry_held_at_close_is_the_callers_when_the_first_is_refused() -> None:
+    """The same, the first park refused: the retry is not sent (the session is
+    closing) and fails with ParkingClosed, its socket the caller's."""
+    engine, peer = started()
+    a, a_peer = socket.socketpair()
+    try:
+        old = FakeSock(a.fileno())
+        first = engine.park([old], [entry(old)], None)
+        (p1,) = parks(peer.recv())
+        engine.withdraw(first)
+        twin = FakeSock(os.dup(a.fileno()), real=True)
+        retry = engine.park([twin], [entry(twin)], None)
+        assert engine.begin_close((), None) is not None
+        peer.send(Parked(p1.request_id, (ParkResult(Refusal.FULL, 0),)))
+        assert settled(peer.events()) == [retry]
+        with pytest.raises(connpark.ParkingClosed):
+            retry.outcome()
+        assert not twin.closed
+        assert parks(peer.recv()) == []
+    finally:
+        a.close()
+        a_peer.close()
+
+
+def test_a_retry_of_many_held_at_close_gets_a_ticket_and_a_refusal() -> None:
+    """A held park_many, one socket in limbo (taken by its first park) and one not:
+    at close the first gets its ticket, the other (never sent) stays the caller's."""
+    engine, peer = started()
+    a, a_peer = socket.socketpair()
+    try:
+        old = FakeSock(a.fileno())
+        first = engine.park([old], [entry(old)], None)
+        (p1,) = parks(peer.recv())
+        engine.withdraw(first)
+        twin, fresh = FakeSock(os.dup(a.fileno()), real=True), FakeSock()
+        retry = engine.park([twin, fresh], [entry(twin), entry(fresh)], None)
+        assert engine.begin_close((), None) is not None
+        peer.send(Parked(p1.request_id, ok(7)))
+        assert settled(peer.events()) == [retry]
+        ticket, refused = retry.outcome()
+        assert ticket == 7
+        assert isinstance(refused, connpark.ParkRefused)
+        assert refused.reason is Refusal.SHUTTING_DOWN
+        assert twin.closed
+        assert not fresh.closed
+        assert parks(peer.recv()) == []
+    finally:
+        a.close()
+        a_peer.close()

@@ -262,6 +262,47 @@ def test_shutdown_waits_for_the_answer_to_a_park_that_went_out(
         proc.stop()
 
 
+def test_shutdown_gives_a_held_retry_the_answer_of_its_first_park(
+    sockdir: Path, closing: list[socket.socket]
+) -> None:
+    """A frozen container: a park times out after its PARK went out, the caller
+    parks the connection again through a dup (held behind the first answer) and the
+    handle is shut down. Shutdown waits for that answer, and the retry gets it: the
+    ticket, its copy closed. Before, the retry failed with ParkingClosed ("still
+    yours") while the container took the connection: two owners."""
+    path = sockdir / "w.sock"
+    proc = ServeProcess(path)
+    try:
+        (client,), (server,) = tcp_pairs(1)
+        twin = server.dup()
+        closing += [client, server, twin]
+        parking = connpark.BlockingParking(path, pool="bye")
+        os.kill(proc.pid, signal.SIGSTOP)
+        with pytest.raises(connpark.ContainerTimeout):
+            parking.park(server, token=b"first", timeout=0.3)
+        outcome: list[object] = []
+
+        def retry() -> None:
+            try:
+                outcome.append(parking.park(twin, token=b"again", timeout=10))
+            except connpark.ConnparkError as exc:
+                outcome.append(exc)
+
+        parker = threading.Thread(target=retry)
+        parker.start()
+        time.sleep(0.3)  # held behind the first park's answer
+        threading.Timer(0.5, os.kill, (proc.pid, signal.SIGCONT)).start()
+        parking.shutdown()
+        parker.join(10)
+        assert wait_until(lambda: proc.stats().parked == 1)  # the container has it
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], int), f"told {outcome[0]!r}, yet the container took it"
+        assert twin.fileno() == -1, "the caller's copy of a parked socket is still open"
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.stop()
+
+
 def _kill_and_restart(proc: ServeProcess, driver: Driver) -> ServeProcess:
     """SIGKILL the (frozen) container, start a new one at its path: the driver's
     hook reconnects (its second session)."""

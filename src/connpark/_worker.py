@@ -999,17 +999,19 @@ class Engine:
         """
         if self.phase in (Phase.CLOSING, Phase.CLOSED):
             return None
-        closed = ParkingClosed("the parking session is closed")
-        for req in [*self._batch, *self._held]:
-            self._settle_error(req, closed)
-        self._batch = []
-        self._held = []
         live = self.phase is Phase.READY
         barrier = None
         if live and not any(w.socket for w in untaken):
             if any(batch.unanswered() for batch in self._sent.values()):
                 barrier = self.stats(waiter)
         self.phase = Phase.CLOSING if live else Phase.CLOSED
+        closed = ParkingClosed("the parking session is closed")
+        # Held parks wait on: the answer to the first park of their socket comes
+        # before the barrier's, and decides who owns it (``_release``, closing).
+        batch, self._batch = self._batch, []
+        held, self._held = ([], self._held) if live else (self._held, [])
+        for req in [*batch, *held]:
+            self._settle_error(req, closed)
         socks = [w.socket for w in untaken if w.socket is not None]
         for w in untaken:
             if w.unsent and w.socket is not None:
@@ -1210,8 +1212,14 @@ class Engine:
                 i: r for i, (old, j) in req.after.items() if isinstance(r := old.results[j], int)
             }
             req.after = {}
+            closing = self.phase in (Phase.CLOSING, Phase.CLOSED)  # nothing more is sent
             if not taken:
-                self._batch.append(req)
+                if closing:
+                    req.state = ReqState.DONE
+                    req.error = ParkingClosed("the parking session is closed")
+                    self._finished(req)
+                else:
+                    self._batch.append(req)
                 continue
             for i, ticket in taken.items():
                 req.results[i] = ticket
@@ -1219,6 +1227,10 @@ class Engine:
             # another than the first park's: a dup, or the fd wrapped again).
             self.closer([req.socks[i] for i in taken])
             slots = [i for i in range(len(req.results)) if i not in taken]
+            if closing:  # the others are the caller's
+                for i in slots:
+                    req.results[i] = ParkRefused(Refusal.SHUTTING_DOWN)
+                slots = []
             if not slots:
                 req.answered = len(req.results)
                 req.state = ReqState.DONE

@@ -9,6 +9,7 @@ container is frozen with SIGSTOP / SIGCONT or killed with SIGKILL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import signal
@@ -368,9 +369,10 @@ def test_a_number_in_limbo_known_by_number_only_is_checked_on_its_old_socket() -
     assert not new.closed, "the old answer closed the new socket"
 
 
-def test_a_retry_through_a_dup_of_a_socket_in_limbo_waits_for_its_answer() -> None:
-    """The same socket under another number (``sock.dup()``) is still the socket in
-    limbo (Linux knows it by inode): it waits for the first answer and gets its ticket."""
+@contextlib.contextmanager
+def in_limbo() -> Iterator[tuple[Any, Any, Any, int]]:
+    """An engine whose park of a real socket timed out after it went out (in limbo
+    until the answer): (engine, its peer, that PARK, the socket's fd, to dup)."""
     engine, peer = started()
     a, a_peer = socket.socketpair()
     try:
@@ -378,16 +380,23 @@ def test_a_retry_through_a_dup_of_a_socket_in_limbo_waits_for_its_answer() -> No
         first = engine.park([old], [entry(old)], None)
         (p1,) = parks(peer.recv())
         engine.withdraw(first)
-        twin = FakeSock(os.dup(a.fileno()), real=True)
+        yield engine, peer, p1, a.fileno()
+    finally:
+        a.close()
+        a_peer.close()
+
+
+def test_a_retry_through_a_dup_of_a_socket_in_limbo_waits_for_its_answer() -> None:
+    """The same socket under another number (``sock.dup()``) is still the socket in
+    limbo (Linux knows it by inode): it waits for the first answer and gets its ticket."""
+    with in_limbo() as (engine, peer, p1, fd):
+        twin = FakeSock(os.dup(fd), real=True)
         retry = engine.park([twin], [entry(twin)], None)
         assert parks(peer.recv()) == []  # held: one connection is not parked twice
         peer.send(Parked(p1.request_id, ok(7)))
         assert settled(peer.events()) == [retry]
         assert retry.outcome() == [7]
         assert twin.closed  # the container has it
-    finally:
-        a.close()
-        a_peer.close()
 
 
 def test_asyncio_leaving_with_a_send_stuck_leaves_the_loop_clean(
@@ -434,14 +443,8 @@ def test_a_retry_held_at_close_waits_for_the_first_answer() -> None:
     when the handle is left: the close waits for that answer (the STATS barrier), and
     the retry gets it: the container's ticket (its dup closed), not ParkingClosed
     ('still yours') while the container takes the connection."""
-    engine, peer = started()
-    a, a_peer = socket.socketpair()
-    try:
-        old = FakeSock(a.fileno())
-        first = engine.park([old], [entry(old)], None)
-        (p1,) = parks(peer.recv())
-        engine.withdraw(first)
-        twin = FakeSock(os.dup(a.fileno()), real=True)
+    with in_limbo() as (engine, peer, p1, fd):
+        twin = FakeSock(os.dup(fd), real=True)
         retry = engine.park([twin], [entry(twin)], None)
         assert parks(peer.recv()) == []  # held
         barrier = engine.begin_close((), None)
@@ -451,22 +454,13 @@ def test_a_retry_held_at_close_waits_for_the_first_answer() -> None:
         assert settled(peer.events()) == [retry]
         assert retry.outcome() == [7]
         assert twin.closed  # the container has it: no second owner
-    finally:
-        a.close()
-        a_peer.close()
 
 
 def test_a_retry_held_at_close_is_the_callers_when_the_first_is_refused() -> None:
     """The same, the first park refused: the retry is not sent (the session is
     closing) and fails with ParkingClosed, its socket the caller's."""
-    engine, peer = started()
-    a, a_peer = socket.socketpair()
-    try:
-        old = FakeSock(a.fileno())
-        first = engine.park([old], [entry(old)], None)
-        (p1,) = parks(peer.recv())
-        engine.withdraw(first)
-        twin = FakeSock(os.dup(a.fileno()), real=True)
+    with in_limbo() as (engine, peer, p1, fd):
+        twin = FakeSock(os.dup(fd), real=True)
         retry = engine.park([twin], [entry(twin)], None)
         assert engine.begin_close((), None) is not None
         peer.send(Parked(p1.request_id, (ParkResult(Refusal.FULL, 0),)))
@@ -475,22 +469,13 @@ def test_a_retry_held_at_close_is_the_callers_when_the_first_is_refused() -> Non
             retry.outcome()
         assert not twin.closed
         assert parks(peer.recv()) == []
-    finally:
-        a.close()
-        a_peer.close()
 
 
 def test_a_retry_of_many_held_at_close_gets_a_ticket_and_a_refusal() -> None:
     """A held park_many, one socket in limbo (taken by its first park) and one not:
     at close the first gets its ticket, the other (never sent) stays the caller's."""
-    engine, peer = started()
-    a, a_peer = socket.socketpair()
-    try:
-        old = FakeSock(a.fileno())
-        first = engine.park([old], [entry(old)], None)
-        (p1,) = parks(peer.recv())
-        engine.withdraw(first)
-        twin, fresh = FakeSock(os.dup(a.fileno()), real=True), FakeSock()
+    with in_limbo() as (engine, peer, p1, fd):
+        twin, fresh = FakeSock(os.dup(fd), real=True), FakeSock()
         retry = engine.park([twin, fresh], [entry(twin), entry(fresh)], None)
         assert engine.begin_close((), None) is not None
         peer.send(Parked(p1.request_id, ok(7)))
@@ -502,6 +487,3 @@ def test_a_retry_of_many_held_at_close_gets_a_ticket_and_a_refusal() -> None:
         assert twin.closed
         assert not fresh.closed
         assert parks(peer.recv()) == []
-    finally:
-        a.close()
-        a_peer.close()

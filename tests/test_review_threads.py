@@ -238,24 +238,8 @@ def test_shutdown_waits_for_the_answer_to_a_park_that_went_out(
         (client,), (server,) = tcp_pairs(1)
         closing += [client, server]
         parking = connpark.BlockingParking(path, pool="bye")
-        outcome: list[object] = []
-
-        def park() -> None:
-            try:
-                outcome.append(parking.park(server, token=b"late"))
-            except connpark.ConnparkError as exc:
-                outcome.append(exc)
-
         os.kill(proc.pid, signal.SIGSTOP)
-        parker = threading.Thread(target=park)
-        parker.start()
-        time.sleep(0.3)  # the PARK is in the socket, unanswered
-        threading.Timer(0.5, os.kill, (proc.pid, signal.SIGCONT)).start()
-        parking.shutdown()
-        parker.join(10)
-        assert wait_until(lambda: proc.stats().parked == 1)  # the container has it
-        assert len(outcome) == 1
-        assert isinstance(outcome[0], int), f"told {outcome[0]!r}, yet the container took it"
+        _shut_down_while(proc, parking, lambda: parking.park(server, token=b"late"))
         assert server.fileno() == -1, "the caller's copy of a parked socket is still open"
     finally:
         os.kill(proc.pid, signal.SIGCONT)
@@ -280,27 +264,36 @@ def test_shutdown_gives_a_held_retry_the_answer_of_its_first_park(
         os.kill(proc.pid, signal.SIGSTOP)
         with pytest.raises(connpark.ContainerTimeout):
             parking.park(server, token=b"first", timeout=0.3)
-        outcome: list[object] = []
-
-        def retry() -> None:
-            try:
-                outcome.append(parking.park(twin, token=b"again", timeout=10))
-            except connpark.ConnparkError as exc:
-                outcome.append(exc)
-
-        parker = threading.Thread(target=retry)
-        parker.start()
-        time.sleep(0.3)  # held behind the first park's answer
-        threading.Timer(0.5, os.kill, (proc.pid, signal.SIGCONT)).start()
-        parking.shutdown()
-        parker.join(10)
-        assert wait_until(lambda: proc.stats().parked == 1)  # the container has it
-        assert len(outcome) == 1
-        assert isinstance(outcome[0], int), f"told {outcome[0]!r}, yet the container took it"
+        _shut_down_while(proc, parking, lambda: parking.park(twin, token=b"again", timeout=10))
         assert twin.fileno() == -1, "the caller's copy of a parked socket is still open"
     finally:
         os.kill(proc.pid, signal.SIGCONT)
         proc.stop()
+
+
+def _shut_down_while(
+    proc: ServeProcess, parking: connpark.BlockingParking, park: Callable[[], object]
+) -> None:
+    """Run ``park`` in a thread against the frozen container (its PARK out, or held
+    behind one), shut the handle down meanwhile and thaw the container 0.5 s in: the
+    answer decides, so ``park`` must return that ticket (the container has it)."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(park())
+        except connpark.ConnparkError as exc:
+            outcome.append(exc)
+
+    parker = threading.Thread(target=run)
+    parker.start()
+    time.sleep(0.3)  # the PARK is in the socket, unanswered (or the retry held)
+    threading.Timer(0.5, os.kill, (proc.pid, signal.SIGCONT)).start()
+    parking.shutdown()
+    parker.join(10)
+    assert wait_until(lambda: proc.stats().parked == 1)  # the container has it
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], int), f"told {outcome[0]!r}, yet the container took it"
 
 
 def _kill_and_restart(proc: ServeProcess, driver: Driver) -> ServeProcess:

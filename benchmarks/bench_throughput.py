@@ -22,7 +22,11 @@ and the minimal loop take turns in ``--slices`` slices, so that a slow spell of
 the shared machine weighs on both; the ratio is the median of the
 repetitions' ratios.
 
+``--idle N`` parks N idle connections in each container first (a helper
+process holds them): a cycle must not cost more with many parked besides.
+
     python benchmarks/bench_throughput.py [--batches 1,64,253] [--seconds 1.0] [--repeat 5]
+        [--idle 0]
 """
 
 from __future__ import annotations
@@ -183,6 +187,38 @@ def paired_rates(
     return {who: _merged(results) for who, results in parts.items()}
 
 
+# -- idle connections -------------------------------------------------------------------
+
+
+def hold_idle(path: str, n: int) -> subprocess.Popen[str]:
+    """A helper process that parks ``n`` idle connections in the container at
+    ``path`` and keeps its session open (``hold_main``) until killed."""
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--hold", str(n), path], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "parked":
+        proc.kill()
+        raise RuntimeError("the idle connections were not parked")
+    return proc
+
+
+def hold_main(n: int, path: str) -> None:
+    raise_nofile()
+    _clients, servers = tcp_pairs(n)  # the client ends stay open: so do the connections
+
+    async def hold() -> None:
+        async with connpark.open_parking(path, pool="idle") as parking:
+            for i in range(0, n, 253):
+                tickets = await parking.park_many(servers[i : i + 253])
+                if not all(isinstance(t, int) for t in tickets):
+                    raise RuntimeError(f"an idle connection was refused: {tickets}")
+            print("parked", flush=True)
+            await trio.sleep_forever()
+
+    trio.run(hold)
+
+
 # -- baseline -------------------------------------------------------------------------------
 
 
@@ -239,13 +275,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--slices", type=int, default=4, help="turns connpark and the minimal loop take per repeat"
     )
+    parser.add_argument(
+        "--idle", type=int, default=0, help="idle connections parked besides, in each container"
+    )
     parser.add_argument("--quick", action="store_true", help="3 repeats of 0.5 s")
     parser.add_argument("--tiny", action="store_true", help="seconds, for the test suite")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--echo", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--hold", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("path", nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.echo is not None:
         echo_main(args.echo)
+        return 0
+    if args.hold is not None:
+        hold_main(args.hold, args.path)
         return 0
     if args.quick:
         args.seconds, args.repeat = 0.5, 3
@@ -259,8 +303,11 @@ def main(argv: list[str] | None = None) -> int:
         b: {who: [] for who in CONTENDERS} for b in batches
     }
     minimal = Minimal()
+    holders: list[subprocess.Popen[str]] = []
     try:
         with Container() as container:
+            if args.idle:
+                holders = [hold_idle(str(c.path), args.idle) for c in (container, minimal)]
             for rep in range(args.repeat):
                 for batch in batches:
                     clients, servers = tcp_pairs(batch)
@@ -280,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
                         for s in (*clients, *servers):
                             s.close()
     finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()
         minimal.stop()
 
     rows = []
@@ -321,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     print_table(
         "park+wake cycles: connpark vs the minimal Python loop vs a bare fd round trip "
-        "(medians; CPU in us per cycle; ratio: the median of each repetition's pair)",
+        "(medians; CPU in us per cycle; ratio: the median of each repetition's pair)"
+        + (f"; {args.idle} idle connections parked besides" if args.idle else ""),
         [
             "batch",
             "connpark cycles/s",
@@ -350,10 +401,12 @@ def main(argv: list[str] | None = None) -> int:
             f"target at batch 253: worker (trio hook) <= {TARGET_WORKER_US_253} us per cycle:"
             f" {worker_us:.2f} us: {'met' if worker_met else 'MISSED'}"
         )
+    name = f"throughput_idle{args.idle}" if args.idle else "throughput"
     write_json(
-        "throughput",
+        name,
         {
             "batches": batches,
+            "idle_parked": args.idle,
             "seconds_per_measurement": args.seconds,
             "repeat": args.repeat,
             "runs": {str(b): v for b, v in runs.items()},
@@ -370,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.no_plot:
         plot_bars(
-            "throughput",
+            name,
             "container CPU per park+wake cycle (lower is better)",
             [str(b) for b in batches],
             {

@@ -1,9 +1,9 @@
 """Review of the PARK hot path (review 6) against a real ``connpark serve``.
 
 The column-wise admission of plain frames (``inspect_many``, ``_admit_plain``,
-``Lot.park_many``), the watcher taken out of trio's epoll while a big frame
-is admitted (``_unnest``) and the lazily set UNCONFIRMED flag, attacked by
-raw peers (``_raw.RawPeer``) with real loopback TCP clients: every entry
+``Lot.park_many``), big frames (a stream of them, refused whole) and the
+lazily set UNCONFIRMED flag, attacked by raw peers (``_raw.RawPeer``) with
+real loopback TCP clients: every entry
 gets its own answer in its place, every connection wakes once with its
 flags and bytes, the container's fd count comes back to its baseline, and a
 worker that never saw its PARKED cannot end up sharing a connection.
@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from connpark._container import _UNNEST_AT
 from connpark._wire import (
     Ack,
     Park,
@@ -97,14 +96,13 @@ _REASONS = [Reason.READABLE] * 2 + [Reason.HANGUP] * 2 + [Reason.TIMEOUT] * 2
 def test_a_big_plain_frame_wakes_each_entry_with_its_family_flags_and_deadline(
     serve: ServeProcess,
 ) -> None:
-    """144 plain entries in one frame (the hot path, watcher unnested): IPv4 and
+    """144 plain entries in one frame (the hot path): IPv4 and
     IPv6, hang-up and timeout returns in every combination, per-entry idle
     timeouts, clients that sent before the park. Each entry wakes once, for its
     reason, with or without its fd as its flags say, INET6 where it is."""
     peer = RawPeer(serve.path)
     baseline = serve.fd_count()
     n = 144
-    assert n >= _UNNEST_AT
     v4c, v4s = tcp_pairs(n // 2)
     v6c, v6s = _v6_pairs(n // 2)
     # Blocks of six entries, one of each kind, alternately IPv4 and IPv6.
@@ -208,10 +206,9 @@ def test_a_frame_bigger_than_the_room_left_parks_what_fits_in_order(sockdir: Pat
 def test_a_stream_of_big_frames_holds_up_no_wake_and_the_watcher_never_spins(
     serve: ServeProcess,
 ) -> None:
-    """Each frame of ``_UNNEST_AT`` or more entries takes the watcher out of trio's epoll
-    (``_unnest``), even one that is refused whole. A hostile peer sending such
-    frames back to back must not delay anybody's wakes, nor leave the watch loop
-    spinning afterwards; nothing it sent stays open."""
+    """A hostile peer sending big frames (128 pipes each, refused whole) back to
+    back must not delay anybody's wakes, nor leave the watch loop spinning
+    afterwards; nothing it sent stays open."""
     worker = RawPeer(serve.path, pool="p", name="worker")
     baseline = serve.fd_count()
     clients, servers = tcp_pairs(8)
@@ -231,7 +228,7 @@ def test_a_stream_of_big_frames_holds_up_no_wake_and_the_watcher_never_spins(
             r, w = os.pipe()
             try:
                 while not stop.is_set():
-                    out = hostile.park([ParkEntry(r) for _ in range(_UNNEST_AT)])
+                    out = hostile.park([ParkEntry(r) for _ in range(128)])
                     assert all(x.refusal is Refusal.NOT_A_SOCKET for x in out.results)
                     frames[0] += 1
             finally:

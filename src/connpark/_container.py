@@ -151,10 +151,6 @@ _FLAGS_OF = bytes(
 _NO_FLAGS = 0xFF
 #: ``Lot.park_many``'s columns: fds, tokens, pending bytes, flags, deadlines (ms).
 _Columns = tuple[Sequence[int], Sequence[bytes], Sequence[bytes], Sequence[int], Sequence[int]]
-#: A PARK frame this big takes the watcher out of trio's epoll while admitted
-#: (``Container._unnest``): measured here, out and back costs 7-15 us and a
-#: nested EPOLL_CTL_ADD ~0.14 us more (median; 0-0.5): below it, no gain.
-_UNNEST_AT = 128
 
 
 def raise_nofile_limit() -> int:
@@ -516,10 +512,7 @@ class Container:
     async def _watch_loop(self) -> None:
         fileno = self.watcher.fileno()
         while True:
-            try:
-                await trio.lowlevel.wait_readable(fileno)
-            except trio.ClosedResourceError:  # ``_unnest``: back into trio's epoll now
-                continue
+            await trio.lowlevel.wait_readable(fileno)
             # Drain in rounds of one WAKE message's worth, sending each round
             # before polling again: the first wakes of a burst go out first.
             while True:
@@ -546,17 +539,6 @@ class Container:
                 if len(events) < MAX_FDS_PER_FRAME:
                     break
                 await trio.lowlevel.checkpoint()  # a mass wake must not starve the rest
-
-    def _unnest(self) -> None:
-        """Take the watcher out of trio's epoll until ``_watch_loop`` next waits.
-
-        An fd added to an epoll that another epoll watches takes the kernel's
-        loop check (a global lock and a walk: ~0.14 us more per fd, measured
-        here); out and back costs two syscalls, two exceptions and a task step:
-        worth it for a big PARK frame (``_UNNEST_AT`` entries). Nothing is
-        missed: the watcher keeps collecting, and trio polls it on the way back.
-        """
-        trio.lowlevel.notify_closing(self.watcher.fileno())
 
     def _wake(self, slot: Slot, reason: Reason, now: float, to: _Session | None = None) -> None:
         """Take a PARKED slot out of the watcher and send it on its way."""
@@ -884,8 +866,6 @@ class Container:
             self.fd_budget - self._held,
             self.config.max_parked - (lot.parked + lot.queued + lot.sent),
         )
-        if n >= _UNNEST_AT:
-            self._unnest()
         mirrored: list[Record] | None = [] if self._mirror is not None else None
         twins: list[tuple[int, int]] = []
         wall = time.time() - now

@@ -8,6 +8,12 @@ unregisters it. The container waits on ``fileno()`` with
 
 epoll keys on the open file, not the fd number: always ``unregister`` before
 closing or handing back a parked fd (epoll(7), "Questions and answers", Q6).
+
+The epoll stays in trio's for good. Nested, each EPOLL_CTL_ADD pays the
+kernel's loop check (~0.1 us); but taking it out for a big PARK frame and
+back costs a walk over every fd it watches (~0.1 us each: ~1 ms at 9,000
+parked, measured here), which made a cycle at batch 253 cost 13.5 instead
+of 6.4 us with 8,000 idle connections parked besides.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 import connpark
+from connpark._fdpass import Outbox
 from connpark._wire import Parked, ParkResult, Refusal
 
 from . import test_hooks
@@ -487,3 +488,40 @@ def test_a_retry_of_many_held_at_close_gets_a_ticket_and_a_refusal() -> None:
         assert twin.closed
         assert not fresh.closed
         assert parks(peer.recv()) == []
+
+
+def test_a_resent_frame_queued_at_close_carries_its_connection_not_a_reused_number() -> None:
+    """A park in limbo is re-sent on the next session with the engine's own copy
+    (a ``dup``), and the frame waits in the hook's queue (a slow container).
+    The hook is left: the engine closes its copies. The queue must hold its
+    own first (the hooks pass their channel to ``finish_close``), or the frame
+    goes out with the number of whatever socket took it next: that socket
+    parked, the connection lost."""
+    with in_limbo() as (engine, peer, _p1, fd):
+        engine.connection_failed(connpark.ContainerLost("the container died"))
+        peer.events()
+        peer.connect()
+        peer.welcome()
+        frames = engine.data_to_send()  # the re-sent PARK, with our copy of the socket
+        (copy,) = [n for frame in frames for n in frame.fds]
+        assert copy != fd
+        queue = Outbox(own_fds=False)  # what the hooks' channels queue with
+        queue.add(frames)  # not sent yet: the container is slow
+        stranger, stranger_peer = socket.socketpair()
+        try:
+            engine.begin_close()
+            engine.finish_close(queue)
+            os.dup2(stranger.fileno(), copy)  # a new socket gets our copy's number
+            sender, receiver = socket.socketpair()
+            with sender, receiver:
+                while queue:
+                    queue.send_some(sender)
+                _data, fds, _flags, _addr = socket.recv_fds(receiver, 1 << 16, 8)
+            assert len(fds) == 1
+            sent = os.fstat(fds[0])
+            os.close(fds[0])
+            assert (sent.st_dev, sent.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+        finally:
+            os.close(copy)
+            stranger.close()
+            stranger_peer.close()

@@ -356,17 +356,20 @@ class BlockingParking(HandleInfo):
         self._wakes.put(_END)
 
     def _end(self) -> None:
-        with self._lock:
-            self._engine.finish_close()
-            self._pump()
-        self._stop.set()
-        self._write_needed.set()
-        chan = self._chan
-        if chan is not None:
-            try:
-                chan.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        # Under the send lock (as ``_drain_over``): ``_drop_chan`` cannot close the
+        # channel meanwhile, nor a ``_flush`` queue frames behind ``finish_close``.
+        with self._send_lock:
+            chan = self._chan
+            with self._lock:
+                self._engine.finish_close(chan)
+                self._pump()
+            self._stop.set()
+            self._write_needed.set()
+            if chan is not None:
+                try:
+                    chan.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         for thread in (self._reader, self._writer):
             if threading.current_thread() is not thread:
                 thread.join(timeout=10)

@@ -483,7 +483,7 @@ class Parking(HandleInfo):
                     self._broken(chan, exc)  # the reader drains, then ends the session
             if req is not None:
                 await req.waiter.wait()
-        self._engine.finish_close()
+        self._engine.finish_close(self._chan)
         self._pump()
 
 
@@ -555,7 +555,7 @@ async def open_parking(
         raise
     finally:
         for shard in parking._shards:
-            shard._engine.finish_close()
+            shard._engine.finish_close(shard._chan)
         _close_stream(parking)
 
 

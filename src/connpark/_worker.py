@@ -73,7 +73,7 @@ import os
 import socket
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Generic, Literal, TypeVar, overload
+from typing import Any, Generic, Literal, Protocol, TypeVar, overload
 
 import attrs
 
@@ -531,6 +531,12 @@ class Phase(enum.Enum):
     LOST = "lost"
     CLOSING = "closing"
     CLOSED = "closed"
+
+
+class HoldsFds(Protocol):
+    """A hook's channel: what its queue would send, it can hold copies of."""
+
+    def hold_fds(self) -> None: ...
 
 
 @attrs.frozen
@@ -1028,9 +1034,17 @@ class Engine:
         self._batch.append(req)
         return req
 
-    def finish_close(self) -> None:
-        """The hook is about to close the socket: fail whatever is still waiting."""
+    def finish_close(self, queue: HoldsFds | None = None) -> None:
+        """The hook is about to close the socket: fail whatever is still waiting.
+
+        Our own copies (an abandoned park's ``dup``s) close now: ``queue``, the
+        channel's, holds copies of its own of the fds of frames not sent yet
+        first, or one could go out with the number of whatever socket took it
+        next.
+        """
         if self.phase is not Phase.CLOSED:
+            if queue is not None:
+                queue.hold_fds()
             self.phase = Phase.CLOSED
             self.decoder.close()
             self._fail_all(ParkingClosed("the parking session is closed"))

@@ -521,7 +521,7 @@ class AsyncioParking(HandleInfo):
             await asyncio.wait_for(hand_back(), CLOSE_TIMEOUT)
         except asyncio.TimeoutError:
             pass
-        self._engine.finish_close()
+        self._engine.finish_close(self._chan)
         self._pump()
 
 
@@ -578,7 +578,7 @@ async def open_parking(
         await parking._close()
     finally:
         for shard in parking._shards:
-            shard._engine.finish_close()
+            shard._engine.finish_close(shard._chan)
         for runner in runners:
             runner.cancel()
             try:

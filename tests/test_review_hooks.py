@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 import connpark
-from connpark._fdpass import Outbox
+from connpark._fdpass import Outbox, close_fds
 from connpark._wire import Parked, ParkResult, Refusal
 
 from . import test_hooks
@@ -525,3 +525,84 @@ def test_a_resent_frame_queued_at_close_carries_its_connection_not_a_reused_numb
             os.close(copy)
             stranger.close()
             stranger_peer.close()
+
+
+def test_leaving_with_parks_unanswered_closes_the_copies_that_reached_the_container() -> None:
+    """The container is slow: leaving, the wait for its answers runs out. It reads
+    on after we close and keeps what it parks (then wakes it to another worker of
+    the pool), so a socket whose PARK reached it must be closed here (never both),
+    and so must a retry of it held behind that answer; one whose PARK is still in
+    the hook's queue never left: still the caller's."""
+    engine, _peer = started()
+    (a1, b1), (a2, b2) = socket.socketpair(), socket.socketpair()
+    sent, queued = FakeSock(a1.detach(), real=True), FakeSock(a2.detach(), real=True)
+    retried = FakeSock(os.dup(sent.fd), real=True)  # the same connection, another number
+    try:
+        first = engine.park([sent], [entry(sent)], None)
+        queue = Outbox(own_fds=False)  # what the hooks' channels queue with
+        queue.add(engine.data_to_send())
+        sender, receiver = socket.socketpair()
+        with sender, receiver:
+            queue.send_some(sender)  # this PARK reached the container
+            second = engine.park([queued], [entry(queued)], None)
+            queue.add(engine.data_to_send())  # this one did not: the socket was full
+            engine.withdraw(first)  # (the caller stopped waiting: in limbo)
+            retry = engine.park([retried], [entry(retried)], None)
+            assert engine.data_to_send() == []  # held behind the first answer
+            engine.begin_close()
+            engine.finish_close(queue)
+            _data, fds, _flags, _addr = socket.recv_fds(receiver, 1 << 16, 8)
+            close_fds(fds)
+        assert sent.closed, "the container may have it: two owners"
+        assert retried.closed, "the same connection, held behind that park: two owners"
+        assert not queued.closed, "it never left: the caller's"
+        with pytest.raises(connpark.ParkingClosed):
+            second.outcome()
+        with pytest.raises(connpark.ParkingClosed, match="your copy was closed"):
+            retry.outcome()
+        assert first.error is not None  # (withdrawn: nobody waits for it)
+    finally:
+        for s in (sent, queued, retried):
+            s.close()
+        b1.close()
+        b2.close()
+
+
+def test_leaving_without_an_answer_closes_a_socket_whose_park_went_out(
+    make: Factory, proc: ServeProcess, closing: list[socket.socket]
+) -> None:
+    """A container frozen past the leaving's wait (CLOSE_TIMEOUT): the PARK went
+    out, no answer came. Thawed, the container reads it and parks the connection
+    (for any worker of the pool), so the caller's copy must be closed. Before, it
+    was left open with ParkingClosed ("still yours"): the client's next bytes woke
+    it to another worker while the caller still had it."""
+    driver = make(proc.path, pool="bye")
+    (client,), (server,) = tcp_pairs(1)
+    closing += [client, server]
+    outcome: list[BaseException] = []
+
+    def park() -> None:
+        try:
+            driver.park(server, token=b"late")
+        except connpark.ConnparkError as exc:
+            outcome.append(exc)
+
+    os.kill(proc.pid, signal.SIGSTOP)
+    parker = threading.Thread(target=park)
+    parker.start()
+    time.sleep(0.3)  # the PARK is in the socket, unanswered
+    driver.shutdown()  # waits CLOSE_TIMEOUT for the answer, in vain
+    parker.join(10)
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], connpark.ParkingClosed)
+    assert "your copy was closed" in str(outcome[0])
+    assert server.fileno() == -1, "the container will park it: two owners"
+    os.kill(proc.pid, signal.SIGCONT)
+    assert wait_until(lambda: proc.stats().parked == 1)  # one owner: the container
+    other = make(proc.path, pool="bye")
+    client.sendall(b"after")
+    woken = other.next_wake()
+    assert woken.token == b"late"
+    assert woken.socket is not None
+    closing.append(woken.socket)
+    assert recv_exactly(woken.socket, 5) == b"after"

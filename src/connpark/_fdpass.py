@@ -242,6 +242,11 @@ class Outbox:
             if fds and type(fds) is not _Held:
                 chunks[i] = (data, _Held(_dup_all(fds)), tag, frames)
 
+    def queued_fds(self) -> list[int]:
+        """The fds still queued: none of them has reached the peer (a chunk's fds
+        go with its first byte)."""
+        return [fd for _data, fds, _tag, _n in self._chunks for fd in fds]
+
     def take_sent(self) -> list[object]:
         """Tags of the frames that went out since the last call, in order."""
         out, self._sent_tags = self._sent_tags, []
@@ -397,6 +402,9 @@ class TrioChannel:
         """Hold copies of the queued fds: their owners may close them now."""
         self._outbox.hold_fds()
 
+    def queued_fds(self) -> list[int]:
+        return self._outbox.queued_fds()
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True
@@ -470,6 +478,10 @@ class BlockingChannel:
         """Hold copies of the queued fds: their owners may close them now."""
         with self._lock:
             self._outbox.hold_fds()
+
+    def queued_fds(self) -> list[int]:
+        with self._lock:
+            return self._outbox.queued_fds()
 
     def receive_message(self, decoder: Decoder, timeout: float | None = None) -> Message | None:
         """Next message, or None at a clean EOF. Raises TimeoutError after ``timeout``."""

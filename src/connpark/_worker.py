@@ -533,10 +533,15 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
-class HoldsFds(Protocol):
-    """A hook's channel: what its queue would send, it can hold copies of."""
+class Queue(Protocol):
+    """A hook's channel, as ``finish_close`` asks it about its send queue."""
 
-    def hold_fds(self) -> None: ...
+    def hold_fds(self) -> None:
+        """Hold copies of the queued fds: their owners may close them now."""
+
+    def queued_fds(self) -> list[int]:
+        """The fds still queued: none has reached the container."""
+        ...
 
 
 @attrs.frozen
@@ -1034,20 +1039,61 @@ class Engine:
         self._batch.append(req)
         return req
 
-    def finish_close(self, queue: HoldsFds | None = None) -> None:
+    def finish_close(self, queue: Queue | None = None) -> None:
         """The hook is about to close the socket: fail whatever is still waiting.
 
-        Our own copies (an abandoned park's ``dup``s) close now: ``queue``, the
-        channel's, holds copies of its own of the fds of frames not sent yet
-        first, or one could go out with the number of whatever socket took it
-        next.
+        ``queue``: the channel's. Leaving (``begin_close``) with parks the
+        container has not answered, their sockets that reached it are closed
+        (``_close_unanswered``). Our own copies (an abandoned park's ``dup``s)
+        close now: the queue holds copies of its own of the fds of frames not
+        sent yet first, or one could go out with the number of whatever socket
+        took it next.
         """
         if self.phase is not Phase.CLOSED:
             if queue is not None:
+                if self.phase is Phase.CLOSING:
+                    self._close_unanswered({_file_key(fd) for fd in queue.queued_fds()})
                 queue.hold_fds()
             self.phase = Phase.CLOSED
             self.decoder.close()
             self._fail_all(ParkingClosed("the parking session is closed"))
+
+    def _close_unanswered(self, queued: set[tuple[int, int]]) -> None:
+        """Leaving, the container's answers still due (it is slow: the wait is over).
+
+        It reads on after we close, and keeps what it parks (for a re-send
+        from us that will not come, then for any worker of the pool). So the
+        caller's copy of each socket whose fds reached it closes, and so does
+        a retry's held behind it: never both. (One whose frame was cut short
+        is lost then: the container closes its fds too.) Sockets still in
+        ``queued`` (fd keys) never left: the caller's.
+        """
+        error = ParkingClosed(
+            "the parking session closed before the container answered; it may hold"
+            " the connection, so your copy was closed"
+        )
+        gone: set[tuple[int, int]] = set()  # (id of a request, index)
+        failed: list[ParkRequest] = []
+        for batch in self._sent.values():
+            for req in batch.unanswered():
+                if req.handback:
+                    continue  # (the engine's own: closed in any case)
+                left = [
+                    i
+                    for i in range(req.answered, len(req.fds))
+                    if (req.keys.get(i) or _file_key(req.fds[i])) not in queued
+                ]
+                if left:
+                    self.closer([req.socks[i] for i in left])
+                    gone.update((id(req), i) for i in left)
+                    failed.append(req)
+        for req in self._held:
+            taken = [i for i, (old, j) in req.after.items() if (id(old), j) in gone]
+            if taken:
+                self.closer([req.socks[i] for i in taken])
+                failed.insert(0, req)
+        for req in failed:  # held ones first: settling a first park releases its retries
+            self._settle_error(req, error)
 
     # -- internals -------------------------------------------------------------------
 

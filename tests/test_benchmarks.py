@@ -33,3 +33,23 @@ def test_benchmark_tiny_mode_runs_and_writes_json(name: str) -> None:
     data = json.loads(result_file.read_text())
     assert data["benchmark"] == name
     assert data["machine"]["cpus"] >= 1
+
+
+def test_throughput_with_idle_connections_parked_besides() -> None:
+    """``--idle N``: a helper process parks N idle connections in each container
+    first, and holds them while the cycles are measured."""
+    result_file = BENCH / "results" / "throughput_idle300.json"
+    result_file.unlink(missing_ok=True)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench_throughput.py"), "--tiny", "--no-plot"]
+        + ["--idle", "300"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=BENCH.parent,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "300 idle connections parked besides" in proc.stdout
+    data = json.loads(result_file.read_text())
+    assert data["idle_parked"] == 300
+    assert data["summary"]["8"]["connpark_rate"] > 0

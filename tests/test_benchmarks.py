@@ -12,6 +12,7 @@ import pytest
 pytestmark = pytest.mark.linux
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+TINY = ("--tiny", "--no-plot")
 SCRIPTS = ["throughput", "memory", "latency", "heavy", "scale", "recovery", "serving", "million"]
 
 
@@ -41,8 +42,7 @@ def test_throughput_with_idle_connections_parked_besides() -> None:
     result_file = BENCH / "results" / "throughput_idle300.json"
     result_file.unlink(missing_ok=True)
     proc = subprocess.run(
-        [sys.executable, str(BENCH / "bench_throughput.py"), "--tiny", "--no-plot"]
-        + ["--idle", "300"],
+        [sys.executable, str(BENCH / "bench_throughput.py"), *TINY, "--idle", "300"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -210,12 +210,15 @@ _ticket_of = operator.attrgetter("ticket")
 class SessionState:
     """The lot's view of one worker session: its pool, window and wakes in flight."""
 
-    __slots__ = ("alive", "id", "inflight", "logged", "name", "outq", "pool", "sent_log")
+    __slots__ = ("alive", "id", "inflight", "logged", "name", "outq", "pool", "rank", "sent_log")
 
     def __init__(self, session_id: int, pool: Pool, name: str = "") -> None:
         self.id = session_id
         self.pool = pool
         self.name = name
+        #: Its place among the pool's sessions (``Lot.add_session``): ties in
+        #: load go to the one that came first.
+        self.rank = 0
         #: Takes new wakes (False once the session is ending).
         self.alive = True
         #: Slots assigned to this session, not yet ACKed (SENT or WRITTEN).
@@ -241,13 +244,17 @@ def _more(size: int, fd: int) -> int:
 class Pool:
     """A named group of interchangeable sessions, and the wakes waiting for one."""
 
-    __slots__ = ("held", "index", "name", "sessions", "waiting")
+    __slots__ = ("by_load", "held", "index", "name", "sessions", "waiting")
 
     def __init__(self, name: str, index: int = 0) -> None:
         #: Its number in its lot (the packed table names pools by number).
         self.index = index
         self.name = name
         self.sessions: list[SessionState] = []
+        #: A heap of (load, rank, session), updated lazily (``Lot._pick``): each
+        #: live session has an entry no higher than its load (pushed when it
+        #: joins and when its load drops), so a route costs O(log sessions).
+        self.by_load: list[tuple[int, int, SessionState]] = []
         self.waiting: deque[Slot] = deque()
         #: Its connections in the lot (any state but GONE): while there are
         #: some, or sessions, the lot keeps the pool (``drop_unused``).
@@ -286,6 +293,7 @@ class Lot:
         self._free_pool_ix: list[int] = []
         #: Live sessions by id (a packed connection names its parker by id).
         self._sessions: dict[int, SessionState] = {}
+        self._ranks = 0  # sessions added (``SessionState.rank``)
         #: Packed PARKED connections, by fd (``pack``): ticket (0: none), deadline
         #: tick, flags, pool, parker; token and pending only where one is not empty.
         self._pcolumns = (Column("Q"), Column("q"), Column("B"), Column("I"), Column("Q"))
@@ -803,18 +811,38 @@ class Lot:
         self._assign(slot, target, now)
 
     def _pick(self, pool: Pool, now: float) -> SessionState | None:
-        """The least-loaded session with room, preferring those not past the ACK deadline."""
-        best = frozen = None
-        for s in pool.sessions:
-            load = len(s.inflight)
-            if load >= self.window:
-                continue
-            if self.ack_deadline != math.inf and self.stale(s, now):
-                if frozen is None or load < len(frozen.inflight):
-                    frozen = s
-            elif best is None or load < len(best.inflight):
+        """The least-loaded session with room, preferring those not past the ACK
+        deadline (the first to come among equals): the top of ``pool.by_load``
+        once its entries there are checked against the sessions' loads."""
+        heap = pool.by_load
+        if len(heap) > 2 * len(pool.sessions) + 16:  # old entries: start afresh
+            heap[:] = [(len(x.inflight), x.rank, x) for x in pool.sessions]
+            heapq.heapify(heap)
+        frozen: list[tuple[int, int, SessionState]] = []
+        best = None
+        while heap:
+            load, rank, s = heap[0]
+            if not s.alive:
+                heapq.heappop(heap)
+            elif load != len(s.inflight):  # it grew since: its true place
+                heapq.heapreplace(heap, (len(s.inflight), rank, s))
+            elif load >= self.window:
+                break  # (and so are all the others)
+            elif self.ack_deadline != math.inf and self.stale(s, now):
+                frozen.append(heapq.heappop(heap))
+            else:
                 best = s
-        return best or frozen
+                break
+        for entry in frozen:
+            heapq.heappush(heap, entry)
+        if best is None and frozen:
+            best = frozen[0][2]  # the least-loaded of those past the deadline
+        return best
+
+    def _lighter(self, session: SessionState) -> None:
+        """The session's load dropped: its entry in its pool's heap (``_pick``)."""
+        if session.alive:
+            heapq.heappush(session.pool.by_load, (len(session.inflight), session.rank, session))
 
     def _assign(self, slot: Slot, session: SessionState, now: float) -> None:
         self._move(slot, State.SENT)
@@ -910,6 +938,8 @@ class Lot:
             if slot is not None and slot.state is State.WRITTEN:
                 del inflight[ticket]
                 done.append(slot)
+        if done:
+            self._lighter(session)
         if session.pool.waiting:
             self._drain_waiting(session.pool, now)
         return done
@@ -943,6 +973,7 @@ class Lot:
         if done:
             self._move_all(written, gone, len(done))
             session.pool.held -= len(done)  # a session's wakes are of its pool
+            self._lighter(session)
             if self._alias:
                 for slot in done:
                     self._alias.pop(slot.ticket, None)
@@ -957,6 +988,8 @@ class Lot:
 
     def add_session(self, session: SessionState, now: float = 0.0) -> None:
         session.pool.sessions.append(session)
+        session.rank = self._ranks = self._ranks + 1
+        self._lighter(session)
         self._sessions[session.id] = session
         self._drain_waiting(session.pool, now)
 

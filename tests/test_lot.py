@@ -1270,6 +1270,11 @@ class LotMachine(RuleBasedStateMachine):
         check_lot(self.lot, self.live)
         for s in self._alive():
             assert s.load <= self.lot.window
+        # The orphan pools the lot keeps track of are all there are.
+        orphaned = [p for p in self.lot.pools.values() if p.waiting and not p.sessions]
+        assert self.lot.orphaned == sum(len(p.waiting) for p in orphaned)
+        firsts = [float(p.waiting[0].key) + self.lot.orphan_timeout for p in orphaned]
+        assert self.lot.next_orphan_deadline() == min(firsts, default=None)
 
 
 TestLotMachine = LotMachine.TestCase

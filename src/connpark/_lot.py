@@ -205,6 +205,7 @@ _PACKED.extra = None
 #: How often ``pack`` runs while some parked connection is still an object (seconds).
 PACK_EVERY = 1.0
 _ticket_of = operator.attrgetter("ticket")
+_index_of = operator.attrgetter("index")
 
 
 class SessionState:
@@ -294,6 +295,9 @@ class Lot:
         #: Live sessions by id (a packed connection names its parker by id).
         self._sessions: dict[int, SessionState] = {}
         self._ranks = 0  # sessions added (``SessionState.rank``)
+        #: Pools that had no session when a wake waited in them: the only ones
+        #: ``next_orphan_deadline`` (each flush) and ``orphans`` look at.
+        self._orphan_pools: set[Pool] = set()
         #: Packed PARKED connections, by fd (``pack``): ticket (0: none), deadline
         #: tick, flags, pool, parker; token and pending only where one is not empty.
         self._pcolumns = (Column("Q"), Column("q"), Column("B"), Column("I"), Column("Q"))
@@ -342,6 +346,7 @@ class Lot:
             if pool is not None and not pool.sessions and not pool.held:
                 del self.pools[name]
                 pool.waiting.clear()  # (GONE slots only: a QUEUED one counts in ``held``)
+                self._orphan_pools.discard(pool)
                 self._free_pool_ix.append(pool.index)
                 dropped.append(name)
         return dropped
@@ -807,6 +812,8 @@ class Lot:
             target = self._pick(slot.pool, now)
         if target is None:
             slot.pool.waiting.append(slot)
+            if not slot.pool.sessions:
+                self._orphan_pools.add(slot.pool)
             return
         self._assign(slot, target, now)
 
@@ -1057,9 +1064,20 @@ class Lot:
         self._route(slot, 0.0 if now is None else now)
 
     def _start_orphan_clock(self, pool: Pool, now: float | None) -> None:
-        if now is not None and not pool.sessions:
-            for slot in pool.waiting:
-                slot.key = now
+        if not pool.sessions and pool.waiting:
+            self._orphan_pools.add(pool)
+            if now is not None:
+                for slot in pool.waiting:
+                    slot.key = now
+
+    def _orphaned_pools(self) -> list[Pool]:
+        """The pools with wakes waiting and no session (the set, pruned)."""
+        pools = self._orphan_pools
+        if not pools:  # (the usual: every flush asks)
+            return []
+        for pool in [p for p in pools if p.sessions or not p.waiting]:
+            pools.discard(pool)  # a session came, or the wakes went
+        return sorted(pools, key=_index_of)
 
     # -- time ------------------------------------------------------------------
 
@@ -1112,9 +1130,7 @@ class Lot:
     def orphans(self, now: float) -> list[Slot]:
         """QUEUED slots of pools with no session, waiting past the orphan timeout."""
         out = []
-        for pool in self.pools.values():
-            if pool.sessions:
-                continue
+        for pool in self._orphaned_pools():
             while pool.waiting:
                 slot = pool.waiting[0]
                 if slot.state is not State.QUEUED:
@@ -1136,13 +1152,12 @@ class Lot:
     def next_orphan_deadline(self) -> float | None:
         """When the first wake queued for a pool with no session is closed."""
         first = None
-        for p in self.pools.values():
-            if p.waiting and not p.sessions:
-                at = float(p.waiting[0].key) + self.orphan_timeout
-                if first is None or at < first:
-                    first = at
+        for p in self._orphaned_pools():
+            at = float(p.waiting[0].key) + self.orphan_timeout
+            if first is None or at < first:
+                first = at
         return first
 
     @property
     def orphaned(self) -> int:
-        return sum(len(p.waiting) for p in self.pools.values() if not p.sessions)
+        return sum(len(p.waiting) for p in self._orphaned_pools())

@@ -182,6 +182,8 @@ class Outbox:
         #: The head chunk has started going out (its fds, if any, went with it).
         self._started = False
         self._sent_tags: list[object] = []
+        #: Our copies of the fds of frames ``stop_sending`` dropped: closed by ``close``.
+        self._dropped: list[Sequence[int]] = []
         #: Bytes and frames queued (a frame counts until its chunk is all sent).
         self.queued_bytes = 0
         self.queued_frames = 0
@@ -242,10 +244,23 @@ class Outbox:
             if fds and type(fds) is not _Held:
                 chunks[i] = (data, _Held(_dup_all(fds)), tag, frames)
 
-    def queued_fds(self) -> list[int]:
-        """The fds still queued: none of them has reached the peer (a chunk's fds
-        go with its first byte)."""
-        return [fd for _data, fds, _tag, _n in self._chunks for fd in fds]
+    def stop_sending(self) -> list[int]:
+        """Drop every frame not begun: from now none of them goes out (a half-sent
+        head finishes: its fds went with its first byte). Returns their fds, which
+        never reach the peer; copies we held for them close with ``close``.
+        Frames added later go out as usual."""
+        chunks = self._chunks
+        keep = [chunks.popleft()] if self._started and chunks else []
+        fds_out: list[int] = []
+        while chunks:
+            data, fds, _tag, frames = chunks.popleft()
+            self.queued_bytes -= len(data)
+            self.queued_frames -= frames
+            fds_out.extend(fds)
+            if self._dup or type(fds) is _Held:
+                self._dropped.append(fds)
+        chunks.extend(keep)
+        return fds_out
 
     def take_sent(self) -> list[object]:
         """Tags of the frames that went out since the last call, in order."""
@@ -290,6 +305,8 @@ class Outbox:
             fds = self._chunks.popleft()[1]
             if self._dup or type(fds) is _Held:
                 close_fds(fds)
+        while self._dropped:
+            close_fds(self._dropped.pop())
         self.queued_bytes = self.queued_frames = 0
         self._started = False  # (a half-sent head went with the rest)
 
@@ -402,8 +419,9 @@ class TrioChannel:
         """Hold copies of the queued fds: their owners may close them now."""
         self._outbox.hold_fds()
 
-    def queued_fds(self) -> list[int]:
-        return self._outbox.queued_fds()
+    def stop_sending(self) -> list[int]:
+        """Frames not begun never go out now: their fds (``Outbox.stop_sending``)."""
+        return self._outbox.stop_sending()
 
     def close(self) -> None:
         if not self.closed:
@@ -479,9 +497,11 @@ class BlockingChannel:
         with self._lock:
             self._outbox.hold_fds()
 
-    def queued_fds(self) -> list[int]:
+    def stop_sending(self) -> list[int]:
+        """Frames not begun never go out now (a writer thread mid-``flush`` included):
+        their fds (``Outbox.stop_sending``)."""
         with self._lock:
-            return self._outbox.queued_fds()
+            return self._outbox.stop_sending()
 
     def receive_message(self, decoder: Decoder, timeout: float | None = None) -> Message | None:
         """Next message, or None at a clean EOF. Raises TimeoutError after ``timeout``."""

@@ -546,6 +546,11 @@ async def open_parking(
                 yield parking
                 await parking._close()
             finally:
+                # Before the sessions are torn down (an exception in the block: no
+                # ``_close``): their channels tell what never left.
+                for shard in parking._shards:
+                    shard._engine.finish_close(shard._chan)
+                    shard._pump()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # Our tasks raise only before the session is up: one error, unwrap it.

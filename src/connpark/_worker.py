@@ -536,11 +536,9 @@ class Phase(enum.Enum):
 class Queue(Protocol):
     """A hook's channel, as ``finish_close`` asks it about its send queue."""
 
-    def hold_fds(self) -> None:
-        """Hold copies of the queued fds: their owners may close them now."""
-
-    def queued_fds(self) -> list[int]:
-        """The fds still queued: none has reached the container."""
+    def stop_sending(self) -> list[int]:
+        """Drop the frames not begun (none of them goes out from now: a writer
+        thread or task included), returning their fds: they never reach the container."""
         ...
 
 
@@ -1042,18 +1040,19 @@ class Engine:
     def finish_close(self, queue: Queue | None = None) -> None:
         """The hook is about to close the socket: fail whatever is still waiting.
 
-        ``queue``: the channel's. Leaving (``begin_close``) with parks the
-        container has not answered, their sockets that reached it are closed
-        (``_close_unanswered``). Our own copies (an abandoned park's ``dup``s)
-        close now: the queue holds copies of its own of the fds of frames not
-        sent yet first, or one could go out with the number of whatever socket
-        took it next.
+        ``queue``: the channel's. The frames it has not begun to send are dropped
+        (``stop_sending``): they never go out, so their sockets are the callers',
+        and our own copies (an abandoned park's ``dup``s) may close. Parks sent
+        and not answered (the wait at close ran out, or the hook leaves without
+        ``begin_close``: an exception in its block), their sockets that reached
+        the container are closed (``_close_unanswered``). Without ``queue`` (no
+        channel: the session is torn down, or a test) they are left to the callers.
         """
         if self.phase is not Phase.CLOSED:
             if queue is not None:
-                if self.phase is Phase.CLOSING:
-                    self._close_unanswered({_file_key(fd) for fd in queue.queued_fds()})
-                queue.hold_fds()
+                never = queue.stop_sending()
+                if self._sent:
+                    self._close_unanswered({_file_key(fd) for fd in never})
             self.phase = Phase.CLOSED
             self.decoder.close()
             self._fail_all(ParkingClosed("the parking session is closed"))
@@ -1385,6 +1384,13 @@ class Engine:
             return
         if req.handback:
             self.closer(req.socks[req.answered :])  # wakes we were handing back: ours alone
+        if req.after:
+            # Held: a first park of one of its sockets the container answered OK
+            # has that connection (``_release`` would give the ticket): not the caller's.
+            taken = [i for i, (old, j) in req.after.items() if isinstance(old.results[j], int)]
+            req.after = {}
+            if taken:
+                self.closer([req.socks[i] for i in taken])
         if req.abandoned:  # never answered: the caller's again
             self._let_go(req, req.answered, len(req.fds))
         self._finished(req)

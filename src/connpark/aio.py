@@ -129,8 +129,9 @@ class _Channel:
         """Hold copies of the queued fds: their owners may close them now."""
         self._outbox.hold_fds()
 
-    def queued_fds(self) -> list[int]:
-        return self._outbox.queued_fds()
+    def stop_sending(self) -> list[int]:
+        """Frames not begun never go out now: their fds (``Outbox.stop_sending``)."""
+        return self._outbox.stop_sending()
 
     def stop_reading_after(self, seconds: float) -> None:
         """Bound the reads from now (a failed send's drain): ``receive`` raises

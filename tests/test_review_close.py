@@ -1,0 +1,258 @@
+"""Review of f2d845a (``Engine.finish_close(queue)``, ``_close_unanswered``,
+``Outbox.queued_fds``): ownership holes left at close.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import connpark
+from connpark._fdpass import Outbox
+from connpark._wire import Parked
+
+from . import test_hooks
+from ._procs import ServeProcess, tcp_pairs, wait_until
+from .test_engine import FakeSock, entry, ok, parks, settled, started
+from .test_hooks import Driver
+from .test_review_hooks import FILL_PENDING
+
+pytestmark = pytest.mark.linux
+
+make = test_hooks.make
+
+
+@pytest.fixture
+def proc(sockdir: Path) -> Iterator[ServeProcess]:
+    """A container of the test's own (it gets frozen): resumed and stopped at the end."""
+    p = ServeProcess(sockdir / "c.sock")
+    yield p
+    if p.proc.poll() is None:
+        os.kill(p.pid, signal.SIGCONT)
+    p.stop()
+
+
+@pytest.fixture
+def closing() -> Iterator[list[socket.socket]]:
+    """Sockets closed at the end whatever happens (before ``make`` counts fds)."""
+    socks: list[socket.socket] = []
+    yield socks
+    for s in socks:
+        s.close()
+
+
+Factory = Callable[..., Driver]
+
+
+def test_a_frame_queued_at_finish_close_must_not_go_out_after_it(
+    make: Factory,
+    proc: ServeProcess,
+    closing: list[socket.socket],
+) -> None:
+    """``finish_close`` reads the channel's queue (``queued_fds``) and tells the
+    parks still in it "still yours" (ParkingClosed, socket left open). But the
+    hooks keep sending that queue after it: the threads hook's writer thread
+    (``chan.flush`` takes only the channel's lock) until ``_end`` shuts the socket,
+    the asyncio hook's ``_session`` finally (``send_now``) and pending flush tasks,
+    the trio hook's writer task until the nursery is cancelled. A container that
+    reads again in that window parks a socket the caller still has: two owners.
+
+    The window is widened here by an engine ``closer`` that resumes the frozen
+    container and then takes its time (as a slow close / GC pause / busy CPU would).
+    """
+    driver = make(proc.path, pool="race")
+    # Two PARK frames (1 MiB bodies): the first fills the control socket (its fds
+    # go with its first byte: they reach the container), the second, fds and
+    # all, stays in the hook's queue.
+    n = 20
+    clients, servers = tcp_pairs(n)
+    closing += [*clients, *servers]
+    outcome: list[BaseException | object] = []
+    engine = driver.parking._engine  # type: ignore[attr-defined]
+    real_closer = engine.closer
+    resumed: list[bool] = []
+
+    def slow_closer(socks: Iterable[Any]) -> None:
+        real_closer(list(socks))
+        if not resumed:  # the first close is _close_unanswered's, after queued_fds()
+            resumed.append(True)
+            os.kill(proc.pid, signal.SIGCONT)
+            time.sleep(1.0)
+
+    def park() -> None:
+        try:
+            outcome.append(
+                driver.park_many(  # type: ignore[attr-defined]
+                    servers,
+                    tokens=[b"f%d" % i for i in range(n)],
+                    pendings=[b"p" * FILL_PENDING] * n,
+                )
+            )
+        except BaseException as exc:
+            outcome.append(exc)
+
+    os.kill(proc.pid, signal.SIGSTOP)
+    guard = threading.Timer(20.0, os.kill, (proc.pid, signal.SIGCONT))
+    guard.start()
+    try:
+        parker = threading.Thread(target=park, daemon=True)
+        parker.start()
+        time.sleep(0.5)
+        engine.closer = slow_closer
+        driver.shutdown()  # waits CLOSE_TIMEOUT in vain, then finish_close
+        parker.join(10)
+    finally:
+        guard.cancel()
+        os.kill(proc.pid, signal.SIGCONT)
+    assert resumed, "no park reached the container unanswered"
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], connpark.ParkingClosed)
+    kept = [i for i, s in enumerate(servers) if s.fileno() != -1]
+    assert kept, "the second frame was queued: its sockets are the caller's"
+    # "Still yours": the caller has these. The container must not have them.
+    other = make(proc.path, pool="race")
+    time.sleep(0.5)
+    for i in kept:
+        clients[i].sendall(b"y")
+    try:
+        woken = other.next_wake(timeout=3)
+    except (AssertionError, TimeoutError):
+        return  # no wake: one owner
+    except BaseException as exc:  # trio.TooSlowError, asyncio.TimeoutError
+        if "Timeout" in type(exc).__name__ or "TooSlow" in type(exc).__name__:
+            return
+        raise
+    if woken.socket is not None:
+        closing.append(woken.socket)
+    assert woken.token not in {b"f%d" % i for i in kept}, (
+        f"{woken.token!r}: left open for the caller at close, and the container"
+        " parked it too (its frame went out after finish_close): two owners"
+    )
+
+
+def _second_owner(proc: ServeProcess, pool: str, client: socket.socket, token: bytes) -> bool:
+    """Thaw the container; does another worker of ``pool`` get the connection?"""
+    os.kill(proc.pid, signal.SIGCONT)
+    assert wait_until(lambda: proc.stats() is not None)
+    with connpark.BlockingParking(proc.path, pool=pool) as other:
+        time.sleep(0.5)  # the PARK is read by now
+        client.sendall(b"hi")
+        woken = other.next_wake(timeout=3)
+        if woken is None:
+            return False
+        if woken.socket is not None:
+            woken.socket.close()
+        return woken.token == token
+
+
+def test_trio_leaving_on_an_exception_with_a_park_out_keeps_one_owner(
+    proc: ServeProcess,
+    closing: list[socket.socket],
+) -> None:
+    """The body of ``open_parking`` raises while a park is out, unanswered (a
+    slow container): no ``_close``, no ``begin_close``. open_parking's finally
+    calls ``finish_close(shard._chan)`` with the session already torn down
+    (``_chan`` None) and the engine READY, so ``_close_unanswered`` is skipped:
+    the cancelled park is let go ("the caller's again"), the socket stays open,
+    and the container, reading on, parks it too."""
+    import trio
+
+    (client,), (server,) = tcp_pairs(1)
+    closing += [client, server]
+
+    async def main() -> None:
+        async with connpark.open_parking(proc.path, pool="abort") as parking:
+            os.kill(proc.pid, signal.SIGSTOP)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(functools.partial(parking.park, server, token=b"abort"))
+                await trio.sleep(0.3)  # the PARK is in the control socket
+                raise RuntimeError("the application fails")
+
+    try:
+        with pytest.raises(BaseException):  # noqa: B017,PT011  (a group, or the error)
+            trio.run(main)
+        if server.fileno() == -1:
+            return  # closed: the container's alone
+        assert not _second_owner(proc, "abort", client, b"abort"), (
+            "the caller still has the socket and another worker got it: two owners"
+        )
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+
+
+def test_asyncio_leaving_on_an_exception_with_a_park_out_keeps_one_owner(
+    proc: ServeProcess,
+    closing: list[socket.socket],
+) -> None:
+    """The same with the asyncio hook: its finally calls ``finish_close`` with the
+    channel, but the engine is READY (no ``begin_close``): ``_close_unanswered``
+    is skipped."""
+    import asyncio
+
+    (client,), (server,) = tcp_pairs(1)
+    closing += [client, server]
+
+    async def main() -> None:
+        async with connpark.aio.open_parking(proc.path, pool="abort") as parking:
+            os.kill(proc.pid, signal.SIGSTOP)
+            task = asyncio.ensure_future(parking.park(server, token=b"abort"))
+            await asyncio.sleep(0.3)  # the PARK is in the control socket
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise RuntimeError("the application fails")
+
+    try:
+        with pytest.raises(RuntimeError):
+            asyncio.run(main())
+        if server.fileno() == -1:
+            return  # closed: the container's alone
+        assert not _second_owner(proc, "abort", client, b"abort"), (
+            "the caller still has the socket and another worker got it: two owners"
+        )
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+
+
+def test_a_held_retry_failed_at_close_closes_the_copy_its_first_park_gave_away() -> None:
+    """A park_many retry held behind two abandoned parks: the first answered OK
+    (the container has that connection: ticket 7), the second unanswered when the
+    wait at close runs out. ``_close_unanswered`` closes the retry's copy behind the
+    second and fails the retry, but the copy behind the first (a dup: another
+    object, same connection) stays open: the container has it too."""
+    engine, peer = started()
+    (a, a_peer), (b, b_peer) = socket.socketpair(), socket.socketpair()
+    try:
+        sa, sb = FakeSock(a.fileno()), FakeSock(b.fileno())
+        first = engine.park([sa], [entry(sa)], None)
+        second = engine.park([sb], [entry(sb)], None)
+        (p1,) = parks(peer.recv())  # one PARK request carries both
+        engine.withdraw(first)
+        engine.withdraw(second)
+        twin_a = FakeSock(os.dup(a.fileno()), real=True)
+        twin_b = FakeSock(os.dup(b.fileno()), real=True)
+        retry = engine.park([twin_a, twin_b], [entry(twin_a), entry(twin_b)], None)
+        assert parks(peer.recv()) == []  # held
+        peer.send(Parked(p1.request_id, ok(7)))  # the first is answered: OK
+        assert settled(peer.events()) == []  # still held behind the second
+        assert engine.begin_close() is not None
+        engine.finish_close(Outbox(own_fds=False))  # nothing queued: it all went out
+        assert twin_b.closed
+        assert twin_a.closed, "the container has it (ticket 7), and so does the caller"
+        with pytest.raises(connpark.ParkingClosed):
+            retry.outcome()
+    finally:
+        for s in (twin_a, twin_b):
+            s.close()
+        for s in (a, a_peer, b, b_peer):
+            s.close()

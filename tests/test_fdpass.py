@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import socket
 import threading
@@ -194,6 +195,46 @@ def test_outbox_discards_unstarted_chunks_and_their_fds() -> None:
     fresh.add([Frame(b"z", (fds[2],)), Frame(b"w", (fds[3],))])
     assert fresh.discard_unstarted() is True
     assert not fresh
+    for fd in fds:
+        os.close(fd)
+    a.close()
+    b.close()
+    assert open_fd_count() == before
+
+
+def test_outbox_stop_sending_drops_the_frames_with_fds_not_begun_and_keeps_the_rest() -> None:
+    """At close (``Engine.finish_close``): a frame with fds not begun must never go
+    out (its sockets are the callers' again), a half-sent one finishes, and the
+    fd-less frames queued ahead of the first frame with fds (the ACKs of wakes
+    the worker took: ``data_to_send`` puts them first) still go."""
+    before = open_fd_count()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.setblocking(False)
+    fds = _distinct_files(3)
+    outbox = Outbox(own_fds=False)
+    outbox.add([Frame(b"ack1"), Frame(b"park1", (fds[0],)), Frame(b"stats")])
+    outbox.add([Frame(b"ack2"), Frame(b"park2", (fds[1],))])
+    outbox.hold_fds()  # (a withdrawn park: the outbox holds copies of its own)
+    assert open_fd_count() == before + 2 + 3 + 2  # the pair, the files, held copies
+    assert sorted(map(_inode, outbox.stop_sending())) == sorted(map(_inode, fds[:2]))
+    assert [(bytes(d), f) for d, f, _t, _n in outbox._chunks] == [(b"ack1", ())]
+    outbox.send_some(a)
+    assert b.recv(100) == b"ack1"
+    # A half-sent head finishes (its fds went with its first byte).
+    outbox.add([Frame(b"x" * 300_000, (fds[2],)), Frame(b"ack3")])
+    with pytest.raises(BlockingIOError):
+        outbox.send_some(a)
+    assert outbox.stop_sending() == []
+    received = bytearray()
+    while outbox:
+        data, got = recv_fds(b)
+        received += data
+        close_fds(got)
+        with contextlib.suppress(BlockingIOError):
+            outbox.send_some(a)
+    received += b.recv(1 << 20)
+    assert received.endswith(b"ack3")
+    outbox.close()  # the held copies of the dropped frames' fds
     for fd in fds:
         os.close(fd)
     a.close()

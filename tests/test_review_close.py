@@ -11,8 +11,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytest
@@ -25,30 +24,13 @@ from . import test_hooks
 from ._procs import ServeProcess, tcp_pairs, wait_until
 from .test_engine import FakeSock, entry, ok, parks, settled, started
 from .test_hooks import Driver
-from .test_review_hooks import FILL_PENDING
+from .test_review_hooks import FILL_PENDING, closing, proc
 
 pytestmark = pytest.mark.linux
 
 make = test_hooks.make
 
-
-@pytest.fixture
-def proc(sockdir: Path) -> Iterator[ServeProcess]:
-    """A container of the test's own (it gets frozen): resumed and stopped at the end."""
-    p = ServeProcess(sockdir / "c.sock")
-    yield p
-    if p.proc.poll() is None:
-        os.kill(p.pid, signal.SIGCONT)
-    p.stop()
-
-
-@pytest.fixture
-def closing() -> Iterator[list[socket.socket]]:
-    """Sockets closed at the end whatever happens (before ``make`` counts fds)."""
-    socks: list[socket.socket] = []
-    yield socks
-    for s in socks:
-        s.close()
+__all__ = ["closing", "make", "proc"]  # fixtures
 
 
 Factory = Callable[..., Driver]
@@ -155,6 +137,15 @@ def _second_owner(proc: ServeProcess, pool: str, client: socket.socket, token: b
         return woken.token == token
 
 
+def _one_owner(proc: ServeProcess, client: socket.socket, server: socket.socket) -> None:
+    """The caller's copy is closed (the container's alone), or no other worker of
+    the pool gets the connection."""
+    if server.fileno() != -1:
+        assert not _second_owner(proc, "abort", client, b"abort"), (
+            "the caller still has the socket and another worker got it: two owners"
+        )
+
+
 def test_trio_leaving_on_an_exception_with_a_park_out_keeps_one_owner(
     proc: ServeProcess,
     closing: list[socket.socket],
@@ -181,11 +172,7 @@ def test_trio_leaving_on_an_exception_with_a_park_out_keeps_one_owner(
     try:
         with pytest.raises(BaseException):  # noqa: B017,PT011  (a group, or the error)
             trio.run(main)
-        if server.fileno() == -1:
-            return  # closed: the container's alone
-        assert not _second_owner(proc, "abort", client, b"abort"), (
-            "the caller still has the socket and another worker got it: two owners"
-        )
+        _one_owner(proc, client, server)
     finally:
         os.kill(proc.pid, signal.SIGCONT)
 
@@ -215,11 +202,7 @@ def test_asyncio_leaving_on_an_exception_with_a_park_out_keeps_one_owner(
     try:
         with pytest.raises(RuntimeError):
             asyncio.run(main())
-        if server.fileno() == -1:
-            return  # closed: the container's alone
-        assert not _second_owner(proc, "abort", client, b"abort"), (
-            "the caller still has the socket and another worker got it: two owners"
-        )
+        _one_owner(proc, client, server)
     finally:
         os.kill(proc.pid, signal.SIGCONT)
 

@@ -245,15 +245,20 @@ class Outbox:
                 chunks[i] = (data, _Held(_dup_all(fds)), tag, frames)
 
     def stop_sending(self) -> list[int]:
-        """Drop every frame not begun: from now none of them goes out (a half-sent
-        head finishes: its fds went with its first byte). Returns their fds, which
-        never reach the peer; copies we held for them close with ``close``.
-        Frames added later go out as usual."""
+        """Drop every chunk with fds not begun (and the fd-less frames that ride
+        with it): from now none of them goes out (a half-sent head finishes: its
+        fds went with its first byte). Returns their fds, which never reach the
+        peer; copies we held for them close with ``close``. Chunks without fds
+        (ACKs, say) stay; frames added later go out as usual."""
         chunks = self._chunks
         keep = [chunks.popleft()] if self._started and chunks else []
         fds_out: list[int] = []
         while chunks:
-            data, fds, _tag, frames = chunks.popleft()
+            chunk = chunks.popleft()
+            data, fds, _tag, frames = chunk
+            if not fds:
+                keep.append(chunk)
+                continue
             self.queued_bytes -= len(data)
             self.queued_frames -= frames
             fds_out.extend(fds)

@@ -934,14 +934,42 @@ def test_park_many_is_park_of_each() -> None:
     check_lot(lot)
 
 
-def test_compact_drops_an_all_stale_heap_without_a_scan() -> None:
+def test_a_mass_wake_sweeps_its_tick_only() -> None:
     lot = Lot(window=4096)
     a = session(lot)
     slots = [park(lot, fd, a) for fd in range(3, 1203)]
-    lot.unpark(a, [x.ticket for x in slots], 1.0)  # 1200 stale entries: compacted
-    assert lot.next_deadline() is None
+    lot.unpark(a, [x.ticket for x in slots], 1.0)  # 1200 stale entries at one tick: swept
+    assert (lot._entries, lot._stale) == (0, 0)
     kept = park(lot, 2000, a, deadline=50.0)
     assert lot.expired(60.0) == [kept]
+    assert lot.expired(200.0) == []  # (the swept tick's heap entry: nothing there)
+
+
+def test_wakes_never_make_the_lot_walk_the_idle_connections() -> None:
+    """Connections parked and woken while 5,000 stay idle: the stale timer entries
+    they leave are swept tick by tick. A whole-table compaction (every parked
+    connection walked: ~2 ms at 10,000, ~20 ms at 100,000, the container paused)
+    must not run; it did, once stale entries outnumbered live ones."""
+    walks = [0]
+
+    class Counting(Lot):
+        def _compact(self) -> None:
+            walks[0] += 1
+            super()._compact()
+
+    lot = Counting(window=1 << 20)
+    a = session(lot)
+    idle = [park(lot, fd, a, deadline=10_000.0) for fd in range(3, 5003)]
+    for round_ in range(40):  # 40 frames of 253: parked, then woken at once
+        busy = [park(lot, fd, a, deadline=300.0 + round_) for fd in range(6000, 6253)]
+        lot.unpark(a, [x.ticket for x in busy], 1.0)
+        lot.written(busy)
+        for done in lot.ack(a, [x.ticket for x in busy]):  # (their fd numbers come back)
+            lot.remove(done)
+    assert walks[0] == 0
+    assert lot._entries == len(idle)
+    assert lot._stale == 0
+    assert lot.expired(10_001.0) == idle
 
 
 # -- random sequences ----------------------------------------------------------------
@@ -1327,16 +1355,15 @@ def test_parks_of_one_tick_share_one_timer_entry() -> None:
     assert len(lot.expired(due / 1000)) == 600
 
 
-def test_touch_moves_a_deadline_and_leaves_one_stale_entry() -> None:
+def test_touch_moves_a_deadline_and_sweeps_the_old_entry() -> None:
     lot = Lot()
     a = session(lot)
     slot = park(lot, 3, a, deadline=10.0)
     lot.touch(slot, 20_000)
     lot.touch(slot, 20_000)  # the same tick again: no second entry
-    assert lot._entries == 2
-    assert lot._stale == 1
-    assert lot.expired(15.0) == []
+    assert lot._entries == 1  # (the old one swept: its tick had that entry only)
     assert lot._stale == 0
+    assert lot.expired(15.0) == []
     assert lot.expired(20.0) == [slot]
 
 

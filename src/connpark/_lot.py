@@ -289,6 +289,10 @@ class Lot:
         #: Entries in ``_due``, and how many of them no longer stand for a deadline.
         self._entries = 0
         self._stale = 0
+        #: Tick -> stale entries there since its last sweep (``_staled``), and
+        #: how many ticks a sweep left empty (kept till due: one heap entry each).
+        self._tick_stale: dict[int, int] = {}
+        self._empty = 0
         self._pool_list: list[Pool] = []
         #: Numbers of dropped pools (``drop_unused``), for new pools to take.
         self._free_pool_ix: list[int] = []
@@ -594,8 +598,15 @@ class Lot:
         """The fds due at ``tick`` (a new, empty entry the first time)."""
         fds = self._due.get(tick)
         if fds is None:
+            if self._empty > len(self._due) // 2 + 512:  # swept empty: drop them now
+                self._due = {t: a for t, a in self._due.items() if a}
+                self._ticks = list(self._due)
+                heapq.heapify(self._ticks)
+                self._empty = 0
             fds = self._due[tick] = array("i")
             heapq.heappush(self._ticks, tick)
+        elif not fds:
+            self._empty -= 1  # (the caller adds to it)
         return fds
 
     def _next_epoch(self) -> None:
@@ -684,7 +695,8 @@ class Lot:
         mine: list[Slot] = []  # assigned to the session: SENT
         others: list[Slot] = []  # QUEUED: routed below
         take, defer = mine.append, others.append
-        stale = 0
+        stale: list[int] = []  # the ticks of their timer entries
+        staled = stale.append
         try:  # each ticket's slot by its fd (the ticket's low bits), at C speed
             held = list(map(by_fd.__getitem__, map(operator.and_, tickets, repeat(fd_mask))))
         except IndexError:  # an fd number above any we hold
@@ -703,7 +715,7 @@ class Lot:
             if slot.state is not parked or slot.pool is not pool:
                 continue  # (a ticket twice in the list: not parked the second time)
             if slot.key:
-                stale += 1  # its heap entry
+                staled(slot.key)  # type: ignore[arg-type]  # (PARKED: an int tick)
             slot.key = now
             slot.reason = requested
             slot.session = session
@@ -723,9 +735,12 @@ class Lot:
         self._move_all(parked, queued, woke)
         self._move_all(queued, sent, len(mine))
         self.woken_total[_REQUESTED_NAME] += woke
-        self._stale += stale
-        if self._stale > 1024 and self._stale > self._entries // 2:
-            self._compact()
+        if stale:
+            if stale.count(stale[0]) == len(stale):  # one frame's parks share a tick, mostly
+                self._staled(stale[0], len(stale))
+            else:
+                for tick, n in Counter(stale).items():
+                    self._staled(tick, n)
         if mine:
             session.outq.extend(mine)
             self._log_sent(session, now, mine)
@@ -744,10 +759,47 @@ class Lot:
     def _drop_deadline(self, slot: Slot) -> None:
         """The slot's timer entry (if ``expired`` has not taken it) is stale now."""
         if slot.key:
-            self._stale += 1
+            tick = int(slot.key)
             slot.key = 0
-            if self._stale > 1024 and self._stale > self._entries // 2:
-                self._compact()
+            self._staled(tick, 1)
+
+    def _staled(self, tick: int, n: int) -> None:
+        """``n`` timer entries at ``tick`` are stale now. Once over half of a tick's
+        are, that tick is swept (``_sweep``): wakes never make the lot walk
+        every parked connection (a whole-table compaction paused the container
+        ~2 ms at 10,000 parked, ~20 ms at 100,000), only the tick they left."""
+        fds = self._due.get(tick)
+        if fds is None:
+            return  # (``expired`` took that tick already)
+        self._stale += n
+        count = self._tick_stale[tick] = self._tick_stale.get(tick, 0) + n
+        if 2 * count > len(fds):
+            self._sweep(tick, fds)
+        elif self._stale > 1024 and self._stale > self._entries // 2:
+            self._compact()  # (stale entries spread thin over many ticks)
+
+    def _sweep(self, tick: int, fds: array[int]) -> None:
+        """Keep only the entries at ``tick`` that still stand for a deadline (an
+        emptied tick stays, with its heap entry, until ``_timer`` drops it)."""
+        if self._tick_stale.pop(tick) >= len(fds):  # all stale (the usual: a frame
+            live = array("i")  # parked and woken at once): nothing to look at
+        else:
+            by_fd, keys, parked, packed = self._by_fd, self._pkey, _PARKED, _PACKED
+            live = array("i")
+            keep = live.append
+            for fd in fds:
+                slot = by_fd[fd]
+                if slot is packed:
+                    if keys[fd] == tick:
+                        keep(fd)
+                elif slot is not None and slot.key == tick and slot.state is parked:
+                    keep(fd)
+        gone = len(fds) - len(live)
+        self._stale -= gone
+        self._entries -= gone
+        self._due[tick] = live
+        if not live:
+            self._empty += 1
 
     def remove(self, slot: Slot) -> None:
         """Drop a slot (closed by request, ACKed, or orphaned); caller closed its fd."""
@@ -775,13 +827,12 @@ class Lot:
         """Move a PARKED slot's idle deadline to ``deadline_ms`` (``due_ms``; an
         auto-response resets it)."""
         if slot.state is State.PARKED and slot.key != deadline_ms:
-            if slot.key:
-                self._stale += 1  # the old timer entry
+            old = int(slot.key)
             slot.key = deadline_ms
             self._timer(deadline_ms).append(slot.fd)
             self._entries += 1
-            if self._stale > 1024 and self._stale > self._entries // 2:
-                self._compact()
+            if old:
+                self._staled(old, 1)  # the old timer entry
 
     def stale(self, session: SessionState, now: float) -> bool:
         """The session's oldest un-ACKed wake is older than the ACK deadline (frozen?)."""
@@ -1096,6 +1147,10 @@ class Lot:
         while ticks and ticks[0] <= limit:
             tick = heapq.heappop(ticks)
             fds = self._due.pop(tick)
+            if not fds:
+                self._empty -= 1  # swept empty (``_sweep``)
+                continue
+            self._tick_stale.pop(tick, None)
             self._entries -= len(fds)
             for fd in fds:
                 slot = by_fd[fd]
@@ -1113,7 +1168,8 @@ class Lot:
         """Drop stale timer entries so memory tracks the parked count, not the history."""
         self._due = {}
         self._ticks = []
-        self._entries = self._stale = 0
+        self._tick_stale = {}
+        self._entries = self._stale = self._empty = 0
         if self._counts[_PARKED]:  # else all stale (a mass wake): no scan
             keys = self._pkey
             for fd, slot in enumerate(self._by_fd):

@@ -1008,6 +1008,20 @@ def test_routing_a_wake_looks_at_few_of_many_sessions() -> None:
     assert sorted(s.load for s in sessions) == [4] * 256  # 1,024 wakes, evenly
 
 
+def test_the_routing_heap_stays_bounded_when_nothing_is_routed() -> None:
+    """Each ACK pushes its session's new load (``_lighter``); with no wake ever
+    routed (``_pick`` never runs: the asker always has room) it must not grow."""
+    lot = Lot(window=8)
+    a = session(lot)
+    for fd in range(3, 2003):
+        slot = park(lot, fd, a)
+        lot.unpark(a, [slot.ticket], 1.0)
+        lot.written([slot])
+        for done in lot.ack(a, [slot.ticket]):
+            lot.remove(done)
+    assert len(a.pool.by_load) <= 2 * len(a.pool.sessions) + 17
+
+
 class LotMachine(RuleBasedStateMachine):
     """Random park / wake / ack / sessions / expiry / orphans; invariants after each step."""
 

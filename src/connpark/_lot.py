@@ -873,9 +873,6 @@ class Lot:
         deadline (the first to come among equals): the top of ``pool.by_load``
         once its entries there are checked against the sessions' loads."""
         heap = pool.by_load
-        if len(heap) > 2 * len(pool.sessions) + 16:  # old entries: start afresh
-            heap[:] = [(len(x.inflight), x.rank, x) for x in pool.sessions]
-            heapq.heapify(heap)
         frozen: list[tuple[int, int, SessionState]] = []
         best = None
         while heap:
@@ -900,7 +897,13 @@ class Lot:
     def _lighter(self, session: SessionState) -> None:
         """The session's load dropped: its entry in its pool's heap (``_pick``)."""
         if session.alive:
-            heapq.heappush(session.pool.by_load, (len(session.inflight), session.rank, session))
+            pool = session.pool
+            heap = pool.by_load
+            if len(heap) > 2 * len(pool.sessions) + 16:  # old entries: start afresh
+                heap[:] = [(len(x.inflight), x.rank, x) for x in pool.sessions]
+                heapq.heapify(heap)
+            else:
+                heapq.heappush(heap, (len(session.inflight), session.rank, session))
 
     def _assign(self, slot: Slot, session: SessionState, now: float) -> None:
         self._move(slot, State.SENT)

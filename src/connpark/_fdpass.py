@@ -158,6 +158,10 @@ def unread_by_peer(sock: socket.socket) -> int | None:
     return int(struct.unpack("i", raw)[0])
 
 
+#: A queued chunk: (bytes, fds, tag, how many frames).
+_Chunk = tuple[bytearray, Sequence[int], object, int]
+
+
 class Outbox:
     """Frames waiting to be sent, coalesced: fd-less frames ride with the one before.
 
@@ -178,7 +182,7 @@ class Outbox:
 
     def __init__(self, *, own_fds: bool = True) -> None:
         self._dup = own_fds
-        self._chunks: deque[tuple[bytearray, Sequence[int], object, int]] = deque()
+        self._chunks: deque[_Chunk] = deque()
         #: The head chunk has started going out (its fds, if any, went with it).
         self._started = False
         self._sent_tags: list[object] = []
@@ -250,21 +254,11 @@ class Outbox:
         fds went with its first byte). Returns their fds, which never reach the
         peer; copies we held for them close with ``close``. Chunks without fds
         (ACKs, say) stay; frames added later go out as usual."""
-        chunks = self._chunks
-        keep = [chunks.popleft()] if self._started and chunks else []
         fds_out: list[int] = []
-        while chunks:
-            chunk = chunks.popleft()
-            data, fds, _tag, frames = chunk
-            if not fds:
-                keep.append(chunk)
-                continue
-            self.queued_bytes -= len(data)
-            self.queued_frames -= frames
+        for _data, fds, _tag, _frames in self._drop_unstarted(lambda chunk: not chunk[1]):
             fds_out.extend(fds)
             if self._dup or type(fds) is _Held:
-                self._dropped.append(fds)
-        chunks.extend(keep)
+                self._dropped.append(fds)  # the caller may still read their keys
         return fds_out
 
     def take_sent(self) -> list[object]:
@@ -285,24 +279,38 @@ class Outbox:
         tagged one), and ``keep_tag`` the tagged ones it says yes to: the
         container drops its WAKEs but still sends its PARKED.
         """
-        chunks = self._chunks
-        head_started = self._started and bool(chunks)
-        keep = [chunks.popleft()] if head_started else []
+
+        def keep(chunk: _Chunk) -> bool:
+            tag = chunk[2]
+            return (only_tagged and tag is None) or (keep_tag is not None and keep_tag(tag))
+
+        head_started = self._started and bool(self._chunks)
         tags: list[object] = []
-        while chunks:
-            chunk = chunks.popleft()
-            data, fds, tag, frames = chunk
-            if (only_tagged and tag is None) or (keep_tag is not None and keep_tag(tag)):
-                keep.append(chunk)
-                continue
-            self.queued_bytes -= len(data)
-            self.queued_frames -= frames
+        for _data, fds, tag, _frames in self._drop_unstarted(keep):
             if self._dup or type(fds) is _Held:
                 close_fds(fds)
             if tag is not None:
                 tags.append(tag)
-        chunks.extend(keep)
         return not head_started, tags
+
+    def _drop_unstarted(self, keep: Callable[[_Chunk], bool]) -> list[_Chunk]:
+        """Take out of the queue the chunks not begun that ``keep`` does not keep,
+        in order, counted out of ``queued_bytes``/``queued_frames`` (a half-sent
+        head always stays: its fds went with its first byte). The caller
+        disposes of their fds."""
+        chunks = self._chunks
+        kept = [chunks.popleft()] if self._started and chunks else []
+        dropped: list[_Chunk] = []
+        while chunks:
+            chunk = chunks.popleft()
+            if keep(chunk):
+                kept.append(chunk)
+                continue
+            self.queued_bytes -= len(chunk[0])
+            self.queued_frames -= chunk[3]
+            dropped.append(chunk)
+        chunks.extend(kept)
+        return dropped
 
     def close(self) -> None:
         """Forget everything queued; close the fds we held for it (``dup`` only)."""

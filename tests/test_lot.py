@@ -972,6 +972,44 @@ def test_wakes_never_make_the_lot_walk_the_idle_connections() -> None:
     assert lot.expired(10_001.0) == idle
 
 
+def test_an_unpark_that_compacts_the_timer_loses_no_other_deadline() -> None:
+    """An UNPARK of connections at two ticks whose first stale report compacts the
+    timer (``_compact``, rebuilt from the parked ones: not the unparked) must not
+    report the second tick's against the rebuilt entries. It did: counted all
+    stale, that tick was swept empty without a look, and a connection still
+    parked there never timed out. Stale entries the per-tick counts miss (which
+    let the compaction run) come from fd numbers reused within one tick: a
+    closed connection's entry and its successor's look alike to a sweep."""
+    walks = [0]
+
+    class Counting(Lot):
+        def _compact(self) -> None:
+            walks[0] += 1
+            super()._compact()
+
+    lot = Counting(window=1 << 20)
+    a = session(lot)
+    reused = []
+    for i in range(1100):  # ticks of two entries, one stale the tick's count misses
+        fd, other = 10 + 2 * i, 11 + 2 * i
+        tick = 100.0 + i  # (1,100 ticks)
+        gone = park(lot, fd, a, deadline=tick)
+        park(lot, other, a, deadline=tick)
+        lot.remove(gone)  # its client hung up, its fd closed ...
+        reused.append(park(lot, fd, a, deadline=tick))  # ... the next park got its number
+        assert lot.wake(lot.by_fd(other), Reason.READABLE, 1.0)  # swept: fd's two entries kept
+    first = [park(lot, fd, a, deadline=2000.0) for fd in range(5000, 5003)]
+    second = park(lot, 5003, a, deadline=3000.0)
+    idle = park(lot, 5004, a, deadline=3000.0)
+    for slot in reused[:2]:  # stale entries: now half the timer's
+        assert lot.wake(slot, Reason.READABLE, 1.0)
+    assert walks[0] == 0
+    lot.unpark(a, [first[0].ticket, second.ticket], 2.0)
+    assert walks[0] == 1  # at the first tick's report (one over half)
+    assert lot.expired(2500.0)[-2:] == first[1:]
+    assert lot.expired(3001.0) == [idle]  # ([] before: its entry was dropped)
+
+
 # -- random sequences ----------------------------------------------------------------
 
 POOLS = ("a", "b")

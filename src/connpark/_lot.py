@@ -740,7 +740,12 @@ class Lot:
                 self._staled(stale[0], len(stale))
             else:
                 for tick, n in Counter(stale).items():
-                    self._staled(tick, n)
+                    if self._staled(tick, n):
+                        # The timer was rebuilt from the parked connections (not
+                        # these): the other ticks' entries of theirs are gone
+                        # already; counted stale, a tick could be swept empty
+                        # without a look, its live deadlines lost.
+                        break
         if mine:
             session.outq.extend(mine)
             self._log_sent(session, now, mine)
@@ -763,20 +768,23 @@ class Lot:
             slot.key = 0
             self._staled(tick, 1)
 
-    def _staled(self, tick: int, n: int) -> None:
+    def _staled(self, tick: int, n: int) -> bool:
         """``n`` timer entries at ``tick`` are stale now. Once over half of a tick's
         are, that tick is swept (``_sweep``): wakes never make the lot walk
         every parked connection (a whole-table compaction paused the container
-        ~2 ms at 10,000 parked, ~20 ms at 100,000), only the tick they left."""
+        ~2 ms at 10,000 parked, ~20 ms at 100,000), only the tick they left.
+        True if it compacted the whole timer (no stale entry is left anywhere)."""
         fds = self._due.get(tick)
         if fds is None:
-            return  # (``expired`` took that tick already)
+            return False  # (``expired`` took that tick already)
         self._stale += n
         count = self._tick_stale[tick] = self._tick_stale.get(tick, 0) + n
         if 2 * count > len(fds):
             self._sweep(tick, fds)
         elif self._stale > 1024 and self._stale > self._entries // 2:
             self._compact()  # (stale entries spread thin over many ticks)
+            return True
+        return False
 
     def _sweep(self, tick: int, fds: array[int]) -> None:
         """Keep only the entries at ``tick`` that still stand for a deadline (an

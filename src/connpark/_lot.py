@@ -802,6 +802,12 @@ class Lot:
                         keep(fd)
                 elif slot is not None and slot.key == tick and slot.state is parked:
                     keep(fd)
+            if len(set(live)) != len(live):
+                # An fd number reused within the tick (a connection closed, the
+                # next park got its number): both entries looked live; one is
+                # not. Kept once, the stale counts stay exact, so no tick is
+                # ever over half stale unswept and ``_compact`` stays a backstop.
+                live = array("i", dict.fromkeys(live))
         gone = len(fds) - len(live)
         self._stale -= gone
         self._entries -= gone

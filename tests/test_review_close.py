@@ -17,6 +17,9 @@ from typing import Any
 import pytest
 
 import connpark
+import connpark._hook_blocking
+import connpark._hook_trio
+import connpark.aio
 from connpark._fdpass import Outbox
 from connpark._wire import Parked
 
@@ -24,7 +27,7 @@ from . import test_hooks
 from ._procs import ServeProcess, tcp_pairs, wait_until
 from .test_engine import FakeSock, entry, ok, parks, settled, started
 from .test_hooks import Driver
-from .test_review_hooks import FILL_PENDING, closing, proc
+from .test_review_hooks import FILL_PENDING, closing, park_within, proc
 
 pytestmark = pytest.mark.linux
 
@@ -239,3 +242,41 @@ def test_a_held_retry_failed_at_close_closes_the_copy_its_first_park_gave_away()
             s.close()
         for s in (a, a_peer, b, b_peer):
             s.close()
+
+
+def test_leaving_with_parks_unanswered_in_several_frames_keeps_every_one(
+    make: Factory,
+    proc: ServeProcess,
+    closing: list[socket.socket],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three parks out, unanswered, each in its own PARK frame (a frozen container),
+    when the wait at close runs out: the hook closes the caller's copies, counting
+    on the container to read on and keep them. It resumes: it parks the first
+    frame, its PARKED to the closed socket fails (EPIPE), and that ended the session
+    at once, so the fds of the next frames were closed: two connections lost."""
+    for hook in (connpark._hook_trio, connpark._hook_blocking, connpark.aio):
+        monkeypatch.setattr(hook, "CLOSE_TIMEOUT", 0.5)
+    driver = make(proc.path, pool="frames")
+    clients, servers = tcp_pairs(3)
+    closing += [*clients, *servers]
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        for i, server in enumerate(servers):
+            assert park_within(driver, server, 0.2, token=b"f%d" % i) is None
+        driver.shutdown()
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert [s.fileno() for s in servers] == [-1] * 3  # every PARK reached the container
+    assert wait_until(lambda: proc.stats().parked == 3, timeout=3), (
+        f"{proc.stats().parked} of 3 kept: the others' caller copies were closed too"
+    )
+    with connpark.BlockingParking(proc.path, pool="frames") as other:
+        for c in clients:
+            c.sendall(b"x")
+        tokens = set()
+        while len(tokens) < 3 and (woken := other.next_wake(timeout=3)) is not None:
+            tokens.add(woken.token)
+            if woken.socket is not None:
+                woken.socket.close()
+    assert tokens == {b"f0", b"f1", b"f2"}

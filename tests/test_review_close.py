@@ -280,3 +280,36 @@ def test_leaving_with_parks_unanswered_in_several_frames_keeps_every_one(
             if woken.socket is not None:
                 woken.socket.close()
     assert tokens == {b"f0", b"f1", b"f2"}
+
+
+def test_trio_a_wake_read_as_the_handle_closes_is_not_dropped(proc: ServeProcess) -> None:
+    """Leaving ``open_parking``: ``_close`` empties the wake queue to hand back what
+    nobody took, then started a task per shard that calls ``begin_close``. A WAKE
+    already in the control socket is read in between (trio runs the session task
+    and that one in either order): ACKed, queued for nobody, and its connection
+    closed at the end. It must be handed back, or left un-ACKed for another
+    worker. (Each round has one chance in two to order the tasks so.)"""
+    import trio
+
+    before = len(os.listdir("/proc/self/fd"))
+    for rnd in range(8):
+        pool = f"window-{rnd}"
+        (client,), (server,) = tcp_pairs(1)
+
+        async def main(server: socket.socket = server, pool: str = pool) -> None:
+            async with connpark.open_parking(proc.path, pool=pool) as parking:
+                ticket = await parking.park(server)
+                await parking.unpark(ticket)
+                time.sleep(0.2)  # noqa: ASYNC251  (no checkpoint: the WAKE waits unread)
+
+        try:
+            trio.run(main)
+            client.settimeout(0.3)
+            with contextlib.suppress(TimeoutError):
+                assert client.recv(1, socket.MSG_PEEK) != b"", (
+                    f"round {rnd}: the woken connection was closed as the handle closed"
+                )
+        finally:
+            client.close()
+            server.close()
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -467,12 +467,17 @@ class Parking(HandleInfo):
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
         untaken = hand_back_to(taken, ready(s._engine for s in self._shards))
+        # In this step, as the wake queue was emptied: a session task that ran in
+        # between would ACK and queue wakes for nobody (closed at the end).
+        reqs = [
+            shard._engine.begin_close(theirs, trio.Event())
+            for shard, theirs in zip(self._shards, untaken, strict=True)
+        ]
         async with trio.open_nursery() as nursery:
-            for shard, theirs in zip(self._shards, untaken, strict=True):
-                nursery.start_soon(shard._close_here, theirs)
+            for shard, req in zip(self._shards, reqs, strict=True):
+                nursery.start_soon(shard._close_here, req)
 
-    async def _close_here(self, untaken: list[Woken[Any]]) -> None:
-        req = self._engine.begin_close(untaken, trio.Event())
+    async def _close_here(self, req: Request | None) -> None:
         with trio.move_on_after(CLOSE_TIMEOUT):
             # Every wake anyone could take is ACKed before the socket goes.
             chan = self._chan

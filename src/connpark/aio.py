@@ -506,16 +506,17 @@ class AsyncioParking(HandleInfo):
             if isinstance(item, Woken):
                 taken.append(item)
         untaken = hand_back_to(taken, ready(s._engine for s in self._shards))
+        # In this step, as the wake queue was emptied: a reader that ran in between
+        # would ACK and queue wakes for nobody (closed at the end).
+        reqs = [
+            shard._engine.begin_close(theirs, self._loop.create_future())
+            for shard, theirs in zip(self._shards, untaken, strict=True)
+        ]
         await asyncio.gather(
-            *(
-                shard._close_here(theirs)
-                for shard, theirs in zip(self._shards, untaken, strict=True)
-            )
+            *(shard._close_here(req) for shard, req in zip(self._shards, reqs, strict=True))
         )
 
-    async def _close_here(self, untaken: list[Woken[Any]]) -> None:
-        req = self._engine.begin_close(untaken, self._loop.create_future())
-
+    async def _close_here(self, req: Request | None) -> None:
         async def hand_back() -> None:
             await self._flush()  # every wake anyone could take is ACKed first
             if req is not None:

@@ -313,3 +313,59 @@ def test_trio_a_wake_read_as_the_handle_closes_is_not_dropped(proc: ServeProcess
             client.close()
             server.close()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def _closed_by_peer(client: socket.socket) -> bool:
+    client.settimeout(0.3)
+    try:
+        return client.recv(1, socket.MSG_PEEK) == b""
+    except TimeoutError:
+        return False
+
+
+def test_leaving_on_an_exception_hands_back_the_wakes_nobody_took(proc: ServeProcess) -> None:
+    """README: wakes not taken when you leave the block are parked again. The trio
+    and asyncio hooks skipped ``_close`` when the block raised (a cancelled task,
+    a failing worker), and closed those wakes, ACKed and in no one's hands: the
+    clients were dropped. (The threads hook's ``__exit__`` always hands back.)"""
+    import asyncio
+
+    import trio
+
+    before = len(os.listdir("/proc/self/fd"))
+    (c1, c2), (s1, s2) = tcp_pairs(2)
+    try:
+
+        async def trio_main() -> None:
+            async with connpark.open_parking(proc.path, pool="exc") as parking:
+                await parking.unpark(await parking.park(s1, token=b"trio"))
+                await trio.sleep(0.3)  # the wake is queued, untaken
+                raise RuntimeError("the application fails")
+
+        async def asyncio_main() -> None:
+            async def body() -> None:
+                async with connpark.aio.open_parking(proc.path, pool="exc") as parking:
+                    await parking.unpark(await parking.park(s2, token=b"asyncio"))
+                    await asyncio.sleep(100)  # cancelled, the wake queued, untaken
+
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(body(), 0.5)
+
+        with pytest.raises(RuntimeError):
+            trio.run(trio_main)
+        asyncio.run(asyncio_main())
+        assert not _closed_by_peer(c1), "trio: the untaken wake was closed"
+        assert not _closed_by_peer(c2), "asyncio: the untaken wake was closed"
+        with connpark.BlockingParking(proc.path, pool="exc") as other:
+            c1.sendall(b"x")
+            c2.sendall(b"x")
+            tokens = set()
+            while len(tokens) < 2 and (woken := other.next_wake(timeout=3)) is not None:
+                tokens.add(woken.token)
+                if woken.socket is not None:
+                    woken.socket.close()
+        assert tokens == {b"trio", b"asyncio"}
+    finally:
+        for s in (c1, c2, s1, s2):
+            s.close()
+    assert len(os.listdir("/proc/self/fd")) == before

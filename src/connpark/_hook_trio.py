@@ -460,6 +460,13 @@ class Parking(HandleInfo):
 
     async def _close(self) -> None:
         """Hand back what nobody took (each to its shard), wait for it (bounded)."""
+        reqs = self._begin_close()
+        async with trio.open_nursery() as nursery:
+            for shard, req in zip(self._shards, reqs, strict=True):
+                nursery.start_soon(shard._close_here, req)
+
+    def _begin_close(self) -> list[Request | None]:
+        """Every shard's ``begin_close``, handing back what nobody took (a no-op once done)."""
         taken: list[Woken[Any]] = []
         while True:
             try:
@@ -469,13 +476,10 @@ class Parking(HandleInfo):
         untaken = hand_back_to(taken, ready(s._engine for s in self._shards))
         # In this step, as the wake queue was emptied: a session task that ran in
         # between would ACK and queue wakes for nobody (closed at the end).
-        reqs = [
+        return [
             shard._engine.begin_close(theirs, trio.Event())
             for shard, theirs in zip(self._shards, untaken, strict=True)
         ]
-        async with trio.open_nursery() as nursery:
-            for shard, req in zip(self._shards, reqs, strict=True):
-                nursery.start_soon(shard._close_here, req)
 
     async def _close_here(self, req: Request | None) -> None:
         with trio.move_on_after(CLOSE_TIMEOUT):
@@ -551,9 +555,13 @@ async def open_parking(
                 yield parking
                 await parking._close()
             finally:
-                # Before the sessions are torn down (an exception in the block: no
-                # ``_close``): their channels tell what never left.
+                # Left on an exception (a cancelled worker, say: no ``_close``), the
+                # wakes nobody took are handed back all the same, as far as the
+                # control socket takes them now: else they would be closed.
+                parking._begin_close()
+                # Before the sessions are torn down: their channels tell what never left.
                 for shard in parking._shards:
+                    shard._flush_now()
                     shard._engine.finish_close(shard._chan)
                     shard._pump()
                 nursery.cancel_scope.cancel()

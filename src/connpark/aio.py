@@ -500,6 +500,13 @@ class AsyncioParking(HandleInfo):
 
     async def _close(self) -> None:
         """Hand back what nobody took (each to its shard), wait for it (bounded)."""
+        reqs = self._begin_close()
+        await asyncio.gather(
+            *(shard._close_here(req) for shard, req in zip(self._shards, reqs, strict=True))
+        )
+
+    def _begin_close(self) -> list[Request | None]:
+        """Every shard's ``begin_close``, handing back what nobody took (a no-op once done)."""
         taken: list[Woken[Any]] = []
         while not self._wakes.empty():
             item = self._wakes.get_nowait()
@@ -508,13 +515,10 @@ class AsyncioParking(HandleInfo):
         untaken = hand_back_to(taken, ready(s._engine for s in self._shards))
         # In this step, as the wake queue was emptied: a reader that ran in between
         # would ACK and queue wakes for nobody (closed at the end).
-        reqs = [
+        return [
             shard._engine.begin_close(theirs, self._loop.create_future())
             for shard, theirs in zip(self._shards, untaken, strict=True)
         ]
-        await asyncio.gather(
-            *(shard._close_here(req) for shard, req in zip(self._shards, reqs, strict=True))
-        )
 
     async def _close_here(self, req: Request | None) -> None:
         async def hand_back() -> None:
@@ -582,7 +586,13 @@ async def open_parking(
         yield parking
         await parking._close()
     finally:
+        # Left on an exception (a cancelled task, say: no ``_close``), the wakes
+        # nobody took are handed back all the same, as far as the control socket
+        # takes them now: else they would be closed.
+        parking._begin_close()
         for shard in parking._shards:
+            if shard._chan is not None:
+                shard._chan.send_now(shard._engine.data_to_send())
             shard._engine.finish_close(shard._chan)
         for runner in runners:
             runner.cancel()

@@ -369,3 +369,78 @@ def test_leaving_on_an_exception_hands_back_the_wakes_nobody_took(proc: ServePro
         for s in (c1, c2, s1, s2):
             s.close()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_trio_cancelled_around_the_handle_with_a_park_out_keeps_one_owner(
+    proc: ServeProcess,
+) -> None:
+    """A cancel scope around ``open_parking`` (the usual way to stop a trio
+    worker) fires while a park is out to a slow container. It cancels the body and
+    the session task at once; when the session task's finally ran first, it
+    dropped the channel, and open_parking's ``finish_close(None)`` then told the
+    park "still yours" (socket open) though its PARK had reached the container,
+    which parks it on resuming: two owners. (Each round: one chance in two or so.)"""
+    import trio
+
+    before = len(os.listdir("/proc/self/fd"))
+    for rnd in range(6):
+        (client,), (server,) = tcp_pairs(1)
+        parked = proc.stats().parked
+
+        async def main(server: socket.socket = server, rnd: int = rnd) -> None:
+            with trio.move_on_after(0.3):
+                async with connpark.open_parking(proc.path, pool=f"outer-{rnd}") as parking:
+                    os.kill(proc.pid, signal.SIGSTOP)
+                    await parking.park(server)
+
+        try:
+            trio.run(main)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        try:
+            assert wait_until(lambda n=parked + 1: proc.stats().parked == n, timeout=3)
+            assert server.fileno() == -1, (
+                f"round {rnd}: the container parked it, and the caller's copy is open"
+            )
+        finally:
+            client.close()
+            server.close()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_asyncio_cancelled_with_the_handle_with_a_park_out_keeps_one_owner(
+    proc: ServeProcess,
+) -> None:
+    """The same with asyncio: the task holding the handle is left running when
+    ``asyncio.run``'s main returns, and is cancelled together with the hook's
+    session tasks; the session's finally, run first, dropped the channel."""
+    import asyncio
+
+    before = len(os.listdir("/proc/self/fd"))
+    for rnd in range(6):
+        (client,), (server,) = tcp_pairs(1)
+        parked = proc.stats().parked
+
+        async def main(server: socket.socket = server, rnd: int = rnd) -> None:
+            async def body() -> None:
+                async with connpark.aio.open_parking(proc.path, pool=f"left-{rnd}") as parking:
+                    os.kill(proc.pid, signal.SIGSTOP)
+                    await parking.park(server)
+
+            task = asyncio.get_running_loop().create_task(body())
+            await asyncio.sleep(0.3)
+            assert not task.done()  # asyncio.run cancels it, and the hook's tasks, at once
+
+        try:
+            asyncio.run(main())
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        try:
+            assert wait_until(lambda n=parked + 1: proc.stats().parked == n, timeout=3)
+            assert server.fileno() == -1, (
+                f"round {rnd}: the container parked it, and the caller's copy is open"
+            )
+        finally:
+            client.close()
+            server.close()
+    assert len(os.listdir("/proc/self/fd")) == before

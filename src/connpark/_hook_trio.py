@@ -394,6 +394,12 @@ class Parking(HandleInfo):
                 self._drain_timed_out()
         finally:
             self._read_scope = None
+            if self._engine.connected:
+                # Torn down with the session up: a cancel scope around the handle
+                # reached us before open_parking's finally. Leave as it would, while
+                # the channel still tells what never left (else the parks out would
+                # be "still yours" whether or not they reached the container).
+                self._leave()
             self._chan = None
             await self._last_words(chan)
             chan.close()
@@ -481,6 +487,17 @@ class Parking(HandleInfo):
             for shard, theirs in zip(self._shards, untaken, strict=True)
         ]
 
+    def _leave(self) -> None:
+        """The handle goes without waiting (an exception in its block, a cancelled
+        worker: no ``_close``): the wakes nobody took are handed back all the same,
+        as far as each control socket takes them now (else they would be closed),
+        then ``finish_close`` while the channels still tell what never left."""
+        self._begin_close()
+        for shard in self._shards:
+            shard._flush_now()
+            shard._engine.finish_close(shard._chan)
+            shard._pump()
+
     async def _close_here(self, req: Request | None) -> None:
         with trio.move_on_after(CLOSE_TIMEOUT):
             # Every wake anyone could take is ACKed before the socket goes.
@@ -555,15 +572,7 @@ async def open_parking(
                 yield parking
                 await parking._close()
             finally:
-                # Left on an exception (a cancelled worker, say: no ``_close``), the
-                # wakes nobody took are handed back all the same, as far as the
-                # control socket takes them now: else they would be closed.
-                parking._begin_close()
-                # Before the sessions are torn down: their channels tell what never left.
-                for shard in parking._shards:
-                    shard._flush_now()
-                    shard._engine.finish_close(shard._chan)
-                    shard._pump()
+                parking._leave()  # (after ``_close``: only the channels' last state)
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # Our tasks raise only before the session is up: one error, unwrap it.

@@ -10,6 +10,7 @@ import threading
 
 import pytest
 import trio
+import trio.testing
 
 from connpark import RemoteProtocolError
 from connpark._fdpass import (
@@ -414,3 +415,31 @@ def test_fds_from_ancillary_of_several_messages_and_partial_ints() -> None:
     ]
     assert _fds_from_ancillary(anc) == [5, 6, 7]
     assert _fds_from_ancillary([]) == []
+
+
+async def test_trio_channel_frames_waiting_for_the_send_lock_are_queued_already() -> None:
+    """A sender that waits for the lock (another task mid-send to a full socket)
+    held its frames outside the queue: ``stop_sending`` (the engine's
+    ``finish_close``) did not see them, so the engine took their sockets for gone
+    to the container and closed the caller's copies, and the frames went out
+    after it all the same (their fd numbers closed by then, or another socket's),
+    or never, if that sender was cancelled. Queued at once, as the asyncio hook's
+    channel does, stop_sending drops them."""
+    before = open_fd_count()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    chan = TrioChannel(a, own_fds=False)
+    r, w = os.pipe()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(chan.send_frames, [Frame(b"x" * 500_000, ())])
+            await trio.testing.wait_all_tasks_blocked()  # it holds the lock: the socket is full
+            nursery.start_soon(chan.send_frames, [Frame(b"y" * 8, (r,))])
+            await trio.testing.wait_all_tasks_blocked()
+            assert chan.stop_sending() == [r]
+            nursery.cancel_scope.cancel()
+    finally:
+        chan.close()
+        b.close()
+        close_fds((r, w))
+    assert open_fd_count() == before

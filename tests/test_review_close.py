@@ -17,6 +17,9 @@ from typing import Any
 import pytest
 
 import connpark
+import connpark._hook_blocking
+import connpark._hook_trio
+import connpark.aio
 from connpark._fdpass import Outbox
 from connpark._wire import Parked
 
@@ -24,7 +27,7 @@ from . import test_hooks
 from ._procs import ServeProcess, tcp_pairs, wait_until
 from .test_engine import FakeSock, entry, ok, parks, settled, started
 from .test_hooks import Driver
-from .test_review_hooks import FILL_PENDING, closing, proc
+from .test_review_hooks import FILL_PENDING, closing, park_within, proc
 
 pytestmark = pytest.mark.linux
 
@@ -239,3 +242,205 @@ def test_a_held_retry_failed_at_close_closes_the_copy_its_first_park_gave_away()
             s.close()
         for s in (a, a_peer, b, b_peer):
             s.close()
+
+
+def test_leaving_with_parks_unanswered_in_several_frames_keeps_every_one(
+    make: Factory,
+    proc: ServeProcess,
+    closing: list[socket.socket],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three parks out, unanswered, each in its own PARK frame (a frozen container),
+    when the wait at close runs out: the hook closes the caller's copies, counting
+    on the container to read on and keep them. It resumes: it parks the first
+    frame, its PARKED to the closed socket fails (EPIPE), and that ended the session
+    at once, so the fds of the next frames were closed: two connections lost."""
+    for hook in (connpark._hook_trio, connpark._hook_blocking, connpark.aio):
+        monkeypatch.setattr(hook, "CLOSE_TIMEOUT", 0.5)
+    driver = make(proc.path, pool="frames")
+    clients, servers = tcp_pairs(3)
+    closing += [*clients, *servers]
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        for i, server in enumerate(servers):
+            assert park_within(driver, server, 0.2, token=b"f%d" % i) is None
+        driver.shutdown()
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert [s.fileno() for s in servers] == [-1] * 3  # every PARK reached the container
+    assert wait_until(lambda: proc.stats().parked == 3, timeout=3), (
+        f"{proc.stats().parked} of 3 kept: the others' caller copies were closed too"
+    )
+    with connpark.BlockingParking(proc.path, pool="frames") as other:
+        for c in clients:
+            c.sendall(b"x")
+        tokens = set()
+        while len(tokens) < 3 and (woken := other.next_wake(timeout=3)) is not None:
+            tokens.add(woken.token)
+            if woken.socket is not None:
+                woken.socket.close()
+    assert tokens == {b"f0", b"f1", b"f2"}
+
+
+def test_trio_a_wake_read_as_the_handle_closes_is_not_dropped(proc: ServeProcess) -> None:
+    """Leaving ``open_parking``: ``_close`` empties the wake queue to hand back what
+    nobody took, then started a task per shard that calls ``begin_close``. A WAKE
+    already in the control socket is read in between (trio runs the session task
+    and that one in either order): ACKed, queued for nobody, and its connection
+    closed at the end. It must be handed back, or left un-ACKed for another
+    worker. (Each round has one chance in two to order the tasks so.)"""
+    import trio
+
+    before = len(os.listdir("/proc/self/fd"))
+    for rnd in range(8):
+        pool = f"window-{rnd}"
+        (client,), (server,) = tcp_pairs(1)
+
+        async def main(server: socket.socket = server, pool: str = pool) -> None:
+            async with connpark.open_parking(proc.path, pool=pool) as parking:
+                ticket = await parking.park(server)
+                await parking.unpark(ticket)
+                time.sleep(0.2)  # noqa: ASYNC251  (no checkpoint: the WAKE waits unread)
+
+        try:
+            trio.run(main)
+            client.settimeout(0.3)
+            with contextlib.suppress(TimeoutError):
+                assert client.recv(1, socket.MSG_PEEK) != b"", (
+                    f"round {rnd}: the woken connection was closed as the handle closed"
+                )
+        finally:
+            client.close()
+            server.close()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def _closed_by_peer(client: socket.socket) -> bool:
+    client.settimeout(0.3)
+    try:
+        return client.recv(1, socket.MSG_PEEK) == b""
+    except TimeoutError:
+        return False
+
+
+def test_leaving_on_an_exception_hands_back_the_wakes_nobody_took(proc: ServeProcess) -> None:
+    """README: wakes not taken when you leave the block are parked again. The trio
+    and asyncio hooks skipped ``_close`` when the block raised (a cancelled task,
+    a failing worker), and closed those wakes, ACKed and in no one's hands: the
+    clients were dropped. (The threads hook's ``__exit__`` always hands back.)"""
+    import asyncio
+
+    import trio
+
+    before = len(os.listdir("/proc/self/fd"))
+    (c1, c2), (s1, s2) = tcp_pairs(2)
+    try:
+
+        async def trio_main() -> None:
+            async with connpark.open_parking(proc.path, pool="exc") as parking:
+                await parking.unpark(await parking.park(s1, token=b"trio"))
+                await trio.sleep(0.3)  # the wake is queued, untaken
+                raise RuntimeError("the application fails")
+
+        async def asyncio_main() -> None:
+            async def body() -> None:
+                async with connpark.aio.open_parking(proc.path, pool="exc") as parking:
+                    await parking.unpark(await parking.park(s2, token=b"asyncio"))
+                    await asyncio.sleep(100)  # cancelled, the wake queued, untaken
+
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(body(), 0.5)
+
+        with pytest.raises(RuntimeError):
+            trio.run(trio_main)
+        asyncio.run(asyncio_main())
+        assert not _closed_by_peer(c1), "trio: the untaken wake was closed"
+        assert not _closed_by_peer(c2), "asyncio: the untaken wake was closed"
+        with connpark.BlockingParking(proc.path, pool="exc") as other:
+            c1.sendall(b"x")
+            c2.sendall(b"x")
+            tokens = set()
+            while len(tokens) < 2 and (woken := other.next_wake(timeout=3)) is not None:
+                tokens.add(woken.token)
+                if woken.socket is not None:
+                    woken.socket.close()
+        assert tokens == {b"trio", b"asyncio"}
+    finally:
+        for s in (c1, c2, s1, s2):
+            s.close()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_trio_cancelled_around_the_handle_with_a_park_out_keeps_one_owner(
+    proc: ServeProcess,
+) -> None:
+    """A cancel scope around ``open_parking`` (the usual way to stop a trio
+    worker) fires while a park is out to a slow container. It cancels the body and
+    the session task at once; when the session task's finally ran first, it
+    dropped the channel, and open_parking's ``finish_close(None)`` then told the
+    park "still yours" (socket open) though its PARK had reached the container,
+    which parks it on resuming: two owners. (Each round: one chance in two or so.)"""
+    import trio
+
+    before = len(os.listdir("/proc/self/fd"))
+    for rnd in range(6):
+        (client,), (server,) = tcp_pairs(1)
+        parked = proc.stats().parked
+
+        async def main(server: socket.socket = server, rnd: int = rnd) -> None:
+            with trio.move_on_after(0.3):
+                async with connpark.open_parking(proc.path, pool=f"outer-{rnd}") as parking:
+                    os.kill(proc.pid, signal.SIGSTOP)
+                    await parking.park(server)
+
+        try:
+            trio.run(main)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        try:
+            assert wait_until(lambda n=parked + 1: proc.stats().parked == n, timeout=3)
+            assert server.fileno() == -1, (
+                f"round {rnd}: the container parked it, and the caller's copy is open"
+            )
+        finally:
+            client.close()
+            server.close()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_asyncio_cancelled_with_the_handle_with_a_park_out_keeps_one_owner(
+    proc: ServeProcess,
+) -> None:
+    """The same with asyncio: the task holding the handle is left running when
+    ``asyncio.run``'s main returns, and is cancelled together with the hook's
+    session tasks; the session's finally, run first, dropped the channel."""
+    import asyncio
+
+    before = len(os.listdir("/proc/self/fd"))
+    for rnd in range(6):
+        (client,), (server,) = tcp_pairs(1)
+        parked = proc.stats().parked
+
+        async def main(server: socket.socket = server, rnd: int = rnd) -> None:
+            async def body() -> None:
+                async with connpark.aio.open_parking(proc.path, pool=f"left-{rnd}") as parking:
+                    os.kill(proc.pid, signal.SIGSTOP)
+                    await parking.park(server)
+
+            task = asyncio.get_running_loop().create_task(body())
+            await asyncio.sleep(0.3)
+            assert not task.done()  # asyncio.run cancels it, and the hook's tasks, at once
+
+        try:
+            asyncio.run(main())
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        try:
+            assert wait_until(lambda n=parked + 1: proc.stats().parked == n, timeout=3)
+            assert server.fileno() == -1, (
+                f"round {rnd}: the container parked it, and the caller's copy is open"
+            )
+        finally:
+            client.close()
+            server.close()
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -209,6 +209,7 @@ class _Session(SessionState):
         "fds_in",
         "outbox",
         "over_since",
+        "peer_closed",
         "quiet",
         "read_scope",
         "resumes",
@@ -237,6 +238,9 @@ class _Session(SessionState):
         self.end_deadline = math.inf
         #: The decoder broke: read and drop until the peer closes.
         self.discard = False
+        #: A write failed: the worker closed its end (it left, or died). What it
+        #: wrote before is still read, its parks kept (``_dispatch``).
+        self.peer_closed = False
         #: When its output went over the cap (None: it is under).
         self.over_since: float | None = None
         self.read_scope = trio.CancelScope()
@@ -753,6 +757,12 @@ class Container:
                 self._close_acked(slots, fds)
             return
         if s.ending is not None:  # only ACKs count now; fds are closed
+            if s.peer_closed and isinstance(msg, LeanPark):
+                # Unless the worker closed its end first (our PARKED to it failed): a
+                # worker that leaves with parks unanswered closes its copies of those
+                # (``Engine._close_unanswered``): closing ours would lose them.
+                self._on_park(s, msg)
+                return
             if isinstance(msg, (LeanPark, Park)):
                 self._take_fds(s, len(msg.entries))
                 close_fds(message_fds(msg))
@@ -901,19 +911,20 @@ class Container:
             self._mirror_send(encode_records(MirrorKind.ADD, mirrored))
         self._held += len(admitted)
         self._parks_total += len(admitted)
+        confirm = _Confirm(admitted, twins)
+        if admitted:
+            s.unconfirmed.add(confirm)
         if s.ending is None:
-            confirm = _Confirm(admitted, twins)
-            if admitted:
-                s.unconfirmed.add(confirm)
             s.outbox.add((parked_frame_flat(msg.request_id, flat),), (confirm,))
             # Written now, as a rule (``_written`` confirms it): then nothing could
             # wake these in between, and they need no UNCONFIRMED. Else they do.
             self._pump(s)
-            if confirm in s.unconfirmed:
-                confirm.marked = True
-                Lot.unconfirm(admitted)
-                confirm.inodes = [_inode(x.fd) for x in admitted]
-        # (Ending: no PARKED will go; the worker sends them again.)
+        # (Ending, the worker gone: no PARKED will go; if it sends them again, from
+        # its next session, the twins answer with these tickets.)
+        if confirm in s.unconfirmed:
+            confirm.marked = True
+            Lot.unconfirm(admitted)
+            confirm.inodes = [_inode(x.fd) for x in admitted]
 
     def _admit_plain(self, entries: tuple[LeanEntry, ...], now: float) -> _Columns | None:
         """A frame of plain entries, checked (``inspect_many``) and watched at once:
@@ -1280,6 +1291,7 @@ class Container:
             pass
         except OSError as exc:
             self._written(s)
+            s.peer_closed = True
             self._end(s, None, f"send failed: {exc}")
             return
         self._written(s)

@@ -391,9 +391,12 @@ class TrioChannel:
         queued = self.try_send_nowait(frames)
         if queued and not self._outbox:
             return
+        if not queued:
+            # Queued now, in call order; the lock only paces the writing. Waiting
+            # for it outside the queue, they would escape ``stop_sending`` (and be
+            # lost if we are cancelled meanwhile): whoever holds the lock sends them.
+            self._outbox.add(frames)
         async with self._send_lock:
-            if not queued:
-                self._outbox.add(frames)
             while True:
                 try:
                     return self._outbox.send_some(self.sock)

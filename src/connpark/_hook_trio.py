@@ -394,6 +394,12 @@ class Parking(HandleInfo):
                 self._drain_timed_out()
         finally:
             self._read_scope = None
+            if self._engine.connected:
+                # Torn down with the session up: a cancel scope around the handle
+                # reached us before open_parking's finally. Leave as it would, while
+                # the channel still tells what never left (else the parks out would
+                # be "still yours" whether or not they reached the container).
+                self._leave()
             self._chan = None
             await self._last_words(chan)
             chan.close()
@@ -460,6 +466,13 @@ class Parking(HandleInfo):
 
     async def _close(self) -> None:
         """Hand back what nobody took (each to its shard), wait for it (bounded)."""
+        reqs = self._begin_close()
+        async with trio.open_nursery() as nursery:
+            for shard, req in zip(self._shards, reqs, strict=True):
+                nursery.start_soon(shard._close_here, req)
+
+    def _begin_close(self) -> list[Request | None]:
+        """Every shard's ``begin_close``, handing back what nobody took (a no-op once done)."""
         taken: list[Woken[Any]] = []
         while True:
             try:
@@ -467,12 +480,25 @@ class Parking(HandleInfo):
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
         untaken = hand_back_to(taken, ready(s._engine for s in self._shards))
-        async with trio.open_nursery() as nursery:
-            for shard, theirs in zip(self._shards, untaken, strict=True):
-                nursery.start_soon(shard._close_here, theirs)
+        # In this step, as the wake queue was emptied: a session task that ran in
+        # between would ACK and queue wakes for nobody (closed at the end).
+        return [
+            shard._engine.begin_close(theirs, trio.Event())
+            for shard, theirs in zip(self._shards, untaken, strict=True)
+        ]
 
-    async def _close_here(self, untaken: list[Woken[Any]]) -> None:
-        req = self._engine.begin_close(untaken, trio.Event())
+    def _leave(self) -> None:
+        """The handle goes without waiting (an exception in its block, a cancelled
+        worker: no ``_close``): the wakes nobody took are handed back all the same,
+        as far as each control socket takes them now (else they would be closed),
+        then ``finish_close`` while the channels still tell what never left."""
+        self._begin_close()
+        for shard in self._shards:
+            shard._flush_now()
+            shard._engine.finish_close(shard._chan)
+            shard._pump()
+
+    async def _close_here(self, req: Request | None) -> None:
         with trio.move_on_after(CLOSE_TIMEOUT):
             # Every wake anyone could take is ACKed before the socket goes.
             chan = self._chan
@@ -546,11 +572,7 @@ async def open_parking(
                 yield parking
                 await parking._close()
             finally:
-                # Before the sessions are torn down (an exception in the block: no
-                # ``_close``): their channels tell what never left.
-                for shard in parking._shards:
-                    shard._engine.finish_close(shard._chan)
-                    shard._pump()
+                parking._leave()  # (after ``_close``: only the channels' last state)
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # Our tasks raise only before the session is up: one error, unwrap it.

@@ -443,6 +443,13 @@ class AsyncioParking(HandleInfo):
             while self._engine.connected:
                 await self._read_once(chan)
         finally:
+            if self._engine.connected:
+                # Torn down with the session up: cancelled with the task that holds
+                # the handle (asyncio.run cancels what is left, all at once), before
+                # open_parking's finally. Leave as it would, while the channel still
+                # tells what never left (else the parks out would be "still yours"
+                # whether or not they reached the container).
+                self._leave()
             self._chan = None
             chan.send_now(self._engine.data_to_send())  # ACK what we read before it goes
             chan.close()
@@ -500,22 +507,39 @@ class AsyncioParking(HandleInfo):
 
     async def _close(self) -> None:
         """Hand back what nobody took (each to its shard), wait for it (bounded)."""
+        reqs = self._begin_close()
+        await asyncio.gather(
+            *(shard._close_here(req) for shard, req in zip(self._shards, reqs, strict=True))
+        )
+
+    def _begin_close(self) -> list[Request | None]:
+        """Every shard's ``begin_close``, handing back what nobody took (a no-op once done)."""
         taken: list[Woken[Any]] = []
         while not self._wakes.empty():
             item = self._wakes.get_nowait()
             if isinstance(item, Woken):
                 taken.append(item)
         untaken = hand_back_to(taken, ready(s._engine for s in self._shards))
-        await asyncio.gather(
-            *(
-                shard._close_here(theirs)
-                for shard, theirs in zip(self._shards, untaken, strict=True)
-            )
-        )
+        # In this step, as the wake queue was emptied: a reader that ran in between
+        # would ACK and queue wakes for nobody (closed at the end).
+        return [
+            shard._engine.begin_close(theirs, self._loop.create_future())
+            for shard, theirs in zip(self._shards, untaken, strict=True)
+        ]
 
-    async def _close_here(self, untaken: list[Woken[Any]]) -> None:
-        req = self._engine.begin_close(untaken, self._loop.create_future())
+    def _leave(self) -> None:
+        """The handle goes without waiting (an exception in its block, a cancelled
+        task: no ``_close``): the wakes nobody took are handed back all the same,
+        as far as each control socket takes them now (else they would be closed),
+        then ``finish_close`` while the channels still tell what never left."""
+        self._begin_close()
+        for shard in self._shards:
+            if shard._chan is not None:
+                shard._chan.send_now(shard._engine.data_to_send())
+            shard._engine.finish_close(shard._chan)
+            shard._pump()
 
+    async def _close_here(self, req: Request | None) -> None:
         async def hand_back() -> None:
             await self._flush()  # every wake anyone could take is ACKed first
             if req is not None:
@@ -581,8 +605,7 @@ async def open_parking(
         yield parking
         await parking._close()
     finally:
-        for shard in parking._shards:
-            shard._engine.finish_close(shard._chan)
+        parking._leave()  # (after ``_close``: only the channels' last state)
         for runner in runners:
             runner.cancel()
             try:

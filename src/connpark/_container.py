@@ -238,8 +238,8 @@ class _Session(SessionState):
         self.end_deadline = math.inf
         #: The decoder broke: read and drop until the peer closes.
         self.discard = False
-        #: A write failed: the worker closed its end (it left, or died). What it
-        #: wrote before is still read, its parks kept (``_dispatch``).
+        #: A write failed with EPIPE/ECONNRESET: the worker closed its end (it left,
+        #: or died). What it wrote before is still read, its parks kept (``_dispatch``).
         self.peer_closed = False
         #: When its output went over the cap (None: it is under).
         self.over_since: float | None = None
@@ -1291,7 +1291,10 @@ class Container:
             pass
         except OSError as exc:
             self._written(s)
-            s.peer_closed = True
+            # Only a closed end (EPIPE, ECONNRESET): a worker that is alive (the
+            # send failed for another reason) may still be told its parks are
+            # its own when this session ends, so those are not kept.
+            s.peer_closed = exc.errno in (errno.EPIPE, errno.ECONNRESET)
             self._end(s, None, f"send failed: {exc}")
             return
         self._written(s)

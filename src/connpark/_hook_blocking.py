@@ -24,8 +24,8 @@ from ._fdpass import BlockingChannel, recv_fds, wait_readable_blocking
 from ._shards import (
     ParkPlan,
     Spread,
+    begin_close_all,
     by_shard,
-    hand_back_to,
     merge_send,
     other_shards,
     ready,
@@ -332,11 +332,9 @@ class BlockingParking(HandleInfo):
         for lock in locks:  # the readers queue wakes under them: none can slip past
             lock.acquire()
         try:
-            untaken = hand_back_to(self._take_untaken(), ready(s._engine for s in self._shards))
-            reqs = [
-                shard._engine.begin_close(theirs, threading.Event())
-                for shard, theirs in zip(self._shards, untaken, strict=True)
-            ]
+            reqs = begin_close_all(
+                [s._engine for s in self._shards], self._take_untaken(), threading.Event
+            )
         finally:
             for lock in locks:
                 lock.release()

@@ -23,8 +23,8 @@ from ._fdpass import TrioChannel
 from ._shards import (
     ParkPlan,
     Spread,
+    begin_close_all,
     by_shard,
-    hand_back_to,
     merge_send,
     other_shards,
     ready,
@@ -479,13 +479,7 @@ class Parking(HandleInfo):
                 taken.append(self._wake_recv.receive_nowait())
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
-        untaken = hand_back_to(taken, ready(s._engine for s in self._shards))
-        # In this step, as the wake queue was emptied: a session task that ran in
-        # between would ACK and queue wakes for nobody (closed at the end).
-        return [
-            shard._engine.begin_close(theirs, trio.Event())
-            for shard, theirs in zip(self._shards, untaken, strict=True)
-        ]
+        return begin_close_all([s._engine for s in self._shards], taken, trio.Event)
 
     def _leave(self) -> None:
         """The handle goes without waiting (an exception in its block, a cancelled

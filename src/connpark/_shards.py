@@ -12,13 +12,13 @@ one engine and session per shard; this module decides, for every hook alike:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from ._errors import ParkRefused
 from ._unixsock import shard_path
 from ._wire import TICKET_SHARD_SHIFT, Reason, Refusal, Result
-from ._worker import Engine, Phase, SendResult, Woken
+from ._worker import Engine, Phase, Request, SendResult, Woken
 
 W = TypeVar("W", bound=Woken[Any])
 
@@ -186,6 +186,17 @@ def hand_back_to(untaken: Sequence[W], ready: Sequence[bool]) -> list[list[W]]:
         others = [i for i in alive if i != home]
         groups[others[k % len(others)] if others else home].append(w)
     return groups
+
+
+def begin_close_all(
+    engines: Sequence[Engine], untaken: Sequence[Woken[Any]], new_waiter: Callable[[], Any]
+) -> list[Request | None]:
+    """Every shard's ``begin_close``, the wakes nobody took handed back
+    (``hand_back_to``). The caller runs it in the step that took those wakes
+    from its queue: a reader that ran in between would ACK and queue wakes for
+    nobody (closed at the end)."""
+    groups = hand_back_to(untaken, ready(engines))
+    return [e.begin_close(theirs, new_waiter()) for e, theirs in zip(engines, groups, strict=True)]
 
 
 def merge_send(results: Iterable[SendResult | Result]) -> SendResult:

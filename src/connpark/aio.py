@@ -20,8 +20,8 @@ from ._fdpass import Outbox, recv_fds
 from ._shards import (
     ParkPlan,
     Spread,
+    begin_close_all,
     by_shard,
-    hand_back_to,
     merge_send,
     other_shards,
     ready,
@@ -519,13 +519,7 @@ class AsyncioParking(HandleInfo):
             item = self._wakes.get_nowait()
             if isinstance(item, Woken):
                 taken.append(item)
-        untaken = hand_back_to(taken, ready(s._engine for s in self._shards))
-        # In this step, as the wake queue was emptied: a reader that ran in between
-        # would ACK and queue wakes for nobody (closed at the end).
-        return [
-            shard._engine.begin_close(theirs, self._loop.create_future())
-            for shard, theirs in zip(self._shards, untaken, strict=True)
-        ]
+        return begin_close_all([s._engine for s in self._shards], taken, self._loop.create_future)
 
     def _leave(self) -> None:
         """The handle goes without waiting (an exception in its block, a cancelled

@@ -1438,6 +1438,24 @@ class EngineMachine(RuleBasedStateMachine):
     def _pending(self) -> list[ParkRequest]:
         return [r for r in self.requests if r.state is not ReqState.DONE and not r.handback]
 
+    @precondition(
+        lambda self: (
+            self.engine.phase not in (Phase.CLOSING, Phase.CLOSED)
+            and any(not s.closed for r in self._pending() for s in r.socks)
+        )
+    )
+    @rule(data=st.data())
+    def park_again(self, data: st.DataObject) -> None:
+        """A socket whose park is not answered yet parked again (with a new one):
+        held behind the first, never sent twice (``Engine._queue``)."""
+        socks = [s for r in self._pending() for s in r.socks if not s.closed]
+        again = data.draw(st.sampled_from(socks))
+        new = FakeSock()
+        self.callers[new.fd] = new
+        pair = data.draw(st.sampled_from([[again], [again, new], [new, again]]))
+        self.requests.append(self.engine.park(pair, [entry(s) for s in pair], None))
+        self.flush()
+
     @precondition(lambda self: bool(self._pending()))
     @rule(data=st.data())
     def withdraw(self, data: st.DataObject) -> None:
@@ -1654,11 +1672,18 @@ class EngineMachine(RuleBasedStateMachine):
     @invariant()
     def requests_settle_once(self) -> None:
         assert all(n == 1 for n in self.settles.values()), "a request was answered twice"
+        parks_of: dict[int, int] = {}  # id(socket) -> requests that park it (park_again)
+        for req in self.requests:
+            for sock in req.socks:
+                parks_of[id(sock)] = parks_of.get(id(sock), 0) + 1
         for req in self.requests:
             if req.state is ReqState.DONE and req.error is None:
                 for sock, result in zip(req.socks, req.results, strict=True):
                     assert result is not None
-                    assert isinstance(result, int) == sock.closed
+                    if parks_of[id(sock)] == 1:
+                        assert isinstance(result, int) == sock.closed
+                    elif isinstance(result, int):
+                        assert sock.closed  # (refused here, another park may have it)
             if id(req) in self.settles and req.error is None:
                 assert req.answered == len(req.entries)
         if self.engine.phase is Phase.CLOSED:
@@ -1670,6 +1695,27 @@ class EngineMachine(RuleBasedStateMachine):
                 if id(r) not in self.withdrawn and not getattr(r, "abandoned", False):
                     assert self.settles.get(id(r)) == 1, "a waiter was forgotten"
             assert all(s.closes == 1 for s in self.handback_socks), "a hand-back leaked"
+
+    @invariant()
+    def parking_index_is_exact(self) -> None:
+        """``_parking``: the unanswered fds of queued or sent parks, neither
+        withdrawn nor held; two of them never share a socket."""
+        engine = self.engine
+        reqs = [*engine._batch, *(r for b in engine._sent.values() for r in b.unanswered())]
+        want: list[int] = []
+        for req in reqs:
+            if req.indexed:
+                assert not req.abandoned
+                assert not req.handback
+                assert not req.after
+                want.extend(set(req.fds[req.answered :]))
+        for req in engine._held:
+            assert not req.indexed
+            want.extend(req.own)
+        assert len(want) == len(set(want)), "one socket in two parks in flight"
+        assert engine._parking == set(want)
+        if engine.phase is Phase.CLOSED:
+            assert not engine._parking
 
     @invariant()
     def stats_in_order(self) -> None:

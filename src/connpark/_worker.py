@@ -28,7 +28,17 @@ Ownership rules, kept here once for every hook:
   caller's or closed, never both. Until that answer, a new park of the socket
   is held (``_limbo``, ``_release``): it gets the ticket, or goes out after a
   refusal; one connection is never parked twice.
-  Until an fd has gone out, its socket stays open (PARKED cannot come
+- **Held.** Likewise a park of a socket that a park not yet answered (queued
+  or sent, not withdrawn) carries: the container's duplicate check covers one
+  PARK frame, so sent twice it would be parked twice (two tickets, two WAKEs).
+  ``_parking`` holds those fds (by number, no syscall: such a socket is open, so
+  its number names it alone), with a held park's other sockets; an fd leaves
+  it when its park is answered, fails or is withdrawn (then ``_limbo`` holds
+  it). A held park waits whole, then gets the tickets of the sockets the first
+  park parked (the caller's copy closed once) and sends the rest (``_queue``:
+  held again behind a park that went out meanwhile). The same socket twice in
+  one park still goes out: the container refuses the second (``duplicate``).
+- Until an fd has gone out, its socket stays open (PARKED cannot come
   earlier), so no fd number can be reused under a queued frame.
 - **ACK rule.** A WAKE's tickets are ACKed as soon as the message is decoded:
   from then its fds are in this process and the hook owns them (the hook's
@@ -403,6 +413,12 @@ class ParkRequest:
     child: ParkRequest | None = None
     parent: ParkRequest | None = None
     slots: list[int] = attrs.field(factory=list)
+    #: Its unanswered fds are in the engine's ``_parking`` (queued or sent, not
+    #: withdrawn, not held): a second park of one of them is held behind it.
+    indexed: bool = False
+    #: Held: the fds of its other sockets, in ``_parking`` while it waits (a park
+    #: of one of those waits for this one).
+    own: list[int] = attrs.field(factory=list)
 
     def __attrs_post_init__(self) -> None:
         self.results = [None] * len(self.entries)
@@ -627,8 +643,15 @@ class Engine:
         #: parks: their sockets are the caller's or the container's only once the
         #: answer comes. (The inode: a number the caller closed may name another socket.)
         self._limbo: dict[tuple[int, int], tuple[ParkRequest, int]] = {}
-        #: Parks of sockets in ``_limbo``: they wait for those answers (``_release``).
+        #: Parks of sockets in ``_limbo`` or ``_parking``: they wait for those
+        #: answers (``_release``).
         self._held: list[ParkRequest] = []
+        #: The fds of parks queued or sent and not answered yet, withdrawn ones
+        #: aside (``ParkRequest.indexed``), and of held parks' other sockets
+        #: (``ParkRequest.own``): a park of one of them is held behind that park,
+        #: not sent twice. By number, no syscall: while a park is unanswered its
+        #: socket is open, so its number names that socket only.
+        self._parking: set[int] = set()
         #: request id -> the park requests it carries, answered in order.
         self._sent: dict[int, _Batch] = {}
         self._stats: deque[StatsRequest] = deque()
@@ -840,16 +863,64 @@ class Engine:
         ``park_entries`` or ``park_many_entries``)."""
         self._check_open()
         req = ParkRequest(socks, entries, waiter)
-        if self._limbo and entries:
-            req.after = {i: old for i, fd in enumerate(req.fds) if (old := self._in_limbo(fd))}
-        if req.after:
-            self._held.append(req)  # parked again before the first answer came
-        elif entries:
-            self._batch.append(req)
-        else:
+        if not entries:
             req.state = ReqState.DONE
             self._events.append(Settled(req))
+            return req
+        if self._limbo:
+            req.after = {i: old for i, fd in enumerate(req.fds) if (old := self._in_limbo(fd))}
+        self._queue(req)
         return req
+
+    def _queue(self, req: ParkRequest) -> None:
+        """Queue ``req`` to go out, unless a park of this engine still unanswered
+        carries one of its sockets: then it is held behind that one (``_release``):
+        the container would park the socket twice (its duplicate check covers one
+        PARK frame). Set operations over the whole request: the hot path."""
+        parking, fds, after = self._parking, req.fds, req.after
+        if not after and (not parking or parking.isdisjoint(fds)):
+            parking.update(fds)
+            req.indexed = True
+            self._batch.append(req)
+            return
+        owners = self._owners(parking.intersection(fds))
+        seen = {fds[i] for i in after}
+        for i, fd in enumerate(fds):
+            if fd in owners and fd not in seen:
+                seen.add(fd)  # (twice in this park: the container refuses the next one)
+                after[i] = owners[fd]
+        if not after:  # (not found: cannot be) sent, as before
+            parking.update(fds)
+            req.indexed = True
+            self._batch.append(req)
+            return
+        # Its other sockets wait with it: a park of one of them waits for this one.
+        req.own = list({fd for fd in fds if fd not in seen and fd not in parking})
+        parking.update(req.own)
+        self._held.append(req)
+
+    def _owners(self, fds: set[int]) -> dict[int, tuple[ParkRequest, int]]:
+        """The unanswered (request, index) that carries each of ``fds`` (rare: a park
+        of a socket being parked)."""
+        found: dict[int, tuple[ParkRequest, int]] = {}
+        reqs = [*self._batch, *(r for b in self._sent.values() for r in b.unanswered())]
+        for req in [*reqs, *self._held]:
+            mine = set(req.own) if req.own else None
+            if req.indexed or mine:
+                for i in range(req.answered, len(req.fds)):
+                    fd = req.fds[i]
+                    if fd in fds and (mine is None or (fd in mine and i not in req.after)):
+                        found.setdefault(fd, (req, i))
+        return found
+
+    def _unindex(self, req: ParkRequest) -> None:
+        """``req``'s unanswered fds leave ``_parking`` (settled, withdrawn)."""
+        if req.indexed:
+            req.indexed = False
+            self._parking.difference_update(req.fds[req.answered :] if req.answered else req.fds)
+        if req.own:
+            self._parking.difference_update(req.own)
+            req.own = []
 
     def withdraw(self, req: Request) -> None:
         """The caller stopped waiting (cancelled, timed out): keep one owner all the same."""
@@ -867,12 +938,19 @@ class Engine:
             self.withdraw(req.child)
         elif req.state is ReqState.QUEUED and not req.resent:
             (self._held if req.after else self._batch).remove(req)
+            self._unindex(req)
             req.state = ReqState.DONE
             req.error = ParkingClosed("park withdrawn")
+            if req.parent is not None:
+                self._finished(req)  # the part of a held park: that park is done too
+            if self._held:
+                self._release()  # parks held behind it go out
         else:
             # Sent (or sent in a lost session, and queued again): the container
             # may have taken a socket already, so the answer decides its owner.
+            # The limbo holds its sockets from here.
             req.abandoned = True
+            self._unindex(req)
             self._hold_copies(req)
 
     def _in_limbo(self, fd: int) -> tuple[ParkRequest, int] | None:
@@ -1089,7 +1167,7 @@ class Engine:
         for req in self._held:
             taken = [i for i, (old, j) in req.after.items() if (id(old), j) in gone]
             if taken:
-                self.closer([req.socks[i] for i in taken])
+                self.closer([s for i in taken if (s := req.socks[i]) is not _first_sock(req, i)])
                 failed.insert(0, req)
         for req in failed:  # held ones first: settling a first park releases its retries
             self._settle_error(req, error)
@@ -1216,6 +1294,11 @@ class Engine:
         """The next ``len(codes)`` entries of ``req`` are answered."""
         start = req.answered
         end = start + len(codes)
+        if req.indexed:  # settled: a number free for another socket from here
+            self._parking.difference_update(
+                req.fds if start == 0 and end == len(req.fds) else req.fds[start:end]
+            )
+            req.indexed = end < len(req.fds)
         if not any(codes):  # all parked (OK is 0): the container has them now, one owner
             req.results[start:end] = tickets
             self.closer(req.socks[start:end])
@@ -1251,12 +1334,18 @@ class Engine:
         parent.error = req.error
         parent.answered = len(parent.results) if req.error is None else 0
         parent.state = ReqState.DONE
-        if not parent.abandoned:
-            self._events.append(Settled(parent))
+        self._finished(parent)  # (a held part may itself have been held again)
 
     def _release(self) -> None:
-        """Send the held parks whose earlier (abandoned) parks are answered now: a
-        socket the container took then has its ticket; the others go out."""
+        """Send the held parks whose earlier parks (abandoned, or unanswered when
+        they came) are answered now: a socket the container took then has its
+        ticket; the others go out (``_queue``: held again behind a park that
+        went out meanwhile)."""
+        while self._held and self._release_once():
+            pass  # (one settled may free another held behind it)
+
+    def _release_once(self) -> bool:
+        progress = False
         held, self._held = self._held, []
         for req in held:
             if req.state is ReqState.DONE:
@@ -1267,9 +1356,15 @@ class Engine:
             ):
                 self._held.append(req)
                 continue
+            progress = True
+            self._unindex(req)  # its other sockets: indexed again as it goes out
             taken = {
                 i: r for i, (old, j) in req.after.items() if isinstance(r := old.results[j], int)
             }
+            # The container has those: the caller's copies close (one object may be
+            # another than the first park's: a dup, or the fd wrapped again; the
+            # same object was closed by the first park's answer).
+            close = [s for i in taken if (s := req.socks[i]) is not _first_sock(req, i)]
             req.after = {}
             closing = self.phase in (Phase.CLOSING, Phase.CLOSED)  # nothing more is sent
             if not taken:
@@ -1278,14 +1373,20 @@ class Engine:
                     req.error = ParkingClosed("the parking session is closed")
                     self._finished(req)
                 else:
-                    self._batch.append(req)
+                    self._queue(req)
                 continue
             for i, ticket in taken.items():
                 req.results[i] = ticket
-            # The container has those: the caller's copies close (one object may be
-            # another than the first park's: a dup, or the fd wrapped again).
-            self.closer([req.socks[i] for i in taken])
+            self.closer(close)
             slots = [i for i in range(len(req.results)) if i not in taken]
+            if slots:
+                # This park's own repeats of a socket it got the ticket of: refused
+                # as the container refuses them in one request.
+                gone = {req.fds[i] for i in taken}
+                for i in slots:
+                    if req.fds[i] in gone:
+                        req.results[i] = ParkRefused(Refusal.DUPLICATE)
+                slots = [i for i in slots if req.results[i] is None]
             if closing:  # the others are the caller's
                 for i in slots:
                     req.results[i] = ParkRefused(Refusal.SHUTTING_DOWN)
@@ -1300,7 +1401,8 @@ class Engine:
             )
             child.parent, child.slots, req.child = req, slots, child
             req.state = ReqState.SENT
-            self._batch.append(child)
+            self._queue(child)
+        return progress
 
     def _on_stats(self, msg: StatsReply) -> None:
         """Replies come in the order requests were sent: the oldest SENT one is answered."""
@@ -1382,15 +1484,17 @@ class Engine:
             if not req.abandoned:
                 self._events.append(Settled(req))
             return
+        self._unindex(req)
         if req.handback:
             self.closer(req.socks[req.answered :])  # wakes we were handing back: ours alone
         if req.after:
             # Held: a first park of one of its sockets the container answered OK
             # has that connection (``_release`` would give the ticket): not the caller's.
             taken = [i for i, (old, j) in req.after.items() if isinstance(old.results[j], int)]
+            close = [s for i in taken if (s := req.socks[i]) is not _first_sock(req, i)]
             req.after = {}
-            if taken:
-                self.closer([req.socks[i] for i in taken])
+            if close:
+                self.closer(close)
         if req.abandoned:  # never answered: the caller's again
             self._let_go(req, req.answered, len(req.fds))
         self._finished(req)
@@ -1442,6 +1546,12 @@ class _Batch:
 
     def unanswered(self) -> list[ParkRequest]:
         return [r for r in self.reqs[self.pos :] if r.state is not ReqState.DONE]
+
+
+def _first_sock(req: ParkRequest, i: int) -> Any:
+    """The socket object of the park ``req``'s entry ``i`` is held behind."""
+    old, j = req.after[i]
+    return old.socks[j]
 
 
 def _write_unsent_nowait(sock: Any, data: bytes) -> None:

@@ -3,7 +3,8 @@
 concurrent parks of one socket (caller misuse) and a first park's answer in a
 particular order. Before the hold every one of these was two owners at once
 (the second park always went out); the hold narrowed them to these. Strict
-xfails: each must fail until fixed (then drop the mark). Sans-IO, as in
+xfails: each must fail until fixed (then drop the mark, as for the one fixed
+already: a held park re-queued now looks at the limbo). Sans-IO, as in
 ``test_engine.py``.
 """
 
@@ -119,9 +120,6 @@ def test_limbo_held_socket_not_indexed_so_a_later_park_owns_it_and_it_is_sent_tw
     )
 
 
-@pytest.mark.xfail(
-    strict=True, reason="two owners: a released held park is re-queued without a look at the limbo"
-)
 def test_held_park_released_after_its_socket_went_out_in_an_abandoned_park():
     """P2 waits behind P1 (for s) and P0 (for t). P1's refusal frees s while P2
     still waits: s is then in neither _parking nor _limbo. P4 parks s (sent) and
@@ -147,7 +145,7 @@ def test_held_park_released_after_its_socket_went_out_in_an_abandoned_park():
     peer.events()
     again = parks(peer.recv())
     fds = [e.fd for p in again for e in p.entries]
-    # BUG: s goes out again while P4 (abandoned, in limbo) is unanswered
+    # (s went out again while P4, abandoned: in limbo, was unanswered: fixed)
     assert s.fd not in fds, f"s sent while an abandoned park of it is unanswered: {fds}"
 
 

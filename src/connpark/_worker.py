@@ -867,8 +867,6 @@ class Engine:
             req.state = ReqState.DONE
             self._events.append(Settled(req))
             return req
-        if self._limbo:
-            req.after = {i: old for i, fd in enumerate(req.fds) if (old := self._in_limbo(fd))}
         self._queue(req)
         return req
 
@@ -876,7 +874,14 @@ class Engine:
         """Queue ``req`` to go out, unless a park of this engine still unanswered
         carries one of its sockets: then it is held behind that one (``_release``):
         the container would park the socket twice (its duplicate check covers one
-        PARK frame). Set operations over the whole request: the hot path."""
+        PARK frame). Set operations over the whole request: the hot path. A
+        socket in ``_limbo`` (an abandoned park's) holds it too: a new park, and
+        a held one released (its socket may have gone out and been withdrawn
+        while it waited)."""
+        if self._limbo:
+            for i, fd in enumerate(req.fds):
+                if i not in req.after and (old := self._in_limbo(fd)):
+                    req.after[i] = old
         parking, fds, after = self._parking, req.fds, req.after
         if not after and (not parking or parking.isdisjoint(fds)):
             parking.update(fds)

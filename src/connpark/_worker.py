@@ -1172,7 +1172,7 @@ class Engine:
         for req in self._held:
             taken = [i for i, (old, j) in req.after.items() if (id(old), j) in gone]
             if taken:
-                self.closer([s for i in taken if (s := req.socks[i]) is not _first_sock(req, i)])
+                self.closer(_copies(req, taken))
                 failed.insert(0, req)
         for req in failed:  # held ones first: settling a first park releases its retries
             self._settle_error(req, error)
@@ -1369,7 +1369,7 @@ class Engine:
             # The container has those: the caller's copies close (one object may be
             # another than the first park's: a dup, or the fd wrapped again; the
             # same object was closed by the first park's answer).
-            close = [s for i in taken if (s := req.socks[i]) is not _first_sock(req, i)]
+            close = _copies(req, taken)
             req.after = {}
             closing = self.phase in (Phase.CLOSING, Phase.CLOSED)  # nothing more is sent
             if not taken:
@@ -1496,7 +1496,7 @@ class Engine:
             # Held: a first park of one of its sockets the container answered OK
             # has that connection (``_release`` would give the ticket): not the caller's.
             taken = [i for i, (old, j) in req.after.items() if isinstance(old.results[j], int)]
-            close = [s for i in taken if (s := req.socks[i]) is not _first_sock(req, i)]
+            close = _copies(req, taken)
             req.after = {}
             if close:
                 self.closer(close)
@@ -1553,10 +1553,12 @@ class _Batch:
         return [r for r in self.reqs[self.pos :] if r.state is not ReqState.DONE]
 
 
-def _first_sock(req: ParkRequest, i: int) -> Any:
-    """The socket object of the park ``req``'s entry ``i`` is held behind."""
-    old, j = req.after[i]
-    return old.socks[j]
+def _copies(req: ParkRequest, taken: Iterable[int]) -> list[Any]:
+    """The held park ``req``'s sockets at ``taken`` (the container has those
+    connections from the parks they were held behind) that are other objects
+    than those parks' (a dup, the fd wrapped again): the ones to close. The same
+    object was closed by the first park's answer."""
+    return [s for i in taken if (s := req.socks[i]) is not req.after[i][0].socks[req.after[i][1]]]
 
 
 def _write_unsent_nowait(sock: Any, data: bytes) -> None:

@@ -11,7 +11,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -24,7 +24,7 @@ from connpark._fdpass import Outbox
 from connpark._wire import Parked
 
 from . import test_hooks
-from ._procs import ServeProcess, tcp_pairs, wait_until
+from ._procs import ServeProcess, recv_exactly, tcp_pairs, wait_until
 from .test_engine import FakeSock, entry, ok, parks, settled, started
 from .test_hooks import Driver
 from .test_review_hooks import FILL_PENDING, closing, park_within, proc
@@ -52,24 +52,24 @@ def test_a_frame_queued_at_finish_close_must_not_go_out_after_it(
     the trio hook's writer task until the nursery is cancelled. A container that
     reads again in that window parks a socket the caller still has: two owners.
 
-    The window is widened here by an engine ``closer`` that resumes the frozen
+    The window is widened here by a ``finish_close`` that resumes the frozen
     container and then takes its time (as a slow close / GC pause / busy CPU would).
     """
     driver = make(proc.path, pool="race")
     # Two PARK frames (1 MiB bodies): the first fills the control socket (its fds
-    # go with its first byte: they reach the container), the second, fds and
-    # all, stays in the hook's queue.
+    # go with its first byte, but the frame is cut short: the container discards
+    # it), the second, fds and all, stays in the hook's queue.
     n = 20
     clients, servers = tcp_pairs(n)
     closing += [*clients, *servers]
     outcome: list[BaseException | object] = []
     engine = driver.parking._engine  # type: ignore[attr-defined]
-    real_closer = engine.closer
+    real_finish = engine.finish_close
     resumed: list[bool] = []
 
-    def slow_closer(socks: Iterable[Any]) -> None:
-        real_closer(list(socks))
-        if not resumed:  # the first close is _close_unanswered's, after queued_fds()
+    def slow_finish(*args: Any) -> None:
+        real_finish(*args)
+        if not resumed:
             resumed.append(True)
             os.kill(proc.pid, signal.SIGCONT)
             time.sleep(1.0)
@@ -93,17 +93,18 @@ def test_a_frame_queued_at_finish_close_must_not_go_out_after_it(
         parker = threading.Thread(target=park, daemon=True)
         parker.start()
         time.sleep(0.5)
-        engine.closer = slow_closer
+        engine.finish_close = slow_finish
         driver.shutdown()  # waits CLOSE_TIMEOUT in vain, then finish_close
         parker.join(10)
     finally:
         guard.cancel()
         os.kill(proc.pid, signal.SIGCONT)
-    assert resumed, "no park reached the container unanswered"
+    assert resumed
     assert len(outcome) == 1
     assert isinstance(outcome[0], connpark.ParkingClosed)
     kept = [i for i, s in enumerate(servers) if s.fileno() != -1]
-    assert kept, "the second frame was queued: its sockets are the caller's"
+    # The first frame cut short, the second never sent: every socket is the caller's.
+    assert kept == list(range(n))
     # "Still yours": the caller has these. The container must not have them.
     other = make(proc.path, pool="race")
     time.sleep(0.5)
@@ -444,3 +445,52 @@ def test_asyncio_cancelled_with_the_handle_with_a_park_out_keeps_one_owner(
             client.close()
             server.close()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_leaving_with_a_park_frame_cut_short_leaves_its_sockets_the_caller_s(
+    make: Factory,
+    proc: ServeProcess,
+    closing: list[socket.socket],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A frozen container, a PARK frame bigger than the control socket takes: half
+    written when the wait at close runs out. The hook closes the socket, so the
+    container reads part of the frame, then the end, and closes its fds (it never
+    admits a frame cut short). The sockets are the caller's: before, the hook
+    closed them as having reached the container, and every connection was lost."""
+    for hook in (connpark._hook_trio, connpark._hook_blocking, connpark.aio):
+        monkeypatch.setattr(hook, "CLOSE_TIMEOUT", 0.5)
+    baseline = proc.fd_count()
+    driver = make(proc.path, pool="cut")
+    n = 8
+    clients, servers = tcp_pairs(n)
+    closing += [*clients, *servers]
+    outcome: list[BaseException | object] = []
+
+    def park() -> None:
+        try:
+            outcome.append(driver.park_many(servers, pendings=[b"p" * FILL_PENDING] * n))  # type: ignore[attr-defined]
+        except BaseException as exc:
+            outcome.append(exc)
+
+    os.kill(proc.pid, signal.SIGSTOP)
+    guard = threading.Timer(20.0, os.kill, (proc.pid, signal.SIGCONT))
+    guard.start()
+    try:
+        parker = threading.Thread(target=park, daemon=True)
+        parker.start()
+        time.sleep(0.5)  # the frame is half written: the socket took what it could
+        driver.shutdown()
+        parker.join(10)
+    finally:
+        guard.cancel()
+        os.kill(proc.pid, signal.SIGCONT)
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], connpark.ParkingClosed), outcome
+    assert [s.fileno() != -1 for s in servers] == [True] * n, "closed: nobody owns them"
+    assert wait_until(lambda: proc.fd_count() == baseline), "the container kept fds"
+    assert proc.stats().parked == 0
+    assert "mid-frame" in proc.log_text()
+    for client, server in zip(clients, servers, strict=True):
+        client.sendall(b"yours")
+        assert recv_exactly(server, 5) == b"yours"

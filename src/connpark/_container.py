@@ -81,7 +81,7 @@ from ._mirror import Kind as MirrorKind
 from ._ratelog import LogLimit
 from ._serving import Serving
 from ._stats import ContainerStats, LatencyBuckets, LatencySummary, ProcessInfo
-from ._unixsock import listen_unix, peer_uid
+from ._unixsock import listen_unix, peer_gone, peer_uid
 from ._watcher import ERR, HUP, make_watcher
 from ._wire import LEAN_HANGUP_RETURNS as _LEAN_HANGUP
 from ._wire import LEAN_TIMEOUT_RETURNS as _LEAN_TIMEOUT
@@ -708,6 +708,9 @@ class Container:
             if not data:
                 close_fds(fds)
                 if not s.discard:
+                    # The end inside a frame: what the worker wrote after it (ACKs
+                    # of wakes it took, say) is lost: the stream is broken (``_settle``).
+                    s.discard = decoder.buffered > 0
                     try:
                         decoder.eof()
                     except ProtocolError as exc:
@@ -1413,12 +1416,14 @@ class Container:
         Once the worker's end is closed and nothing we wrote is unread (the
         kernel closed the fds of what it never read), they go to other
         workers. A worker that may still read them keeps them: we close our
-        copies. A broken stream (``discard``) cannot tell ACKed from not: keep.
+        copies. A broken stream (``discard``: bad input, or cut short inside a
+        frame) cannot tell ACKed from not: keep, unless the worker's process
+        is gone (it holds nothing now; its end may close a moment before it
+        is, hence the wait).
         """
-        if s.inflight and eof and not s.discard:
+        if s.inflight and eof:
             while True:
-                unread = unread_by_peer(s.sock)
-                if not unread:
+                if (not s.discard or peer_gone(s.sock)) and not unread_by_peer(s.sock):
                     moved = self.lot.release(s, trio.current_time())
                     self._log(
                         s,

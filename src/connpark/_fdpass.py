@@ -163,7 +163,9 @@ _Chunk = tuple[bytearray, Sequence[int], object, int]
 
 
 class Outbox:
-    """Frames waiting to be sent, coalesced: fd-less frames ride with the one before.
+    """Frames waiting to be sent, coalesced: fd-less frames ride with the one before
+    (unless it carries fds: a chunk with fds is one frame, so that it is known
+    when that frame is all out, ``stop_sending``).
 
     Each chunk is (bytes, fds, tag, how many frames); a chunk's fds go with
     its first byte only, so appending fd-less bytes to the last chunk is always
@@ -188,6 +190,12 @@ class Outbox:
         self._sent_tags: list[object] = []
         #: Our copies of the fds of frames ``stop_sending`` dropped: closed by ``close``.
         self._dropped: list[Sequence[int]] = []
+        #: The fds of the head frame while it is begun and not finished (kept open
+        #: till then): a peer discards a frame cut short, fds and all.
+        self._part: Sequence[int] | None = None
+        #: ``stop_sending`` cut the head short: nothing may go out any more (the
+        #: peer would read the next bytes as the rest of that frame).
+        self._sealed = False
         #: Bytes and frames queued (a frame counts until its chunk is all sent).
         self.queued_bytes = 0
         self.queued_frames = 0
@@ -197,11 +205,14 @@ class Outbox:
 
     def add(self, frames: Iterable[Frame], tags: Iterable[object] | None = None) -> None:
         """Queue frames; ``tags`` (one per frame, None for none) come back from ``take_sent``."""
+        if self._sealed:
+            return
         chunks = self._chunks
         tag_iter = _NO_TAGS if tags is None else iter(tags)
         for data, fds in frames:
             tag = next(tag_iter, None)
-            if not fds and tag is None and chunks and chunks[-1][2] is None:
+            # (Never onto a frame with fds: a chunk with fds is that one frame.)
+            if not fds and tag is None and chunks and chunks[-1][2] is None and not chunks[-1][1]:
                 buf, held, _, n = chunks[-1]
                 buf += data
                 chunks[-1] = (buf, held, None, n + 1)
@@ -221,7 +232,9 @@ class Outbox:
             if fds:
                 anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))]
                 sent = sock.sendmsg([data], anc, flags)
-                if self._dup or type(fds) is _Held:
+                if sent < len(data):
+                    self._part = fds  # closed (ours) once the frame is all out
+                elif self._dup or type(fds) is _Held:
                     close_fds(fds)  # the peer has its own now
             else:
                 sent = sock.send(data, flags)
@@ -236,6 +249,8 @@ class Outbox:
                 chunks.popleft()
                 self.queued_frames -= frames
                 self._started = False
+                if self._part is not None:
+                    self._close_part()
 
     def hold_fds(self) -> None:
         """Take a ``dup`` of every fd still queued (not ``own_fds``): for when the
@@ -243,23 +258,45 @@ class Outbox:
         stopped waiting for is its own again, to close and reuse the number)."""
         if self._dup:
             return
+        if self._part is not None and type(self._part) is not _Held:
+            self._part = _Held(_dup_all(self._part))
         chunks = self._chunks
         for i, (data, fds, tag, frames) in enumerate(chunks):
             if fds and type(fds) is not _Held:
                 chunks[i] = (data, _Held(_dup_all(fds)), tag, frames)
 
     def stop_sending(self) -> list[int]:
-        """Drop every chunk with fds not begun (and the fd-less frames that ride
-        with it): from now none of them goes out (a half-sent head finishes: its
-        fds went with its first byte). Returns their fds, which never reach the
-        peer; copies we held for them close with ``close``. Chunks without fds
-        (ACKs, say) stay; frames added later go out as usual."""
+        """The caller closes the socket now: returns the fds no peer will take in.
+
+        Every chunk with fds not begun is dropped. A head frame with fds begun
+        and not finished is cut short: the peer reads part of it, then the end,
+        and discards it with its fds. Its fds are returned too, and nothing
+        goes out any more (the next bytes would read as the rest of it). Copies we held of these fds
+        close with ``close`` (the caller may still read their keys). Otherwise
+        chunks without fds (ACKs, say) stay, and so does a half-sent head
+        without fds."""
         fds_out: list[int] = []
-        for _data, fds, _tag, _frames in self._drop_unstarted(lambda chunk: not chunk[1]):
+        dropped = [fds for _d, fds, _t, _f in self._drop_unstarted(lambda chunk: not chunk[1])]
+        part, self._part = self._part, None
+        if part is not None:
+            dropped.append(part)
+            self._sealed = True
+            for _data, fds, _tag, _frames in self._chunks:  # (fd-less: the rest was dropped)
+                dropped.append(fds)
+            self._chunks.clear()
+            self.queued_bytes = self.queued_frames = 0
+            self._started = False
+        for fds in dropped:
             fds_out.extend(fds)
             if self._dup or type(fds) is _Held:
-                self._dropped.append(fds)  # the caller may still read their keys
+                self._dropped.append(fds)
         return fds_out
+
+    def _close_part(self) -> None:
+        """The head frame went out whole: our copies of its fds may close."""
+        part, self._part = self._part, None
+        if part is not None and (self._dup or type(part) is _Held):
+            close_fds(part)
 
     def take_sent(self) -> list[object]:
         """Tags of the frames that went out since the last call, in order."""
@@ -320,6 +357,7 @@ class Outbox:
                 close_fds(fds)
         while self._dropped:
             close_fds(self._dropped.pop())
+        self._close_part()
         self.queued_bytes = self.queued_frames = 0
         self._started = False  # (a half-sent head went with the rest)
 

@@ -120,6 +120,31 @@ def _exists_not_socket(path: str) -> bool:
         return False
 
 
+def peer_gone(sock: socket.socket) -> bool:
+    """The process that connected to us has exited (Linux: SO_PEERCRED's pid is
+    gone or a zombie). False where that cannot be told: another pid namespace,
+    another OS."""
+    if not hasattr(socket, "SO_PEERCRED") or not sys.platform.startswith("linux"):
+        return False
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return False
+    pid = struct.unpack("3i", creds)[0]
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    # "pid (comm) S ...": comm may hold spaces and parentheses, the state follows the last ")".
+    state = raw[raw.rfind(b")") + 2 :][:1]
+    return state in (b"Z", b"X")
+
+
 def peer_uid(sock: socket.socket) -> int | None:
     """The uid of the process at the other end, or None where the OS cannot say."""
     if hasattr(socket, "SO_PEERCRED"):  # Linux

@@ -62,7 +62,6 @@ def test_a_frame_queued_at_finish_close_must_not_go_out_after_it(
     n = 20
     clients, servers = tcp_pairs(n)
     closing += [*clients, *servers]
-    outcome: list[BaseException | object] = []
     engine = driver.parking._engine  # type: ignore[attr-defined]
     real_finish = engine.finish_close
     resumed: list[bool] = []
@@ -74,31 +73,17 @@ def test_a_frame_queued_at_finish_close_must_not_go_out_after_it(
             os.kill(proc.pid, signal.SIGCONT)
             time.sleep(1.0)
 
-    def park() -> None:
-        try:
-            outcome.append(
-                driver.park_many(  # type: ignore[attr-defined]
-                    servers,
-                    tokens=[b"f%d" % i for i in range(n)],
-                    pendings=[b"p" * FILL_PENDING] * n,
-                )
-            )
-        except BaseException as exc:
-            outcome.append(exc)
-
-    os.kill(proc.pid, signal.SIGSTOP)
-    guard = threading.Timer(20.0, os.kill, (proc.pid, signal.SIGCONT))
-    guard.start()
-    try:
-        parker = threading.Thread(target=park, daemon=True)
-        parker.start()
-        time.sleep(0.5)
+    def before_leaving() -> None:
         engine.finish_close = slow_finish
-        driver.shutdown()  # waits CLOSE_TIMEOUT in vain, then finish_close
-        parker.join(10)
-    finally:
-        guard.cancel()
-        os.kill(proc.pid, signal.SIGCONT)
+
+    outcome = _park_many_and_leave_frozen(
+        proc,
+        driver,
+        servers,
+        before_leaving,
+        tokens=[b"f%d" % i for i in range(n)],
+        pendings=[b"p" * FILL_PENDING] * n,
+    )
     assert resumed
     assert len(outcome) == 1
     assert isinstance(outcome[0], connpark.ParkingClosed)
@@ -465,26 +450,9 @@ def test_leaving_with_a_park_frame_cut_short_leaves_its_sockets_the_caller_s(
     n = 8
     clients, servers = tcp_pairs(n)
     closing += [*clients, *servers]
-    outcome: list[BaseException | object] = []
-
-    def park() -> None:
-        try:
-            outcome.append(driver.park_many(servers, pendings=[b"p" * FILL_PENDING] * n))  # type: ignore[attr-defined]
-        except BaseException as exc:
-            outcome.append(exc)
-
-    os.kill(proc.pid, signal.SIGSTOP)
-    guard = threading.Timer(20.0, os.kill, (proc.pid, signal.SIGCONT))
-    guard.start()
-    try:
-        parker = threading.Thread(target=park, daemon=True)
-        parker.start()
-        time.sleep(0.5)  # the frame is half written: the socket took what it could
-        driver.shutdown()
-        parker.join(10)
-    finally:
-        guard.cancel()
-        os.kill(proc.pid, signal.SIGCONT)
+    outcome = _park_many_and_leave_frozen(
+        proc, driver, servers, lambda: None, pendings=[b"p" * FILL_PENDING] * n
+    )
     assert len(outcome) == 1
     assert isinstance(outcome[0], connpark.ParkingClosed), outcome
     assert [s.fileno() != -1 for s in servers] == [True] * n, "closed: nobody owns them"
@@ -494,3 +462,36 @@ def test_leaving_with_a_park_frame_cut_short_leaves_its_sockets_the_caller_s(
     for client, server in zip(clients, servers, strict=True):
         client.sendall(b"yours")
         assert recv_exactly(server, 5) == b"yours"
+
+
+def _park_many_and_leave_frozen(
+    proc: ServeProcess,
+    driver: Driver,
+    socks: list[socket.socket],
+    before_leaving: Callable[[], None],
+    **kw: Any,
+) -> list[BaseException | object]:
+    """``park_many(socks, **kw)`` (another thread) against the container frozen,
+    then leave (``shutdown``: the wait at close runs out); thaw it. The outcome."""
+    outcome: list[BaseException | object] = []
+
+    def park() -> None:
+        try:
+            outcome.append(driver.park_many(socks, **kw))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    os.kill(proc.pid, signal.SIGSTOP)
+    guard = threading.Timer(20.0, os.kill, (proc.pid, signal.SIGCONT))
+    guard.start()
+    try:
+        parker = threading.Thread(target=park, daemon=True)
+        parker.start()
+        time.sleep(0.5)  # the first frame is half written: the socket took what it could
+        before_leaving()
+        driver.shutdown()
+        parker.join(10)
+    finally:
+        guard.cancel()
+        os.kill(proc.pid, signal.SIGCONT)
+    return outcome

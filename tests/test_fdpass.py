@@ -277,6 +277,36 @@ def test_outbox_stop_sending_cuts_a_half_sent_frame_with_fds_short(held: bool) -
     assert open_fd_count() == before
 
 
+def test_outbox_keeps_frames_added_after_a_half_sent_frame_with_fds_apart() -> None:
+    """An fd-less frame queued while a frame with fds is half sent must not join
+    the rest of it: that frame could then go out whole with the newcomer cut,
+    and ``stop_sending`` would call a frame the peer admitted cut short."""
+    before = open_fd_count()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.setblocking(False)
+    (fd,) = _distinct_files(1)
+    outbox = Outbox(own_fds=False)
+    outbox.add([Frame(b"x" * 300_000, (fd,))])
+    with pytest.raises(BlockingIOError):
+        outbox.send_some(a)
+    outbox.add([Frame(b"u" * 300_000)])  # (an UNPARK, say)
+    assert len(outbox._chunks) == 2
+    got = 0
+    while got < 300_000:  # the peer reads exactly the rest of the first frame
+        data, fds = recv_fds(b, 300_000 - got)
+        close_fds(fds)
+        got += len(data)
+        with contextlib.suppress(BlockingIOError):
+            outbox.send_some(a)
+    assert outbox._part is None  # all out: no longer cut short if we close now
+    assert outbox.stop_sending() == []
+    outbox.close()
+    os.close(fd)
+    a.close()
+    b.close()
+    assert open_fd_count() == before
+
+
 def test_outbox_closes_its_copies_of_a_frame_s_fds_once_it_is_all_out() -> None:
     """(``own_fds``) The copies of a half-sent frame's fds stay open until its
     last byte goes (``stop_sending`` may still need their keys), then close."""

@@ -660,6 +660,8 @@ class Container:
             except OSError as exc:  # ECONNRESET: the worker is gone
                 self._log(s, logging.INFO, "session %d: %s", s.id, exc)
                 eof = True
+                # (It closed with our bytes unread: its end may have come inside a frame.)
+                s.discard = s.discard or s.decoder.buffered > 0
         if self._tearing_down:
             return
         if s.ending is None:

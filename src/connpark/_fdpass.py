@@ -211,8 +211,16 @@ class Outbox:
         tag_iter = _NO_TAGS if tags is None else iter(tags)
         for data, fds in frames:
             tag = next(tag_iter, None)
-            # (Never onto a frame with fds: a chunk with fds is that one frame.)
-            if not fds and tag is None and chunks and chunks[-1][2] is None and not chunks[-1][1]:
+            # Never onto a frame with fds, nor onto the rest of one half sent
+            # (``_part``): a chunk with fds is that one frame (``stop_sending``).
+            if (
+                not fds
+                and tag is None
+                and chunks
+                and chunks[-1][2] is None
+                and not chunks[-1][1]
+                and (self._part is None or len(chunks) > 1)
+            ):
                 buf, held, _, n = chunks[-1]
                 buf += data
                 chunks[-1] = (buf, held, None, n + 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import stat
 import struct
@@ -120,29 +121,56 @@ def _exists_not_socket(path: str) -> bool:
         return False
 
 
+#: Linux's SO_PEERPIDFD (6.5+; include/uapi/asm-generic/socket.h), if Python does not name it.
+_SO_PEERPIDFD: int = getattr(socket, "SO_PEERPIDFD", 77)
+
+
 def peer_gone(sock: socket.socket) -> bool:
-    """The process that connected to us has exited (Linux: SO_PEERCRED's pid is
-    gone or a zombie). False where that cannot be told: another pid namespace,
-    another OS."""
-    if not hasattr(socket, "SO_PEERCRED") or not sys.platform.startswith("linux"):
+    """The process that connected to us has exited, every thread of it (Linux).
+
+    A pidfd of the peer (SO_PEERPIDFD) is readable once it has: that is
+    exact, whatever pid namespace, and blind to pid reuse. Older kernels: its
+    SO_PEERCRED pid is gone from /proc, or each of its threads is a zombie
+    (only when /proc is our namespace's). False where that cannot be told.
+    """
+    if not sys.platform.startswith("linux"):
         return False
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD, 4)
+    except OSError as exc:
+        if exc.errno == errno.ESRCH:
+            return True
+        return _gone_from_proc(sock)
+    pidfd = int.from_bytes(raw, sys.byteorder, signed=True)
+    try:
+        return bool(select.select([pidfd], [], [], 0)[0])
+    finally:
+        os.close(pidfd)
+
+
+def _gone_from_proc(sock: socket.socket) -> bool:
     try:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except OSError:
-        return False
-    pid = struct.unpack("3i", creds)[0]
-    if pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
+        pid = struct.unpack("3i", creds)[0]
+        if pid <= 0 or os.readlink("/proc/self") != str(os.getpid()):
+            return False  # another pid namespace's, or a /proc not ours
+        tasks = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
         return True
     except OSError:
         return False
-    # "pid (comm) S ...": comm may hold spaces and parentheses, the state follows the last ")".
-    state = raw[raw.rfind(b")") + 2 :][:1]
-    return state in (b"Z", b"X")
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return False
+        # "tid (comm) S ...": comm may hold spaces and parentheses.
+        if raw[raw.rfind(b")") + 2 :][:1] not in (b"Z", b"X"):
+            return False
+    return True
 
 
 def peer_uid(sock: socket.socket) -> int | None:

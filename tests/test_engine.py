@@ -1377,6 +1377,10 @@ class EngineMachine(RuleBasedStateMachine):
             if isinstance(msg, Park):
                 fds = [e.fd for e in msg.entries]
                 assert all(fd not in self.ok_fds for fd in fds), "a parked fd sent again"
+                # (The container's duplicate check covers one frame, not these.)
+                flight = {fd for _, piece in self.pieces for fd in piece}
+                assert len(set(fds)) == len(fds), "one socket twice in one PARK frame"
+                assert flight.isdisjoint(fds), "one socket in two PARK frames in flight"
                 self.pieces.append((msg.request_id, fds))
             elif isinstance(msg, Ack):
                 assert self.session_up
@@ -1425,13 +1429,19 @@ class EngineMachine(RuleBasedStateMachine):
     # -- the hook's calls ---------------------------------------------------------------
 
     @precondition(lambda self: self.engine.phase not in (Phase.CLOSING, Phase.CLOSED))
-    @rule(n=st.integers(1, 4), big=st.sampled_from([False, False, False, True]))
-    def park(self, n: int, big: bool) -> None:
+    @rule(
+        n=st.integers(1, 4),
+        big=st.sampled_from([False, False, False, True]),
+        repeat=st.sampled_from([False, False, False, True]),
+    )
+    def park(self, n: int, big: bool, repeat: bool) -> None:
         if big:
             n += 250  # over one frame's fds with what may already be queued
         socks = [FakeSock() for _ in range(n)]
         for s in socks:
             self.callers[s.fd] = s
+        if repeat:  # the first socket again at the end: refused (DUPLICATE), not sent
+            socks.append(socks[0])
         self.requests.append(self.engine.park(socks, [entry(s) for s in socks], None))
         self.flush()
 
@@ -1452,7 +1462,11 @@ class EngineMachine(RuleBasedStateMachine):
         again = data.draw(st.sampled_from(socks))
         new = FakeSock()
         self.callers[new.fd] = new
-        pair = data.draw(st.sampled_from([[again], [again, new], [new, again]]))
+        pair = data.draw(
+            st.sampled_from(
+                [[again], [again, new], [new, again], [again, again], [new, again, new]]
+            )
+        )
         self.requests.append(self.engine.park(pair, [entry(s) for s in pair], None))
         self.flush()
 
@@ -1708,7 +1722,7 @@ class EngineMachine(RuleBasedStateMachine):
                 assert not req.abandoned
                 assert not req.handback
                 assert not req.after
-                want.extend(set(req.fds[req.answered :]))
+                want.extend(req.fds[req.answered :])
         for req in engine._held:
             assert not req.indexed
             want.extend(req.own)
@@ -1716,6 +1730,32 @@ class EngineMachine(RuleBasedStateMachine):
         assert engine._parking == set(want)
         if engine.phase is Phase.CLOSED:
             assert not engine._parking
+
+    @invariant()
+    def held_parks_hold_their_sockets(self) -> None:
+        """A held park waits for an answer, and each of its sockets stays held in
+        ``_parking`` until it goes out (its own, or the park's it waits for),
+        but one parked ahead of it: its ticket taken at once, closed, its
+        number free for a new socket."""
+        engine = self.engine
+        for req in engine._held:
+            assert req.state is ReqState.QUEUED
+            assert len(set(req.fds)) == len(req.fds), "a socket twice in a held park"
+            waits = False
+            for i, fd in enumerate(req.fds):
+                link = req.after.get(i)
+                if isinstance(req.results[i], int):  # parked ahead of it: taken at once
+                    assert link is None
+                    assert fd not in req.own, "a parked socket's number still held"
+                    continue
+                assert fd in engine._parking, "a socket of a held park not held"
+                if link is not None:
+                    old, j = link
+                    assert not isinstance(old.results[j], int), "a ticket not taken"
+                    assert old.state is not ReqState.DONE, "an answer not acted on"
+                    assert old.answered <= j, "an answer not acted on"
+                    waits = True
+            assert waits, "held, waiting for nothing"
 
     @invariant()
     def stats_in_order(self) -> None:

@@ -29,15 +29,25 @@ Ownership rules, kept here once for every hook:
   is held (``_limbo``, ``_release``): it gets the ticket, or goes out after a
   refusal; one connection is never parked twice.
 - **Held.** Likewise a park of a socket that a park not yet answered (queued
-  or sent, not withdrawn) carries: the container's duplicate check covers one
-  PARK frame, so sent twice it would be parked twice (two tickets, two WAKEs).
-  ``_parking`` holds those fds (by number, no syscall: such a socket is open, so
-  its number names it alone), with a held park's other sockets; an fd leaves
-  it when its park is answered, fails or is withdrawn (then ``_limbo`` holds
-  it). A held park waits whole, then gets the tickets of the sockets the first
-  park parked (the caller's copy closed once) and sends the rest (``_queue``:
-  held again behind a park that went out meanwhile). The same socket twice in
-  one park still goes out: the container refuses the second (``duplicate``).
+  or sent, not withdrawn, or held itself) carries: the container's duplicate
+  check covers one PARK frame, so sent twice it would be parked twice (two
+  tickets, two WAKEs). ``_parking`` holds each such fd for one park (by
+  number, no syscall: such a socket is open, so its number names it alone):
+  a park queued or sent, for its unanswered entries; a held one, for those of
+  its sockets nobody else held (``own``), until it goes out. A park of a
+  socket in there waits for that park's answer (``after``), in line; its
+  sockets are held all the while: one refused ahead of it joins ``own``, one
+  parked ahead leaves (closed: its number may name a new socket). An fd leaves
+  ``_parking`` when its park is answered, fails or is withdrawn (then
+  ``_limbo`` holds it). A held park waits whole, then gets the tickets of
+  the sockets parked ahead of it (the caller's copy closed once) and sends
+  the rest. The same socket twice in one park goes out once: the others are
+  refused here (``duplicate``), as the container does within one frame (a
+  request over 253 fds is split, and then it parked the socket twice).
+- **A ticket is not lost.** A park that has one (answered in part, or held
+  behind a park that parked one of its sockets) and then fails at close or
+  when the engine gives up is answered, the rest refused (``shutting-down``):
+  the error would say every socket is still the caller's.
 - Until an fd has gone out, its socket stays open (PARKED cannot come
   earlier), so no fd number can be reused under a queued frame.
 - **ACK rule.** A WAKE's tickets are ACKed as soon as the message is decoded:
@@ -401,8 +411,9 @@ class ParkRequest:
     #: Sent in a session that ended unanswered: queued again, but the container
     #: may hold some of its sockets already (withdrawn, it is abandoned, not dropped).
     resent: bool = False
-    #: Index -> (an abandoned park of the same socket, its index): this one waits
-    #: for that answer (``Engine._release``) instead of parking the socket twice.
+    #: Held: index -> (the park that holds the same socket, its index): this one
+    #: waits for that answer (``Engine._release``) instead of parking the socket
+    #: twice. A ticket there is this park's result at once (``Engine._take``).
     after: dict[int, tuple[ParkRequest, int]] = attrs.field(factory=dict)
     #: Abandoned: index -> its key in the engine's ``_limbo``, and our own copy of
     #: its fd (``Engine._hold_copies``), until it is answered.
@@ -416,9 +427,11 @@ class ParkRequest:
     #: Its unanswered fds are in the engine's ``_parking`` (queued or sent, not
     #: withdrawn, not held): a second park of one of them is held behind it.
     indexed: bool = False
-    #: Held: the fds of its other sockets, in ``_parking`` while it waits (a park
-    #: of one of those waits for this one).
-    own: list[int] = attrs.field(factory=list)
+    #: Held: the fds of its sockets that no other park holds in ``_parking``, there
+    #: while it waits (a park of one of those waits for this one). A socket whose
+    #: park ahead refused it joins them; one parked by it leaves (it is closed: its
+    #: number may name a new socket).
+    own: set[int] = attrs.field(factory=set)
 
     def __attrs_post_init__(self) -> None:
         self.results = [None] * len(self.entries)
@@ -647,10 +660,10 @@ class Engine:
         #: answers (``_release``).
         self._held: list[ParkRequest] = []
         #: The fds of parks queued or sent and not answered yet, withdrawn ones
-        #: aside (``ParkRequest.indexed``), and of held parks' other sockets
-        #: (``ParkRequest.own``): a park of one of them is held behind that park,
-        #: not sent twice. By number, no syscall: while a park is unanswered its
-        #: socket is open, so its number names that socket only.
+        #: aside (``ParkRequest.indexed``), and of held parks' sockets nobody else
+        #: holds (``ParkRequest.own``), each for one park: a park of one of them is
+        #: held behind that park, not sent twice. By number, no syscall: while a
+        #: park is unanswered its socket is open, so its number names that socket only.
         self._parking: set[int] = set()
         #: request id -> the park requests it carries, answered in order.
         self._sent: dict[int, _Batch] = {}
@@ -871,61 +884,79 @@ class Engine:
         return req
 
     def _queue(self, req: ParkRequest) -> None:
-        """Queue ``req`` to go out, unless a park of this engine still unanswered
-        carries one of its sockets: then it is held behind that one (``_release``):
-        the container would park the socket twice (its duplicate check covers one
-        PARK frame). Set operations over the whole request: the hot path. A
-        socket in ``_limbo`` (an abandoned park's) holds it too: a new park, and
-        a held one released (its socket may have gone out and been withdrawn
-        while it waited)."""
-        if self._limbo:
-            for i, fd in enumerate(req.fds):
-                if i not in req.after and (old := self._in_limbo(fd)):
-                    req.after[i] = old
-        parking, fds, after = self._parking, req.fds, req.after
-        if not after and (not parking or parking.isdisjoint(fds)):
+        """Queue ``req`` to go out, unless one of its sockets is in line already: a
+        park of this engine not answered yet holds it (``_parking``; sent twice,
+        the container would park it twice: its duplicate check covers one PARK
+        frame), or an abandoned park's answer for it is due (``_limbo``), or it
+        is in ``req`` twice. Then ``_hold``. Set operations over the whole
+        request: the hot path."""
+        fds, parking = req.fds, self._parking
+        clear = not parking or parking.isdisjoint(fds)
+        if clear and not (self._limbo and any(map(self._in_limbo, fds))):
+            size = len(parking)
             parking.update(fds)
-            req.indexed = True
-            self._batch.append(req)
-            return
-        owners = self._owners(parking.intersection(fds))
-        seen = {fds[i] for i in after}
+            if len(parking) - size == len(fds):
+                req.indexed = True
+                self._batch.append(req)
+                return
+            parking.difference_update(fds)  # (a socket twice in it)
+        self._hold(req)
+
+    def _hold(self, req: ParkRequest) -> None:
+        """``_queue``'s slow path (two parks of a socket at once: caller misuse).
+
+        A socket twice in ``req``: its first entry is its park, the others are
+        refused here (DUPLICATE). The container's check covers one frame, and a
+        request over 253 fds is split: sent twice, it parked the socket twice.
+
+        Held: ``req`` waits for the park that holds each socket in line
+        (``after``), and holds in ``_parking`` those nobody else holds (``own``),
+        all of them until it goes out: a later park of any of them waits for
+        this one, whatever the answers it waits for say meanwhile.
+        """
+        fds = req.fds
+        first: dict[int, int] = {}
         for i, fd in enumerate(fds):
-            if fd in owners and fd not in seen:
-                seen.add(fd)  # (twice in this park: the container refuses the next one)
-                after[i] = owners[fd]
-        if not after:  # (not found: cannot be) sent, as before
-            parking.update(fds)
-            req.indexed = True
-            self._batch.append(req)
+            first.setdefault(fd, i)
+        if len(first) < len(fds):
+            for i, fd in enumerate(fds):
+                if first[fd] != i:
+                    req.results[i] = ParkRefused(Refusal.DUPLICATE)
+            self._queue(_part(req, list(first.values())))
             return
-        # Its other sockets wait with it: a park of one of them waits for this one.
-        req.own = list({fd for fd in fds if fd not in seen and fd not in parking})
+        parking = self._parking
+        owners = self._owners(parking.intersection(fds))
+        for i, fd in enumerate(fds):
+            if (found := owners.get(fd) or self._limbo_of(fd)) is not None:
+                req.after[i] = found
+        assert req.after, "a socket in _parking that no park holds"
+        req.own = set(fds).difference(parking)
         parking.update(req.own)
         self._held.append(req)
 
     def _owners(self, fds: set[int]) -> dict[int, tuple[ParkRequest, int]]:
-        """The unanswered (request, index) that carries each of ``fds`` (rare: a park
-        of a socket being parked)."""
+        """The park (request, index) that holds each of ``fds`` in ``_parking``: an
+        unanswered entry of a park queued or sent, or a held park's own socket."""
         found: dict[int, tuple[ParkRequest, int]] = {}
+        if not fds:
+            return found
         reqs = [*self._batch, *(r for b in self._sent.values() for r in b.unanswered())]
         for req in [*reqs, *self._held]:
-            mine = set(req.own) if req.own else None
-            if req.indexed or mine:
+            if req.indexed or req.own:
                 for i in range(req.answered, len(req.fds)):
                     fd = req.fds[i]
-                    if fd in fds and (mine is None or (fd in mine and i not in req.after)):
-                        found.setdefault(fd, (req, i))
+                    if fd in fds and (req.indexed or fd in req.own):
+                        found[fd] = (req, i)
         return found
 
     def _unindex(self, req: ParkRequest) -> None:
-        """``req``'s unanswered fds leave ``_parking`` (settled, withdrawn)."""
+        """``req``'s fds leave ``_parking`` (answered, withdrawn, held no more)."""
         if req.indexed:
             req.indexed = False
             self._parking.difference_update(req.fds[req.answered :] if req.answered else req.fds)
         if req.own:
             self._parking.difference_update(req.own)
-            req.own = []
+            req.own = set()
 
     def withdraw(self, req: Request) -> None:
         """The caller stopped waiting (cancelled, timed out): keep one owner all the same."""
@@ -957,6 +988,12 @@ class Engine:
             req.abandoned = True
             self._unindex(req)
             self._hold_copies(req)
+            if self._held:
+                self._release()  # parks held behind it hold its numbers now
+
+    def _limbo_of(self, fd: int) -> tuple[ParkRequest, int] | None:
+        """``_in_limbo``, without a syscall while the limbo is empty."""
+        return self._in_limbo(fd) if self._limbo else None
 
     def _in_limbo(self, fd: int) -> tuple[ParkRequest, int] | None:
         """The abandoned park (and index) of the socket ``fd`` names, if any. Known by
@@ -1175,7 +1212,7 @@ class Engine:
                 self.closer(_copies(req, taken))
                 failed.insert(0, req)
         for req in failed:  # held ones first: settling a first park releases its retries
-            self._settle_error(req, error)
+            self._settle_error(req, error, yours=False)
 
     # -- internals -------------------------------------------------------------------
 
@@ -1342,10 +1379,9 @@ class Engine:
         self._finished(parent)  # (a held part may itself have been held again)
 
     def _release(self) -> None:
-        """Send the held parks whose earlier parks (abandoned, or unanswered when
-        they came) are answered now: a socket the container took then has its
-        ticket; the others go out (``_queue``: held again behind a park that
-        went out meanwhile)."""
+        """Send the held parks whose parks ahead are answered now: a socket the
+        container took has its ticket (``_take``); the others go out (``_queue``:
+        held again behind an abandoned park of one of them, by inode: a dup)."""
         while self._held and self._release_once():
             pass  # (one settled may free another held behind it)
 
@@ -1355,59 +1391,69 @@ class Engine:
         for req in held:
             if req.state is ReqState.DONE:
                 continue
-            if any(
-                old.state is not ReqState.DONE and old.answered <= j
-                for old, j in req.after.values()
-            ):
+            if self._waits(req):
                 self._held.append(req)
                 continue
             progress = True
-            self._unindex(req)  # its other sockets: indexed again as it goes out
-            taken = {
-                i: r for i, (old, j) in req.after.items() if isinstance(r := old.results[j], int)
-            }
-            # The container has those: the caller's copies close (one object may be
-            # another than the first park's: a dup, or the fd wrapped again; the
-            # same object was closed by the first park's answer).
-            close = _copies(req, taken)
-            req.after = {}
-            closing = self.phase in (Phase.CLOSING, Phase.CLOSED)  # nothing more is sent
-            if not taken:
-                if closing:
-                    req.state = ReqState.DONE
-                    req.error = ParkingClosed("the parking session is closed")
-                    self._finished(req)
-                else:
-                    self._queue(req)
+            if self.phase in (Phase.CLOSING, Phase.CLOSED):  # nothing more is sent
+                self._fail(req, ParkingClosed("the parking session is closed"))
                 continue
-            for i, ticket in taken.items():
-                req.results[i] = ticket
-            self.closer(close)
-            slots = [i for i in range(len(req.results)) if i not in taken]
-            if slots:
-                # This park's own repeats of a socket it got the ticket of: refused
-                # as the container refuses them in one request.
-                gone = {req.fds[i] for i in taken}
-                for i in slots:
-                    if req.fds[i] in gone:
-                        req.results[i] = ParkRefused(Refusal.DUPLICATE)
-                slots = [i for i in slots if req.results[i] is None]
-            if closing:  # the others are the caller's
-                for i in slots:
-                    req.results[i] = ParkRefused(Refusal.SHUTTING_DOWN)
-                slots = []
-            if not slots:
+            self._unindex(req)  # its own sockets: indexed again as they go out
+            slots = [i for i, r in enumerate(req.results) if r is None]
+            if len(slots) == len(req.results):
+                self._queue(req)
+            elif slots:
+                self._queue(_part(req, slots))
+            else:
                 req.answered = len(req.results)
                 req.state = ReqState.DONE
                 self._finished(req)
-                continue
-            child = ParkRequest(
-                [req.socks[i] for i in slots], [req.entries[i] for i in slots], None
-            )
-            child.parent, child.slots, req.child = req, slots, child
-            req.state = ReqState.SENT
-            self._queue(child)
         return progress
+
+    def _waits(self, req: ParkRequest) -> bool:
+        """Whether the held park ``req`` still waits for an answer (``_take``n
+        first); and each of its sockets not parked is held in ``_parking``
+        (``own``, if nobody else holds it: one whose park ahead was withdrawn,
+        or refused it). A socket refused ahead (or withdrawn, failed) is this
+        park's to send next, unless another park holds it by now (held sooner,
+        or sent meanwhile): then it waits for that one."""
+        self._take(req)
+        waits = False
+        parking = self._parking
+        for i, (old, j) in list(req.after.items()):
+            fd = req.fds[i]
+            if old.state is not ReqState.DONE and old.answered <= j:
+                waits = True
+            else:
+                del req.after[i]
+                if fd not in req.own:
+                    found = self._owners({fd}).get(fd) if fd in parking else self._limbo_of(fd)
+                    if found is not None:
+                        req.after[i] = found
+                        waits = True
+            if fd not in parking:
+                req.own.add(fd)
+                parking.add(fd)
+        return waits
+
+    def _take(self, req: ParkRequest) -> None:
+        """A held park's sockets parked ahead of it (the park it waits for has a
+        ticket for one, even if that park waits on for others): their tickets are
+        its results now, and its copies of them close at once (the container has
+        the connections; the same object closed already), their numbers free
+        (closed: a number may name a new socket)."""
+        taken = {i: t for i, (old, j) in req.after.items() if isinstance(t := old.results[j], int)}
+        if not taken:
+            return
+        close = _copies(req, taken)
+        for i, ticket in taken.items():
+            req.results[i] = ticket
+            del req.after[i]
+            if (fd := req.fds[i]) in req.own:  # (behind an abandoned park: held by number)
+                req.own.discard(fd)
+                self._parking.discard(fd)
+        if close:
+            self.closer(close)
 
     def _on_stats(self, msg: StatsReply) -> None:
         """Replies come in the order requests were sent: the oldest SENT one is answered."""
@@ -1480,31 +1526,44 @@ class Engine:
                     ),
                 )
 
-    def _settle_error(self, req: Request, error: ConnparkError) -> None:
+    def _settle_error(self, req: Request, error: ConnparkError, *, yours: bool = True) -> None:
         if req.state is ReqState.DONE:
+            return
+        if isinstance(req, ParkRequest):
+            self._fail(req, error, yours=yours)
+            if self._held:
+                self._release()
             return
         req.state = ReqState.DONE
         req.error = error
-        if not isinstance(req, ParkRequest):
-            if not req.abandoned:
-                self._events.append(Settled(req))
-            return
+        if not req.abandoned:
+            self._events.append(Settled(req))
+
+    def _fail(self, req: ParkRequest, error: ConnparkError, *, yours: bool = True) -> None:
+        """``req`` ends unanswered with ``error``: the sockets it did not park are
+        the caller's (unless not ``yours``: then ``error`` says what became of
+        them). A park that has a ticket already (answered in part, a held park's
+        from the parks it waited for, a part's parent's) is answered instead,
+        the others refused (SHUTTING_DOWN): an error would say every socket is
+        the caller's, and lose the tickets."""
+        req.state = ReqState.DONE
         self._unindex(req)
         if req.handback:
             self.closer(req.socks[req.answered :])  # wakes we were handing back: ours alone
-        if req.after:
-            # Held: a first park of one of its sockets the container answered OK
-            # has that connection (``_release`` would give the ticket): not the caller's.
-            taken = [i for i, (old, j) in req.after.items() if isinstance(old.results[j], int)]
-            close = _copies(req, taken)
-            req.after = {}
-            if close:
-                self.closer(close)
         if req.abandoned:  # never answered: the caller's again
             self._let_go(req, req.answered, len(req.fds))
+        self._take(req)  # held: a socket parked ahead of it is not the caller's
+        req.after = {}
+        parent = req.parent
+        yours = yours and not req.handback
+        if yours and (_ticketed(req) or (parent is not None and _ticketed(parent))):
+            for i in range(req.answered, len(req.results)):
+                if req.results[i] is None:
+                    req.results[i] = ParkRefused(Refusal.SHUTTING_DOWN, f"park refused: {error}")
+            req.answered = len(req.results)
+        else:
+            req.error = error
         self._finished(req)
-        if self._held:
-            self._release()
 
     def _fail_all(self, error: ConnparkError) -> None:
         for batch in self._sent.values():
@@ -1551,6 +1610,20 @@ class _Batch:
 
     def unanswered(self) -> list[ParkRequest]:
         return [r for r in self.reqs[self.pos :] if r.state is not ReqState.DONE]
+
+
+def _part(req: ParkRequest, slots: list[int]) -> ParkRequest:
+    """The entries of ``req`` at ``slots``, as a request of their own whose results
+    go to ``req`` (``Engine._finished``)."""
+    part = ParkRequest([req.socks[i] for i in slots], [req.entries[i] for i in slots], None)
+    part.parent, part.slots, req.child = req, slots, part
+    req.state = ReqState.SENT
+    return part
+
+
+def _ticketed(req: ParkRequest) -> bool:
+    """Some socket of ``req`` is parked (a result is a ticket)."""
+    return any(isinstance(r, int) for r in req.results)
 
 
 def _copies(req: ParkRequest, taken: Iterable[int]) -> list[Any]:

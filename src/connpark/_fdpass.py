@@ -482,7 +482,7 @@ class TrioChannel:
         self._outbox.hold_fds()
 
     def stop_sending(self) -> list[int]:
-        """Frames not begun never go out now: their fds (``Outbox.stop_sending``)."""
+        """The socket closes now: the fds no peer takes in (``Outbox.stop_sending``)."""
         return self._outbox.stop_sending()
 
     def close(self) -> None:
@@ -560,8 +560,8 @@ class BlockingChannel:
             self._outbox.hold_fds()
 
     def stop_sending(self) -> list[int]:
-        """Frames not begun never go out now (a writer thread mid-``flush`` included):
-        their fds (``Outbox.stop_sending``)."""
+        """The socket closes now (a writer thread mid-``flush`` included): the fds
+        no peer takes in (``Outbox.stop_sending``)."""
         with self._lock:
             return self._outbox.stop_sending()
 

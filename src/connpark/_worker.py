@@ -567,7 +567,9 @@ class Queue(Protocol):
 
     def stop_sending(self) -> list[int]:
         """Drop the frames not begun (none of them goes out from now: a writer
-        thread or task included), returning their fds: they never reach the container."""
+        thread or task included) and cut a frame with fds half sent short (then
+        nothing goes out any more), returning their fds: the container never
+        admits them."""
         ...
 
 
@@ -1162,7 +1164,9 @@ class Engine:
 
         ``queue``: the channel's. The frames it has not begun to send are dropped
         (``stop_sending``): they never go out, so their sockets are the callers',
-        and our own copies (an abandoned park's ``dup``s) may close. Parks sent
+        and our own copies (an abandoned park's ``dup``s) may close; so is a
+        frame half sent (cut short: the container discards it, fds and all),
+        and nothing goes out after it. Parks sent
         and not answered (the wait at close ran out, or the hook leaves without
         ``begin_close``: an exception in its block), their sockets that reached
         the container are closed (``_close_unanswered``). Without ``queue`` (no
@@ -1183,9 +1187,8 @@ class Engine:
         It reads on after we close, and keeps what it parks (for a re-send
         from us that will not come, then for any worker of the pool). So the
         caller's copy of each socket whose fds reached it closes, and so does
-        a retry's held behind it: never both. (One whose frame was cut short
-        is lost then: the container closes its fds too.) Sockets still in
-        ``queued`` (fd keys) never left: the caller's.
+        a retry's held behind it: never both. Sockets in ``queued`` (fd keys)
+        never left, or left in a frame cut short: the caller's.
         """
         error = ParkingClosed(
             "the parking session closed before the container answered; it may hold"

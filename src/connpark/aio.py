@@ -130,7 +130,7 @@ class _Channel:
         self._outbox.hold_fds()
 
     def stop_sending(self) -> list[int]:
-        """Frames not begun never go out now: their fds (``Outbox.stop_sending``)."""
+        """The socket closes now: the fds no peer takes in (``Outbox.stop_sending``)."""
         return self._outbox.stop_sending()
 
     def stop_reading_after(self, seconds: float) -> None:

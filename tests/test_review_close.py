@@ -43,6 +43,7 @@ def test_a_frame_queued_at_finish_close_must_not_go_out_after_it(
     make: Factory,
     proc: ServeProcess,
     closing: list[socket.socket],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """``finish_close`` reads the channel's queue (``queued_fds``) and tells the
     parks still in it "still yours" (ParkingClosed, socket left open). But the
@@ -55,6 +56,8 @@ def test_a_frame_queued_at_finish_close_must_not_go_out_after_it(
     The window is widened here by a ``finish_close`` that resumes the frozen
     container and then takes its time (as a slow close / GC pause / busy CPU would).
     """
+    for hook in (connpark._hook_trio, connpark._hook_blocking, connpark.aio):
+        monkeypatch.setattr(hook, "CLOSE_TIMEOUT", 0.5)
     driver = make(proc.path, pool="race")
     # Two PARK frames (1 MiB bodies): the first fills the control socket (its fds
     # go with its first byte, but the frame is cut short: the container discards
@@ -96,7 +99,7 @@ def test_a_frame_queued_at_finish_close_must_not_go_out_after_it(
     for i in kept:
         clients[i].sendall(b"y")
     try:
-        woken = other.next_wake(timeout=3)
+        woken = other.next_wake(timeout=1.5)
     except (AssertionError, TimeoutError):
         return  # no wake: one owner
     except BaseException as exc:  # trio.TooSlowError, asyncio.TimeoutError

@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ import connpark._hook_trio
 import connpark.aio
 from connpark._fdpass import Outbox
 from connpark._wire import Parked
+from connpark._worker import Phase
 
 from . import test_hooks
 from ._procs import ServeProcess, recv_exactly, tcp_pairs, wait_until
@@ -498,3 +500,76 @@ def _park_many_and_leave_frozen(
         guard.cancel()
         os.kill(proc.pid, signal.SIGCONT)
     return outcome
+
+
+def _lost(driver: Driver) -> bool:
+    return driver.parking._engine.phase is Phase.LOST  # type: ignore[attr-defined, no-any-return]
+
+
+@pytest.mark.parametrize("what", ["untaken", "resent"])
+def test_leaving_while_the_container_restarts_waits_for_it(
+    make: Factory, sockdir: Path, closing: list[socket.socket], what: str
+) -> None:
+    """The container dies (a crash, an upgrade) and the hook leaves before it has
+    reconnected. ``untaken``: wakes nobody took were closed (no session to hand
+    them to): their connections lost. ``resent``: a park the dead container never
+    answered was failed "still yours", though a container restored from its
+    mirror may hold it. Now leaving waits (bounded) for the session to come back,
+    then hands the wakes back and has the re-sent park answered."""
+    path = sockdir / "c.sock"
+    first = ServeProcess(path)
+    second: list[ServeProcess] = []
+    try:
+        driver = make(path, pool="restart")
+        clients, servers = tcp_pairs(2)
+        closing += [*clients, *servers]
+        outcome: list[BaseException | object] = []
+        if what == "untaken":
+            tickets = driver.park_many(servers, tokens=[b"u0", b"u1"])  # type: ignore[attr-defined]
+            for t in tickets:
+                driver.unpark(t)
+            assert wait_until(lambda: first.stats().parked == 0)  # woken, ACKed: the hook's
+            first.stop(signal.SIGKILL)
+        else:
+            os.kill(first.pid, signal.SIGSTOP)
+            parker = threading.Thread(
+                target=lambda: outcome.append(_outcome(driver.park_many, servers, [b"u0", b"u1"])),
+                daemon=True,
+            )
+            parker.start()
+            time.sleep(0.3)  # the PARK is out, unanswered
+            first.stop(signal.SIGKILL)
+        assert wait_until(lambda: _lost(driver), timeout=5)
+        starter = threading.Thread(target=lambda: second.append(ServeProcess(path)))
+        starter.start()
+        driver.shutdown()  # while the session is lost: it waits for the new container
+        starter.join(20)
+        if what == "resent":
+            parker.join(10)
+            assert len(outcome) == 1
+            assert all(isinstance(t, int) for t in outcome[0]), outcome  # type: ignore[attr-defined]
+        assert [s.fileno() for s in servers] == [-1, -1] or what == "untaken"
+        (new,) = second
+        assert wait_until(lambda: new.stats().parked == 2), f"lost at close: {new.stats()}"
+        with connpark.BlockingParking(path, pool="restart") as other:
+            for c in clients:
+                c.sendall(b"back")
+            tokens = set()
+            while len(tokens) < 2 and (woken := other.next_wake(timeout=5)) is not None:
+                tokens.add(woken.token)
+                assert woken.socket is not None
+                assert recv_exactly(woken.socket, 4) == b"back"
+                woken.socket.close()
+        assert tokens == {b"u0", b"u1"}
+    finally:
+        for p in (first, *second):
+            if p.proc.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)
+            p.stop()
+
+
+def _outcome(call: Callable[..., Any], socks: list[socket.socket], tokens: list[bytes]) -> object:
+    try:
+        return call(socks, tokens=tokens)
+    except BaseException as exc:
+        return exc

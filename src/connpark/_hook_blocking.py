@@ -22,8 +22,10 @@ from typing import Any
 from ._errors import ConnparkError, ContainerLost, ContainerTimeout, ParkRefused, lost_from_os_error
 from ._fdpass import BlockingChannel, recv_fds, wait_readable_blocking
 from ._shards import (
+    RECONNECT_POLL,
     ParkPlan,
     Spread,
+    await_session,
     begin_close_all,
     by_shard,
     merge_send,
@@ -325,9 +327,15 @@ class BlockingParking(HandleInfo):
         return merge_stats(parts)
 
     def shutdown(self) -> None:
-        """End the sessions: wakes nobody took go back to their shard first."""
+        """End the sessions: wakes nobody took go back to their shard first. A
+        session lost with something only a new one settles: first wait (bounded)
+        for the reconnect (``await_session``)."""
         if self._stop.is_set():
             return
+        engines = [shard._engine for shard in self._shards]
+        deadline = time.monotonic() + CLOSE_TIMEOUT
+        while await_session(engines, not self._wakes.empty()) and time.monotonic() < deadline:
+            time.sleep(RECONNECT_POLL)
         locks = [shard._lock for shard in self._shards]
         for lock in locks:  # the readers queue wakes under them: none can slip past
             lock.acquire()

@@ -21,8 +21,10 @@ import trio
 from ._errors import ConnparkError, ContainerLost, ContainerTimeout, ParkRefused, lost_from_os_error
 from ._fdpass import TrioChannel
 from ._shards import (
+    RECONNECT_POLL,
     ParkPlan,
     Spread,
+    await_session,
     begin_close_all,
     by_shard,
     merge_send,
@@ -465,7 +467,15 @@ class Parking(HandleInfo):
         self._wake_send.close()
 
     async def _close(self) -> None:
-        """Hand back what nobody took (each to its shard), wait for it (bounded)."""
+        """Hand back what nobody took (each to its shard), wait for it (bounded).
+        A session lost with something only a new one settles: first wait (bounded)
+        for the reconnect (``await_session``)."""
+        engines = [s._engine for s in self._shards]
+        untaken = self._wake_recv.statistics().current_buffer_used > 0
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            # (A poll: rare, bounded, over every shard's engine.)
+            while await_session(engines, untaken):  # noqa: ASYNC110
+                await trio.sleep(RECONNECT_POLL)
         reqs = self._begin_close()
         async with trio.open_nursery() as nursery:
             for shard, req in zip(self._shards, reqs, strict=True):

@@ -188,6 +188,20 @@ def hand_back_to(untaken: Sequence[W], ready: Sequence[bool]) -> list[list[W]]:
     return groups
 
 
+#: How often a closing hook looks whether a lost session is back (``await_session``).
+RECONNECT_POLL = 0.02
+
+
+def await_session(engines: Sequence[Engine], untaken: bool) -> bool:
+    """Whether a closing hook should wait (bounded) for a lost session to come back
+    before ``begin_close_all``: a shard re-sends parks (``Engine.resending``), or
+    wakes nobody took can go back to no shard (none is up, one may come back;
+    closed otherwise: lost)."""
+    if any(e.resending for e in engines):
+        return True
+    return untaken and not any(ready(engines)) and any(e.reconnecting for e in engines)
+
+
 def begin_close_all(
     engines: Sequence[Engine], untaken: Sequence[Woken[Any]], new_waiter: Callable[[], Any]
 ) -> list[Request | None]:

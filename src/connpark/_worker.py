@@ -1119,6 +1119,18 @@ class Engine:
 
     # -- closing ---------------------------------------------------------------------
 
+    @property
+    def reconnecting(self) -> bool:
+        """The session was lost; a new one may come (its handshake may be under way)."""
+        return self.phase is Phase.LOST or self.phase is Phase.HANDSHAKE
+
+    @property
+    def resending(self) -> bool:
+        """Reconnecting with parks to send again: only the answer of the next
+        container (maybe restored from its mirror, or upgraded: it may hold those
+        sockets) tells who owns them, so leaving now would guess."""
+        return self.reconnecting and any(req.resent for req in self._batch)
+
     def begin_close(self, untaken: Sequence[Woken[Any]] = (), waiter: Any = None) -> Request | None:
         """The user is done: stop taking wakes, hand the untaken ones back (re-park).
 

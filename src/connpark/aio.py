@@ -18,8 +18,10 @@ from typing import Any
 from ._errors import ConnparkError, ContainerLost, ContainerTimeout, ParkRefused, lost_from_os_error
 from ._fdpass import Outbox, recv_fds
 from ._shards import (
+    RECONNECT_POLL,
     ParkPlan,
     Spread,
+    await_session,
     begin_close_all,
     by_shard,
     merge_send,
@@ -506,7 +508,14 @@ class AsyncioParking(HandleInfo):
                 self._wakes.put_nowait(_END)
 
     async def _close(self) -> None:
-        """Hand back what nobody took (each to its shard), wait for it (bounded)."""
+        """Hand back what nobody took (each to its shard), wait for it (bounded).
+        A session lost with something only a new one settles: first wait (bounded)
+        for the reconnect (``await_session``)."""
+        engines = [s._engine for s in self._shards]
+        deadline = self._loop.time() + CLOSE_TIMEOUT
+        # (A poll: rare, bounded, over every shard's engine.)
+        while await_session(engines, not self._wakes.empty()) and self._loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(RECONNECT_POLL)
         reqs = self._begin_close()
         await asyncio.gather(
             *(shard._close_here(req) for shard, req in zip(self._shards, reqs, strict=True))

@@ -175,10 +175,16 @@ class Container:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(30)
+                self.proc.wait(1)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                # It waits (shutdown_grace) for a worker to take its SHUTDOWN wakes:
+                # none will, the run is over. A second SIGTERM ends the wait.
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
         self._log.close()
         self._dir.cleanup()
 

@@ -22,6 +22,7 @@ import connpark._hook_blocking
 import connpark._hook_trio
 import connpark.aio
 from connpark._fdpass import Outbox
+from connpark._shards import shard_of
 from connpark._wire import Parked
 from connpark._worker import Phase
 
@@ -508,7 +509,11 @@ def _lost(driver: Driver) -> bool:
 
 @pytest.mark.parametrize("what", ["untaken", "resent"])
 def test_leaving_while_the_container_restarts_waits_for_it(
-    make: Factory, sockdir: Path, closing: list[socket.socket], what: str
+    make: Factory,
+    sockdir: Path,
+    closing: list[socket.socket],
+    what: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The container dies (a crash, an upgrade) and the hook leaves before it has
     reconnected. ``untaken``: wakes nobody took were closed (no session to hand
@@ -516,6 +521,17 @@ def test_leaving_while_the_container_restarts_waits_for_it(
     answered was failed "still yours", though a container restored from its
     mirror may hold it. Now leaving waits (bounded) for the session to come back,
     then hands the wakes back and has the re-sent park answered."""
+    if make.kind == "blocking":  # type: ignore[attr-defined]
+        # The reader thread preempted between WELCOME (READY) and encoding the
+        # re-sent parks: leaving must not take READY as settled and fail them.
+        real_flush = connpark.BlockingParking._flush
+
+        def slow_flush(self: connpark.BlockingParking) -> None:
+            if threading.current_thread() is getattr(self, "_reader", None) and self._engine._batch:
+                time.sleep(0.1)
+            real_flush(self)
+
+        monkeypatch.setattr(connpark.BlockingParking, "_flush", slow_flush)
     path = sockdir / "c.sock"
     first = ServeProcess(path)
     second: list[ServeProcess] = []
@@ -573,3 +589,47 @@ def _outcome(call: Callable[..., Any], socks: list[socket.socket], tokens: list[
         return call(socks, tokens=tokens)
     except BaseException as exc:
         return exc
+
+
+def test_leaving_while_a_shard_restarts_hands_its_wake_back_to_it(sockdir: Path) -> None:
+    """``--shards 2``: a wake of shard 1 read and not yet ACKed (another thread is
+    mid-send) when shard 1 dies; the handle leaves while it reconnects, shard 0 up.
+    The wake went back to shard 0 at once, while the restored shard 1 kept its
+    own copy in quarantine (no resume tickets came): after ``--restore-grace`` it
+    woke the connection again, a second copy. Now leaving waits for shard 1."""
+    path = sockdir / "c.sock"
+    proc = ServeProcess(path, ["--shards", "2", "--restore-grace", "1"])
+    clients, servers = tcp_pairs(2)
+    try:
+        parking = connpark.BlockingParking(path, pool="q")
+        tickets = [parking.park(s, token=b"t%d" % i) for i, s in enumerate(servers)]
+        mine = [shard_of(t) for t in tickets].index(1)
+        shard = parking._shards[1]
+        pid = {p.shard: p.pid for p in parking.stats().processes if p.role == "shard"}[1]
+        shard._send_lock.acquire()  # another thread mid-send on shard 1: the ACK waits
+        try:
+            with shard._lock:
+                shard._engine.unpark([tickets[mine]])
+                frames = shard._engine.data_to_send()
+            assert shard._chan is not None
+            shard._chan.try_send(frames)
+            assert wait_until(lambda: parking._wakes.qsize() == 1, 5), "no wake"
+            os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+        finally:
+            shard._send_lock.release()
+        assert wait_until(lambda: shard._engine.phase is not Phase.READY, 5)
+        parking.shutdown()
+        time.sleep(2.0)  # past the restored shard's --restore-grace
+        with connpark.BlockingParking(path, pool="q") as other:
+            clients[mine].sendall(b"hi")
+            tokens = []
+            while (woken := other.next_wake(timeout=3)) is not None:
+                tokens.append(woken.token)
+                if woken.socket is not None:
+                    woken.socket.close()
+        assert tokens == [b"t%d" % mine], "the connection was parked twice"
+    finally:
+        for s in (*clients, *servers):
+            s.close()
+        proc.stop()

@@ -334,11 +334,15 @@ class BlockingParking(HandleInfo):
             return
         engines = [shard._engine for shard in self._shards]
         deadline = time.monotonic() + CLOSE_TIMEOUT
-        while await_session(engines, not self._wakes.empty()) and time.monotonic() < deadline:
-            time.sleep(RECONNECT_POLL)
         locks = [shard._lock for shard in self._shards]
-        for lock in locks:  # the readers queue wakes under them: none can slip past
-            lock.acquire()
+        while True:
+            for lock in locks:  # the readers queue wakes under them: none can slip past
+                lock.acquire()
+            if time.monotonic() >= deadline or not await_session(engines, not self._wakes.empty()):
+                break  # (locks held: the answer holds until begin_close_all)
+            for lock in locks:
+                lock.release()
+            time.sleep(RECONNECT_POLL)
         try:
             reqs = begin_close_all(
                 [s._engine for s in self._shards], self._take_untaken(), threading.Event

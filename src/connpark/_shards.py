@@ -195,11 +195,12 @@ RECONNECT_POLL = 0.02
 def await_session(engines: Sequence[Engine], untaken: bool) -> bool:
     """Whether a closing hook should wait (bounded) for a lost session to come back
     before ``begin_close_all``: a shard re-sends parks (``Engine.resending``), or
-    wakes nobody took can go back to no shard (none is up, one may come back;
-    closed otherwise: lost)."""
+    wakes nobody took while a shard reconnects (a wake of that shard's must go
+    back to it: a container restored from its mirror holds a copy of it in
+    quarantine; with no shard up, it would be closed: lost)."""
     if any(e.resending for e in engines):
         return True
-    return untaken and not any(ready(engines)) and any(e.reconnecting for e in engines)
+    return untaken and any(e.reconnecting for e in engines)
 
 
 def begin_close_all(

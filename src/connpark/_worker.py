@@ -1126,10 +1126,13 @@ class Engine:
 
     @property
     def resending(self) -> bool:
-        """Reconnecting with parks to send again: only the answer of the next
-        container (maybe restored from its mirror, or upgraded: it may hold those
-        sockets) tells who owns them, so leaving now would guess."""
-        return self.reconnecting and any(req.resent for req in self._batch)
+        """Parks of a lost session still to be sent again (reconnecting, or back
+        and not yet encoded): only the answer of the next container (maybe
+        restored from its mirror, or upgraded: it may hold those sockets) tells
+        who owns them, so leaving now would guess."""
+        return self.phase not in (Phase.CLOSING, Phase.CLOSED) and any(
+            req.resent for req in self._batch
+        )
 
     def begin_close(self, untaken: Sequence[Woken[Any]] = (), waiter: Any = None) -> Request | None:
         """The user is done: stop taking wakes, hand the untaken ones back (re-park).

@@ -18,6 +18,13 @@ class ConnparkError(Exception):
     """Root of every error connpark raises on purpose."""
 
 
+class InternalError(ConnparkError):
+    """A transition connpark's own rules forbid: a bug in connpark, never the peer's
+    doing. Raised, not asserted: ``python -O`` must not turn a broken invariant
+    into two owners of one connection.
+    """
+
+
 class ProtocolError(ConnparkError):
     """The control-socket conversation broke its rules; the session cannot go on.
 

@@ -52,7 +52,7 @@ from itertools import repeat
 from typing import Any
 
 from ._column import Column
-from ._errors import ConnparkError
+from ._errors import InternalError
 from ._tags import TagIndex
 from ._wire import TICKET_SHARD_SHIFT, Reason
 
@@ -81,14 +81,6 @@ def due_ms(now: float, idle: float) -> int:
     ms = math.ceil((now + idle) * 1000)
     tick = min(MAX_TICK_MS, 1 << max(0, (int(idle * 1000) >> 6).bit_length() - 1))
     return max(tick, -(-ms // tick) * tick)
-
-
-class InternalError(ConnparkError):
-    """A transition the table forbids: a bug in connpark, never the peer's doing.
-
-    Raised, not asserted: ``python -O`` must not turn a broken invariant into
-    two owners of one connection.
-    """
 
 
 class State(enum.IntEnum):

@@ -150,8 +150,7 @@ def peer_gone(sock: socket.socket) -> bool:
 
 def _gone_from_proc(sock: socket.socket) -> bool:
     try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid = struct.unpack("3i", creds)[0]
+        pid = _peer_creds(sock)[0]
         if pid <= 0 or os.readlink("/proc/self") != str(os.getpid()):
             return False  # another pid namespace's, or a /proc not ours
         tasks = os.listdir(f"/proc/{pid}/task")
@@ -173,12 +172,17 @@ def _gone_from_proc(sock: socket.socket) -> bool:
     return True
 
 
+def _peer_creds(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process that connected (Linux SO_PEERCRED)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", creds)
+    return int(pid), int(uid), int(gid)
+
+
 def peer_uid(sock: socket.socket) -> int | None:
     """The uid of the process at the other end, or None where the OS cannot say."""
     if hasattr(socket, "SO_PEERCRED"):  # Linux
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", creds)
-        return int(uid)
+        return _peer_creds(sock)[1]
     if sys.platform == "darwin" or "bsd" in sys.platform:
         # LOCAL_PEERCRED (SOL_LOCAL=0, opt 1) -> struct xucred {u_int version; uid_t uid; ...}
         raw = sock.getsockopt(0, 1, 76)

@@ -102,6 +102,7 @@ from ._errors import (
     ContainerError,
     ContainerLost,
     ContainerTimeout,
+    InternalError,
     ParkingClosed,
     ParkRefused,
     ProtocolError,
@@ -931,7 +932,8 @@ class Engine:
         for i, fd in enumerate(fds):
             if (found := owners.get(fd) or self._limbo_of(fd)) is not None:
                 req.after[i] = found
-        assert req.after, "a socket in _parking that no park holds"
+        if not req.after:
+            raise InternalError("a socket in _parking that no park holds")
         req.own = set(fds).difference(parking)
         parking.update(req.own)
         self._held.append(req)
